@@ -1,0 +1,71 @@
+"""Model families, one file each, and `load`, which picks the family from the checkpoint's config."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import llava_next
+from .base import ExplorerError, Geometry, Prepared, pick_device
+
+BACKENDS = {"llava_next": llava_next.LlavaNext}  # config.model_type -> backend
+RANDOM = {name: llava_next.build_random for name in llava_next.RANDOM}  # random-weight model -> builder
+DEFAULT_MODEL = llava_next.DEFAULT
+
+__all__ = ["BACKENDS", "DEFAULT_MODEL", "RANDOM", "ExplorerError", "Geometry", "Prepared", "load"]
+
+
+def load(model: str, device: str | None = None):
+    """Load a checkpoint from a local folder, the Hugging Face cache or the Hub, or build a random one."""
+    device = pick_device(device)
+    random_weights = model in RANDOM
+    path = _random_checkpoint(model).name if random_weights else model
+    model_type = _config(path, model).model_type
+    if model_type not in BACKENDS:
+        raise ExplorerError(
+            f"{model} is a {model_type!r} checkpoint; the explorer runs {', '.join(BACKENDS)} checkpoints"
+        )
+    try:
+        return BACKENDS[model_type].load(path, device, model, random_weights)
+    except torch.OutOfMemoryError:
+        raise ExplorerError(f"{model} does not fit in the memory of {device}; try a smaller model") from None
+    except (OSError, ValueError) as e:
+        raise ExplorerError(f"could not load {model}: {_first_line(e)}") from None
+
+
+@functools.cache
+def _random_checkpoint(name: str) -> tempfile.TemporaryDirectory:
+    folder = tempfile.TemporaryDirectory(prefix=f"{name}-")  # kept by the cache, removed at exit
+    RANDOM[name](name, Path(folder.name))
+    return folder
+
+
+def _config(path: str, name: str):
+    from transformers import AutoConfig
+
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise ExplorerError(f"{name} has no config.json, so it is not a Hugging Face checkpoint folder")
+    if not folder.is_dir() and (folder.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise ExplorerError(f"{name} is not a checkpoint folder (no such folder)")
+    try:
+        return AutoConfig.from_pretrained(folder if folder.is_dir() else path, local_files_only=True)
+    except ValueError as e:
+        raise ExplorerError(f"{name} is not a checkpoint transformers recognises: {_first_line(e)}") from None
+    except OSError:
+        pass  # not in the local cache: try the Hub
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ExplorerError(
+            f"{name} is not a local folder and could not be loaded from the Hugging Face cache or the Hub "
+            f"({_first_line(e)}). Without network, download it elsewhere first, pass a local checkpoint "
+            "with --model PATH, or try --model tiny-llava-next (random weights, runs offline)."
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,0 +1,248 @@
+"""LLaVA-NeXT (LLaVA-1.6, llava-hf checkpoints): a CLIP thumbnail of the whole image plus AnyRes crops.
+
+Visual tokens in LLM order: the 24x24 thumbnail ("base"), then the crops stitched into one grid,
+unpadded to the image's aspect ratio and read row by row, each row closed by a newline token.
+Geometry is read off the model's own `pack_image_features`, run on token indices instead of
+features, so it always matches the sequence the LLM receives.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers  # lazy: its model code loads on first use, not when this file is imported
+
+from .base import ExplorerError, Geometry, Prepared, cls_attention, pick_dtype
+
+DEFAULT = "llava-hf/llava-v1.6-vicuna-7b-hf"  # the HiRED paper's model
+
+
+class LlavaNext:
+    model_type = "llava_next"
+    family = "LLaVA-NeXT"
+
+    def __init__(self, model, processor, name: str, random_weights: bool = False):
+        self.model, self.processor, self.name, self.random_weights = model, processor, name, random_weights
+        cfg = model.config
+        if cfg.vision_feature_select_strategy != "default":
+            raise ExplorerError(f"{name}: only the 'default' vision feature strategy of LLaVA-NeXT is supported")
+        self.tile, self.patch = cfg.vision_config.image_size, cfg.vision_config.patch_size  # 336, 14 px
+        self.side = self.tile // self.patch  # tokens per crop side (24)
+        self.encoder = model.model.vision_tower.encoder.layers
+        vfl = cfg.vision_feature_layer  # hidden_states index; the layer that makes it is one below
+        self.feature_layer = len(self.encoder) + vfl if isinstance(vfl, int) and vfl < 0 else vfl - 1
+        self.max_positions = cfg.text_config.max_position_embeddings
+
+    @classmethod
+    def load(cls, path: str, device: torch.device, name: str, random_weights: bool = False) -> LlavaNext:
+        processor = transformers.AutoProcessor.from_pretrained(path)
+        # accelerate spreads the model over the GPUs, then CPU, when it does not fit one device
+        placement = {"device_map": "auto"} if device.type == "cuda" else {}
+        model = transformers.LlavaNextForConditionalGeneration.from_pretrained(
+            path, dtype=pick_dtype(device), **placement
+        )
+        return cls(model.to(device) if not placement else model, processor, name, random_weights)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def prepare(self, image, prompt: str) -> Prepared:
+        """Chat template + processor on one PIL image, and the geometry of its visual tokens."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        if self.processor.chat_template:
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        else:
+            text = f"{self.processor.image_token}\n{prompt}"
+        inputs = self.processor(images=image, text=text, return_tensors="pt").to(self.device)
+        geometry, source = self.layout(inputs["image_sizes"][0].tolist())
+        n_image = int((inputs["input_ids"] == self.model.config.image_token_id).sum())
+        assert n_image == len(geometry), f"processor inserted {n_image} image tokens, geometry has {len(geometry)}"
+        return Prepared(inputs, geometry, source, inputs["input_ids"].shape[1] - n_image)
+
+    def layout(self, image_size: list[int]) -> tuple[Geometry, torch.Tensor]:
+        """Geometry of an image of (height, width) pixels, and each token's row in the flat encoder output."""
+        height, width = image_size
+        cfg, g = self.model.config, self.side
+        best_h, best_w = transformers.image_processing_utils.select_best_resolution(
+            (height, width), cfg.image_grid_pinpoints
+        )
+        rows, cols = best_h // self.tile, best_w // self.tile  # crop grid
+        crops = 1 + rows * cols  # thumbnail first
+        index = torch.arange(crops * g * g, dtype=torch.float64).view(crops, g * g, 1)
+        (packed,), _ = self.model.model.pack_image_features(
+            [index], [(height, width)], "default", image_newline=torch.tensor([-1.0], dtype=torch.float64)
+        )
+        source = packed[:, 0].long()  # (N,) crop * g*g + patch, -1 for newline
+        newline = source < 0
+        crop, patch = source.clamp(min=0) // (g * g), source.clamp(min=0) % (g * g)
+        i, j = patch // g, patch % g  # cell inside the crop's own grid
+        partition = torch.where(newline, 1 + rows * cols, crop)
+        cells = torch.stack([torch.where(newline, newline.cumsum(0) - 1, i), torch.where(newline, 0, j)], 1)
+
+        boxes = torch.full((len(source), 4), math.nan, dtype=torch.float64)
+        base = (crop == 0) & ~newline
+        x, y = j[base].double(), i[base].double()  # the thumbnail is the whole image squashed to a square
+        boxes[base] = torch.stack([x * width / g, y * height / g, (x + 1) * width / g, (y + 1) * height / g], 1)
+        tiles = ~newline & ~base
+        if tiles.any():
+            # crops show the image resized into (best_h, best_w) without distortion and centred on padding
+            shape = np.broadcast_to(np.zeros((), np.uint8), (3, height, width))
+            new_h, new_w = transformers.image_processing_utils.get_patch_output_size(
+                shape, (best_h, best_w), "channels_first"
+            )
+            gy = (crop - 1) // cols * g + i  # row and column in the stitched grid
+            gx = (crop - 1) % cols * g + j
+            ys = self._edges(gy[tiles], (best_h - new_h) // 2, height / new_h, height)
+            xs = self._edges(gx[tiles], (best_w - new_w) // 2, width / new_w, width)
+            boxes[tiles] = torch.stack([xs[0], ys[0], xs[1], ys[1]], 1)
+
+        names = ("base", *(f"crop {r},{c}" for r in range(rows) for c in range(cols)), "newline")
+        return Geometry(names, partition, cells, boxes.float(), (width, height)), source
+
+    def _edges(self, cell: torch.Tensor, offset: int, scale: float, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start and end on the original image of stitched-grid cells along one axis; the outermost kept
+        cells are stretched to the image border, so the unpadded grid tiles the whole image."""
+        lo, hi = int(cell.min()), int(cell.max()) + 1
+        edges = ((torch.arange(lo, hi + 1) * self.patch - offset) * scale).clamp(0, limit).double()
+        edges[0], edges[-1] = 0, limit
+        return edges[cell - lo], edges[cell - lo + 1]
+
+    def encode(self, prepared: Prepared, needs: tuple[str, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run the vision stage: (N, D) projected features in LLM order, and the signals asked for."""
+        layers = {name: self._signal_layer(name) for name in needs}
+        inputs = prepared.inputs
+        with cls_attention(self.encoder, set(layers.values())) as rows:
+            out = self.model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
+            )
+        features = out.pooler_output[0]  # (N, D)
+        src = prepared.source
+        signals = {}
+        for name, layer in layers.items():
+            flat = rows[layer].flatten().cpu()  # (crops * g*g,)
+            signals[name] = torch.where(src >= 0, flat[src.clamp(min=0)], math.nan)  # (N,)
+        return features, signals
+
+    def _signal_layer(self, name: str) -> int:
+        kind, _, layer = name.partition("@")
+        if kind != "cls":
+            raise ExplorerError(f"{self.family} cannot give the signal {name!r}; it gives cls@<layer> and cls@feature")
+        if layer == "feature":
+            return self.feature_layer
+        if not layer.isdigit() or int(layer) >= len(self.encoder):
+            raise ExplorerError(f"{name!r}: the vision encoder has layers 0..{len(self.encoder) - 1}")
+        return int(layer)
+
+    def generate_inputs(self, prepared: Prepared, features: torch.Tensor, keep: torch.Tensor) -> dict:
+        """generate() arguments for a prompt that holds only the kept visual tokens, in LLM order."""
+        ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]  # (1, L)
+        image_positions = (ids[0] == self.model.config.image_token_id).nonzero()[:, 0]  # (N,)
+        stay = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
+        stay[image_positions] = False
+        stay[image_positions[keep.to(ids.device)]] = True
+        kept = transformers.modeling_outputs.BaseModelOutputWithPooling(
+            pooler_output=[features[keep.to(features.device)]]
+        )
+        return {"input_ids": ids[:, stay], "attention_mask": mask[:, stay], "mm_encoder_outputs": {"image": kept}}
+
+
+# Random-weight models with the llava-hf 1.6 processor geometry (336-px crops, patch 14, the llava-hf
+# grid pinpoints): token counts and overlays are real, answers are gibberish.
+RANDOM = {  # name -> (vision, text) sizes as (hidden, layers, heads, mlp)
+    "tiny-llava-next": ((32, 3, 4, 64), (32, 2, 4, 64)),  # tests and the offline smoke run
+    "small-llava-next": ((256, 8, 8, 1024), (512, 8, 8, 1408)),  # CPU benchmarks
+}
+PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_random(name: str, folder: Path) -> None:
+    """Write the random-weight checkpoint `name` (a key of RANDOM) to `folder`, deterministically."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.llava_next import LlavaNextImageProcessorPil
+
+    (v_hidden, v_layers, v_heads, v_mlp), (t_hidden, t_layers, t_heads, t_mlp) = RANDOM[name]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    corpus = ["USER: ASSISTANT: What is shown in this image? Describe the photo, the chart and the text in it."]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=PINPOINTS
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        chat_template=CHAT_TEMPLATE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    ids = {
+        f"{k}_token_id": tokenizer.convert_tokens_to_ids(t)
+        for k, t in [("bos", "<s>"), ("eos", "</s>"), ("pad", "<pad>")]
+    }
+    config = LlavaNextConfig(
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tokenizer),
+            hidden_size=t_hidden,
+            num_hidden_layers=t_layers,
+            num_attention_heads=t_heads,
+            num_key_value_heads=t_heads,
+            intermediate_size=t_mlp,
+            max_position_embeddings=4096,
+            **ids,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            image_size=336,
+            patch_size=14,
+            hidden_size=v_hidden,
+            num_hidden_layers=v_layers,
+            num_attention_heads=v_heads,
+            intermediate_size=v_mlp,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        **ids,
+    )
+    torch.manual_seed(0)
+    LlavaNextForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)

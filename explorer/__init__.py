@@ -1,0 +1,26 @@
+"""Token-drop explorer: see which visual tokens a reduction method keeps, and what it saves.
+
+import backends, explorer
+backend = backends.load("tiny-llava-next")          # or a Hub id / a local checkpoint folder
+result = explorer.run(backend, "photo.jpg", "What is in this picture?", method="hired", budget=0.2)
+result.to_json()                                    # tokens, timing, memory, answer
+"""
+
+from .core import Budget, ExplorerError, Geometry, Selection, Signals
+from .images import load_image
+from .methods import METHODS, make
+from .pipeline import Result, run, stream
+
+__all__ = [
+    "METHODS",
+    "Budget",
+    "ExplorerError",
+    "Geometry",
+    "Result",
+    "Selection",
+    "Signals",
+    "load_image",
+    "make",
+    "run",
+    "stream",
+]

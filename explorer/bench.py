@@ -1,0 +1,89 @@
+"""`python -m explorer bench`: methods x budgets on one image, each against the unreduced run.
+
+Every run generates exactly `max_new_tokens` tokens; warm-up runs are not measured; each number is
+the median over `repeats` runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+
+from .core import Budget
+from .pipeline import run
+
+TIMES = ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_s", "selection_s")
+COLUMNS = ("method", "budget", "visual_kept", "visual_full", *TIMES, "peak_bytes", "ttft_ratio", "peak_ratio")
+
+
+def sweep(
+    backend,
+    image,
+    prompt: str,
+    methods: list[str],
+    budgets: list[Budget],
+    max_new_tokens: int = 32,
+    repeats: int = 3,
+    warmup: int = 1,
+) -> list[dict]:
+    """One row per (method, budget), the unreduced run first; ratios are to the unreduced run."""
+
+    def cell(method: str, budget: Budget) -> dict:
+        options = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+        results = [run(backend, image, prompt, method, budget, **options) for _ in range(warmup + repeats)][warmup:]
+        row = {"method": method, "budget": str(budget) if method != "none" else "-"}
+        row["visual_kept"], row["visual_full"] = results[0].tokens["visual_kept"], results[0].tokens["visual_full"]
+        for key in TIMES:
+            values = [r.timing[key] for r in results if r.timing[key] is not None]
+            row[key] = statistics.median(values) if values else None
+        row["peak_bytes"] = int(statistics.median(r.memory["peak_bytes"] for r in results))
+        return row
+
+    rows = [cell("none", Budget(fraction=1.0))]
+    rows += [cell(m, b) for m in methods if m != "none" for b in budgets]
+    for row in rows:
+        row["ttft_ratio"] = row["ttft_s"] / rows[0]["ttft_s"]
+        row["peak_ratio"] = row["peak_bytes"] / rows[0]["peak_bytes"]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as an aligned text table."""
+    head = (
+        "method",
+        "budget",
+        "kept/full",
+        "TTFT s",
+        "x full",
+        "prefill s",
+        "decode tok/s",
+        "total s",
+        "select ms",
+        "peak MiB",
+        "x full",
+    )
+    body = [
+        (
+            r["method"],
+            r["budget"],
+            f"{r['visual_kept']}/{r['visual_full']}",
+            f"{r['ttft_s']:.3f}",
+            f"{r['ttft_ratio']:.2f}",
+            f"{r['prefill_s']:.3f}",
+            f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-",
+            f"{r['total_s']:.3f}",
+            f"{r['selection_s'] * 1e3:.2f}",
+            f"{r['peak_bytes'] / 2**20:.0f}",
+            f"{r['peak_ratio']:.2f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(line[i])) for line in [head, *body]) for i in range(len(head))]
+    return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(line, widths)) for line in [head, *body])
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,171 @@
+"""python -m explorer run | methods | bench"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+
+from . import bench
+from .core import Budget, ExplorerError
+from .images import load_image
+from .methods import KINDS, METHODS, make
+from .pipeline import check_prompt, stream
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m explorer", description="See what visual-token reduction keeps and saves."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="answer one prompt about one image with one method and budget")
+    _model_args(run)
+    run.add_argument("--prompt", required=True)
+    run.add_argument("--method", default="hired", help="see `python -m explorer methods` (default: hired)")
+    amount = run.add_mutually_exclusive_group()
+    amount.add_argument("--budget", type=float, default=0.2, help="fraction of the visual tokens to keep (default 0.2)")
+    amount.add_argument("--tokens", type=int, help="number of visual tokens to keep")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method setting, e.g. alpha=0.3")
+    run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a token before giving up")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    commands.add_parser("methods", help="list the reduction methods")
+
+    sweep = commands.add_parser("bench", help="time methods x budgets against the unreduced run")
+    _model_args(sweep)
+    sweep.add_argument("--prompt", default="Describe this image in detail.")
+    sweep.add_argument("--methods", default="cls,hired,random", help="comma-separated (default: cls,hired,random)")
+    sweep.add_argument("--budgets", default="1,0.4,0.2,0.1", help="comma-separated fractions")
+    sweep.add_argument("--max-new-tokens", type=int, default=32, help="every run generates exactly this many")
+    sweep.add_argument("--repeats", type=int, default=3, help="measured runs per cell; medians are reported")
+    sweep.add_argument("--warmup", type=int, default=1, help="unmeasured runs per cell first")
+    sweep.add_argument("--csv", default="bench.csv", help="where to write the rows (default: bench.csv)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "methods":
+            return _methods()
+        if args.command == "run":
+            return _run(args)
+        return _bench(args)
+    except ExplorerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    from backends import DEFAULT_MODEL
+
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"Hub id, local folder or tiny-llava-next (default {DEFAULT_MODEL})"
+    )
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when there is one)")
+
+
+def _methods() -> int:
+    for name, method in METHODS.items():
+        defaults = ", ".join(f"{k}={v}" for k, v in vars(method()).items())
+        print(f"{name:8} {method.summary}" + (f"  [{defaults}]" if defaults else ""))
+    return 0
+
+
+def _load(args):
+    import backends  # imports transformers: only once the arguments are known to be good
+
+    _quiet()
+    return backends.load(args.model, args.device)
+
+
+def _run(args) -> int:
+    settings = _settings(args.method, args.set)
+    make(args.method, **settings)
+    budget = Budget(tokens=args.tokens) if args.tokens is not None else Budget(fraction=args.budget)
+    check_prompt(args.prompt)
+    image = load_image(args.image)
+    backend = _load(args)
+    shown = ""
+    for result in stream(
+        backend, image, args.prompt, args.method, budget, settings, args.max_new_tokens, timeout_s=args.timeout
+    ):
+        text = result.answer.rstrip("\ufffd")  # hold back a character still being decoded
+        if not args.json and text.startswith(shown):
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print("\n\n" + _summary(result))
+    return 0
+
+
+def _summary(result) -> str:
+    tok, timing = result.tokens, result.timing
+    weights = " (random weights: the answer is gibberish)" if result.random_weights else ""
+    settings = ", ".join(f"{k}={v}" for k, v in result.settings.items())
+    parts = "  ".join(f"{p['name']} {p['kept']}/{p['full']}" for p in tok["by_partition"])
+    decode = timing["decode_tokens_per_s"]
+    return "\n".join(
+        [
+            f"{result.model}{weights}: {result.method} ({settings or 'no settings'}), budget {result.budget or 'none'}",
+            f"visual tokens kept {tok['visual_kept']} of {tok['visual_full']} ({parts}); text {tok['text']}; generated {tok['generated']}",
+            f"first token {timing['ttft_s']:.3f} s | prefill {timing['prefill_s']:.3f} s | "
+            f"decode {f'{decode:.1f} tok/s' if decode else '-'} | total {timing['total_s']:.3f} s | selection {timing['selection_s'] * 1e3:.2f} ms",
+            f"peak memory ({result.memory['device']}): {result.memory['peak_bytes'] / 2**20:.0f} MiB",
+        ]
+    )
+
+
+def _bench(args) -> int:
+    methods = [m for m in args.methods.split(",") if m]
+    for name in methods:
+        make(name)
+    try:
+        budgets = [Budget(fraction=float(b)) for b in args.budgets.split(",") if b]
+    except ValueError:
+        raise ExplorerError(f"--budgets takes comma-separated fractions, got {args.budgets!r}") from None
+    if args.repeats < 1 or args.warmup < 0:
+        raise ExplorerError("--repeats must be at least 1 and --warmup at least 0")
+    image = load_image(args.image)
+    backend = _load(args)
+    rows = bench.sweep(backend, image, args.prompt, methods, budgets, args.max_new_tokens, args.repeats, args.warmup)
+    print(bench.table(rows))
+    bench.write_csv(rows, args.csv)
+    print(f"\nwrote {args.csv}")
+    return 0
+
+
+def _settings(method: str, pairs: list[str]) -> dict:
+    """--set key=value pairs, each value read as its setting's type."""
+    types = typing.get_type_hints(METHODS[method]) if method in METHODS else {}
+    settings = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise ExplorerError(f"--set takes KEY=VALUE, got {pair!r}")
+        kind = types.get(key, str)
+        try:
+            if kind is bool:
+                settings[key] = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[
+                    text.lower()
+                ]
+            else:
+                settings[key] = kind(text) if kind in (int, float) else text
+        except (KeyError, ValueError):
+            raise ExplorerError(f"{method}: {key} must be {KINDS[kind]}, got {text!r}") from None
+    return settings
+
+
+def _quiet() -> None:
+    """Keep the terminal for the answer: no progress bars or info logs from transformers."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The contracts between backends, methods and the pipeline: budget, signals, selection."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+
+from backends.base import ExplorerError, Geometry
+
+__all__ = ["Budget", "ExplorerError", "Geometry", "Selection", "Signals", "fraction_of"]
+
+
+def fraction_of(fraction: float, n: int) -> int:
+    """floor(fraction * n) in exact decimal arithmetic, so 0.29 of 100 is 29, not 28."""
+    return math.floor(Fraction(str(fraction)) * n)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Visual tokens that reach the LLM: a fraction r of the unreduced count N, or a count of tokens."""
+
+    fraction: float | None = None
+    tokens: int | None = None
+
+    def __post_init__(self):
+        if (self.fraction is None) == (self.tokens is None):
+            raise ExplorerError("give the budget either as a fraction or as a number of tokens")
+        if self.fraction is not None and not 0 < self.fraction <= 1:  # also refuses NaN
+            raise ExplorerError(f"the budget must be a fraction in (0, 1], got {self.fraction}")
+        if self.tokens is not None and self.tokens < 1:
+            raise ExplorerError(f"the budget must be at least 1 token, got {self.tokens}")
+
+    def resolve(self, n: int) -> int:
+        """The number of tokens to keep out of n."""
+        if self.tokens is not None:
+            if self.tokens > n:
+                raise ExplorerError(f"the budget of {self.tokens} tokens is more than the {n} this image has")
+            return self.tokens
+        return max(1, fraction_of(self.fraction, n))
+
+    def __str__(self) -> str:
+        return f"{self.fraction:g}" if self.fraction is not None else f"{self.tokens} tokens"
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What a method may read: the geometry, its budget, and the signals it asked for by name.
+
+    Names: "cls@<layer>" is the [CLS]-to-patch attention of vision layer <layer> (0 = first),
+    heads summed, (N,) float with NaN where a token has none; "cls@feature" is that of the layer
+    whose output the LLM receives.
+    """
+
+    geometry: Geometry
+    budget: int  # B: visual tokens to keep
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.maps[name]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a method returns."""
+
+    keep: torch.Tensor  # (K,) long: sorted, unique indices into the N visual tokens
+    scores: torch.Tensor | None = None  # (N,) the method's per-token score for the heatmap, NaN where none
+    budgets: dict[str, int] = field(default_factory=dict)  # partition name -> its budget
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)  # intermediate (N,) maps worth teaching
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. {"content count": {"crop 0,0": 12}}

@@ -1,0 +1,44 @@
+"""Reduction methods: one file each, all listed here.
+
+A method is a frozen dataclass whose fields are its settings (metadata: "help", and "range" for
+numbers); class attributes say its `stage` ("vision": before the LLM), the signals it `needs`
+(see `Signals`) and a one-line `summary`; `select(signals) -> Selection` does the work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from ..core import ExplorerError
+from .cls import CLS
+from .hired import HiRED
+from .none import NoReduction
+from .pooling import Pooling
+from .random import Random
+
+KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+METHODS = {"none": NoReduction, "random": Random, "pooling": Pooling, "cls": CLS, "hired": HiRED}
+
+
+def make(name: str, **settings):
+    """The method `name` with its settings, checked against the field types and ranges."""
+    if name not in METHODS:
+        raise ExplorerError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    fields = {f.name: f for f in dataclasses.fields(METHODS[name])}
+    types = typing.get_type_hints(METHODS[name])
+    for key, value in settings.items():
+        if key not in fields:
+            raise ExplorerError(f"{name} has no setting {key!r}; its settings: {', '.join(fields) or 'none'}")
+        if not _is(value, types[key]):
+            raise ExplorerError(f"{name}: {key} must be {KINDS[types[key]]}, got {value!r}")
+        low, high = fields[key].metadata.get("range", (value, value))
+        if not low <= value <= high:  # also refuses NaN
+            raise ExplorerError(f"{name}: {key} must be between {low} and {high}, got {value}")
+    return METHODS[name](**settings)
+
+
+def _is(value, kind: type) -> bool:
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    return isinstance(value, (int, float) if kind is float else kind)

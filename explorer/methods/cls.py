@@ -1,0 +1,36 @@
+"""[CLS]-attention top-k in every partition: FasterVLM (Zhang et al., 2024, "[CLS] Attention is All
+You Need for Training-Free Visual Token Pruning: Make VLM Inference Faster", arXiv 2412.01818).
+
+In each partition, keep the tokens the vision encoder's [CLS] token attends to most at the feature
+layer (the layer whose output the LLM receives), heads summed.
+
+Differs from the paper: FasterVLM keeps the same count in every crop and every newline on top;
+here the budget, newlines included, is split over the partitions in proportion to their sizes, and
+the newline share is spread evenly over the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..core import Selection, Signals
+from .common import by_size, spread, top
+
+
+@dataclass(frozen=True)
+class CLS:
+    stage: ClassVar[str] = "vision"
+    needs: ClassVar[tuple[str, ...]] = ("cls@feature",)
+    summary: ClassVar[str] = "FasterVLM: top tokens by [CLS] attention of the feature layer, in every crop"
+
+    def select(self, s: Signals) -> Selection:
+        g, scores = s.geometry, s["cls@feature"]
+        budgets = by_size(g, s.budget)
+        keep = [
+            spread(g, p, k) if name == "newline" else top(scores, g.members(p), k)
+            for p, (name, k) in enumerate(zip(g.names, budgets))
+        ]
+        return Selection(keep=torch.cat(keep).sort().values, scores=scores, budgets=dict(zip(g.names, budgets)))

@@ -1,0 +1,62 @@
+"""Small helpers the methods share: budget splits, top-k with fixed tie order, even spacing."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core import Geometry
+
+
+def allocate(total: int, weights: list[int], caps: list[int]) -> list[int]:
+    """Split `total` in proportion to integer `weights`, largest remainder first (ties to the lower
+    index), each share capped at `caps`; what a full share cannot take is handed on to the others
+    in proportion to their weights, or to their caps when all their weights are zero."""
+    shares = [0] * len(caps)
+    left = min(total, sum(caps))
+    open_ = [i for i, cap in enumerate(caps) if cap > 0]
+    while left > 0:
+        w = [weights[i] for i in open_]
+        if sum(w) == 0:
+            w = [caps[i] for i in open_]
+        quota = [left * x // sum(w) for x in w]
+        by_remainder = sorted(range(len(w)), key=lambda j: (-(left * w[j] % sum(w)), j))
+        for j in by_remainder[: left - sum(quota)]:
+            quota[j] += 1
+        for j, i in enumerate(open_):
+            take = min(quota[j], caps[i] - shares[i])
+            shares[i] += take
+            left -= take
+        open_ = [i for i in open_ if shares[i] < caps[i]]
+    return shares
+
+
+def top(scores: torch.Tensor, members: torch.Tensor, k: int) -> torch.Tensor:
+    """The k members with the highest scores (ties to the lower index)."""
+    order = torch.argsort(scores[members], descending=True, stable=True)  # (M,)
+    return members[order[:k]]
+
+
+def lattice(rows: int, cols: int, k: int) -> torch.Tensor:
+    """k cells spread evenly over a rows x cols grid, as raster indices: k/rows per row on evenly
+    spaced rows, evenly spaced within each row (a 24x24 grid and k=144 gives every other cell of
+    every other row)."""
+    n_rows = min(rows, k, max(math.ceil(k / cols), round(math.sqrt(k * rows / cols)))) if k else 0
+    per_row = [k // n_rows + (r < k % n_rows) for r in range(n_rows)]
+    cells = []
+    for r, n in enumerate(per_row):
+        row = (2 * r + 1) * rows // (2 * n_rows)
+        cells += [row * cols + (2 * c + 1) * cols // (2 * n) for c in range(n)]
+    return torch.tensor(cells, dtype=torch.long)
+
+
+def spread(geometry: Geometry, p: int, k: int) -> torch.Tensor:
+    """k tokens of partition p spread evenly over its grid."""
+    return geometry.members(p)[lattice(*geometry.grid(p), k)]
+
+
+def by_size(geometry: Geometry, budget: int) -> list[int]:
+    """The budget split over all partitions in proportion to their sizes."""
+    sizes = geometry.sizes()
+    return allocate(budget, sizes, sizes)

@@ -1,0 +1,199 @@
+"""One measured run: image and prompt in, reduced answer out, with token counts, times and memory.
+
+    preprocess -> vision encoder (+ the signals the method needs) -> method.select -> LLM on the kept tokens
+
+`stream` yields a `Result` after selection and after every generated token, and a final one with
+`done=True`; `run` returns that final one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .core import Budget, ExplorerError, Geometry, Selection, Signals
+from .images import load_image
+from .measure import PeakMemory, TokenStream, first_forward, now, sync
+from .methods import make
+
+_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> lock: one run at a time per model
+
+
+@dataclass(frozen=True)
+class Result:
+    model: str
+    method: str
+    settings: dict
+    budget: Budget | None  # None when the method keeps everything
+    answer: str
+    answer_ids: tuple[int, ...]  # the generated token ids
+    tokens: dict  # visual_full, visual_budget, visual_kept, text, generated, by_partition
+    timing: dict  # seconds: ttft_s, prefill_s, total_s, selection_s, ...; decode_tokens_per_s
+    memory: dict  # device, peak_bytes
+    geometry: Geometry
+    selection: Selection
+    random_weights: bool
+    done: bool
+
+    def to_json(self) -> dict:
+        budget = None if self.budget is None else self.budget.fraction or self.budget.tokens
+        fields = ("model", "method", "settings", "answer", "random_weights", "tokens", "timing", "memory")
+        return {"budget": budget, **{name: getattr(self, name) for name in fields}}
+
+
+def run(backend, image, prompt: str, method: str = "hired", budget: Budget | float = 0.2, **options) -> Result:
+    """The final `Result` of `stream`."""
+    return deque(stream(backend, image, prompt, method, budget, **options), maxlen=1).pop()
+
+
+def stream(
+    backend,
+    image: str | Image.Image,
+    prompt: str,
+    method: str = "hired",
+    budget: Budget | float = 0.2,  # a float is a fraction of the image's visual tokens
+    settings: dict | None = None,
+    max_new_tokens: int = 64,
+    min_new_tokens: int = 0,
+    timeout_s: float = 300.0,  # longest wait for the next token before the run is stopped
+) -> Iterator[Result]:
+    chosen = make(method, **(settings or {}))
+    budgeted = getattr(chosen, "budgeted", True)
+    budget = budget if isinstance(budget, Budget) else Budget(fraction=budget)
+    check_prompt(prompt)
+    if not 1 <= max_new_tokens <= 4096 or not 0 <= min_new_tokens <= max_new_tokens:
+        raise ExplorerError(
+            f"max_new_tokens must be 1..4096 and min_new_tokens 0..it, got {max_new_tokens}, {min_new_tokens}"
+        )
+    picture = load_image(image)
+    device, model, tokenizer = backend.device, backend.model, backend.tokenizer
+    memory = PeakMemory(device)
+    ids: list[int] = []  # generated so far
+    times: list[float] = []  # when each arrived
+
+    with _locks.setdefault(model, threading.Lock()), _out_of_memory(device):
+        memory.reset()
+        clock, prepared, features, selection, b = _select(backend, picture, prompt, chosen, budget, max_new_tokens)
+        g, keep = prepared.geometry, selection.keep
+
+        def result(done: bool) -> Result:
+            start, preprocessed, encoded, selected = clock
+            kept = torch.bincount(g.partition[keep.cpu()], minlength=len(g.names)).tolist()
+            by_partition = [{"name": n, "full": f, "kept": k} for n, f, k in zip(g.names, g.sizes(), kept)]
+            tokens = {"visual_full": len(g), "visual_budget": b, "visual_kept": len(keep), "text": prepared.text_tokens}
+            timing = {
+                "ttft_s": times[0] - start if times else None,
+                "prefill_s": prefill[1] - prefill[0] if len(prefill) == 2 else None,
+                "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None,
+                "total_s": now() - start,
+                "preprocess_s": preprocessed - start,
+                "vision_s": encoded - preprocessed,
+                "selection_s": selected - encoded,
+            }
+            return Result(
+                model=backend.name,
+                method=method,
+                settings=dataclasses.asdict(chosen),
+                budget=budget if budgeted else None,
+                answer=tokenizer.decode(ids, skip_special_tokens=True),
+                answer_ids=tuple(ids),
+                tokens={**tokens, "generated": len(ids), "by_partition": by_partition},
+                timing=timing,
+                memory={"device": device.type, "peak_bytes": memory.peak()},
+                geometry=g,
+                selection=selection,
+                random_weights=backend.random_weights,
+                done=done,
+            )
+
+        inputs = backend.generate_inputs(prepared, features, keep)
+        options = dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        with first_forward(model, device) as prefill:
+            for _ in _generate(
+                model, {**inputs, **options, "pad_token_id": tokenizer.pad_token_id}, timeout_s, ids, times
+            ):
+                yield result(done=False)
+        yield result(done=True)
+
+
+def _select(backend, picture, prompt, chosen, budget, max_new_tokens):
+    """Preprocess, vision stage, selection; the clock marks the start and the end of each stage."""
+    device = backend.device
+    clock = [now()]
+    with torch.inference_mode():
+        prepared = backend.prepare(picture, prompt)
+        g = prepared.geometry
+        b = budget.resolve(len(g)) if getattr(chosen, "budgeted", True) else len(g)
+        if prepared.text_tokens + b + max_new_tokens > backend.max_positions:
+            raise ExplorerError(
+                f"prompt ({prepared.text_tokens} tokens) + {b} visual tokens + {max_new_tokens} new tokens "
+                f"exceeds the model's {backend.max_positions} positions; shorten the prompt or the budget"
+            )
+        sync(device)
+        clock.append(now())
+        features, maps = backend.encode(prepared, chosen.needs)
+        sync(device)
+        clock.append(now())
+        selection = chosen.select(Signals(g, b, maps))
+        sync(device)
+        clock.append(now())
+    keep = selection.keep
+    assert keep.dim() == 1 and (keep.diff() > 0).all() and 0 <= keep.min() and keep.max() < len(g), "bad keep"
+    return clock, prepared, features, selection, b
+
+
+def _generate(model, kwargs: dict, timeout_s: float, ids: list[int], times: list[float]) -> Iterator[None]:
+    """model.generate(**kwargs) in a worker thread; yields once at the start and after each new token
+    (appended to `ids`, its arrival time to `times`). Errors in the worker are raised here."""
+    tokens = TokenStream()
+
+    def work():
+        try:
+            model.generate(**kwargs, streamer=tokens)
+        except BaseException as error:  # handed to the caller's thread, which raises it
+            tokens.events.put(("error", error, now()))
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        yield
+        while True:
+            try:
+                kind, value, at = tokens.events.get(timeout=timeout_s)
+            except queue.Empty:
+                raise ExplorerError(f"generation stalled: no token for {timeout_s:g} s, so it was stopped") from None
+            if kind == "error":
+                raise value
+            if kind == "end":
+                return
+            ids.append(value)
+            times.append(at)
+            yield
+    finally:
+        tokens.stop.set()  # a generate() still running stops at its next token
+        worker.join(timeout=timeout_s)
+
+
+def check_prompt(prompt) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ExplorerError("the prompt is empty: ask something about the image")
+
+
+@contextmanager
+def _out_of_memory(device: torch.device):
+    """Turns a device out-of-memory error into a clear message, after giving the memory back."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise ExplorerError(f"out of memory on {device}; try a smaller budget, image or model") from None

@@ -1,0 +1,50 @@
+"""Everything runs on CPU and offline, on random-weight models built with the real processor geometry."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never reach the Hub
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import backends
+from backends.base import Geometry
+
+
+@pytest.fixture(scope="session")
+def backend():
+    """tiny-llava-next, built into a temporary folder and loaded back through `backends.load`."""
+    return backends.load("tiny-llava-next", "cpu")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(backend) -> str:
+    """The folder the tiny model was saved to."""
+    return backends._random_checkpoint("tiny-llava-next").name
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A noisy RGB image, so attention differs from token to token."""
+    pixels = np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def toy_geometry() -> Geometry:
+    """An 80x80 image: a 4x4 thumbnail (20-px cells), then 2x2 crops of 4x4 tokens (10-px cells)
+    stitched into an 8x8 grid read row by row, each row closed by a newline. N = 16 + 8 * 9 = 88."""
+    names = ("base", "crop 0,0", "crop 0,1", "crop 1,0", "crop 1,1", "newline")
+    partition, cells, boxes = [], [], []
+    for r in range(4):
+        for c in range(4):
+            partition.append(0), cells.append((r, c)), boxes.append((20 * c, 20 * r, 20 * c + 20, 20 * r + 20))
+    for y in range(8):
+        for x in range(8):
+            partition.append(1 + 2 * (y // 4) + x // 4), cells.append((y % 4, x % 4))
+            boxes.append((10 * x, 10 * y, 10 * x + 10, 10 * y + 10))
+        partition.append(5), cells.append((y, 0)), boxes.append((float("nan"),) * 4)
+    return Geometry(
+        names, torch.tensor(partition), torch.tensor(cells), torch.tensor(boxes, dtype=torch.float), (80, 80)
+    )

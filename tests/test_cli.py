@@ -1,0 +1,202 @@
+"""The command line: results, listings, the bench, and one clear message with exit code 2 for bad input."""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import photo
+from PIL import Image
+
+from explorer.cli import main
+
+ROOT = Path(__file__).parent.parent
+TINY = ["--model", "tiny-llava-next"]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("images") / "photo.jpg"
+    photo(640, 480).save(path)
+    return str(path)
+
+
+def cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_prints_the_result_as_json(capsys, image):
+    code, out, _ = cli(
+        capsys,
+        "run",
+        *TINY,
+        "--image",
+        image,
+        "--prompt",
+        "What is it?",
+        "--method",
+        "hired",
+        "--budget",
+        "0.2",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert result["method"] == "hired" and result["budget"] == 0.2
+    assert result["settings"] == {"alpha": 0.5, "paper_code": False} and result["random_weights"] is True
+    assert result["tokens"]["visual_full"] == 2340 and result["tokens"]["visual_kept"] == 468
+    assert result["timing"]["ttft_s"] > 0 and result["memory"]["peak_bytes"] > 0
+
+
+def test_run_streams_the_answer_then_a_summary(capsys, image):
+    code, out, err = cli(
+        capsys,
+        "run",
+        *TINY,
+        "--image",
+        image,
+        "--prompt",
+        "What?",
+        "--method",
+        "hired",
+        "--tokens",
+        "300",
+        "--set",
+        "alpha=0.25",
+        "--set",
+        "paper_code=true",
+        "--max-new-tokens",
+        "3",
+    )
+    assert code == 0 and err == ""
+    assert "hired (alpha=0.25, paper_code=True), budget 300 tokens" in out
+    assert "visual tokens kept 300 of 2340 (base 75/576" in out and "newline 0/36" in out
+    assert "first token" in out and "peak memory (cpu)" in out and "random weights" in out
+
+
+def test_methods_lists_every_method_with_its_settings(capsys):
+    code, out, _ = cli(capsys, "methods")
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()] == ["none", "random", "pooling", "cls", "hired"]
+    assert "[alpha=0.5, paper_code=False]" in out and "FasterVLM" in out
+
+
+def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
+    csv_path = tmp_path / "bench.csv"
+    code, out, _ = cli(
+        capsys,
+        "bench",
+        *TINY,
+        "--image",
+        image,
+        "--methods",
+        "hired,random",
+        "--budgets",
+        "1,0.2",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--max-new-tokens",
+        "3",
+        "--csv",
+        str(csv_path),
+    )
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["method", "budget", "kept/full"]
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [(r["method"], r["budget"], r["visual_kept"]) for r in rows] == [
+        ("none", "-", "2340"),
+        ("hired", "1", "2304"),
+        ("hired", "0.2", "468"),
+        ("random", "1", "2340"),
+        ("random", "0.2", "468"),
+    ]
+    assert float(rows[0]["ttft_ratio"]) == 1.0 and all(float(r["ttft_s"]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "missing.jpg"], "no image file at missing.jpg"),
+        (["--budget", "0"], r"fraction in \(0, 1\], got 0.0"),
+        (["--budget", "1.5"], r"fraction in \(0, 1\], got 1.5"),
+        (["--budget", "-0.2"], r"fraction in \(0, 1\]"),
+        (["--tokens", "0"], "at least 1 token, got 0"),
+        (["--tokens", "2341"], "2341 tokens is more than the 2340 this image has"),
+        (["--method", "fastest"], "unknown method 'fastest'; choose one of"),
+        (["--set", "alpha=2"], "alpha must be between 0.0 and 1.0, got 2.0"),
+        (["--set", "alpha=lots"], "alpha must be a number, got 'lots'"),
+        (["--set", "paper_code=maybe"], "paper_code must be true or false"),
+        (["--set", "alpha"], "--set takes KEY=VALUE"),
+        (["--set", "beta=1"], "hired has no setting 'beta'"),
+        (["--prompt", "  "], "the prompt is empty"),
+        (["--model", "explorer-tests/not-cached"], "not a local folder .* --model tiny-llava-next"),
+        (["--model", "/no/such/folder"], "no such folder"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be 1..4096"),
+    ],
+)
+def test_bad_input_gets_one_clear_message_and_exit_code_2(capsys, image, args, message):
+    options = {"--model": "tiny-llava-next", "--image": image, "--prompt": "What is it?", "--max-new-tokens": "2"}
+    options.update(zip(args[::2], args[1::2]))
+    code, out, err = cli(capsys, "run", *(x for pair in options.items() for x in pair))
+    assert code == 2, (out, err)
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_unreadable_files_and_folders_through_the_cli(capsys, image, tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    cases = [
+        (["--image", str(tmp_path / "empty.jpg")], "is empty"),
+        (["--image", str(tmp_path / "corrupt.jpg")], "could not be decoded|is not an image"),
+        (["--model", str(tmp_path)], "has no config.json"),
+    ]
+    for args, message in cases:
+        options = {"--model": "tiny-llava-next", "--image": image, "--prompt": "hi", **dict(zip(args[::2], args[1::2]))}
+        code, _, err = cli(capsys, "run", *(x for pair in options.items() for x in pair))
+        assert code == 2 and "Traceback" not in err and re.search(message, err), err
+
+
+def test_a_huge_image_runs_through_the_cli(capsys, tmp_path):
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (10_000, 10_000), (40, 90, 160)).save(path, compress_level=1)
+    code, out, _ = cli(capsys, "run", *TINY, "--image", str(path), "--prompt", "hi", "--max-new-tokens", "1", "--json")
+    assert code == 0 and json.loads(out)["tokens"]["visual_full"] == 2928
+
+
+def test_python_dash_m_explorer_runs_the_readme_example():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "explorer",
+        "run",
+        *TINY,
+        "--image",
+        "assets/coffee.jpg",
+        "--prompt",
+        "What is on the table?",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (
+        json.loads(done.stdout)["tokens"]["visual_full"] == 2144
+    )  # 600x400: 576 + 2x2 crops unpadded to 32 rows of 48, + 32 newlines
+    bad = subprocess.run(
+        command[:-5] + ["--prompt", ""], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode == 2 and bad.stderr == "error: the prompt is empty: ask something about the image\n"
