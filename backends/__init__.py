@@ -23,17 +23,43 @@ def load(model: str, device: str | None = None):
     device = pick_device(device)
     random_weights = model in RANDOM
     path = _random_checkpoint(model).name if random_weights else model
-    model_type = _config(path, model).model_type
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise ExplorerError(f"{model} has no config.json, so it is not a Hugging Face checkpoint folder")
+    if not folder.is_dir() and (folder.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise ExplorerError(f"{model} is not a checkpoint folder (no such folder)")
+    try:  # a folder, or a model already in the Hugging Face cache: no network needed
+        return _load(str(folder) if folder.is_dir() else path, device, model, random_weights, local_files_only=True)
+    except OSError as e:
+        if folder.is_dir():
+            raise ExplorerError(f"could not load {model}: {_first_line(e)}") from None
+    try:
+        return _load(path, device, model, random_weights, local_files_only=False)
+    except OSError as e:
+        raise ExplorerError(
+            f"{model} is not a local folder and could not be loaded from the Hugging Face cache or the Hub "
+            f"({_first_line(e)}). Without network, download it elsewhere first, pass a local checkpoint "
+            "with --model PATH, or try --model tiny-llava-next (random weights, runs offline)."
+        ) from None
+
+
+def _load(path: str, device, name: str, random_weights: bool, local_files_only: bool):
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(path, local_files_only=local_files_only).model_type
+    except ValueError as e:
+        raise ExplorerError(f"{name} is not a checkpoint transformers recognises: {_first_line(e)}") from None
     if model_type not in BACKENDS:
         raise ExplorerError(
-            f"{model} is a {model_type!r} checkpoint; the explorer runs {', '.join(BACKENDS)} checkpoints"
+            f"{name} is a {model_type!r} checkpoint; the explorer runs {', '.join(BACKENDS)} checkpoints"
         )
     try:
-        return BACKENDS[model_type].load(path, device, model, random_weights)
+        return BACKENDS[model_type].load(path, device, name, random_weights, local_files_only=local_files_only)
     except torch.OutOfMemoryError:
-        raise ExplorerError(f"{model} does not fit in the memory of {device}; try a smaller model") from None
-    except (OSError, ValueError) as e:
-        raise ExplorerError(f"could not load {model}: {_first_line(e)}") from None
+        raise ExplorerError(f"{name} does not fit in the memory of {device}; try a smaller model") from None
+    except ValueError as e:
+        raise ExplorerError(f"could not load {name}: {_first_line(e)}") from None
 
 
 @functools.cache
@@ -41,30 +67,6 @@ def _random_checkpoint(name: str) -> tempfile.TemporaryDirectory:
     folder = tempfile.TemporaryDirectory(prefix=f"{name}-")  # kept by the cache, removed at exit
     RANDOM[name](name, Path(folder.name))
     return folder
-
-
-def _config(path: str, name: str):
-    from transformers import AutoConfig
-
-    folder = Path(path).expanduser()
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        raise ExplorerError(f"{name} has no config.json, so it is not a Hugging Face checkpoint folder")
-    if not folder.is_dir() and (folder.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise ExplorerError(f"{name} is not a checkpoint folder (no such folder)")
-    try:
-        return AutoConfig.from_pretrained(folder if folder.is_dir() else path, local_files_only=True)
-    except ValueError as e:
-        raise ExplorerError(f"{name} is not a checkpoint transformers recognises: {_first_line(e)}") from None
-    except OSError:
-        pass  # not in the local cache: try the Hub
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ExplorerError(
-            f"{name} is not a local folder and could not be loaded from the Hugging Face cache or the Hub "
-            f"({_first_line(e)}). Without network, download it elsewhere first, pass a local checkpoint "
-            "with --model PATH, or try --model tiny-llava-next (random weights, runs offline)."
-        ) from None
 
 
 def _first_line(error: Exception) -> str:

@@ -37,12 +37,12 @@ class LlavaNext:
         self.max_positions = cfg.text_config.max_position_embeddings
 
     @classmethod
-    def load(cls, path: str, device: torch.device, name: str, random_weights: bool = False) -> LlavaNext:
-        processor = transformers.AutoProcessor.from_pretrained(path)
+    def load(cls, path: str, device: torch.device, name: str, random_weights=False, **hub) -> LlavaNext:
+        processor = transformers.AutoProcessor.from_pretrained(path, **hub)
         # accelerate spreads the model over the GPUs, then CPU, when it does not fit one device
         placement = {"device_map": "auto"} if device.type == "cuda" else {}
         model = transformers.LlavaNextForConditionalGeneration.from_pretrained(
-            path, dtype=pick_dtype(device), **placement
+            path, dtype=pick_dtype(device), **placement, **hub
         )
         return cls(model.to(device) if not placement else model, processor, name, random_weights)
 

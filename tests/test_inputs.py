@@ -1,11 +1,13 @@
 """Bad and odd input through the library: unreadable files, every image mode, bad models."""
 
 import json
+import shutil
 import struct
 import time
 import zlib
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 from conftest import photo
@@ -123,7 +125,8 @@ def test_tiny_thin_and_odd_images_run_end_to_end(backend, image):
         ("./also/missing", r"no such folder"),
     ],
 )
-def test_models_that_cannot_be_found_are_named_with_a_way_out(model, message):
+def test_models_that_cannot_be_found_are_named_with_a_way_out(model, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
     with pytest.raises(ExplorerError, match=message) as error:
         backends.load(model, "cpu")
     if "cache" in message:
@@ -150,6 +153,17 @@ def test_a_checkpoint_without_weights_is_named(tmp_path, checkpoint):
     (tmp_path / "config.json").write_text((Path(checkpoint) / "config.json").read_text())
     with pytest.raises(ExplorerError, match="could not load"):
         backends.load(str(tmp_path), "cpu")
+
+
+def test_a_hub_id_in_the_local_cache_loads_without_network(tmp_path, monkeypatch, checkpoint):
+    repo = tmp_path / "models--explorer-tests--tiny-llava-next"
+    shutil.copytree(checkpoint, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    backend = backends.load("explorer-tests/tiny-llava-next", "cpu")
+    assert backend.name == "explorer-tests/tiny-llava-next" and not backend.random_weights
+    assert run(backend, photo(64, 64), "hi", "hired", max_new_tokens=1).done
 
 
 def test_a_local_folder_loads_through_the_same_path_as_the_hub(backend, checkpoint):
