@@ -155,17 +155,49 @@ def test_bad_input_gets_one_clear_message_and_exit_code_2(capsys, image, args, m
 
 
 def test_unreadable_files_and_folders_through_the_cli(capsys, image, tmp_path):
+    import transformers
+
+    transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(
+        tmp_path / "llama"
+    )
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     cases = [
         (["--image", str(tmp_path / "empty.jpg")], "is empty"),
         (["--image", str(tmp_path / "corrupt.jpg")], "could not be decoded|is not an image"),
         (["--model", str(tmp_path)], "has no config.json"),
+        (["--model", str(tmp_path / "llama")], "is a 'llama' checkpoint; the explorer runs llava_next checkpoints"),
     ]
     for args, message in cases:
         options = {"--model": "tiny-llava-next", "--image": image, "--prompt": "hi", **dict(zip(args[::2], args[1::2]))}
         code, _, err = cli(capsys, "run", *(x for pair in options.items() for x in pair))
         assert code == 2 and "Traceback" not in err and re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    "mode, fmt, tokens",
+    [
+        ("RGBA", "PNG", 2340),
+        ("P", "PNG", 2340),
+        ("L", "PNG", 2340),
+        ("I;16", "PNG", 2340),
+        ("CMYK", "JPEG", 2340),
+        ("RGB", "EXIF", 2352),
+    ],
+)
+def test_odd_image_modes_run_through_the_cli(capsys, tmp_path, mode, fmt, tokens):
+    path = tmp_path / "image"
+    if fmt == "EXIF":  # stored 640x480, shown rotated: 480 wide, 640 tall: 36 of 48 crop columns
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        photo(640, 480).save(path, "JPEG", exif=exif)
+    else:
+        photo(640, 480).convert(mode).save(path, fmt)
+    code, out, err = cli(
+        capsys, "run", *TINY, "--image", str(path), "--prompt", "hi", "--max-new-tokens", "1", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["tokens"]["visual_full"] == tokens
 
 
 def test_a_huge_image_runs_through_the_cli(capsys, tmp_path):
