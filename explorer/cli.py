@@ -11,7 +11,7 @@ from . import bench
 from .core import Budget, ExplorerError
 from .images import load_image
 from .methods import KINDS, METHODS, make
-from .pipeline import check_prompt, stream
+from .pipeline import check_request, stream
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +84,7 @@ def _run(args) -> int:
     settings = _settings(args.method, args.set)
     make(args.method, **settings)
     budget = Budget(tokens=args.tokens) if args.tokens is not None else Budget(fraction=args.budget)
-    check_prompt(args.prompt)
+    check_request(args.prompt, args.max_new_tokens, timeout_s=args.timeout)
     image = load_image(args.image)
     backend = _load(args)
     shown = ""
@@ -129,6 +129,7 @@ def _bench(args) -> int:
         raise ExplorerError(f"--budgets takes comma-separated fractions, got {args.budgets!r}") from None
     if args.repeats < 1 or args.warmup < 0:
         raise ExplorerError("--repeats must be at least 1 and --warmup at least 0")
+    check_request(args.prompt, args.max_new_tokens, args.max_new_tokens)
     image = load_image(args.image)
     backend = _load(args)
     rows = bench.sweep(backend, image, args.prompt, methods, budgets, args.max_new_tokens, args.repeats, args.warmup)

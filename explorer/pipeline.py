@@ -67,13 +67,9 @@ def stream(
     timeout_s: float = 300.0,  # longest wait for the next token before the run is stopped
 ) -> Iterator[Result]:
     chosen = make(method, **(settings or {}))
-    budgeted = getattr(chosen, "budgeted", True)
     budget = budget if isinstance(budget, Budget) else Budget(fraction=budget)
-    check_prompt(prompt)
-    if not 1 <= max_new_tokens <= 4096 or not 0 <= min_new_tokens <= max_new_tokens:
-        raise ExplorerError(
-            f"max_new_tokens must be 1..4096 and min_new_tokens 0..it, got {max_new_tokens}, {min_new_tokens}"
-        )
+    budget = budget if getattr(chosen, "budgeted", True) else None  # None: the method keeps everything
+    check_request(prompt, max_new_tokens, min_new_tokens, timeout_s)
     picture = load_image(image)
     device, model, tokenizer = backend.device, backend.model, backend.tokenizer
     memory = PeakMemory(device)
@@ -103,7 +99,7 @@ def stream(
                 model=backend.name,
                 method=method,
                 settings=dataclasses.asdict(chosen),
-                budget=budget if budgeted else None,
+                budget=budget,
                 answer=tokenizer.decode(ids, skip_special_tokens=True),
                 answer_ids=tuple(ids),
                 tokens={**tokens, "generated": len(ids), "by_partition": by_partition},
@@ -132,7 +128,7 @@ def _select(backend, picture, prompt, chosen, budget, max_new_tokens):
     with torch.inference_mode():
         prepared = backend.prepare(picture, prompt)
         g = prepared.geometry
-        b = budget.resolve(len(g)) if getattr(chosen, "budgeted", True) else len(g)
+        b = budget.resolve(len(g)) if budget else len(g)
         if prepared.text_tokens + b + max_new_tokens > backend.max_positions:
             raise ExplorerError(
                 f"prompt ({prepared.text_tokens} tokens) + {b} visual tokens + {max_new_tokens} new tokens "
@@ -183,9 +179,16 @@ def _generate(model, kwargs: dict, timeout_s: float, ids: list[int], times: list
         worker.join(timeout=timeout_s)
 
 
-def check_prompt(prompt) -> None:
+def check_request(prompt, max_new_tokens: int = 64, min_new_tokens: int = 0, timeout_s: float = 300.0) -> None:
+    """The checks on a request that need no model."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ExplorerError("the prompt is empty: ask something about the image")
+    if not 1 <= max_new_tokens <= 4096 or not 0 <= min_new_tokens <= max_new_tokens:
+        raise ExplorerError(
+            f"max_new_tokens must be 1..4096 and min_new_tokens 0..it, got {max_new_tokens}, {min_new_tokens}"
+        )
+    if not timeout_s > 0:
+        raise ExplorerError(f"the timeout must be a positive number of seconds, got {timeout_s}")
 
 
 @contextmanager

@@ -143,6 +143,7 @@ def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
         (["--model", "explorer-tests/not-cached"], "not a local folder .* --model tiny-llava-next"),
         (["--model", "/no/such/folder"], "no such folder"),
         (["--max-new-tokens", "0"], "max_new_tokens must be 1..4096"),
+        (["--timeout", "0"], "the timeout must be a positive number of seconds, got 0.0"),
     ],
 )
 def test_bad_input_gets_one_clear_message_and_exit_code_2(capsys, image, args, message):
