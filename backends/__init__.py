@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
+import socket
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -33,7 +36,10 @@ def load(model: str, device: str | None = None):
     except OSError as e:
         if folder.is_dir():
             raise ExplorerError(f"could not load {model}: {_first_line(e)}") from None
+    host = _unreachable_hub()
     try:
+        if host:  # fail now, not after huggingface_hub's retries
+            raise OSError(f"{host} cannot be reached")
         return _load(path, device, model, random_weights, local_files_only=False)
     except OSError as e:
         raise ExplorerError(
@@ -41,6 +47,20 @@ def load(model: str, device: str | None = None):
             f"({_first_line(e)}). Without network, download it elsewhere first, pass a local checkpoint "
             "with --model PATH, or try --model tiny-llava-next (random weights, runs offline)."
         ) from None
+
+
+def _unreachable_hub() -> str | None:
+    """The Hub's host name when it does not resolve (no network); None when it does or a proxy decides."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from huggingface_hub import constants
+
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return host
+    return None
 
 
 def _load(path: str, device, name: str, random_weights: bool, local_files_only: bool):

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import socket
 import struct
 import time
 import zlib
@@ -131,6 +132,19 @@ def test_models_that_cannot_be_found_are_named_with_a_way_out(model, message, tm
         backends.load(model, "cpu")
     if "cache" in message:
         assert "--model PATH" in str(error.value) and "--model tiny-llava-next" in str(error.value)
+
+
+def test_without_network_an_uncached_hub_id_fails_at_once(tmp_path, monkeypatch):
+    def no_dns(*args):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as on a user's machine
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    start = time.perf_counter()
+    with pytest.raises(ExplorerError, match=r"\(huggingface.co cannot be reached\).*--model tiny-llava-next"):
+        backends.load("llava-hf/llava-v1.6-vicuna-7b-hf", "cpu")
+    assert time.perf_counter() - start < 5
 
 
 def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path):
