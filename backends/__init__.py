@@ -27,14 +27,16 @@ def load(model: str, device: str | None = None):
     random_weights = model in RANDOM
     path = _random_checkpoint(model).name if random_weights else model
     folder = Path(path).expanduser()
-    if folder.is_dir() and not (folder / "config.json").is_file():
+    local = folder.is_dir()
+    if local and not (folder / "config.json").is_file():
         raise ExplorerError(f"{model} has no config.json, so it is not a Hugging Face checkpoint folder")
-    if not folder.is_dir() and (folder.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1):
+    if not local and (folder.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise ExplorerError(f"{model} is not a checkpoint folder (no such folder)")
+    path = str(folder) if local else path
     try:  # a folder, or a model already in the Hugging Face cache: no network needed
-        return _load(str(folder) if folder.is_dir() else path, device, model, random_weights, local_files_only=True)
+        return _load(path, device, model, random_weights, local_files_only=True)
     except OSError as e:
-        if folder.is_dir():
+        if local:
             raise ExplorerError(f"could not load {model}: {_first_line(e)}") from None
     host = _unreachable_hub()
     try:
