@@ -68,6 +68,9 @@ class Selection:
 
     keep: torch.Tensor  # (K,) long: sorted, unique indices into the N visual tokens
     scores: torch.Tensor | None = None  # (N,) the method's per-token score for the heatmap, NaN where none
+    # (N,) long, for merging methods: the token (index into N) each token was merged into; kept tokens
+    # point at themselves, tokens dropped without merging are -1
+    groups: torch.Tensor | None = None
     budgets: dict[str, int] = field(default_factory=dict)  # partition name -> its budget
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # intermediate (N,) maps worth teaching
     stats: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. {"content count": {"crop 0,0": 12}}
