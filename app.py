@@ -1,0 +1,321 @@
+"""The token-drop explorer app: upload an image, pick a method and a budget, see what was kept and
+what it saved, reduced and full side by side.
+
+    python app.py [--model HUB_ID_OR_FOLDER] [--device cpu|cuda] [--host 0.0.0.0] [--port 7860]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import inspect
+import os
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import torch
+from PIL import Image
+
+import backends
+from explorer import METHODS, ExplorerError, load_image, run, stream
+from explorer import visual as vis
+from explorer.core import fraction_of
+from explorer.pipeline import check_request
+
+ASSETS = Path(__file__).parent / "assets"
+EXAMPLES = [  # image, prompt
+    ("coffee.jpg", "What is on the table?"),
+    ("chart.png", "What does this chart show? Read the title and the numbers."),
+    ("astronaut.jpg", "Describe everything you can see around the person."),
+    ("panorama.jpg", "How many bright galaxies can you see from left to right?"),
+    ("rocket.jpg", "What is standing on the launch pad?"),
+]
+SETTINGS = [(name, f) for name, cls in METHODS.items() for f in dataclasses.fields(cls)]  # every method's settings
+# what `Explorer.explore` updates, in the order the app wires them
+OUTPUTS = ("overlay_0", "overlay_1", "heat_0", "heat_1", "map_choice", "plot", "answer", "full_answer", "table")
+OUTPUTS += ("live", "explanation", "shown", "memo")
+TABLE = ["", "reduced", "full", "reduced / full"]
+
+
+class Explorer:
+    """What the app serves: one model, loaded on first use and shared by every visitor."""
+
+    def __init__(self, model: str, device: str | None = None):
+        self.model, self.device = model, device
+        self._lock = threading.Lock()
+        self._backend = None
+
+    def backend(self):
+        with self._lock:
+            if self._backend is None:
+                backend = backends.load(self.model, self.device)
+                # one short unmeasured run, so the first visitor's numbers are not those of a cold start
+                run(backend, Image.new("RGB", (336, 336), "gray"), "Hello", "none", max_new_tokens=2)
+                self._backend = backend
+            return self._backend
+
+    def status(self) -> str:
+        """A line on the model, loading it first if needed."""
+        try:
+            b = self.backend()
+        except ExplorerError as error:
+            return f"⚠️ **{self.model} could not be loaded.** {error}"
+        note = " · **random weights**: answers are gibberish; token counts, overlays and costs are real"
+        return f"**Model**: {b.name} ({b.family}) on {b.device}" + (note if b.random_weights else "")
+
+    def count(self, image, method: str, budget: float) -> str:
+        """What the budget slider means for this image, in tokens."""
+        if not image:
+            return "Upload an image to see how many visual tokens it makes."
+        try:
+            width, height = _size(_path(image))
+            n = len(self.backend().layout([height, width])[0])
+        except ExplorerError as error:
+            return f"⚠️ {error}"
+        if not getattr(METHODS[method], "budgeted", True):
+            return f"All **{n}** visual tokens of this {width}x{height} image reach the LLM."
+        kept = max(1, fraction_of(budget / 100, n))
+        where = "remain after the pruning layer" if METHODS[method].stage == "llm" else "reach the LLM"
+        return f"**{kept}** of {n} visual tokens ({budget:g}%) {where} for this {width}x{height} image."
+
+    def explore(self, image, prompt, method, budget, compare, max_new_tokens, memo, *settings):
+        """Run the method, then the full model unless it ran on this image and prompt before; yields
+        {output name: value} as things change (the names are OUTPUTS)."""
+        try:
+            check_request(prompt, int(max_new_tokens))
+            if not image:
+                raise ExplorerError("upload an image first, or pick an example")
+            path = _path(image)
+            picture = load_image(path)
+            chosen = {f.name: _typed(f, v) for (m, f), v in zip(SETTINGS, settings) if m == method}
+            n = int(max_new_tokens)
+            key = (_digest(path), prompt, n)
+            full = memo.get(key) if compare else None
+            backend = self.backend()
+            yield {"answer": "", "full_answer": "", "live": "running the vision encoder and the method…"}
+
+            shown = 0.0
+            for r in stream(backend, picture, prompt, method, budget / 100, chosen, n):
+                if not r.answer_ids and not r.done:  # the method has chosen, nothing generated yet
+                    pics, looks = pictures(picture, r)
+                    yield {**restyled(pics, looks), "explanation": vis.explain(method)}
+                if r.done or time.monotonic() - shown > 0.1:
+                    shown = time.monotonic()
+                    yield {"answer": r.answer, "table": vis.metrics(r, full), "live": _speed("reduced", r)}
+            reduced = r
+            if compare and full is None:
+                for full in stream(backend, picture, prompt, "none", 1.0, max_new_tokens=n):
+                    if full.done or time.monotonic() - shown > 0.1:
+                        shown = time.monotonic()
+                        yield {
+                            "full_answer": full.answer,
+                            "table": vis.metrics(reduced, full),
+                            "live": _speed("full", full),
+                        }
+                memo = {**memo, key: full}
+            yield {  # everything, so an API call's result is complete
+                **pics,
+                "answer": reduced.answer,
+                "full_answer": full.answer if full else "",
+                "table": vis.metrics(reduced, full),
+                "live": _speed("reduced", reduced) + (f" · {_speed('full', full)}" if full else ""),
+                "explanation": vis.explain(method),
+                "shown": (picture, reduced),
+                "memo": memo,
+            }
+        except ExplorerError as error:
+            raise gr.Error(str(error)) from None
+
+    @staticmethod
+    def click(view: int, shown, x: float, y: float) -> str:
+        """What the patch at displayed pixel (x, y) of picture `view` is: partition, cell, score, fate."""
+        if not shown:
+            return "Run first, then click a patch."
+        _, r = shown
+        views = list(vis.views(r.geometry).values())
+        token = vis.token_at(r.geometry, views[view], x, y) if view < len(views) else None
+        return "No visual token there." if token is None else vis.describe(r.geometry, r.selection, token)
+
+    @staticmethod
+    def remap(which: str, shown) -> dict:
+        """The heatmaps redrawn with another of the run's maps."""
+        return restyled(*pictures(*shown, which, heat_only=True)) if shown else {}
+
+
+def pictures(picture, r, which: str = "scores", heat_only: bool = False) -> tuple[dict, dict]:
+    """The overlay and the heatmap of each view of a run's geometry (None for a view that is not
+    there), and each picture's label and visibility."""
+    g, selection = r.geometry, r.selection
+    views = list(vis.views(g).items())
+    maps = {"scores": selection.scores, **selection.maps}
+    values, looks = {}, {}
+    if not heat_only:
+        values |= {"map_choice": which, "plot": vis.budget_figure(r)}
+        looks["map_choice"] = {"choices": list(maps)}
+    for i in range(2):
+        name, tokens = views[i] if i < len(views) else ("", None)
+        values[f"heat_{i}"] = None
+        if tokens is not None and maps.get(which) is not None:
+            values[f"heat_{i}"] = vis.heatmap(picture, g, maps[which], tokens)
+        looks[f"heat_{i}"] = {"label": f"{name}: {which} (click a patch)", "visible": tokens is not None}
+        if not heat_only:
+            values[f"overlay_{i}"] = None if tokens is None else vis.overlay(picture, g, selection, tokens)
+            kept = 0 if tokens is None else int(torch.isin(tokens, selection.keep.cpu()).sum())
+            label = f"{name}: {kept} of {len(tokens) if tokens is not None else 0} kept (click a patch)"
+            looks[f"overlay_{i}"] = {"label": label, "visible": tokens is not None}
+    return values, looks
+
+
+def restyled(values: dict, looks: dict) -> dict:
+    """Values as updates that also set each component's label, visibility or choices."""
+    return {name: gr.update(value=value, **looks.get(name, {})) for name, value in values.items()}
+
+
+def _path(image) -> str:
+    """The file behind an image input: a path, or the upload record Gradio hands over unprocessed."""
+    return image if isinstance(image, str) else image["path"]
+
+
+@functools.lru_cache(maxsize=64)
+def _size(path: str) -> tuple[int, int]:
+    return load_image(path).size
+
+
+def _digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _typed(f: dataclasses.Field, value):
+    """A control's value as the setting's type (sliders send floats)."""
+    return int(value) if f.type in ("int", int) else value
+
+
+def _speed(which: str, r) -> str:
+    t = r.timing
+    line = f"{which}: {r.tokens['generated']} tokens"
+    if t["ttft_s"] is not None:
+        line += f", first after {t['ttft_s']:.2f} s"
+    if t["decode_tokens_per_s"] is not None:
+        line += f", {t['decode_tokens_per_s']:.1f} tokens/s"
+    return line + ("" if r.done else " …")
+
+
+def control(method: str, f: dataclasses.Field, visible: bool):
+    """The input for one method setting, from its dataclass field."""
+    common = dict(value=f.default, label=f"{method}: {f.name}", info=f.metadata.get("help"), visible=visible)
+    if f.type in ("bool", bool):
+        return gr.Checkbox(**common)
+    if f.type in ("int", int, "float", float) and "range" in f.metadata:
+        low, high = f.metadata["range"]
+        return gr.Slider(low, high, step=1 if f.type in ("int", int) else (high - low) / 100, **common)
+    if f.type in ("int", int, "float", float):
+        return gr.Number(precision=0 if f.type in ("int", int) else None, **common)
+    return gr.Textbox(**common)
+
+
+def _on_click(explorer: Explorer, view: int):
+    def on_click(shown, evt: gr.SelectData) -> str:
+        return explorer.click(view, shown, *evt.index)
+
+    return on_click
+
+
+def build(explorer: Explorer) -> gr.Blocks:
+    """The app's layout and wiring around one `Explorer`."""
+    with gr.Blocks(title="Token-drop explorer", analytics_enabled=False) as demo:
+        gr.Markdown(
+            "# Token-drop explorer\nSee which visual tokens a reduction method keeps in a high-resolution "
+            "vision-language model, and what it saves."
+        )
+        status = gr.Markdown("⏳ loading the model…")
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = gr.Image(
+                    type="filepath", label="Image (upload, drop or paste)", sources=["upload", "clipboard"]
+                )
+                prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0][1], lines=2)
+                gr.Examples([[str(ASSETS / f), p] for f, p in EXAMPLES], [image, prompt], label="Examples")
+                method = gr.Dropdown(
+                    [(f"{name}: {cls.summary}", name) for name, cls in METHODS.items()], value="hired", label="Method"
+                )
+                budget = gr.Slider(1, 100, value=20, step=1, label="Budget: % of the visual tokens")
+                count = gr.Markdown()
+                with gr.Accordion("Method settings", open=False):
+                    controls = [control(m, f, visible=m == "hired") for m, f in SETTINGS]
+                with gr.Accordion("Generation", open=False):
+                    max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
+                compare = gr.Checkbox(value=True, label="Compare with the full run (no reduction)")
+                go = gr.Button("Run", variant="primary")
+            with gr.Column(scale=3):
+                c = {}
+                with gr.Tab("Kept vs dropped"):
+                    with gr.Row():
+                        c["overlay_0"] = gr.Image(label="thumbnail", format="png", interactive=False)
+                        c["overlay_1"] = gr.Image(label="crops", format="png", interactive=False)
+                with gr.Tab("Scores"):
+                    c["map_choice"] = gr.Radio(["scores"], value="scores", label="Map")
+                    with gr.Row():
+                        c["heat_0"] = gr.Image(label="thumbnail: scores", format="png", interactive=False)
+                        c["heat_1"] = gr.Image(label="crops: scores", format="png", interactive=False)
+                with gr.Tab("Budget"):
+                    c["plot"] = gr.Plot(label="How the budget was spent")
+                picked = gr.Markdown("Click a patch on a picture to see its partition, cell, score and fate.")
+                with gr.Row():
+                    c["answer"] = gr.Textbox(label="Reduced answer", lines=5, interactive=False)
+                    c["full_answer"] = gr.Textbox(label="Full answer", lines=5, interactive=False)
+                c["live"] = gr.Markdown()
+                c["table"] = gr.Dataframe(headers=TABLE, interactive=False, wrap=True)
+                c["explanation"] = gr.Markdown(vis.explain("hired"))
+        c["shown"], c["memo"] = gr.State(), gr.State({})
+
+        def explore(*args):
+            for changes in explorer.explore(*args):
+                yield tuple(changes.get(name, gr.skip()) for name in OUTPUTS)
+
+        # named parameters for API callers: client.predict(image=..., method="cls", budget=10, api_name="/explore")
+        names = ["image", "prompt", "method", "budget", "compare", "max_new_tokens", "memo"]
+        names += [f"{m}_{f.name}".replace("+", "_plus") for m, f in SETTINGS]
+        keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        explore.__signature__ = inspect.Signature([inspect.Parameter(n, keyword) for n in names])
+
+        def shown_settings(chosen):
+            return [gr.update(visible=m == chosen) for m, _ in SETTINGS] + [vis.explain(chosen)]
+
+        gpu = dict(concurrency_id="gpu", concurrency_limit=1)
+        inputs = [image, prompt, method, budget, compare, max_new_tokens, c["memo"], *controls]
+        go.click(explore, inputs, [c[n] for n in OUTPUTS], api_name="explore", preprocess=False, **gpu)
+        for trigger in (image.change, method.change, budget.release):
+            trigger(explorer.count, [image, method, budget], count, api_name="count", preprocess=False)
+        method.change(shown_settings, method, [*controls, c["explanation"]], api_name="settings")
+        for i in range(2):
+            for picture in (c[f"overlay_{i}"], c[f"heat_{i}"]):
+                picture.select(_on_click(explorer, i), c["shown"], picked, api_name=f"click_{i}")
+        c["map_choice"].change(
+            lambda which, shown: tuple(explorer.remap(which, shown).get(f"heat_{i}", gr.skip()) for i in range(2)),
+            [c["map_choice"], c["shown"]],
+            [c["heat_0"], c["heat_1"]],
+            api_name="map",
+        )
+        demo.load(explorer.status, None, status, api_name="status")
+    return demo.queue(default_concurrency_limit=1, max_size=32)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The token-drop explorer app.")
+    parser.add_argument("--model", default=backends.DEFAULT_MODEL, help="Hub id, local folder, or tiny-llava-next")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when there is one)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    explorer = Explorer(args.model, args.device)
+    threading.Thread(target=explorer.status, daemon=True).start()  # start loading before the first visitor
+    build(explorer).launch(server_name=args.host, server_port=args.port, max_file_size="50mb")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Pictures, charts and tables of one run, drawn on the user's own image.
+
+Every visual token has a pixel box on the original image (`Geometry.boxes`), so the overlays are
+exact: a token's patch is dimmed when it was dropped and left untouched when it was kept. Plain
+numpy and PIL; plotly is imported only when a chart is drawn.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import inspect
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .core import Geometry, Selection
+from .methods import METHODS
+
+DISPLAY = 2048  # longest side of the pictures, in pixels; smaller images keep their size
+KEPT = (255, 212, 0)  # the outline around kept patches
+DIM = 0.28  # brightness left to a dropped patch
+
+
+def views(g: Geometry) -> dict[str, torch.Tensor]:
+    """The token sets drawn as one picture each: the thumbnail and the crops when the model has both,
+    else every token that has a box. Newline tokens have none."""
+    boxed = ~torch.isnan(g.boxes[:, 0])
+    base = g.names.index("base") if "base" in g.names else -1
+    crops = boxed & (g.partition != base)
+    if base < 0 or not crops.any():
+        return {"image": boxed.nonzero()[:, 0]}
+    return {"thumbnail": g.members(base), "crops": crops.nonzero()[:, 0]}
+
+
+def display_size(g: Geometry) -> tuple[int, int]:
+    width, height = g.image_size
+    scale = min(1.0, DISPLAY / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def labels(g: Geometry, tokens: torch.Tensor) -> np.ndarray:
+    """(H, W) int64 map of which token covers each pixel of the displayed image, -1 where none."""
+    width, height = display_size(g)
+    scale = torch.tensor([width, height, width, height]) / torch.tensor(g.image_size * 2)
+    boxes = (g.boxes[tokens] * scale).round().long().tolist()  # (T, 4) as x0, y0, x1, y1
+    out = np.full((height, width), -1, dtype=np.int64)
+    for token, (x0, y0, x1, y1) in zip(tokens.tolist(), boxes):
+        out[y0:y1, x0:x1] = token
+    return out
+
+
+def overlay(image: Image.Image, g: Geometry, selection: Selection, tokens: torch.Tensor) -> Image.Image:
+    """The image with the patches of `tokens` that were dropped dimmed, and a line around the kept ones
+    (drawn on the dropped side, so kept pixels stay exactly as they were). Merged patches are tinted
+    with their group's colour, and the kept token they went into is outlined in it."""
+    picture = np.asarray(image.convert("RGB").resize(display_size(g)), dtype=np.float32)
+    label = labels(g, tokens)
+    kept = np.zeros(len(g) + 1, dtype=bool)  # the extra last entry stands for "no token" (label -1)
+    kept[selection.keep.cpu().numpy()] = True
+    dropped = (label >= 0) & ~kept[label]
+    out = picture.copy()
+    out[dropped] *= DIM
+
+    colour = np.tile(np.array(KEPT, dtype=np.float32), (len(g) + 1, 1))  # (N + 1, 3) line colour by kept token
+    if selection.groups is not None:
+        groups = selection.groups.cpu().numpy()
+        into = np.append(groups, -1)[label]  # (H, W) the token each pixel's token went into
+        targets = np.unique(groups[groups >= 0])
+        colour[targets] = palette(len(targets))
+        merged = dropped & (into >= 0)
+        out[merged] = 0.5 * out[merged] + 0.5 * colour[into[merged]]
+
+    # a dropped pixel next to a kept one, in any of the four directions, gets the line of that kept token
+    pad = np.pad(label, 1, constant_values=-1)
+    for near in (pad[:-2, 1:-1], pad[2:, 1:-1], pad[1:-1, :-2], pad[1:-1, 2:]):
+        edge = dropped & kept[near] & (near >= 0)
+        out[edge] = colour[near[edge]]
+    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
+
+
+def palette(n: int) -> np.ndarray:
+    """(n, 3) float distinct bright colours, the golden-ratio walk around the hue circle."""
+    hues = (np.arange(n) * 0.618034) % 1.0
+    return np.array([colorsys.hsv_to_rgb(h, 0.75, 1.0) for h in hues], dtype=np.float32).reshape(n, 3) * 255
+
+
+# a perceptually ordered dark-to-bright scale (anchors of matplotlib's "inferno", CC0)
+SCALE = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
+
+
+def colours(t: np.ndarray) -> np.ndarray:
+    """(..., 3) colours of t in [0, 1] along SCALE."""
+    x = np.clip(t, 0, 1) * (len(SCALE) - 1)
+    i = np.minimum(x.astype(int), len(SCALE) - 2)
+    f = (x - i)[..., None]
+    return SCALE[i] * (1 - f) + SCALE[i + 1] * f
+
+
+def heatmap(image: Image.Image, g: Geometry, scores: torch.Tensor, tokens: torch.Tensor) -> Image.Image:
+    """The scores of `tokens` as colours over the image, with a colour scale below it.
+
+    Colours follow each token's rank among the tokens shown: a top-k method keeps the brightest
+    patches whatever the spread of the values, and a few outliers cannot wash the rest out."""
+    picture = np.asarray(image.convert("RGB").resize(display_size(g)), dtype=np.float32)
+    values = scores.detach().float().cpu()
+    shown = tokens[~torch.isnan(values[tokens])]
+    rank = torch.full((len(g) + 1,), math.nan)
+    if len(shown):
+        order = values[shown].argsort(stable=True)
+        rank[shown[order]] = torch.linspace(0, 1, len(shown)) if len(shown) > 1 else torch.ones(1)
+    label = labels(g, shown)
+    t = rank.numpy()[label]  # NaN where no score
+    heat = ~np.isnan(t)
+    out = picture.copy()
+    out[heat] = 0.35 * picture[heat] + 0.65 * colours(t[heat])
+    low, mid, high = values[shown].quantile(torch.tensor([0.0, 0.5, 1.0])).tolist() if len(shown) else [0, 0, 0]
+    return _with_scale(Image.fromarray(out.round().clip(0, 255).astype(np.uint8)), low, mid, high)
+
+
+def _with_scale(picture: Image.Image, low: float, mid: float, high: float) -> Image.Image:
+    """The picture with a colour bar under it, labelled with the lowest, median and highest score."""
+    width, height = picture.size
+    bar = max(10, height // 40)
+    canvas = Image.new("RGB", (width, height + bar + 18), "white")
+    canvas.paste(picture)
+    strip = colours(np.linspace(0, 1, width))[None].repeat(bar, 0)
+    canvas.paste(Image.fromarray(strip.round().astype(np.uint8)), (0, height + 2))
+    draw = ImageDraw.Draw(canvas)
+    y = height + bar + 4
+    draw.text((2, y), f"low {low:.3g}", fill="black")
+    draw.text((width // 2, y), f"median {mid:.3g}", fill="black", anchor="ma")
+    draw.text((width - 2, y), f"high {high:.3g}", fill="black", anchor="ra")
+    return canvas
+
+
+def token_at(g: Geometry, tokens: torch.Tensor, x: float, y: float) -> int | None:
+    """The token of `tokens` whose box holds the displayed pixel (x, y), or None."""
+    width, height = display_size(g)
+    px, py = x * g.image_size[0] / width, y * g.image_size[1] / height
+    boxes = g.boxes[tokens]
+    inside = (boxes[:, 0] <= px) & (px < boxes[:, 2]) & (boxes[:, 1] <= py) & (py < boxes[:, 3])
+    hits = tokens[inside]
+    return int(hits[0]) if len(hits) else None
+
+
+def describe(g: Geometry, selection: Selection, token: int) -> str:
+    """One line on a token: where it sits, its score and its fate."""
+    row, col = g.cells[token].tolist()
+    x0, y0, x1, y1 = g.boxes[token].tolist()
+    where = f"token {token}: {g.names[g.partition[token]]}, cell (row {row}, col {col}), "
+    where += f"pixels x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f}"
+    score = selection.scores[token].item() if selection.scores is not None else math.nan
+    into = int(selection.groups[token]) if selection.groups is not None else -1
+    if bool((selection.keep == token).any()):
+        fate = "kept"
+    elif into >= 0:
+        fate = f"merged into token {into}"
+    else:
+        fate = "dropped"
+    return f"{where}; score {score:.4g}; {fate}" if not math.isnan(score) else f"{where}; {fate}"
+
+
+def budget_figure(result):
+    """A plotly chart of how the run spent its visual tokens, partition by partition: the tokens there
+    were, the budget each partition got and the tokens it kept, with any per-partition statistic of
+    the method (HiRED's content counts) on a second axis."""
+    import plotly.graph_objects as go
+
+    parts = [p for p in result.tokens["by_partition"] if p["full"]]
+    names = [p["name"] for p in parts]
+    budgets = result.selection.budgets
+    figure = go.Figure()
+    figure.add_bar(name="tokens in the image", x=names, y=[p["full"] for p in parts], marker_color="#d0d0d0")
+    if budgets:
+        figure.add_bar(name="budget", x=names, y=[budgets.get(n, 0) for n in names], marker_color="#8fb3de")
+    figure.add_bar(name="kept", x=names, y=[p["kept"] for p in parts], marker_color="#f0a800")
+    for stat, values in result.selection.stats.items():
+        figure.add_scatter(
+            name=stat, x=names, y=[values.get(n) for n in names], yaxis="y2", mode="markers+lines", marker_size=10
+        )
+    figure.update_layout(
+        barmode="group",
+        title=f"{result.method}: {result.tokens['visual_kept']} of {result.tokens['visual_full']} visual tokens kept",
+        yaxis_title="visual tokens",
+        yaxis2=dict(overlaying="y", side="right", title=", ".join(result.selection.stats), showgrid=False),
+        legend=dict(orientation="h", y=-0.2),
+        margin=dict(l=50, r=50, t=50, b=40),
+        height=360,
+    )
+    return figure
+
+
+def metrics(reduced, full=None) -> list[list[str]]:
+    """Rows of (what, reduced, full, reduced / full) for the numbers of one or two runs."""
+    rows = [
+        ("visual tokens", lambda r: r.tokens["visual_kept"], "{:d}"),
+        *(
+            (f"  {p['name']}", lambda r, i=i: r.tokens["by_partition"][i]["kept"], "{:d}")
+            for i, p in enumerate(reduced.tokens["by_partition"])
+        ),
+        ("text tokens", lambda r: r.tokens["text"], "{:d}"),
+        ("generated tokens", lambda r: r.tokens["generated"], "{:d}"),
+        ("time to first token (s)", lambda r: r.timing["ttft_s"], "{:.3f}"),
+        ("prefill (s)", lambda r: r.timing["prefill_s"], "{:.3f}"),
+        ("decode (tokens/s)", lambda r: r.timing["decode_tokens_per_s"], "{:.1f}"),
+        ("total (s)", lambda r: r.timing["total_s"], "{:.3f}"),
+        ("vision encoder (s)", lambda r: r.timing["vision_s"], "{:.3f}"),
+        ("selection (s)", lambda r: r.timing["selection_s"], "{:.4f}"),
+        (f"peak memory ({reduced.memory['device']}, MiB)", lambda r: _mib(r.memory["peak_bytes"]), "{:.0f}"),
+    ]
+    table = []
+    for what, get, form in rows:
+        a, b = get(reduced), get(full) if full is not None else None
+        ratio = f"{a / b:.2f}x" if a is not None and b and what != "selection (s)" else ""
+        table.append([what, _format(a, form), _format(b, form), ratio])
+    return table
+
+
+def _mib(n: int | None) -> float | None:
+    return None if n is None else n / 2**20
+
+
+def _format(value, form: str) -> str:
+    return "" if value is None else form.format(value)
+
+
+STAGES = {
+    "vision": "It acts before the language model: dropped tokens never reach the LLM, so every LLM layer "
+    "and the KV cache hold only the kept ones.",
+    "llm": "It acts inside the language model: the first layers see every visual token, then the "
+    "dropped ones are cut from the sequence and the KV cache for all later layers.",
+}
+
+
+def signal_name(signal: str) -> str:
+    kind, _, layer = signal.partition("@")
+    where = "the feature layer (whose output the LLM receives)" if layer == "feature" else f"vision layer {layer}"
+    if kind == "cls":
+        return f"the [CLS] token's attention to each patch at {where}"
+    if kind == "keys":
+        return f"the attention keys of each patch at {where}"
+    return {"features": "the projected features the LLM receives"}.get(signal, signal)
+
+
+def explain(method: str) -> str:
+    """Plain-language markdown on a method: what it does, what it reads, at which stage."""
+    cls = METHODS[method]
+    doc = inspect.getdoc(inspect.getmodule(cls)) or ""  # each method file opens with its paper and idea
+    paragraphs = doc.split("\n\n")
+    text = [f"**{cls.summary}**", " ".join(paragraphs[0].split())]
+    text += ["\n".join(p for p in paragraphs[1:] if not p.startswith("Differs"))]
+    if cls.needs:
+        text.append("It reads " + "; ".join(signal_name(s) for s in cls.needs) + ".")
+    if getattr(cls, "budgeted", True):
+        text.append(STAGES.get(cls.stage, ""))
+    text += [" ".join(p.split()) for p in paragraphs if p.startswith("Differs")]
+    return "\n\n".join(t for t in text if t)
