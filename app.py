@@ -75,7 +75,7 @@ class Explorer:
             width, height = _size(_path(image))
             n = len(self.backend().layout([height, width])[0])
         except ExplorerError as error:
-            return f"⚠️ {error}"
+            return f"⚠️ {_named(str(error), image)}"
         if not getattr(METHODS[method], "budgeted", True):
             return f"All **{n}** visual tokens of this {width}x{height} image reach the LLM."
         kept = max(1, fraction_of(budget / 100, n))
@@ -96,21 +96,20 @@ class Explorer:
             key = (_digest(path), prompt, n)
             full = memo.get(key) if compare else None
             backend = self.backend()
-            yield {"answer": "", "full_answer": "", "live": "running the vision encoder and the method…"}
+            yield {"answer": "", "full_answer": full.answer if full else "", "live": "running the method…"}
 
-            shown = 0.0
+            last = 0.0
             for r in stream(backend, picture, prompt, method, budget / 100, chosen, n):
-                if not r.answer_ids and not r.done:  # the method has chosen, nothing generated yet
-                    pics, looks = pictures(picture, r)
-                    yield {**restyled(pics, looks), "explanation": vis.explain(method)}
-                if r.done or time.monotonic() - shown > 0.1:
-                    shown = time.monotonic()
+                if r.done or time.monotonic() - last > 0.1:  # light updates: drawing now would slow the run
+                    last = time.monotonic()
                     yield {"answer": r.answer, "table": vis.metrics(r, full), "live": _speed("reduced", r)}
             reduced = r
+            pics, looks = pictures(picture, reduced)
+            yield {**restyled(pics, looks), "explanation": vis.explain(method), "shown": (picture, reduced)}
             if compare and full is None:
                 for full in stream(backend, picture, prompt, "none", 1.0, max_new_tokens=n):
-                    if full.done or time.monotonic() - shown > 0.1:
-                        shown = time.monotonic()
+                    if full.done or time.monotonic() - last > 0.1:
+                        last = time.monotonic()
                         yield {
                             "full_answer": full.answer,
                             "table": vis.metrics(reduced, full),
@@ -128,7 +127,7 @@ class Explorer:
                 "memo": memo,
             }
         except ExplorerError as error:
-            raise gr.Error(str(error)) from None
+            raise gr.Error(_named(str(error), image)) from None
 
     @staticmethod
     def click(view: int, shown, x: float, y: float) -> str:
@@ -159,7 +158,8 @@ def pictures(picture, r, which: str = "scores", heat_only: bool = False) -> tupl
     for i in range(2):
         name, tokens = views[i] if i < len(views) else ("", None)
         values[f"heat_{i}"] = None
-        if tokens is not None and maps.get(which) is not None:
+        shows = maps.get(which)
+        if tokens is not None and shows is not None and not shows[tokens].isnan().all():
             values[f"heat_{i}"] = vis.heatmap(picture, g, maps[which], tokens)
         looks[f"heat_{i}"] = {"label": f"{name}: {which} (click a patch)", "visible": tokens is not None}
         if not heat_only:
@@ -178,6 +178,14 @@ def restyled(values: dict, looks: dict) -> dict:
 def _path(image) -> str:
     """The file behind an image input: a path, or the upload record Gradio hands over unprocessed."""
     return image if isinstance(image, str) else image["path"]
+
+
+def _named(message: str, image) -> str:
+    """The message with the server's path of the image replaced by the file's own name."""
+    if not image:
+        return message
+    name = image.get("orig_name") if isinstance(image, dict) else None
+    return message.replace(_path(image), name or Path(_path(image)).name)
 
 
 @functools.lru_cache(maxsize=64)
@@ -238,7 +246,6 @@ def build(explorer: Explorer) -> gr.Blocks:
                     type="filepath", label="Image (upload, drop or paste)", sources=["upload", "clipboard"]
                 )
                 prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0][1], lines=2)
-                gr.Examples([[str(ASSETS / f), p] for f, p in EXAMPLES], [image, prompt], label="Examples")
                 method = gr.Dropdown(
                     [(f"{name}: {cls.summary}", name) for name, cls in METHODS.items()], value="hired", label="Method"
                 )
@@ -250,6 +257,7 @@ def build(explorer: Explorer) -> gr.Blocks:
                     max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
                 compare = gr.Checkbox(value=True, label="Compare with the full run (no reduction)")
                 go = gr.Button("Run", variant="primary")
+                gr.Examples([[str(ASSETS / f), p] for f, p in EXAMPLES], [image, prompt], label="Examples")
             with gr.Column(scale=3):
                 c = {}
                 with gr.Tab("Kept vs dropped"):

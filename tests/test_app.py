@@ -1,0 +1,246 @@
+"""The app: its handlers on the tiny model, the launched app through gradio_client, and a real browser."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+from conftest import photo
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import app
+from explorer import load_image, run
+from explorer import visual as vis
+from explorer.core import fraction_of
+
+ROOT = Path(__file__).parent.parent
+DEFAULTS = [f.default for _, f in app.SETTINGS]
+
+
+@pytest.fixture(scope="module")
+def explorer(backend):
+    """The app's model holder on tiny-llava-next, loaded through its own code path."""
+    return app.Explorer("tiny-llava-next", "cpu")
+
+
+@pytest.fixture
+def picture_file(tmp_path) -> str:
+    path = tmp_path / "photo.png"
+    photo(600, 400).save(path)
+    return str(path)
+
+
+def explore(explorer, image, prompt="What is this?", method="hired", budget=20, compare=True, n=6, memo=None, **set):
+    """The last yield of the handler, and every yield, as dicts."""
+    settings = [set.get(f"{m}_{f.name}", f.default) for m, f in app.SETTINGS]
+    outputs = list(explorer.explore(image, prompt, method, budget, compare, n, memo or {}, *settings))
+    return outputs[-1], outputs
+
+
+def test_importing_the_app_loads_no_model():
+    code = "import app, sys; print(sorted(m for m in sys.modules if 'modeling_' in m))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_overlay_dims_dropped_patches_and_leaves_kept_ones_alone(explorer, picture_file):
+    last, outputs = explore(explorer, {"path": picture_file})
+    original = np.asarray(load_image(picture_file), dtype=np.int16)
+    _, r = last["shown"]
+    g, keep = r.geometry, set(r.selection.keep.tolist())
+    for i, tokens in enumerate(vis.views(g).values()):
+        shown = np.asarray(last[f"overlay_{i}"], dtype=np.int16)
+        assert shown.shape == original.shape  # the size of the input image
+        for token in tokens.tolist():
+            x0, y0, x1, y1 = g.boxes[token].round().long().tolist()
+            diff = np.abs(shown[y0:y1, x0:x1] - original[y0:y1, x0:x1]).mean()
+            if token in keep:
+                assert diff == 0, f"kept token {token} was drawn over"
+            else:
+                assert diff > 10, f"dropped token {token} is not dimmed"
+    assert any(o.get("answer") for o in outputs[:-1])  # the answer streamed before the end
+
+
+def test_numbers_shown_are_the_librarys(explorer, backend, picture_file):
+    last, _ = explore(explorer, {"path": picture_file}, method="cls", budget=10)
+    _, r = last["shown"]
+    alone = run(backend, picture_file, "What is this?", "cls", 0.1, max_new_tokens=6)
+    assert r.tokens == alone.tokens and torch.equal(r.selection.keep, alone.selection.keep)
+    assert last["answer"] == alone.answer
+    assert last["full_answer"] == run(backend, picture_file, "What is this?", "none", 1.0, max_new_tokens=6).answer
+    rows = {row[0].strip(): row[1:] for row in last["table"]}
+    assert rows["visual tokens"] == [str(r.tokens["visual_kept"]), str(r.tokens["visual_full"]), "0.10x"]
+    for part in r.tokens["by_partition"]:
+        assert rows[part["name"]][:2] == [str(part["kept"]), str(part["full"])]
+    assert rows["time to first token (s)"][0] == f"{r.timing['ttft_s']:.3f}"
+    assert rows["prefill (s)"][0] == f"{r.timing['prefill_s']:.3f}"
+    assert rows["selection (s)"][0] == f"{r.timing['selection_s']:.4f}"
+    assert rows["peak memory (cpu, MiB)"][0] == f"{r.memory['peak_bytes'] / 2**20:.0f}"
+    # the budget chart shows the same counts
+    bars = {bar.name: list(bar.y) for bar in last["plot"].data}
+    assert bars["kept"] == [p["kept"] for p in r.tokens["by_partition"] if p["full"]]
+
+
+def test_the_full_run_is_reused_for_the_same_image_and_prompt(explorer, picture_file):
+    first, _ = explore(explorer, {"path": picture_file}, budget=40)
+    ((key, full),) = first["memo"].items()
+    again, outputs = explore(explorer, {"path": picture_file}, budget=10, memo=first["memo"])
+    assert again["memo"][key] is full and again["full_answer"] == full.answer
+    assert all(o["full_answer"] == full.answer for o in outputs if "full_answer" in o)  # shown at once
+    other, _ = explore(explorer, {"path": picture_file}, prompt="Something else?", memo=first["memo"])
+    assert len(other["memo"]) == 2
+
+
+def test_without_compare_only_the_reduced_run_happens(explorer, picture_file):
+    last, _ = explore(explorer, {"path": picture_file}, compare=False)
+    assert last["full_answer"] == "" and last["memo"] == {}
+    assert all(row[2] == "" for row in last["table"])
+
+
+def test_method_settings_reach_the_method(explorer, picture_file):
+    last, _ = explore(explorer, picture_file, method="hired", hired_alpha=0.25, compare=False)
+    assert last["shown"][1].settings == {"alpha": 0.25, "paper_code": False}
+    last, _ = explore(explorer, picture_file, method="random", random_seed=7.0, compare=False)  # sliders send floats
+    assert last["shown"][1].settings == {"seed": 7}
+
+
+def test_a_method_that_keeps_everything_is_drawn_without_dimming(explorer, picture_file):
+    last, _ = explore(explorer, picture_file, method="none", compare=False)
+    original = np.asarray(load_image(picture_file))
+    assert np.array_equal(np.asarray(last["overlay_0"]), original)
+
+
+@pytest.mark.parametrize(
+    "image, prompt, budget, message",
+    [
+        ("corrupt", "What is this?", 20, "bad.jpg (is not an image|could not be decoded)"),
+        ("empty", "What is this?", 20, "empty.png is empty"),
+        (None, "What is this?", 20, "upload an image"),
+        ("good", "   ", 20, "prompt is empty"),
+        ("good", "What is this?", 0, "budget"),
+        ("good", "What is this?", 101, "budget"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_the_next_run_works(
+    explorer, picture_file, tmp_path, image, prompt, budget, message
+):
+    files = {"corrupt": tmp_path / "bad.jpg", "empty": tmp_path / "empty.png", "good": Path(picture_file)}
+    files["corrupt"].write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    files["empty"].write_bytes(b"")
+    with pytest.raises(gr.Error, match=message) as error:
+        explore(explorer, None if image is None else {"path": str(files[image])}, prompt, budget=budget)
+    assert str(tmp_path) not in error.value.message  # the server's paths stay private
+    last, _ = explore(explorer, {"path": picture_file}, compare=False)
+    assert last["shown"][1].done
+
+
+def test_out_of_memory_is_reported_and_the_app_recovers(explorer, picture_file, monkeypatch):
+    model = explorer.backend().model
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(model, "generate", no_memory)
+    with pytest.raises(gr.Error, match="out of memory"):
+        explore(explorer, picture_file, compare=False)
+    monkeypatch.undo()
+    assert explore(explorer, picture_file, compare=False)[0]["answer"] is not None
+
+
+def test_the_budget_is_shown_in_tokens_for_the_image(explorer, backend, picture_file, tmp_path):
+    n = len(backend.prepare(load_image(picture_file), "x").geometry)
+    assert explorer.count({"path": picture_file}, "hired", 29) == (
+        f"**{fraction_of(0.29, n)}** of {n} visual tokens (29%) reach the LLM for this 600x400 image."
+    )
+    assert explorer.count(picture_file, "none", 29).startswith(f"All **{n}** visual tokens")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert explorer.count({"path": str(bad), "orig_name": "mine.png"}, "hired", 20).startswith("⚠️ mine.png ")
+    assert "Upload an image" in explorer.count(None, "hired", 20)
+
+
+def test_clicking_a_patch_tells_its_partition_cell_score_and_fate(explorer, picture_file):
+    last, _ = explore(explorer, picture_file, method="cls", compare=False)
+    shown = last["shown"]
+    r = shown[1]
+    g, keep = r.geometry, r.selection.keep.tolist()
+    for view, tokens in enumerate(vis.views(g).values()):
+        for token in (tokens[0].item(), tokens[-1].item(), keep[len(keep) // 2]):
+            if token not in tokens:
+                continue
+            x0, y0, x1, y1 = g.boxes[token].tolist()
+            text = app.Explorer.click(view, shown, (x0 + x1) / 2, (y0 + y1) / 2)
+            name, (row, col) = g.names[g.partition[token]], g.cells[token].tolist()
+            assert text.startswith(f"token {token}: {name}, cell (row {row}, col {col})")
+            assert f"score {r.selection.scores[token].item():.4g}" in text
+            assert text.endswith("kept" if token in keep else "dropped")
+    assert app.Explorer.click(0, None, 1, 1) == "Run first, then click a patch."
+
+
+def test_the_heatmap_can_show_the_methods_other_maps(explorer, picture_file):
+    last, outputs = explore(explorer, picture_file, method="hired", compare=False)
+    choices = next(o["map_choice"] for o in outputs if "map_choice" in o)
+    assert choices["choices"] == ["scores", "content", "content top"]
+    content = app.Explorer.remap("content", last["shown"])
+    assert content["heat_0"]["label"].endswith("content (click a patch)")
+    assert content["heat_1"]["value"] is None  # HiRED's content map lives on the thumbnail only
+    assert app.Explorer.remap("content", None) == {}
+
+
+def test_a_model_that_cannot_load_is_said_in_the_status_line(tmp_path):
+    status = app.Explorer(str(tmp_path / "nowhere"), "cpu").status()
+    assert "could not be loaded" in status and "nowhere" in status
+
+
+def test_every_event_has_an_api_name(explorer):
+    demo = app.build(explorer)
+    names = [fn.api_name for fn in demo.fns.values()]
+    assert all(names) and {"explore", "count", "status", "settings", "click_0", "map"} <= set(names)
+
+
+@pytest.fixture(scope="module")
+def served(explorer):
+    demo = app.build(explorer)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+def test_the_launched_app_through_gradio_client(served, tmp_path):
+    client = Client(served, verbose=False)
+    try:
+        out = client.predict(
+            image=handle_file(str(ROOT / "assets/coffee.jpg")),
+            prompt="What is on the table?",
+            method="hired",
+            budget=20,
+            max_new_tokens=4,
+            api_name="/explore",
+        )
+        result = dict(zip(app.OUTPUTS, out))
+        assert Image.open(result["overlay_0"]).size == (600, 400)
+        rows = {row[0]: row[1:] for row in result["table"]["data"]}
+        assert rows["visual tokens"] == ["428", "2144", "0.20x"]
+        assert isinstance(result["answer"], str) and isinstance(result["full_answer"], str)
+
+        bad = tmp_path / "bad.jpg"
+        bad.write_bytes(b"not an image at all")
+        with pytest.raises(AppError, match="bad.jpg is not an image"):
+            client.predict(image=handle_file(str(bad)), api_name="/explore")
+        again = dict(
+            zip(
+                app.OUTPUTS,
+                client.predict(
+                    image=handle_file(str(ROOT / "assets/rocket.jpg")), max_new_tokens=2, api_name="/explore"
+                ),
+            )
+        )
+        assert Image.open(again["overlay_0"]).size == (140, 427)
+    finally:
+        client.close()
