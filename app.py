@@ -95,8 +95,9 @@ class Explorer:
             n = int(max_new_tokens)
             key = (_digest(path), prompt, n)
             full = memo.get(key) if compare else None
+            loading = "loading the model (once)… " if self._backend is None else ""
+            yield {"answer": "", "full_answer": full.answer if full else "", "live": f"{loading}running the method…"}
             backend = self.backend()
-            yield {"answer": "", "full_answer": full.answer if full else "", "live": "running the method…"}
 
             last = 0.0
             for r in stream(backend, picture, prompt, method, budget / 100, chosen, n):
