@@ -6,6 +6,14 @@ what it saved, reduced and full side by side.
 
 from __future__ import annotations
 
+try:  # Hugging Face ZeroGPU; imported before anything touches CUDA, and a no-op when not on ZeroGPU
+    from spaces import GPU
+except ImportError:
+
+    def GPU(task=None, **options):
+        return task if task is not None else lambda task: task
+
+
 import argparse
 import dataclasses
 import functools
@@ -34,6 +42,7 @@ EXAMPLES = [  # image, prompt
     ("panorama.jpg", "How many bright galaxies can you see from left to right?"),
     ("rocket.jpg", "What is standing on the launch pad?"),
 ]
+UPLOAD_LIMIT = "20mb"  # refused by the server before anything is decoded
 SETTINGS = [(name, f) for name, cls in METHODS.items() for f in dataclasses.fields(cls)]  # every method's settings
 # what `Explorer.explore` updates, in the order the app wires them
 OUTPUTS = ("overlay_0", "overlay_1", "heat_0", "heat_1", "map_choice", "plot", "answer", "full_answer", "table")
@@ -44,8 +53,8 @@ TABLE = ["", "reduced", "full", "reduced / full"]
 class Explorer:
     """What the app serves: one model, loaded on first use and shared by every visitor."""
 
-    def __init__(self, model: str, device: str | None = None):
-        self.model, self.device = model, device
+    def __init__(self, model: str, device: str | None = None, warm_up: bool = True):
+        self.model, self.device, self.warm_up = model, device, warm_up
         self._lock = threading.Lock()
         self._backend = None
 
@@ -53,8 +62,8 @@ class Explorer:
         with self._lock:
             if self._backend is None:
                 backend = backends.load(self.model, self.device)
-                # one short unmeasured run, so the first visitor's numbers are not those of a cold start
-                run(backend, Image.new("RGB", (336, 336), "gray"), "Hello", "none", max_new_tokens=2)
+                if self.warm_up:  # one short unmeasured run, so the first visitor's numbers are not a cold start
+                    run(backend, Image.new("RGB", (336, 336), "gray"), "Hello", "none", max_new_tokens=2)
                 self._backend = backend
             return self._backend
 
@@ -213,6 +222,11 @@ def _speed(which: str, r) -> str:
     return line + ("" if r.done else " …")
 
 
+def gpu_seconds(image, prompt, method, budget, compare, max_new_tokens, *rest) -> int:
+    """How long a ZeroGPU slot an explore call asks for: generous for a 7B model at ~10 tokens/s."""
+    return min(300, 20 + int(max_new_tokens) * (2 if compare else 1) // 10)
+
+
 def control(method: str, f: dataclasses.Field, visible: bool):
     """The input for one method setting, from its dataclass field."""
     common = dict(value=f.default, label=f"{method}: {f.name}", info=f.metadata.get("help"), visible=visible)
@@ -233,7 +247,7 @@ def _on_click(explorer: Explorer, view: int):
     return on_click
 
 
-def build(explorer: Explorer) -> gr.Blocks:
+def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
     """The app's layout and wiring around one `Explorer`."""
     with gr.Blocks(title="Token-drop explorer", analytics_enabled=False) as demo:
         gr.Markdown(
@@ -257,7 +271,9 @@ def build(explorer: Explorer) -> gr.Blocks:
                 with gr.Accordion("Generation", open=False):
                     max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
                 compare = gr.Checkbox(value=True, label="Compare with the full run (no reduction)")
-                go = gr.Button("Run", variant="primary")
+                with gr.Row():
+                    go = gr.Button("Run", variant="primary", scale=3)
+                    stop = gr.Button("Stop", scale=1)
                 gr.Examples([[str(ASSETS / f), p] for f, p in EXAMPLES], [image, prompt], label="Examples")
             with gr.Column(scale=3):
                 c = {}
@@ -290,13 +306,15 @@ def build(explorer: Explorer) -> gr.Blocks:
         names += [f"{m}_{f.name}".replace("+", "_plus") for m, f in SETTINGS]
         keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
         explore.__signature__ = inspect.Signature([inspect.Parameter(n, keyword) for n in names])
+        explore = GPU(explore, duration=gpu_seconds)  # on ZeroGPU it runs in a GPU worker process
 
         def shown_settings(chosen):
             return [gr.update(visible=m == chosen) for m, _ in SETTINGS] + [vis.explain(chosen)]
 
         gpu = dict(concurrency_id="gpu", concurrency_limit=1)
         inputs = [image, prompt, method, budget, compare, max_new_tokens, c["memo"], *controls]
-        go.click(explore, inputs, [c[n] for n in OUTPUTS], api_name="explore", preprocess=False, **gpu)
+        running = go.click(explore, inputs, [c[n] for n in OUTPUTS], api_name="explore", preprocess=False, **gpu)
+        stop.click(None, cancels=running, api_name="stop")  # the run stops at its next token
         for trigger in (image.change, method.change, budget.release):
             trigger(explorer.count, [image, method, budget], count, api_name="count", preprocess=False)
         method.change(shown_settings, method, [*controls, c["explanation"]], api_name="settings")
@@ -310,20 +328,39 @@ def build(explorer: Explorer) -> gr.Blocks:
             api_name="map",
         )
         demo.load(explorer.status, None, status, api_name="status")
-    return demo.queue(default_concurrency_limit=1, max_size=32)
+    return demo.queue(default_concurrency_limit=1, max_size=queue_size)  # a full queue answers "try again"
 
 
 def main(argv: list[str] | None = None) -> None:
+    env = os.environ.get
     parser = argparse.ArgumentParser(description="The token-drop explorer app.")
-    parser.add_argument("--model", default=backends.DEFAULT_MODEL, help="Hub id, local folder, or tiny-llava-next")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when there is one)")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument(
+        "--model",
+        default=env("EXPLORER_MODEL", backends.DEFAULT_MODEL),
+        help="Hub id, local folder, or tiny-llava-next; visitors cannot change it (default: $EXPLORER_MODEL or %(default)s)",
+    )
+    parser.add_argument(
+        "--device", default=env("EXPLORER_DEVICE"), help="cpu, cuda, ... (default: cuda if there is one)"
+    )
+    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--queue", type=int, default=32, help="requests that may wait; more are told to try again")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    explorer = Explorer(args.model, args.device)
-    threading.Thread(target=explorer.status, daemon=True).start()  # start loading before the first visitor
-    build(explorer).launch(server_name=args.host, server_port=args.port, max_file_size="50mb")
+    zero_gpu = env("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+    explorer = Explorer(args.model, args.device, warm_up=not zero_gpu)
+    if zero_gpu:  # ZeroGPU wants the model on the device at start-up; the GPU work happens in `explore`
+        explorer.backend()
+    else:  # start loading before the first visitor comes
+        threading.Thread(target=explorer.status, daemon=True).start()
+    serve(explorer, args.queue, server_name=args.host, server_port=args.port)
+
+
+def serve(explorer: Explorer, queue_size: int = 32, **launch) -> tuple[gr.Blocks, str]:
+    """Build the app and start serving it, uploads over UPLOAD_LIMIT refused; returns it and its URL."""
+    demo = build(explorer, queue_size)
+    _, url, _ = demo.launch(max_file_size=UPLOAD_LIMIT, **launch)
+    return demo, url
 
 
 if __name__ == "__main__":

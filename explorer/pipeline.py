@@ -25,6 +25,7 @@ from .images import load_image
 from .measure import PeakMemory, TokenStream, first_forward, now, sync
 from .methods import make
 
+MAX_PROMPT_CHARS = 20_000  # far beyond any model's context; refused before tokenizing
 _locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> lock: one run at a time per model
 
 
@@ -183,6 +184,8 @@ def check_request(prompt, max_new_tokens: int = 64, min_new_tokens: int = 0, tim
     """The checks on a request that need no model."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ExplorerError("the prompt is empty: ask something about the image")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ExplorerError(f"the prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS} are taken")
     if not 1 <= max_new_tokens <= 4096 or not 0 <= min_new_tokens <= max_new_tokens:
         raise ExplorerError(
             f"max_new_tokens must be 1..4096 and min_new_tokens 0..it, got {max_new_tokens}, {min_new_tokens}"

@@ -206,8 +206,7 @@ def test_every_event_has_an_api_name(explorer):
 
 @pytest.fixture(scope="module")
 def served(explorer):
-    demo = app.build(explorer)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
+    demo, url = app.serve(explorer, prevent_thread_lock=True, quiet=True)
     yield url
     demo.close()
 

@@ -20,8 +20,7 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def page():
-    demo = app.build(app.Explorer("tiny-llava-next", "cpu"))
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
+    demo, url = app.serve(app.Explorer("tiny-llava-next", "cpu"), prevent_thread_lock=True, quiet=True)
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), args=[*flags, "--disable-component-update"])

@@ -1,0 +1,227 @@
+"""Shipping: the Space's configuration, ZeroGPU's separate process, a full queue, cancelling, abuse."""
+
+import functools
+import multiprocessing
+import pickle
+import re
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import app
+from explorer.pipeline import _locks
+
+ROOT = Path(__file__).parent.parent
+COFFEE = str(ROOT / "assets" / "coffee.jpg")
+
+
+def front_matter() -> dict:
+    text = (ROOT / "README.md").read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_the_readme_front_matter_is_a_working_space_config():
+    config = front_matter()
+    assert config["sdk"] == "gradio" and (ROOT / config["app_file"]).is_file()
+    requirements = (ROOT / "requirements.txt").read_text()
+    assert f"gradio=={config['sdk_version']}" in requirements  # the Space runs the Gradio we test
+    assert config["python_version"] == "3.12" and config["short_description"]
+    assert config["preload_from_hub"] == config["models"] == [app.backends.DEFAULT_MODEL]
+    assert not re.search(r"^torch==", requirements, re.M)  # a pinned CPU torch would break the Space's CUDA
+
+
+def test_the_spacefile_is_a_valid_deta_manifest():
+    manifest = yaml.safe_load((ROOT / "Spacefile").read_text())
+    assert manifest["v"] == 0
+    (micro,) = manifest["micros"]
+    assert micro["primary"] and micro["run"].startswith("python3 app.py")
+    assert all((ROOT / path).exists() for path in micro["include"])
+
+
+def test_nothing_enables_remote_code():
+    for path in [ROOT / "app.py", *ROOT.glob("explorer/**/*.py"), *ROOT.glob("backends/*.py")]:
+        assert "trust_remote_code" not in path.read_text(), path
+
+
+def in_another_process(task=None, duration=None):
+    """A stand-in for spaces.GPU: runs the generator in a forked process, as ZeroGPU does, and
+    hands back each output through a pipe, pickled. Nothing it leaves behind reaches this process."""
+    if task is None:
+        return functools.partial(in_another_process, duration=duration)
+
+    @functools.wraps(task)
+    def handler(*args):
+        assert 20 <= duration(*args) <= 300
+        context = multiprocessing.get_context("fork")
+        outputs = context.Queue()
+
+        def child():
+            torch.set_num_threads(1)
+            try:
+                for output in task(*args):
+                    outputs.put(pickle.dumps(("output", output)))  # by value, as across machines
+                outputs.put(pickle.dumps(("end", None)))
+            except Exception as error:
+                outputs.put(pickle.dumps(("error", error)))
+
+        process = context.Process(target=child, daemon=True)
+        process.start()
+        try:
+            while True:
+                kind, value = pickle.loads(outputs.get(timeout=120))
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            process.join(timeout=10)
+
+    return handler
+
+
+def test_explore_works_when_zerogpu_runs_it_in_another_process(monkeypatch):
+    monkeypatch.setattr(app, "GPU", in_another_process)
+    explorer = app.Explorer("tiny-llava-next", "cpu")
+    explorer.backend()  # loaded before the fork, as ZeroGPU asks
+    demo, url = app.serve(explorer, prevent_thread_lock=True, quiet=True)
+    client = Client(url, verbose=False)
+    try:
+        out = dict(zip(app.OUTPUTS, client.predict(image=handle_file(COFFEE), max_new_tokens=3, api_name="/explore")))
+        assert Image.open(out["overlay_0"]).size == (600, 400)
+        rows = {row[0]: row[1:] for row in out["table"]["data"]}
+        assert rows["visual tokens"] == ["428", "2144", "0.20x"] and rows["generated tokens"] == ["3", "3", "1.00x"]
+        assert out["answer"] and out["full_answer"]
+        with pytest.raises(AppError, match="prompt is empty"):  # errors cross the process boundary too
+            client.predict(image=handle_file(COFFEE), prompt=" ", api_name="/explore")
+    finally:
+        client.close()
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def explorer():
+    return app.Explorer("tiny-llava-next", "cpu")
+
+
+@pytest.fixture(scope="module")
+def served(explorer):
+    demo, url = app.serve(explorer, queue_size=4, prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+def good_request(url: str) -> dict:
+    client = Client(url, verbose=False)
+    try:
+        return dict(zip(app.OUTPUTS, client.predict(image=handle_file(COFFEE), max_new_tokens=2, api_name="/explore")))
+    finally:
+        client.close()
+
+
+def test_a_full_queue_answers_busy_and_nobody_hangs(served):
+    results = []
+
+    def visitor():
+        try:
+            results.append(("done", good_request(served)["table"]["data"][0]))
+        except Exception as error:
+            results.append(("error", str(error)))
+
+    visitors = [threading.Thread(target=visitor) for _ in range(20)]
+    for v in visitors:
+        v.start()
+    for v in visitors:
+        v.join(timeout=300)
+    assert not any(v.is_alive() for v in visitors), "a request hung"
+    done = [value for kind, value in results if kind == "done"]
+    busy = [value for kind, value in results if kind == "error"]
+    assert len(done) + len(busy) == 20 and done and busy
+    assert all(row == ["visual tokens", "428", "2144", "0.20x"] for row in done)
+    assert all("Queue is full" in message and "try again" in message for message in busy)
+    assert good_request(served)["answer"] is not None  # still serving
+
+
+def test_cancelling_a_run_stops_generation(served, explorer):
+    model = explorer.backend().model
+    steps = []
+    hook = model.lm_head.register_forward_hook(lambda *_: steps.append(time.monotonic()))
+    client = Client(served, verbose=False)
+    try:
+        job = client.submit(image=handle_file(COFFEE), max_new_tokens=512, compare=False, api_name="/explore")
+        deadline = time.monotonic() + 60
+        while len(steps) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        job.cancel()
+        time.sleep(1.0)
+        stopped = len(steps)
+        time.sleep(1.0)
+        assert len(steps) == stopped < 512  # no token after the cancel took effect
+        assert not _locks[model].locked()  # the model is free for the next visitor
+    finally:
+        hook.remove()
+        client.close()
+    assert good_request(served)["answer"] is not None
+
+
+def bomb(path: Path, side: int) -> None:
+    """A complete, valid greyscale PNG of side x side black pixels: a few hundred kB that inflate to side² bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    squeeze = zlib.compressobj(9)
+    row = bytes(side + 1)  # filter byte 0, then the pixels
+    data = b"".join(squeeze.compress(row) for _ in range(side)) + squeeze.flush()
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_abuse_gets_its_message_and_the_next_request_works(served, explorer, tmp_path, monkeypatch):
+    client = Client(served, verbose=False)
+    try:
+        huge, bombed = tmp_path / "huge.png", tmp_path / "bomb.png"
+        bomb(huge, 20000)  # past PIL's own guard
+        bomb(bombed, 12000)  # under PIL's guard, over ours
+        assert bombed.stat().st_size < 1_000_000 and huge.stat().st_size < 2_000_000
+        big = tmp_path / "big.png"
+        big.write_bytes(bytes(50 * 2**20))
+        cases = [
+            (dict(image=handle_file(str(huge))), AppError, "huge.png is too large: over 100 megapixels"),
+            (dict(image=handle_file(str(bombed))), AppError, "bomb.png is too large: 12000x12000 is 144 megapixels"),
+            (dict(image=handle_file(str(big))), ValueError, "exceeds the maximum file size"),
+            (dict(image=handle_file(COFFEE), prompt="why " * 25_000), AppError, "at most 20000 are taken"),
+        ]
+        for kwargs, error, message in cases:
+            with pytest.raises(error, match=message):
+                client.predict(**kwargs, api_name="/explore")
+            assert good_request(served)["table"]["data"][0][1] == "428"
+
+        def no_memory(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+        monkeypatch.setattr(explorer.backend().model, "generate", no_memory)
+        with pytest.raises(AppError, match="out of memory on cpu; try a smaller budget, image or model"):
+            client.predict(image=handle_file(COFFEE), api_name="/explore")
+        monkeypatch.undo()
+        assert good_request(served)["answer"] is not None
+    finally:
+        client.close()
+
+
+def test_a_50mb_upload_is_refused_by_the_server_itself(served, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(bytes(50 * 2**20))
+    with big.open("rb") as f:
+        response = httpx.post(f"{served}gradio_api/upload", files={"files": ("big.png", f, "image/png")}, timeout=60)
+    assert response.status_code == 413 and "File size exceeded maximum allowed size" in response.text
