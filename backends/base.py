@@ -68,15 +68,24 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-@contextmanager
-def cls_attention(layers: torch.nn.ModuleList, which: set[int]):
-    """Capture the [CLS]-to-patch attention of the chosen encoder layers, heads summed.
+ATTENTION = ("cls", "cls-onehead", "cls-logits")  # signal kinds recomputed from a layer's q/k
+KINDS = (*ATTENTION, "keys", "hidden")  # what `encoder_signals` captures
 
-    The row is recomputed from the layer's own q/k projections (hooks on q_proj and k_proj), so the
-    encoder keeps running its fast attention kernel. Yields a dict filled during the forward pass:
-    layer -> (crops, T-1) float32, the [CLS] column left out and the rest not renormalised.
+
+@contextmanager
+def encoder_signals(layers: torch.nn.ModuleList, wants: dict[int, set[str]]):
+    """Capture what methods read from the chosen encoder layers during one forward pass.
+
+    `wants` maps a layer to the kinds asked of it: "cls", the [CLS]-to-patch attention, heads summed;
+    "cls-onehead", that attention with the heads joined into one over all channels, scaled by
+    1/sqrt(channels) (PruMerge's); "cls-logits", the [CLS] row of q.k * scale before the softmax,
+    heads averaged (GlobalCom2's); "keys", the layer's key projections; "hidden", the layer's output.
+    Attention rows are recomputed from the layer's own q/k projections (hooks on q_proj and k_proj),
+    so the encoder keeps running its fast attention kernel. Yields a dict filled during the forward
+    pass: (kind, layer) -> float32 (crops, T-1) for the attention kinds, (crops, T-1, heads, head_dim)
+    for keys and (crops, T-1, channels) for hidden, the [CLS] token left out and nothing renormalised.
     """
-    rows: dict[int, torch.Tensor] = {}
+    out: dict[tuple[str, int], torch.Tensor] = {}
     cls_q: dict[int, torch.Tensor] = {}
 
     def on_q(layer):
@@ -85,25 +94,46 @@ def cls_attention(layers: torch.nn.ModuleList, which: set[int]):
 
         return hook
 
-    def on_k(layer):
+    def on_k(layer, kinds):
         attn = layers[layer].self_attn
 
         def hook(module, args, k):  # k: (crops, T, D)
-            crops, t, _ = k.shape
+            crops, t, dim = k.shape
             h, d = attn.num_heads, attn.head_dim
-            q = cls_q.pop(layer).reshape(crops, 1, h, d).transpose(1, 2).float()  # (crops, h, 1, d)
-            k = k.reshape(crops, t, h, d).transpose(1, 2).float()  # (crops, h, T, d)
-            a = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)  # (crops, h, 1, T)
-            rows[layer] = a.sum(1)[:, 0, 1:]  # (crops, T-1)
+            if "keys" in kinds:
+                out["keys", layer] = k[:, 1:].reshape(crops, t - 1, h, d).float()
+            if not kinds & set(ATTENTION):
+                return
+            q, k = cls_q.pop(layer).float(), k.float()  # (crops, 1, D), (crops, T, D)
+            if "cls-onehead" in kinds:
+                out["cls-onehead", layer] = torch.softmax(q @ k.transpose(1, 2) * dim**-0.5, -1)[:, 0, 1:]
+            q = q.reshape(crops, 1, h, d).transpose(1, 2)  # (crops, h, 1, d)
+            k = k.reshape(crops, t, h, d).transpose(1, 2)  # (crops, h, T, d)
+            logits = q @ k.transpose(-1, -2) * attn.scale  # (crops, h, 1, T)
+            if "cls-logits" in kinds:
+                out["cls-logits", layer] = logits.mean(1)[:, 0, 1:]  # (crops, T-1)
+            if "cls" in kinds:
+                out["cls", layer] = torch.softmax(logits, -1).sum(1)[:, 0, 1:]  # (crops, T-1)
+
+        return hook
+
+    def on_output(layer):
+        def hook(module, args, hidden):  # hidden: (crops, T, C)
+            out["hidden", layer] = hidden[:, 1:].float()
 
         return hook
 
     handles = []
     try:
-        for layer in sorted(which):
-            handles.append(layers[layer].self_attn.q_proj.register_forward_hook(on_q(layer)))
-            handles.append(layers[layer].self_attn.k_proj.register_forward_hook(on_k(layer)))
-        yield rows
+        for layer, kinds in sorted(wants.items()):
+            attention = layers[layer].self_attn
+            if kinds & set(ATTENTION):
+                handles.append(attention.q_proj.register_forward_hook(on_q(layer)))
+            if kinds & {*ATTENTION, "keys"}:
+                handles.append(attention.k_proj.register_forward_hook(on_k(layer, kinds)))
+            if "hidden" in kinds:
+                handles.append(layers[layer].register_forward_hook(on_output(layer)))
+        yield out
     finally:
         for handle in handles:
             handle.remove()

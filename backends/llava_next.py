@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import transformers  # lazy: its model code loads on first use, not when this file is imported
 
-from .base import ExplorerError, Geometry, Prepared, cls_attention, pick_dtype
+from .base import KINDS, ExplorerError, Geometry, Prepared, encoder_signals, pick_dtype
 
 DEFAULT = "llava-hf/llava-v1.6-vicuna-7b-hf"  # the HiRED paper's model
 
@@ -116,30 +116,58 @@ class LlavaNext:
         return edges[cell - lo], edges[cell - lo + 1]
 
     def encode(self, prepared: Prepared, needs: tuple[str, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Run the vision stage: (N, D) projected features in LLM order, and the signals asked for."""
-        layers = {name: self._signal_layer(name) for name in needs}
+        """Run the vision stage: (N, D) projected features in LLM order, and the signals asked for
+        (see `explorer.Signals`): the (N,) attention rows on the CPU, the rest on the model's device."""
+        asked = {name: self._signal(name) for name in needs if name != "features"}  # name -> (kind, layer)
+        wants: dict[int, set[str]] = {}
+        for kind, layer in asked.values():
+            wants.setdefault(layer, set()).add(kind)
         inputs = prepared.inputs
-        with cls_attention(self.encoder, set(layers.values())) as rows:
+        with encoder_signals(self.encoder, wants) as captured:
             out = self.model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
             )
         features = out.pooler_output[0]  # (N, D)
-        src = prepared.source
-        signals = {}
-        for name, layer in layers.items():
-            flat = rows[layer].flatten().cpu()  # (crops * g*g,)
-            signals[name] = torch.where(src >= 0, flat[src.clamp(min=0)], math.nan)  # (N,)
+        signals = {"features": features} if "features" in needs else {}
+        for name, (kind, layer) in asked.items():
+            flat = captured[kind, layer].flatten(0, 1)  # (crops * g*g, ...)
+            flat = flat.cpu() if flat.dim() == 1 else flat
+            src = prepared.source.to(flat.device)
+            rows = flat[src.clamp(min=0)]  # (N, ...) in LLM order
+            signals[name] = rows.masked_fill((src < 0).view(-1, *[1] * (rows.dim() - 1)), math.nan)
         return features, signals
 
-    def _signal_layer(self, name: str) -> int:
+    def _signal(self, name: str) -> tuple[str, int]:
+        """(kind, layer) of a signal name such as cls@0, keys@feature or hidden@last."""
         kind, _, layer = name.partition("@")
-        if kind != "cls":
-            raise ExplorerError(f"{self.family} cannot give the signal {name!r}; it gives cls@<layer> and cls@feature")
+        if kind not in KINDS or not layer:
+            given = ", ".join(f"{kind}@<layer>" for kind in KINDS)
+            raise ExplorerError(f"{self.family} cannot give the signal {name!r}; it gives features, {given}")
         if layer == "feature":
-            return self.feature_layer
+            return kind, self.feature_layer
+        if layer == "last":
+            return kind, len(self.encoder) - 1
         if not layer.isdigit() or int(layer) >= len(self.encoder):
-            raise ExplorerError(f"{name!r}: the vision encoder has layers 0..{len(self.encoder) - 1}")
-        return int(layer)
+            raise ExplorerError(f"{name!r}: the vision encoder has layers 0..{len(self.encoder) - 1}, feature and last")
+        return kind, int(layer)
+
+    def merge(self, features: torch.Tensor, signals: dict[str, torch.Tensor], selection) -> torch.Tensor:
+        """(N, D) features in which every kept token that absorbs others carries the projection of
+        its mix of encoder outputs, sum_j weights[k, j] * hidden_j (`Selection.weights`), as VisionZip
+        and PruMerge merge: before the projector, whose MLP would not commute with the mean."""
+        keep, weights = selection.keep, selection.weights  # (K,), (K, N)
+        itself = weights[torch.arange(len(keep), device=weights.device), keep.to(weights.device)]  # (K,)
+        mixing = (itself != 1) | (weights.count_nonzero(1) > 1)  # (K,) kept tokens that carry more than themselves
+        if not mixing.any():
+            return features
+        if "hidden@feature" not in signals:
+            raise ExplorerError("a method that merges tokens must ask for the signal hidden@feature")
+        hidden = signals["hidden@feature"].nan_to_num(0.0)  # (N, C); newlines have no encoder output
+        mixed = weights[mixing].to(hidden) @ hidden  # (M, C)
+        projector = self.model.model.multi_modal_projector
+        merged = features.clone()
+        merged[keep[mixing.cpu()].to(merged.device)] = projector(mixed.to(features.dtype)).to(merged.dtype)
+        return merged
 
     def generate_inputs(self, prepared: Prepared, features: torch.Tensor, keep: torch.Tensor) -> dict:
         """generate() arguments for a prompt that holds only the kept visual tokens, in LLM order."""

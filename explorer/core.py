@@ -49,9 +49,17 @@ class Budget:
 class Signals:
     """What a method may read: the geometry, its budget, and the signals it asked for by name.
 
-    Names: "cls@<layer>" is the [CLS]-to-patch attention of vision layer <layer> (0 = first),
-    heads summed, (N,) float with NaN where a token has none; "cls@feature" is that of the layer
-    whose output the LLM receives.
+    Names are <kind>@<layer>, where <layer> is a vision encoder layer (0 = first), "feature" (the
+    layer whose output the LLM receives) or "last"; each is in LLM order, NaN where a token has none
+    (newlines):
+    - "cls@<layer>": the [CLS]-to-patch attention, heads summed, (N,) on the CPU;
+    - "cls-onehead@<layer>": the same with the heads joined into one head over all channels (PruMerge);
+    - "cls-logits@<layer>": the [CLS] row of q.k * scale before the softmax, heads averaged (GlobalCom2);
+    - "keys@<layer>": the keys, (N, heads, head_dim), on the model's device;
+    - "hidden@<layer>": the layer's output, (N, C), on the model's device; "hidden@feature" is what the
+      projector turns into the LLM's input;
+    and "features": the (N, D) projected features the LLM receives, newlines included, on the model's
+    device. A backend that cannot give a signal raises ExplorerError naming it.
     """
 
     geometry: Geometry
@@ -71,6 +79,10 @@ class Selection:
     # (N,) long, for merging methods: the token (index into N) each token was merged into; kept tokens
     # point at themselves, tokens dropped without merging are -1
     groups: torch.Tensor | None = None
+    # (K, N) float, for merging methods: kept token keep[k] reaches the LLM as the projection of
+    # sum_j weights[k, j] * hidden_j, hidden = the "hidden@feature" signal (which such a method asks for);
+    # None: every kept token as it is
+    weights: torch.Tensor | None = None
     budgets: dict[str, int] = field(default_factory=dict)  # partition name -> its budget
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # intermediate (N,) maps worth teaching
     stats: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. {"content count": {"crop 0,0": 12}}

@@ -68,8 +68,9 @@ def stream(
     timeout_s: float = 300.0,  # longest wait for the next token before the run is stopped
 ) -> Iterator[Result]:
     chosen = make(method, **(settings or {}))
+    adaptive = getattr(chosen, "adaptive", False)  # it picks its own count: there is no budget to meet
     budget = budget if isinstance(budget, Budget) else Budget(fraction=budget)
-    budget = budget if getattr(chosen, "budgeted", True) else None  # None: the method keeps everything
+    budget = budget if getattr(chosen, "budgeted", True) and not adaptive else None  # None: no budget to meet
     check_request(prompt, max_new_tokens, min_new_tokens, timeout_s)
     picture = load_image(image)
     device, model, tokenizer = backend.device, backend.model, backend.tokenizer
@@ -87,6 +88,7 @@ def stream(
             kept = torch.bincount(g.partition[keep.cpu()], minlength=len(g.names)).tolist()
             by_partition = [{"name": n, "full": f, "kept": k} for n, f, k in zip(g.names, g.sizes(), kept)]
             tokens = {"visual_full": len(g), "visual_budget": b, "visual_kept": len(keep), "text": prepared.text_tokens}
+            tokens.update(visual_budget=None if adaptive else b, adaptive=adaptive)
             timing = {
                 "ttft_s": times[0] - start if times else None,
                 "prefill_s": prefill[1] - prefill[0] if len(prefill) == 2 else None,
@@ -141,6 +143,8 @@ def _select(backend, picture, prompt, chosen, budget, max_new_tokens):
         sync(device)
         clock.append(now())
         selection = chosen.select(Signals(g, b, maps))
+        if selection.weights is not None:  # a merging method: the backend builds what each kept token carries
+            features = backend.merge(features, maps, selection)
         sync(device)
         clock.append(now())
     keep = selection.keep
