@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
 from ..core import Geometry
 
 
-def allocate(total: int, weights: list[int], caps: list[int]) -> list[int]:
-    """Split `total` in proportion to integer `weights`, largest remainder first (ties to the lower
-    index), each share capped at `caps`; what a full share cannot take is handed on to the others
-    in proportion to their weights, or to their caps when all their weights are zero."""
+def allocate(total: int, weights: list[int] | list[Fraction], caps: list[int]) -> list[int]:
+    """Split `total` in proportion to `weights` (integers or exact fractions), largest remainder
+    first (ties to the lower index), each share capped at `caps`; what a full share cannot take is
+    handed on to the others in proportion to their weights, or to their caps when all their weights
+    are zero."""
     shares = [0] * len(caps)
     left = min(total, sum(caps))
     open_ = [i for i, cap in enumerate(caps) if cap > 0]
@@ -60,3 +62,33 @@ def by_size(geometry: Geometry, budget: int) -> list[int]:
     """The budget split over all partitions in proportion to their sizes."""
     sizes = geometry.sizes()
     return allocate(budget, sizes, sizes)
+
+
+def patches_first(geometry: Geometry, budget: int) -> list[int]:
+    """The budget split over the partitions in proportion to their sizes, the newlines getting only
+    what the other partitions cannot hold: for methods that drop newlines, so that they still meet
+    any budget up to N."""
+    sizes = geometry.sizes()
+    weights = [0 if name == "newline" else n for name, n in zip(geometry.names, sizes)]
+    return allocate(budget, weights, sizes)
+
+
+def located(geometry: Geometry, parts: list[int], tokens: torch.Tensor) -> torch.Tensor:
+    """(M,) long: for each token, the position in `parts` of the partition whose region of the image
+    holds the centre of the token's box, -1 for none; a region is the bounding box of its partition's
+    token boxes, half-open, so a centre on a border belongs to the partition that starts there."""
+    centre = (geometry.boxes[tokens, :2] + geometry.boxes[tokens, 2:]) / 2  # (M, 2) as (x, y)
+    where = torch.full((len(tokens),), -1)
+    for i, p in enumerate(parts):
+        box = geometry.boxes[geometry.members(p)]  # (M_p, 4)
+        if len(box):
+            inside = ((centre >= box[:, :2].amin(0)) & (centre < box[:, 2:].amax(0))).all(1)
+            where[inside & (where < 0)] = i
+    return where
+
+
+def carry_themselves(keep: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """(K, N) merge weights under which every kept token carries itself alone (see `Selection.weights`)."""
+    weights = torch.zeros(len(keep), n, device=device)
+    weights[torch.arange(len(keep), device=device), keep.to(device)] = 1.0
+    return weights

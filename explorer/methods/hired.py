@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 
 from ..core import Geometry, Selection, Signals, fraction_of
-from .common import allocate, top
+from .common import allocate, located, top
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,5 @@ class HiRED:
         if self.paper_code:  # the thumbnail's raster order cut into one run of rows per crop
             chunk = torch.searchsorted(base, content) * len(crops) // len(base)
             return torch.bincount(chunk, minlength=len(crops)).tolist()
-        centre = (g.boxes[content, :2] + g.boxes[content, 2:]) / 2  # (M, 2) as (x, y)
-        counts = []
-        for p in crops:
-            box = g.boxes[g.members(p)]  # (M_p, 4); the crop's region is their union
-            if len(box) == 0:
-                counts.append(0)
-                continue
-            lo, hi = box[:, :2].amin(0), box[:, 2:].amax(0)
-            counts.append(int(((centre >= lo) & (centre < hi)).all(1).sum()))
-        return counts
+        where = located(g, crops, content)  # (M,) which crop holds each content token's centre
+        return torch.bincount(where[where >= 0], minlength=len(crops)).tolist()
