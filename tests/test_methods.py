@@ -1,6 +1,7 @@
 """Budget arithmetic, the methods' shared helpers, and every method on synthetic signals."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -94,14 +95,18 @@ def test_top_breaks_ties_towards_the_lower_index():
 # --- every method ---------------------------------------------------------------------------------
 
 
+SHAPES = {"cls": (), "cls-onehead": (), "cls-logits": (), "keys": (2, 3), "hidden": (6,)}  # per token
+
+
 def random_signals(budget: int, seed: int = 0) -> Signals:
+    """Every signal any method asks for, random, NaN for newlines except in the projected features."""
     g = toy_geometry()
     generator = torch.Generator().manual_seed(seed)
     newline = g.partition == g.names.index("newline")
-    maps = {
-        name: torch.rand(len(g), generator=generator).masked_fill(newline, math.nan)
-        for name in ("cls@0", "cls@feature")
-    }
+    maps = {"features": torch.randn(len(g), 8, generator=generator)}
+    for name in sorted({name for method in METHODS.values() for name in method.needs} - {"features"}):
+        values = torch.rand(len(g), *SHAPES[name.split("@")[0]], generator=generator)
+        maps[name] = values.masked_fill(newline.view(-1, *[1] * (values.dim() - 1)), math.nan)
     return Signals(g, budget, maps)
 
 
@@ -224,7 +229,12 @@ def test_hired_teaches_its_content_map():
 @pytest.mark.parametrize(
     "name, settings, message",
     [
-        ("nope", {}, "unknown method 'nope'; choose one of: none, random, pooling, cls, hired"),
+        (
+            "nope",
+            {},
+            "unknown method 'nope'; choose one of: none, random, pooling, cls, hired, visionzip, prumerge+, "
+            "globalcom2, divprune, vispruner",
+        ),
         ("hired", {"alpha": 1.5}, "alpha must be between 0.0 and 1.0, got 1.5"),
         ("hired", {"alpha": math.nan}, "alpha must be between"),
         ("hired", {"alpha": "high"}, "alpha must be a number"),
@@ -235,5 +245,5 @@ def test_hired_teaches_its_content_map():
     ],
 )
 def test_unknown_methods_and_bad_settings_are_refused(name, settings, message):
-    with pytest.raises(ExplorerError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ExplorerError, match=re.escape(message)):
         make(name, **settings)

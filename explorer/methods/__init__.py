@@ -16,9 +16,17 @@ from .hired import HiRED
 from .none import NoReduction
 from .pooling import Pooling
 from .random import Random
+from .visionzip import VisionZip
 
 KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
-METHODS = {"none": NoReduction, "random": Random, "pooling": Pooling, "cls": CLS, "hired": HiRED}
+METHODS = {
+    "none": NoReduction,
+    "random": Random,
+    "pooling": Pooling,
+    "cls": CLS,
+    "hired": HiRED,
+    "visionzip": VisionZip,
+}
 
 
 def make(name: str, **settings):
