@@ -15,6 +15,7 @@ from .cls import CLS
 from .hired import HiRED
 from .none import NoReduction
 from .pooling import Pooling
+from .prumerge import PruMergePlus
 from .random import Random
 from .visionzip import VisionZip
 
@@ -26,6 +27,7 @@ METHODS = {
     "cls": CLS,
     "hired": HiRED,
     "visionzip": VisionZip,
+    "prumerge+": PruMergePlus,
 }
 
 
