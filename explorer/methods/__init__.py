@@ -12,6 +12,7 @@ import typing
 
 from ..core import ExplorerError
 from .cls import CLS
+from .globalcom2 import GlobalCom2
 from .hired import HiRED
 from .none import NoReduction
 from .pooling import Pooling
@@ -28,6 +29,7 @@ METHODS = {
     "hired": HiRED,
     "visionzip": VisionZip,
     "prumerge+": PruMergePlus,
+    "globalcom2": GlobalCom2,
 }
 
 
