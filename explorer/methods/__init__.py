@@ -12,6 +12,7 @@ import typing
 
 from ..core import ExplorerError
 from .cls import CLS
+from .divprune import DivPrune
 from .globalcom2 import GlobalCom2
 from .hired import HiRED
 from .none import NoReduction
@@ -30,6 +31,7 @@ METHODS = {
     "visionzip": VisionZip,
     "prumerge+": PruMergePlus,
     "globalcom2": GlobalCom2,
+    "divprune": DivPrune,
 }
 
 
