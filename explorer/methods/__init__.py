@@ -20,6 +20,7 @@ from .pooling import Pooling
 from .prumerge import PruMergePlus
 from .random import Random
 from .visionzip import VisionZip
+from .vispruner import VisPruner
 
 KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
 METHODS = {
@@ -32,6 +33,7 @@ METHODS = {
     "prumerge+": PruMergePlus,
     "globalcom2": GlobalCom2,
     "divprune": DivPrune,
+    "vispruner": VisPruner,
 }
 
 

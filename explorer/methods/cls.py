@@ -2,7 +2,8 @@
 You Need for Training-Free Visual Token Pruning: Make VLM Inference Faster", arXiv 2412.01818).
 
 In each partition, keep the tokens the vision encoder's [CLS] token attends to most at the feature
-layer (the layer whose output the LLM receives), heads summed.
+layer (the layer whose output the LLM receives, the penultimate in llava-hf 1.6), heads summed (the
+paper averages them: the same ranking). Its successor is VisPruner (`vispruner`).
 
 Differs from the paper: FasterVLM keeps the same count in every crop and every newline on top;
 here the budget, newlines included, is split over the partitions in proportion to their sizes, and

@@ -1,0 +1,76 @@
+"""VisPruner (Zhang et al., "Beyond Text-Visual Attention: Exploiting Visual Cues for
+Effective Token Pruning in VLMs", ICCV 2025, arXiv 2412.01818 v2, github.com/Theia-4869/VisPruner;
+the successor of FasterVLM, `cls`).
+
+In every partition, of its share T of the budget:
+1. important tokens: the top floor(important * T) by [CLS] attention of the feature layer;
+2. diverse tokens: the others, in order of attention, lose their most duplicated members until the
+   rest of T is left: each round splits them alternately into two sets A and B, scores every token
+   of A by its highest cosine similarity to B (encoder outputs of the feature layer), and drops the
+   r = min(8, what is still too many) highest of A.
+
+Differs from the paper: as `cls` (FasterVLM), the budget, newlines included, is split over the
+partitions in proportion to their sizes, and the newline share is spread evenly over the rows, where
+the paper keeps T per crop and every newline on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..core import Selection, Signals, fraction_of
+from .common import by_size, spread, top
+
+
+@dataclass(frozen=True)
+class VisPruner:
+    important: float = field(
+        default=0.5,
+        metadata={
+            "help": "share of each partition's tokens kept by [CLS] attention, the rest by diversity",
+            "range": (0.0, 1.0),
+        },
+    )
+
+    stage: ClassVar[str] = "vision"
+    needs: ClassVar[tuple[str, ...]] = ("cls@feature", "hidden@feature")
+    summary: ClassVar[str] = "VisPruner: top [CLS] tokens, then duplicates removed from the rest, in every crop"
+
+    def select(self, s: Signals) -> Selection:
+        g, scores = s.geometry, s["cls@feature"]
+        x = F.normalize(s["hidden@feature"], dim=-1)  # (N, C)
+        budgets = by_size(g, s.budget)
+        keep, diverse = [], torch.zeros(len(g))
+        for p, (name, k) in enumerate(zip(g.names, budgets)):
+            if name == "newline":
+                keep.append(spread(g, p, k))
+                continue
+            members = g.members(p)
+            ranked = top(scores, members, len(members))  # (M,) by attention
+            n = fraction_of(self.important, k)
+            rest = without_duplicates(x, ranked[n:], k - n)
+            keep += [ranked[:n], rest]
+            diverse[rest] = 1.0
+        return Selection(
+            keep=torch.cat(keep).sort().values,
+            scores=scores,
+            budgets=dict(zip(g.names, budgets)),
+            maps={"diverse": diverse},
+        )
+
+
+def without_duplicates(x: torch.Tensor, tokens: torch.Tensor, k: int, per_round: int = 8) -> torch.Tensor:
+    """The k of `tokens` left after dropping, round after round, the most duplicated (rows of the
+    unit vectors x) as VisPruner does; the order of `tokens` decides the split into A and B."""
+    if k == 0:
+        return tokens[:0]
+    tokens = tokens.to(x.device)
+    while (r := min(per_round, len(tokens) - k)) > 0:
+        a, b = tokens[::2], tokens[1::2]
+        duplication = (x[a] @ x[b].T).max(1).values  # (|A|,)
+        tokens = torch.cat([a[duplication.argsort(descending=True, stable=True)[r:]], b])
+    return tokens.cpu()
