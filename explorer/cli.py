@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep = commands.add_parser("bench", help="time methods x budgets against the unreduced run")
     _model_args(sweep)
     sweep.add_argument("--prompt", default="Describe this image in detail.")
-    sweep.add_argument("--methods", default="cls,hired,random", help="comma-separated (default: cls,hired,random)")
+    every = ",".join(name for name in METHODS if name != "none")
+    sweep.add_argument("--methods", default=every, help="comma-separated (default: every method)")
     sweep.add_argument("--budgets", default="1,0.4,0.2,0.1", help="comma-separated fractions")
     sweep.add_argument("--max-new-tokens", type=int, default=32, help="every run generates exactly this many")
     sweep.add_argument("--repeats", type=int, default=3, help="measured runs per cell; medians are reported")
@@ -69,7 +70,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 def _methods() -> int:
     for name, method in METHODS.items():
         defaults = ", ".join(f"{k}={v}" for k, v in vars(method()).items())
-        print(f"{name:8} {method.summary}" + (f"  [{defaults}]" if defaults else ""))
+        print(f"{name:10} {method.summary}" + (f"  [{defaults}]" if defaults else ""))
     return 0
 
 
@@ -110,7 +111,8 @@ def _summary(result) -> str:
     decode = timing["decode_tokens_per_s"]
     return "\n".join(
         [
-            f"{result.model}{weights}: {result.method} ({settings or 'no settings'}), budget {result.budget or 'none'}",
+            f"{result.model}{weights}: {result.method} ({settings or 'no settings'}), "
+            f"budget {result.budget or ('adaptive' if tok['adaptive'] else 'none')}",
             f"visual tokens kept {tok['visual_kept']} of {tok['visual_full']} ({parts}); text {tok['text']}; generated {tok['generated']}",
             f"first token {timing['ttft_s']:.3f} s | prefill {timing['prefill_s']:.3f} s | "
             f"decode {f'{decode:.1f} tok/s' if decode else '-'} | total {timing['total_s']:.3f} s | selection {timing['selection_s'] * 1e3:.2f} ms",

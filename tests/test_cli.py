@@ -85,8 +85,20 @@ def test_run_streams_the_answer_then_a_summary(capsys, image):
 def test_methods_lists_every_method_with_its_settings(capsys):
     code, out, _ = cli(capsys, "methods")
     assert code == 0
-    assert [line.split()[0] for line in out.splitlines()] == ["none", "random", "pooling", "cls", "hired"]
+    assert [line.split()[0] for line in out.splitlines()] == [
+        "none",
+        "random",
+        "pooling",
+        "cls",
+        "hired",
+        "visionzip",
+        "prumerge+",
+        "globalcom2",
+        "divprune",
+        "vispruner",
+    ]
     assert "[alpha=0.5, paper_code=False]" in out and "FasterVLM" in out
+    assert "[adaptive=False, spatial=0.75, neighbours=32]" in out and "[contextual=0.15625]" in out
 
 
 def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
@@ -122,6 +134,36 @@ def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
         ("random", "0.2", "468"),
     ]
     assert float(rows[0]["ttft_ratio"]) == 1.0 and all(float(r["ttft_s"]) > 0 for r in rows)
+
+
+def test_bench_runs_every_method_by_default(capsys, image, tmp_path):
+    csv_path = tmp_path / "bench.csv"
+    args = ["--image", image, "--budgets", "0.1", "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2"]
+    code, out, _ = cli(capsys, "bench", *TINY, *args, "--csv", str(csv_path))
+    assert code == 0
+    rows = list(csv.DictReader(csv_path.open()))
+    names = [
+        "none",
+        "random",
+        "pooling",
+        "cls",
+        "hired",
+        "visionzip",
+        "prumerge+",
+        "globalcom2",
+        "divprune",
+        "vispruner",
+    ]
+    assert [r["method"] for r in rows] == names
+    assert [line.split()[0] for line in out.splitlines()[1 : 1 + len(names)]] == names
+    assert all(r["visual_kept"] == "234" for r in rows[1:])
+
+
+def test_run_labels_an_adaptive_count(capsys, image):
+    args = ["--image", image, "--prompt", "What?", "--method", "prumerge+", "--set", "adaptive=true"]
+    code, out, err = cli(capsys, "run", *TINY, *args, "--max-new-tokens", "2")
+    assert code == 0 and err == ""
+    assert "prumerge+ (adaptive=True, spatial=0.75, neighbours=32), budget adaptive" in out
 
 
 @pytest.mark.parametrize(
