@@ -52,7 +52,8 @@ class VisPruner:
             members = g.members(p)
             ranked = top(scores, members, len(members))  # (M,) by attention
             n = fraction_of(self.important, k)
-            rest = without_duplicates(x, ranked[n:], k - n)
+            local = x[ranked.to(x.device)]  # (M, C) in order of attention
+            rest = ranked[without_duplicates(local @ local.T, k - n, start=n)]
             keep += [ranked[:n], rest]
             diverse[rest] = 1.0
         return Selection(
@@ -63,14 +64,14 @@ class VisPruner:
         )
 
 
-def without_duplicates(x: torch.Tensor, tokens: torch.Tensor, k: int, per_round: int = 8) -> torch.Tensor:
-    """The k of `tokens` left after dropping, round after round, the most duplicated (rows of the
-    unit vectors x) as VisPruner does; the order of `tokens` decides the split into A and B."""
+def without_duplicates(similarity: torch.Tensor, k: int, start: int = 0, per_round: int = 8) -> torch.Tensor:
+    """The k of tokens start, start + 1, ... (rows of the (M, M) cosine `similarity`, in this order)
+    left after dropping, round after round, the most duplicated, as VisPruner does."""
+    tokens = torch.arange(start, len(similarity), device=similarity.device)
     if k == 0:
-        return tokens[:0]
-    tokens = tokens.to(x.device)
+        return tokens[:0].cpu()
     while (r := min(per_round, len(tokens) - k)) > 0:
         a, b = tokens[::2], tokens[1::2]
-        duplication = (x[a] @ x[b].T).max(1).values  # (|A|,)
+        duplication = similarity[a[:, None], b].max(1).values  # (|A|,)
         tokens = torch.cat([a[duplication.argsort(descending=True, stable=True)[r:]], b])
     return tokens.cpu()
