@@ -16,6 +16,7 @@ from explorer.cli import main
 
 ROOT = Path(__file__).parent.parent
 TINY = ["--model", "tiny-llava-next"]
+EVERY = "none random pooling cls hired visionzip prumerge+ globalcom2 divprune vispruner".split()
 
 
 @pytest.fixture(scope="module")
@@ -85,18 +86,7 @@ def test_run_streams_the_answer_then_a_summary(capsys, image):
 def test_methods_lists_every_method_with_its_settings(capsys):
     code, out, _ = cli(capsys, "methods")
     assert code == 0
-    assert [line.split()[0] for line in out.splitlines()] == [
-        "none",
-        "random",
-        "pooling",
-        "cls",
-        "hired",
-        "visionzip",
-        "prumerge+",
-        "globalcom2",
-        "divprune",
-        "vispruner",
-    ]
+    assert [line.split()[0] for line in out.splitlines()] == EVERY
     assert "[alpha=0.5, paper_code=False]" in out and "FasterVLM" in out
     assert "[adaptive=False, spatial=0.75, neighbours=32]" in out and "[contextual=0.15625]" in out
 
@@ -142,20 +132,8 @@ def test_bench_runs_every_method_by_default(capsys, image, tmp_path):
     code, out, _ = cli(capsys, "bench", *TINY, *args, "--csv", str(csv_path))
     assert code == 0
     rows = list(csv.DictReader(csv_path.open()))
-    names = [
-        "none",
-        "random",
-        "pooling",
-        "cls",
-        "hired",
-        "visionzip",
-        "prumerge+",
-        "globalcom2",
-        "divprune",
-        "vispruner",
-    ]
-    assert [r["method"] for r in rows] == names
-    assert [line.split()[0] for line in out.splitlines()[1 : 1 + len(names)]] == names
+    assert [r["method"] for r in rows] == EVERY
+    assert [line.split()[0] for line in out.splitlines()[1 : 1 + len(EVERY)]] == EVERY
     assert all(r["visual_kept"] == "234" for r in rows[1:])
 
 
