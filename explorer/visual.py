@@ -234,13 +234,20 @@ STAGES = {
 }
 
 
+SIGNALS = {  # what each kind of signal is, in plain words (see `explorer.Signals`)
+    "cls": "the [CLS] token's attention to each patch",
+    "cls-onehead": "the [CLS] token's attention to each patch, with the heads joined into one",
+    "cls-logits": "the [CLS] token's attention scores for each patch, before the softmax",
+    "keys": "the attention keys of each patch",
+    "hidden": "the vision encoder's output for each patch",
+}
+
+
 def signal_name(signal: str) -> str:
     kind, _, layer = signal.partition("@")
-    where = "the feature layer (whose output the LLM receives)" if layer == "feature" else f"vision layer {layer}"
-    if kind == "cls":
-        return f"the [CLS] token's attention to each patch at {where}"
-    if kind == "keys":
-        return f"the attention keys of each patch at {where}"
+    where = {"feature": "the feature layer (whose output the LLM receives)", "last": "the last vision layer"}
+    if kind in SIGNALS:
+        return f"{SIGNALS[kind]} at {where.get(layer, f'vision layer {layer}')}"
     return {"features": "the projected features the LLM receives"}.get(signal, signal)
 
 

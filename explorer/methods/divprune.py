@@ -31,14 +31,15 @@ class DivPrune:
     summary: ClassVar[str] = "DivPrune: the most diverse tokens, greedy max-min cosine distance over the image"
 
     def select(self, s: Signals) -> Selection:
-        picked = max_min_diverse(s["features"], s.budget)  # (B,) in the order picked
-        order = torch.full((len(s.geometry),), torch.nan)
-        order[picked] = torch.arange(len(picked), dtype=torch.float)
-        return Selection(keep=picked.sort().values, maps={"pick order": order})
+        picked, distance = max_min_diverse(s["features"], s.budget)  # (B,) in the order picked, (N,)
+        early = torch.full((len(s.geometry),), torch.nan)
+        early[picked] = 1 - torch.arange(len(picked), dtype=torch.float) / len(picked)  # 1 for the first
+        return Selection(keep=picked.sort().values, maps={"picked early": early, "distance to kept": distance})
 
 
-def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
-    """(k,) indices of rows of `features` (N, D), greedily chosen to be far apart in cosine distance."""
+def max_min_diverse(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k,) indices of rows of `features` (N, D), greedily chosen to be far apart in cosine distance,
+    and (N,) each row's cosine distance to the nearest chosen one."""
     x = F.normalize(features.float(), dim=-1)  # (N, D)
     distance = 1 - x @ x.T  # (N, N)
     picked = torch.empty(k, dtype=torch.long, device=x.device)
@@ -49,4 +50,4 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
     for t in range(1, k):
         picked[t] = to_set.argmax()
         to_set = torch.minimum(to_set, distance.index_select(0, picked[t : t + 1])[0])
-    return picked.cpu()
+    return picked.cpu(), to_set.clamp(min=0).cpu()

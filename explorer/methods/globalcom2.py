@@ -36,7 +36,7 @@ from .common import allocate, located, spread, top
 class GlobalCom2:
     temperature: float = field(
         default=10.0,
-        metadata={"help": "softmax temperature that turns crop importance into retention", "range": (0.01, 1000.0)},
+        metadata={"help": "softmax temperature that turns crop importance into retention", "range": (1.0, 100.0)},
     )
 
     stage: ClassVar[str] = "vision"
