@@ -182,7 +182,8 @@ def budget_figure(result):
         )
     figure.update_layout(
         barmode="group",
-        title=f"{result.method}: {result.tokens['visual_kept']} of {result.tokens['visual_full']} visual tokens kept",
+        title=f"{result.method}: {result.tokens['visual_kept']} of {result.tokens['visual_full']} visual tokens kept"
+        + (" (adaptive: the method chose how many)" if result.tokens.get("adaptive") else ""),
         yaxis_title="visual tokens",
         yaxis2=dict(overlaying="y", side="right", title=", ".join(result.selection.stats), showgrid=False),
         legend=dict(orientation="h", y=-0.2),

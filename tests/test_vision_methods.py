@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import photo, toy_geometry
 from test_methods import random_signals
 
-from explorer import METHODS, Signals, make, run
+from explorer import METHODS, ExplorerError, Signals, make, run
+from explorer import visual as vis
 from explorer.core import Geometry
 
 PROMPT = "What is shown in this image?"
@@ -385,13 +386,12 @@ def test_prumerge_adaptive_reports_its_own_count_and_no_budget(backend):
     assert result.budget is None and result.tokens["adaptive"] is True and result.tokens["visual_budget"] is None
     assert result.tokens["visual_kept"] == sum(counts["outliers"].values()) + sum(counts["spatial"].values())
     assert result.to_json()["budget"] is None and result.settings["adaptive"] is True
+    assert "(adaptive: the method chose how many)" in vis.budget_figure(result).layout.title.text
     fixed = run(backend, photo(640, 480), PROMPT, "prumerge+", 0.2, max_new_tokens=1)
     assert fixed.tokens["adaptive"] is False and fixed.tokens["visual_kept"] == fixed.tokens["visual_budget"] == 468
 
 
 def test_a_backend_names_the_signal_it_cannot_give(backend):
-    from explorer import ExplorerError
-
     prepared = backend.prepare(photo(64, 64), PROMPT)
     with pytest.raises(ExplorerError, match="cannot give the signal 'values@feature'; it gives features, cls@"):
         backend.encode(prepared, ("values@feature",))
@@ -400,8 +400,6 @@ def test_a_backend_names_the_signal_it_cannot_give(backend):
 
 
 def test_the_app_says_in_words_what_each_new_method_reads():
-    from explorer import visual as vis
-
     for name in NEW:
         text = vis.explain(name)
         assert "Differs from the paper" in text and "@" not in text, (name, text)
