@@ -155,18 +155,22 @@ class LlavaNext:
         """(N, D) features in which every kept token that absorbs others carries the projection of
         its mix of encoder outputs, sum_j weights[k, j] * hidden_j (`Selection.weights`), as VisionZip
         and PruMerge merge: before the projector, whose MLP would not commute with the mean."""
-        keep, weights = selection.keep, selection.weights  # (K,), (K, N)
-        itself = weights[torch.arange(len(keep), device=weights.device), keep.to(weights.device)]  # (K,)
-        mixing = (itself != 1) | (weights.count_nonzero(1) > 1)  # (K,) kept tokens that carry more than themselves
+        keep, weights = selection.keep, selection.weights.coalesce()  # (K,), sparse (K, N) on the CPU
+        (rows, columns), values = weights.indices(), weights.values()  # (E,) each
+        alone = (columns == keep[rows]) & (values == 1)  # a kept token carrying itself, unchanged
+        mixing = torch.zeros(len(keep), dtype=torch.bool).index_fill_(0, rows[~alone], True)  # (K,)
         if not mixing.any():
             return features
         if "hidden@feature" not in signals:
             raise ExplorerError("a method that merges tokens must ask for the signal hidden@feature")
         hidden = signals["hidden@feature"].nan_to_num(0.0)  # (N, C); newlines have no encoder output
-        mixed = weights[mixing].to(hidden) @ hidden  # (M, C)
+        used = mixing[rows]  # (E,) the entries of the mixing rows
+        device = hidden.device
+        terms = values[used].to(hidden)[:, None] * hidden[columns[used].to(device)]  # (E', C)
+        mixed = torch.zeros(len(keep), hidden.shape[1], device=device).index_add_(0, rows[used].to(device), terms)
         projector = self.model.model.multi_modal_projector
         merged = features.clone()
-        merged[keep[mixing.cpu()].to(merged.device)] = projector(mixed.to(features.dtype)).to(merged.dtype)
+        merged[keep[mixing].to(merged.device)] = projector(mixed[mixing.to(device)].to(features.dtype)).to(merged.dtype)
         return merged
 
     def generate_inputs(self, prepared: Prepared, features: torch.Tensor, keep: torch.Tensor) -> dict:

@@ -79,9 +79,9 @@ class Selection:
     # (N,) long, for merging methods: the token (index into N) each token was merged into; kept tokens
     # point at themselves, tokens dropped without merging are -1
     groups: torch.Tensor | None = None
-    # (K, N) float, for merging methods: kept token keep[k] reaches the LLM as the projection of
-    # sum_j weights[k, j] * hidden_j, hidden = the "hidden@feature" signal (which such a method asks for);
-    # None: every kept token as it is
+    # (K, N) sparse float on the CPU, for merging methods: kept token keep[k] reaches the LLM as the
+    # projection of sum_j weights[k, j] * hidden_j, hidden = the "hidden@feature" signal (which such a
+    # method asks for); None: every kept token as it is
     weights: torch.Tensor | None = None
     budgets: dict[str, int] = field(default_factory=dict)  # partition name -> its budget
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # intermediate (N,) maps worth teaching

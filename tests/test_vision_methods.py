@@ -3,6 +3,7 @@ one's defining property on synthetic signals, answers checked by hand, then end 
 LLaVA-NeXT: the signals against stock transformers, merged features, budgets and answers."""
 
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -69,7 +70,8 @@ def test_visionzip_groups_and_merge_weights_by_hand():
     assert kept_in(selection, toy_geometry(), BASE).tolist() == [0, 1, 2, 3, 4, 5, 7, 9, 11]
     joined = {t: selection.groups[t].item() for t in (6, 8, 10, 12, 13, 14, 15)}
     assert joined == {6: 11, 8: 11, 10: 11, 12: 5, 13: 5, 14: 9, 15: 9}
-    row = {t: selection.weights[selection.keep.tolist().index(t)] for t in (0, 5, 7, 9, 11)}
+    weights = selection.weights.to_dense()
+    row = {t: weights[selection.keep.tolist().index(t)] for t in (0, 5, 7, 9, 11)}
     assert row[0].nonzero()[:, 0].tolist() == [0] and row[7].nonzero()[:, 0].tolist() == [7]  # alone
     assert {i: round(w.item(), 4) for i, w in enumerate(row[11]) if w} == {6: 0.3333, 8: 0.3333, 10: 0.3333, 11: 1.0}
     assert {i: w.item() for i, w in enumerate(row[5]) if w} == {5: 1.0, 12: 0.5, 13: 0.5}
@@ -129,16 +131,17 @@ def test_prumerge_kept_tokens_absorb_their_most_similar_dropped_tokens_weighted_
     selection = make("prumerge+", neighbours=3).select(s)
     g, attention, keep = s.geometry, s["cls-onehead@last"], selection.keep
     keys = F.normalize(s["keys@last"].flatten(1), dim=-1)
+    weights = selection.weights.to_dense()  # (K, N)
     for p in range(NEWLINE):
         members, kept = g.members(p), kept_in(selection, g, p)
         dropped = members[~torch.isin(members, kept)]
         for token in kept:
-            row = selection.weights[keep.tolist().index(token)]
+            row = weights[keep.tolist().index(token)]
             nearest = dropped[(keys[dropped] @ keys[token]).argsort(descending=True)[:3]]
             assert set(row.nonzero()[:, 0].tolist()) == {token.item(), *nearest.tolist()}
             assert row[token] == 1 and torch.equal(row[nearest], attention[nearest])
         for token in dropped:  # its group: the most similar of the kept tokens that absorbed it
-            absorbers = kept[selection.weights[torch.searchsorted(keep, kept), token] > 0]
+            absorbers = kept[weights[torch.searchsorted(keep, kept), token] > 0]
             if len(absorbers) == 0:
                 assert selection.groups[token] == -1
             else:
@@ -406,3 +409,13 @@ def test_the_app_says_in_words_what_each_new_method_reads():
     assert "with the heads joined into one at the last vision layer" in vis.explain("prumerge+")
     assert "before the softmax at the last vision layer" in vis.explain("globalcom2")
     assert "the vision encoder's output for each patch at the feature layer" in vis.explain("visionzip")
+
+
+@pytest.mark.parametrize("method", ["visionzip", "prumerge+"])
+def test_a_merging_selection_is_small_and_travels_between_processes(backend, method):
+    selection = run(backend, photo(640, 480), PROMPT, method, 0.2, max_new_tokens=1).selection
+    weights = selection.weights
+    assert weights.is_sparse and weights.device.type == "cpu" and weights.shape == (468, 2340)
+    assert weights._nnz() < 468 * 40  # itself plus at most 32 neighbours per kept token, not K x N
+    copy = pickle.loads(pickle.dumps(selection))
+    assert torch.equal(copy.weights.to_dense(), weights.to_dense()) and torch.equal(copy.groups, selection.groups)

@@ -87,8 +87,11 @@ def located(geometry: Geometry, parts: list[int], tokens: torch.Tensor) -> torch
     return where
 
 
-def carry_themselves(keep: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-    """(K, N) merge weights under which every kept token carries itself alone (see `Selection.weights`)."""
-    weights = torch.zeros(len(keep), n, device=device)
-    weights[torch.arange(len(keep), device=device), keep.to(device)] = 1.0
-    return weights
+def merge_weights(keep: torch.Tensor, n: int, into: torch.Tensor, sources: torch.Tensor, weight: torch.Tensor):
+    """(K, N) sparse merge weights (`Selection.weights`): every kept token carries itself, and kept
+    token `into[i]` (an index into N) also carries `weight[i]` times token `sources[i]`."""
+    rows = torch.cat([torch.arange(len(keep)), torch.searchsorted(keep, into)])
+    columns = torch.cat([keep, sources])
+    values = torch.cat([torch.ones(len(keep)), weight.float()])
+    size = (len(keep), n)
+    return torch.sparse_coo_tensor(torch.stack([rows, columns]), values, size, check_invariants=True).coalesce()

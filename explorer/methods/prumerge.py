@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import Selection, Signals, fraction_of
-from .common import carry_themselves, patches_first, spread, top
+from .common import merge_weights, patches_first, spread, top
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ class PruMergePlus:
         keys = F.normalize(s["keys@last"].flatten(1), dim=-1)  # (N, D), heads joined
         budgets = None if self.adaptive else patches_first(g, s.budget)
         groups = torch.full((len(g),), -1)  # (N,)
-        kept, absorbed, outliers, spaced = [], [], {}, {}
+        nothing = torch.empty(0, dtype=torch.long)
+        kept, into, sources, outliers, spaced = [], [nothing], [nothing], {}, {}
         for p, name in enumerate(g.names):
             if name == "newline":
                 kept.append(spread(g, p, 0 if budgets is None else budgets[p]))
@@ -71,15 +72,14 @@ class PruMergePlus:
             dropped = members[~torch.isin(members, mine)]  # (M - K_p,)
             kept.append(mine)
             if min(self.neighbours, len(dropped), len(mine)) > 0:
-                sources, owner = absorb(keys, mine, dropped, min(self.neighbours, len(dropped)))
-                absorbed.append((mine, sources))
+                nearest, owner = absorb(keys, mine, dropped, min(self.neighbours, len(dropped)))  # (K_p, m)
+                into.append(mine.repeat_interleave(nearest.shape[1]))
+                sources.append(nearest.flatten())
                 groups[dropped[owner >= 0]] = mine[owner[owner >= 0]]
         keep = torch.cat(kept).sort().values  # (K,)
         groups[keep] = keep
-        weights = carry_themselves(keep, len(g), keys.device)  # (K, N)
-        for mine, sources in absorbed:  # x_k + sum_j attention_j * x_j
-            rows = torch.searchsorted(keep, mine)[:, None].expand_as(sources)  # (K_p, m)
-            weights[rows.to(keys.device), sources.to(keys.device)] = attention[sources].to(keys.device)
+        into, sources = torch.cat(into), torch.cat(sources)
+        weights = merge_weights(keep, len(g), into, sources, attention[sources])  # x_k + sum_j attention_j * x_j
         return Selection(
             keep=keep,
             scores=attention,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import Selection, Signals, fraction_of
-from .common import carry_themselves, patches_first, spread, top
+from .common import merge_weights, patches_first, spread, top
 
 
 @dataclass(frozen=True)
@@ -70,17 +70,14 @@ class VisionZip:
             keep=keep,
             scores=scores,
             groups=groups,
-            weights=plus_mean_of_joined(groups, keep, keys.device),
+            weights=plus_mean_of_joined(groups, keep),
             budgets=dict(zip(g.names, budgets)),
             maps={"contextual": contextual},
         )
 
 
-def plus_mean_of_joined(groups: torch.Tensor, keep: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(K, N) weights: each kept token carries itself plus the mean of the tokens that joined it."""
-    weights = carry_themselves(keep, len(groups), device)
+def plus_mean_of_joined(groups: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(K, N) sparse weights: each kept token carries itself plus the mean of the tokens that joined it."""
     joined = ((groups >= 0) & (groups != torch.arange(len(groups)))).nonzero()[:, 0]  # (M,)
-    row = torch.searchsorted(keep, groups[joined])  # (M,) the kept token each one joined, as a row
-    share = 1.0 / torch.bincount(row, minlength=len(keep))[row].float()  # (M,)
-    weights[row.to(device), joined.to(device)] = share.to(device)
-    return weights
+    count = torch.bincount(groups[joined], minlength=len(groups))  # (N,) how many joined each token
+    return merge_weights(keep, len(groups), groups[joined], joined, 1.0 / count[groups[joined]])
