@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 import backends
-from explorer import METHODS, ExplorerError, load_image, run, stream
+from explorer import METHODS, ExplorerError, fidelity, load_image, run, stream
 from explorer import visual as vis
 from explorer.core import fraction_of
 from explorer.pipeline import check_request
@@ -43,10 +43,11 @@ EXAMPLES = [  # image, prompt
     ("rocket.jpg", "What is standing on the launch pad?"),
 ]
 UPLOAD_LIMIT = "20mb"  # refused by the server before anything is decoded
+MEMO = 2  # full runs kept per visitor (each with its (T, V) log-probabilities)
 SETTINGS = [(name, f) for name, cls in METHODS.items() for f in dataclasses.fields(cls)]  # every method's settings
 # what `Explorer.explore` updates, in the order the app wires them
 OUTPUTS = ("overlay_0", "overlay_1", "heat_0", "heat_1", "map_choice", "plot", "answer", "full_answer", "table")
-OUTPUTS += ("live", "explanation", "shown", "memo")
+OUTPUTS += ("strip", "live", "explanation", "shown", "memo")
 TABLE = ["", "reduced", "full", "reduced / full"]
 
 
@@ -103,7 +104,7 @@ class Explorer:
             chosen = {f.name: _typed(f, v) for (m, f), v in zip(SETTINGS, settings) if m == method}
             n = int(max_new_tokens)
             key = (_digest(path), prompt, n)
-            full = memo.get(key) if compare else None
+            full, full_lp = memo.get(key, (None, None)) if compare else (None, None)
             loading = "loading the model (once)… " if self._backend is None else ""
             yield {"answer": "", "full_answer": full.answer if full else "", "live": f"{loading}running the method…"}
             backend = self.backend()
@@ -116,21 +117,26 @@ class Explorer:
             reduced = r
             pics, looks = pictures(picture, reduced)
             yield {**restyled(pics, looks), "explanation": vis.explain(method), "shown": (picture, reduced)}
-            if compare and full is None:
-                for full in stream(backend, picture, prompt, "none", 1.0, max_new_tokens=n):
-                    if full.done or time.monotonic() - last > 0.1:
-                        last = time.monotonic()
-                        yield {
-                            "full_answer": full.answer,
-                            "table": vis.metrics(reduced, full),
-                            "live": _speed("full", full),
-                        }
-                memo = {**memo, key: full}
+            drift, strip = None, ""
+            if compare:
+                if full is None:
+                    for full in stream(backend, picture, prompt, "none", 1.0, max_new_tokens=n):
+                        if full.done or time.monotonic() - last > 0.1:
+                            last = time.monotonic()
+                            table = vis.metrics(reduced, full)
+                            yield {"full_answer": full.answer, "table": table, "live": _speed("full", full)}
+                    full_lp = fidelity.logprobs(backend, picture, prompt, full.answer_ids)
+                    memo = dict(list({**memo, key: (full, full_lp)}.items())[-MEMO:])
+                # the full answer scored under the reduced model: one more forward pass, not timed
+                mine = fidelity.logprobs(backend, picture, prompt, full.answer_ids, method, budget / 100, chosen)
+                drift = fidelity.drift(mine, full_lp, full.answer_ids)
+                strip = vis.strip([backend.tokenizer.decode([t]) for t in full.answer_ids], drift)
             yield {  # everything, so an API call's result is complete
                 **pics,
                 "answer": reduced.answer,
                 "full_answer": full.answer if full else "",
-                "table": vis.metrics(reduced, full),
+                "strip": strip,
+                "table": vis.metrics(reduced, full, drift),
                 "live": _speed("reduced", reduced) + (f" · {_speed('full', full)}" if full else ""),
                 "explanation": vis.explain(method),
                 "shown": (picture, reduced),
@@ -292,6 +298,7 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
                 with gr.Row():
                     c["answer"] = gr.Textbox(label="Reduced answer", lines=5, interactive=False)
                     c["full_answer"] = gr.Textbox(label="Full answer", lines=5, interactive=False)
+                c["strip"] = gr.HTML()
                 c["live"] = gr.Markdown()
                 c["table"] = gr.Dataframe(headers=TABLE, interactive=False, wrap=True)
                 c["explanation"] = gr.Markdown(vis.explain("hired"))

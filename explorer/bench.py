@@ -9,11 +9,13 @@ from __future__ import annotations
 import csv
 import statistics
 
+from . import fidelity
 from .core import Budget
 from .pipeline import run
 
 TIMES = ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_s", "selection_s")
-COLUMNS = ("method", "budget", "visual_kept", "visual_full", *TIMES, "peak_bytes", "ttft_ratio", "peak_ratio")
+DRIFT = ("logprob_diff", "kl", "first_divergence")  # on the unreduced run's answer, see fidelity.drift
+COLUMNS = ("method", "budget", "visual_kept", "visual_full", *TIMES, "peak_bytes", "ttft_ratio", "peak_ratio", *DRIFT)
 
 
 def sweep(
@@ -26,7 +28,8 @@ def sweep(
     repeats: int = 3,
     warmup: int = 1,
 ) -> list[dict]:
-    """One row per (method, budget), the unreduced run first; ratios are to the unreduced run."""
+    """One row per (method, budget), the unreduced run first; ratios and drift are to the unreduced run."""
+    reference = {}  # the unreduced answer and its log-probabilities
 
     def cell(method: str, budget: Budget) -> dict:
         options = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
@@ -37,6 +40,13 @@ def sweep(
             values = [r.timing[key] for r in results if r.timing[key] is not None]
             row[key] = statistics.median(values) if values else None
         row["peak_bytes"] = int(statistics.median(r.memory["peak_bytes"] for r in results))
+        if not reference:
+            answer = results[0].answer_ids
+            reference.update(answer=answer, logprobs=fidelity.logprobs(backend, image, prompt, answer))
+        mine = fidelity.logprobs(backend, image, prompt, reference["answer"], method, budget)
+        row.update(
+            {k: v for k, v in fidelity.drift(mine, reference["logprobs"], reference["answer"]).items() if k in DRIFT}
+        )
         return row
 
     rows = [cell("none", Budget(fraction=1.0))]
@@ -61,6 +71,9 @@ def table(rows: list[dict]) -> str:
         "select ms",
         "peak MiB",
         "x full",
+        "logp diff",
+        "KL",
+        "parts at",
     )
     body = [
         (
@@ -75,6 +88,9 @@ def table(rows: list[dict]) -> str:
             f"{r['selection_s'] * 1e3:.2f}",
             f"{r['peak_bytes'] / 2**20:.0f}",
             f"{r['peak_ratio']:.2f}",
+            f"{r['logprob_diff']:+.3f}",
+            f"{r['kl']:.4f}",
+            "-" if r["first_divergence"] is None else str(r["first_divergence"]),
         )
         for r in rows
     ]

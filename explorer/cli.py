@@ -7,11 +7,11 @@ import json
 import sys
 import typing
 
-from . import bench
+from . import bench, fidelity
 from .core import Budget, ExplorerError
 from .images import load_image
 from .methods import KINDS, METHODS, make
-from .pipeline import check_request, stream
+from .pipeline import check_request, run, stream
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-new-tokens", type=int, default=64)
     run.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a token before giving up")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument(
+        "--fidelity", action="store_true", help="also run the full model and score its answer under the reduced one"
+    )
 
     commands.add_parser("methods", help="list the reduction methods")
 
@@ -96,11 +99,27 @@ def _run(args) -> int:
         if not args.json and text.startswith(shown):
             print(text[len(shown) :], end="", flush=True)
             shown = text
+    drift = _drift(backend, image, args, settings, budget) if args.fidelity else None
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps(result.to_json() | ({"fidelity": drift} if drift else {}), indent=2))
     else:
         print("\n\n" + _summary(result))
+        if drift:
+            first = drift["first_divergence"]
+            print(
+                f"drift on the full answer: log-prob/token {drift['logprob']:.3f} vs {drift['full_logprob']:.3f} "
+                f"({drift['logprob_diff']:+.3f}), KL {drift['kl']:.4f}/token, "
+                f"greedy choices part {'never' if first is None else f'at token {first}'}"
+            )
     return 0
+
+
+def _drift(backend, image, args, settings, budget) -> dict:
+    """The full run's answer scored under the full and the reduced model (`fidelity.drift`)."""
+    full = run(backend, image, args.prompt, "none", max_new_tokens=args.max_new_tokens, timeout_s=args.timeout)
+    theirs = fidelity.logprobs(backend, image, args.prompt, full.answer_ids)
+    mine = fidelity.logprobs(backend, image, args.prompt, full.answer_ids, args.method, budget, settings)
+    return fidelity.drift(mine, theirs, full.answer_ids)
 
 
 def _summary(result) -> str:

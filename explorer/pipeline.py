@@ -67,10 +67,8 @@ def stream(
     min_new_tokens: int = 0,
     timeout_s: float = 300.0,  # longest wait for the next token before the run is stopped
 ) -> Iterator[Result]:
-    chosen = make(method, **(settings or {}))
-    adaptive = getattr(chosen, "adaptive", False)  # it picks its own count: there is no budget to meet
-    budget = budget if isinstance(budget, Budget) else Budget(fraction=budget)
-    budget = budget if getattr(chosen, "budgeted", True) and not adaptive else None  # None: no budget to meet
+    chosen, budget = _method(method, settings, budget)
+    adaptive = getattr(chosen, "adaptive", False)
     check_request(prompt, max_new_tokens, min_new_tokens, timeout_s)
     picture = load_image(image)
     device, model, tokenizer = backend.device, backend.model, backend.tokenizer
@@ -122,6 +120,14 @@ def stream(
             ):
                 yield result(done=False)
         yield result(done=True)
+
+
+def _method(name: str, settings: dict | None, budget: Budget | float):
+    """The method with its settings, and its budget: None when it keeps everything or picks its own count."""
+    chosen = make(name, **(settings or {}))
+    adaptive = getattr(chosen, "adaptive", False)  # it picks its own count: there is no budget to meet
+    budget = budget if isinstance(budget, Budget) else Budget(fraction=budget)
+    return chosen, budget if getattr(chosen, "budgeted", True) and not adaptive else None
 
 
 def _select(backend, picture, prompt, chosen, budget, max_new_tokens):

@@ -8,6 +8,7 @@ numpy and PIL; plotly is imported only when a chart is drawn.
 from __future__ import annotations
 
 import colorsys
+import html
 import inspect
 import math
 
@@ -193,8 +194,9 @@ def budget_figure(result):
     return figure
 
 
-def metrics(reduced, full=None) -> list[list[str]]:
-    """Rows of (what, reduced, full, reduced / full) for the numbers of one or two runs."""
+def metrics(reduced, full=None, drift: dict | None = None) -> list[list[str]]:
+    """Rows of (what, reduced, full, reduced / full) for the numbers of one or two runs, and how far
+    the reduced model drifts on the full answer (`fidelity.drift`)."""
     rows = [
         ("visual tokens", lambda r: r.tokens["visual_kept"], "{:d}"),
         *(
@@ -216,7 +218,34 @@ def metrics(reduced, full=None) -> list[list[str]]:
         a, b = get(reduced), get(full) if full is not None else None
         ratio = f"{a / b:.2f}x" if a is not None and b and what != "selection (s)" else ""
         table.append([what, _format(a, form), _format(b, form), ratio])
+    if drift is not None:
+        first = drift["first_divergence"]
+        table += [
+            ["full answer, log-prob / token", f"{drift['logprob']:.3f}", f"{drift['full_logprob']:.3f}", ""],
+            ["  difference", f"{drift['logprob_diff']:+.3f}", "", ""],
+            ["  KL(full || reduced) / token", f"{drift['kl']:.4f}", "", ""],
+            ["  greedy choices part at token", "never" if first is None else str(first), "", ""],
+        ]
     return table
+
+
+def strip(pieces: list[str], drift: dict) -> str:
+    """HTML: the full answer token by token, each shaded by the KL divergence of the reduced model's
+    next-token distribution from the full model's there, and the first token where they part marked."""
+    kl = drift["per_token"]["kl"]
+    top = max(max(kl, default=0.0), 1e-9)
+    spans = []
+    for i, (piece, value) in enumerate(zip(pieces, kl)):
+        shade = f"rgba(230, 80, 30, {0.85 * value / top:.2f})"
+        mark = "border-left: 3px solid black;" if i == drift["first_divergence"] else ""
+        text = html.escape(piece).replace("\n", "⏎") or "·"
+        spans.append(f'<span title="token {i}: KL {value:.4g}" style="background:{shade};{mark}">{text}</span>')
+    return (
+        "<div style='font-family:monospace;line-height:1.8'>"
+        "<b>Full answer under the reduced model</b> (darker: more disagreement; bar: greedy choices part)<br>"
+        + "".join(spans)
+        + "</div>"
+    )
 
 
 def _mib(n: int | None) -> float | None:

@@ -14,7 +14,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from explorer import load_image, run
+from explorer import fidelity, load_image, run
 from explorer import visual as vis
 from explorer.core import fraction_of
 
@@ -89,12 +89,27 @@ def test_numbers_shown_are_the_librarys(explorer, backend, picture_file):
 
 def test_the_full_run_is_reused_for_the_same_image_and_prompt(explorer, picture_file):
     first, _ = explore(explorer, {"path": picture_file}, budget=40)
-    ((key, full),) = first["memo"].items()
+    ((key, (full, full_logprobs)),) = first["memo"].items()
     again, outputs = explore(explorer, {"path": picture_file}, budget=10, memo=first["memo"])
-    assert again["memo"][key] is full and again["full_answer"] == full.answer
+    assert again["memo"][key][0] is full and again["full_answer"] == full.answer
     assert all(o["full_answer"] == full.answer for o in outputs if "full_answer" in o)  # shown at once
     other, _ = explore(explorer, {"path": picture_file}, prompt="Something else?", memo=first["memo"])
-    assert len(other["memo"]) == 2
+    third, _ = explore(explorer, {"path": picture_file}, prompt="And a third?", memo=other["memo"])
+    assert len(other["memo"]) == 2 and list(third["memo"]) == list(other["memo"])[1:] + [(key[0], "And a third?", 6)]
+
+
+def test_the_drift_from_the_full_answer_is_shown(explorer, backend, picture_file):
+    last, _ = explore(explorer, {"path": picture_file}, method="cls", budget=1)
+    (full, full_logprobs), r = next(iter(last["memo"].values())), last["shown"][1]
+    reduced = fidelity.logprobs(backend, picture_file, "What is this?", full.answer_ids, "cls", 0.01)
+    drift = fidelity.drift(reduced, full_logprobs, full.answer_ids)
+    rows = {row[0].strip(): row[1:3] for row in last["table"]}
+    assert rows["full answer, log-prob / token"] == [f"{drift['logprob']:.3f}", f"{drift['full_logprob']:.3f}"]
+    assert rows["KL(full || reduced) / token"][0] == f"{drift['kl']:.4f}" and drift["kl"] > 0
+    assert last["strip"].count("<span") == len(full.answer_ids) == r.tokens["generated"]
+    kept_all, _ = explore(explorer, {"path": picture_file}, method="none", memo=last["memo"])
+    rows = {row[0].strip(): row[1:3] for row in kept_all["table"]}
+    assert rows["difference"][0] == "+0.000" and rows["greedy choices part at token"][0] == "never"
 
 
 def test_without_compare_only_the_reduced_run_happens(explorer, picture_file):

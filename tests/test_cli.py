@@ -124,6 +124,20 @@ def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
         ("random", "0.2", "468"),
     ]
     assert float(rows[0]["ttft_ratio"]) == 1.0 and all(float(r["ttft_s"]) > 0 for r in rows)
+    # drift on the unreduced answer: none against itself is zero; random at 20% keeps only a fifth
+    assert (rows[0]["logprob_diff"], rows[0]["kl"], rows[0]["first_divergence"]) == ("0.0", "0.0", "")
+    assert float(rows[4]["kl"]) > 0 and lines[0].split()[-5:] == ["logp", "diff", "KL", "parts", "at"]
+
+
+def test_run_with_fidelity_reports_the_drift(capsys, image):
+    args = ["--image", image, "--prompt", "What is it?", "--method", "cls", "--budget", "0.01", "--max-new-tokens", "4"]
+    code, out, _ = cli(capsys, "run", *TINY, *args, "--fidelity", "--json")
+    assert code == 0
+    drift = json.loads(out)["fidelity"]
+    assert drift["kl"] > 0 and len(drift["per_token"]["kl"]) == 4
+    assert abs(drift["logprob_diff"] - (drift["logprob"] - drift["full_logprob"])) < 1e-6
+    code, out, _ = cli(capsys, "run", *TINY, *args, "--fidelity")
+    assert code == 0 and "drift on the full answer: log-prob/token" in out
 
 
 def test_bench_runs_every_method_by_default(capsys, image, tmp_path):

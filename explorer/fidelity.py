@@ -1,0 +1,55 @@
+"""How far a reduced model drifts from the full one on the full model's own answer.
+
+Teacher forcing: the full run's answer A (T tokens) follows the prompt, once as the reduced run
+builds it (only the kept visual tokens) and once as the full run does; one forward pass each gives
+the next-token distribution at every answer position. We compare those: the mean log-probability
+of A under each, the KL divergence from the full distribution to the reduced one at every token,
+and the first token where the two models' greedy choices part. No sampling, no second generation.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .images import load_image
+from .pipeline import _locks, _method, _out_of_memory, _select
+
+
+def logprobs(backend, image: str | Image.Image, prompt: str, answer_ids, method="none", budget=1.0, settings=None):
+    """(T, V) float32 log-probabilities of the next token at each of the T answer positions, under
+    the model as `method` at `budget` reduces it."""
+    chosen, budget = _method(method, settings, budget)
+    picture = load_image(image)
+    with _locks.setdefault(backend.model, threading.Lock()), _out_of_memory(backend.device):
+        _, prepared, features, selection, _ = _select(backend, picture, prompt, chosen, budget, len(answer_ids))
+        inputs = backend.generate_inputs(prepared, features, selection.keep)
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")  # (1, P)
+        answer = torch.tensor([list(answer_ids)], dtype=ids.dtype, device=ids.device)  # (1, T)
+        with torch.inference_mode():
+            logits = backend.model(
+                input_ids=torch.cat([ids, answer], 1),
+                attention_mask=torch.cat([mask, torch.ones_like(answer)], 1),
+                **inputs,
+            ).logits  # (1, P + T, V)
+    start = ids.shape[1] - 1  # the logits at position i predict token i + 1
+    return logits[0, start : start + len(answer_ids)].float().log_softmax(-1).cpu()
+
+
+def drift(reduced: torch.Tensor, full: torch.Tensor, answer_ids) -> dict:
+    """Compare the (T, V) log-probabilities of the reduced and the full model on the answer."""
+    answer = torch.tensor(list(answer_ids))[:, None]  # (T, 1)
+    mine, theirs = reduced.gather(1, answer)[:, 0], full.gather(1, answer)[:, 0]  # (T,) each
+    kl = F.kl_div(reduced, full, log_target=True, reduction="none").sum(-1)  # (T,) KL(full || reduced)
+    parted = (reduced.argmax(-1) != full.argmax(-1)).nonzero()[:, 0]
+    return {
+        "logprob": mine.mean().item(),  # mean log-probability per answer token, reduced model
+        "full_logprob": theirs.mean().item(),  # the same under the full model
+        "logprob_diff": (mine - theirs).mean().item(),
+        "kl": kl.mean().item(),
+        "first_divergence": int(parted[0]) if len(parted) else None,  # answer token index, None if never
+        "per_token": {"logprob": mine.tolist(), "full_logprob": theirs.tolist(), "kl": kl.tolist()},
+    }
