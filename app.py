@@ -19,7 +19,9 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import json
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ import torch
 from PIL import Image
 
 import backends
-from explorer import METHODS, ExplorerError, fidelity, load_image, run, stream
+from explorer import METHODS, Budget, ExplorerError, bench, fidelity, load_image, report, run, stream
 from explorer import visual as vis
 from explorer.core import fraction_of
 from explorer.pipeline import check_request
@@ -49,6 +51,7 @@ SETTINGS = [(name, f) for name, cls in METHODS.items() for f in dataclasses.fiel
 OUTPUTS = ("overlay_0", "overlay_1", "heat_0", "heat_1", "map_choice", "plot", "answer", "full_answer", "table")
 OUTPUTS += ("strip", "live", "explanation", "shown", "memo")
 TABLE = ["", "reduced", "full", "reduced / full"]
+SWEEP = ["method", "budget", "kept/full", "TTFT s", "x full", "peak MiB", "KL", "logp diff", "parts at", "answer"]
 
 
 class Explorer:
@@ -116,7 +119,8 @@ class Explorer:
                     yield {"answer": r.answer, "table": vis.metrics(r, full), "live": _speed("reduced", r)}
             reduced = r
             pics, looks = pictures(picture, reduced)
-            yield {**restyled(pics, looks), "explanation": vis.explain(method), "shown": (picture, reduced)}
+            shown = {"picture": picture, "result": reduced, "full": None, "drift": None}
+            yield {**restyled(pics, looks), "explanation": vis.explain(method), "shown": shown}
             drift, strip = None, ""
             if compare:
                 if full is None:
@@ -139,9 +143,36 @@ class Explorer:
                 "table": vis.metrics(reduced, full, drift),
                 "live": _speed("reduced", reduced) + (f" · {_speed('full', full)}" if full else ""),
                 "explanation": vis.explain(method),
-                "shown": (picture, reduced),
+                "shown": {**shown, "full": full, "drift": drift},
                 "memo": memo,
             }
+        except ExplorerError as error:
+            raise gr.Error(_named(str(error), image)) from None
+
+    def sweep(self, image, prompt, methods, budgets, max_new_tokens, column, cache, progress=gr.Progress()):
+        """Every chosen method at every budget on this image and prompt (one run each, fixed answer
+        length), measured against the unreduced run; cells run before for the same image, prompt and
+        length are reused. Returns the chart, the table, the rows and the cache."""
+        try:
+            check_request(prompt, int(max_new_tokens))
+            if not image:
+                raise ExplorerError("upload an image first, or pick an example")
+            if not methods:
+                raise ExplorerError("pick at least one method to sweep")
+            fractions = _percents(budgets)
+            picture, n = load_image(_path(image)), int(max_new_tokens)
+            key = (_digest(_path(image)), prompt, n)
+            done = dict(cache.get(key, {}))
+            progress(0, desc="loading the model" if self._backend is None else "starting")
+            backend = self.backend()
+
+            def step(i, total, method, budget):
+                progress(i / total, desc=f"{method} at {budget}" if method != "none" else "unreduced run")
+
+            budgets = [Budget(fraction=f) for f in fractions]
+            rows = bench.sweep(backend, picture, prompt, methods, budgets, n, 1, 0, done, step)
+            cache = {**{k: v for k, v in cache.items() if k != key}, key: done}
+            return bench.figure(rows, column), sweep_table(rows), rows, dict(list(cache.items())[-MEMO:])
         except ExplorerError as error:
             raise gr.Error(_named(str(error), image)) from None
 
@@ -150,15 +181,28 @@ class Explorer:
         """What the patch at displayed pixel (x, y) of picture `view` is: partition, cell, score, fate."""
         if not shown:
             return "Run first, then click a patch."
-        _, r = shown
+        r = shown["result"]
         views = list(vis.views(r.geometry).values())
         token = vis.token_at(r.geometry, views[view], x, y) if view < len(views) else None
         return "No visual token there." if token is None else vis.describe(r.geometry, r.selection, token)
 
     @staticmethod
+    def report(shown) -> list[str]:
+        """The shown run as a self-contained HTML page and its JSON, in a new temporary folder."""
+        if not shown:
+            raise gr.Error("run first, then download its report")
+        folder = Path(tempfile.mkdtemp(prefix="token-drop-report-"))
+        name = f"{shown['result'].method}-{shown['result'].tokens['visual_kept']}"
+        page = folder / f"{name}.html"
+        page.write_text(report.page(shown["picture"], shown["result"], shown["full"], shown["drift"]))
+        data = folder / f"{name}.json"
+        data.write_text(json.dumps(report.data(shown["result"], shown["full"], shown["drift"]), indent=2))
+        return [str(page), str(data)]
+
+    @staticmethod
     def remap(which: str, shown) -> dict:
         """The heatmaps redrawn with another of the run's maps."""
-        return restyled(*pictures(*shown, which, heat_only=True)) if shown else {}
+        return restyled(*pictures(shown["picture"], shown["result"], which, heat_only=True)) if shown else {}
 
 
 def pictures(picture, r, which: str = "scores", heat_only: bool = False) -> tuple[dict, dict]:
@@ -189,6 +233,35 @@ def pictures(picture, r, which: str = "scores", heat_only: bool = False) -> tupl
 def restyled(values: dict, looks: dict) -> dict:
     """Values as updates that also set each component's label, visibility or choices."""
     return {name: gr.update(value=value, **looks.get(name, {})) for name, value in values.items()}
+
+
+def sweep_table(rows: list[dict]) -> list[list[str]]:
+    return [
+        [
+            r["method"],
+            r["budget"],
+            f"{r['visual_kept']}/{r['visual_full']}",
+            f"{r['ttft_s']:.3f}",
+            f"{r['ttft_ratio']:.2f}x",
+            f"{r['peak_bytes'] / 2**20:.0f}",
+            f"{r['kl']:.4f}",
+            f"{r['logprob_diff']:+.3f}",
+            "never" if r["first_divergence"] is None else str(r["first_divergence"]),
+            r["answer"],
+        ]
+        for r in rows
+    ]
+
+
+def _percents(text: str) -> list[float]:
+    """Budgets typed as percentages, "100, 40, 20", as fractions."""
+    try:
+        values = [float(part) for part in str(text).replace("%", "").split(",") if part.strip()]
+    except ValueError:
+        raise ExplorerError(f"budgets are percentages separated by commas, like 100,40,20; got {text!r}") from None
+    if not values or not all(0 < v <= 100 for v in values):
+        raise ExplorerError(f"every budget must be a percentage in (0, 100], got {text!r}")
+    return [v / 100 for v in values]
 
 
 def _path(image) -> str:
@@ -231,6 +304,11 @@ def _speed(which: str, r) -> str:
 def gpu_seconds(image, prompt, method, budget, compare, max_new_tokens, *rest) -> int:
     """How long a ZeroGPU slot an explore call asks for: generous for a 7B model at ~10 tokens/s."""
     return min(300, 20 + int(max_new_tokens) * (2 if compare else 1) // 10)
+
+
+def sweep_seconds(image, prompt, methods, budgets, max_new_tokens, *rest) -> int:
+    cells = 1 + len(methods or []) * len(str(budgets).split(","))
+    return min(600, 10 + cells * (5 + int(max_new_tokens) // 10))
 
 
 def control(method: str, f: dataclasses.Field, visible: bool):
@@ -294,6 +372,15 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
                         c["heat_1"] = gr.Image(label="crops: scores", format="png", interactive=False)
                 with gr.Tab("Budget"):
                     c["plot"] = gr.Plot(label="How the budget was spent")
+                with gr.Tab("Sweep"):
+                    with gr.Row():
+                        swept = gr.CheckboxGroup(list(METHODS)[1:], value=["cls", "hired", "random"], label="Methods")
+                        budgets = gr.Textbox("100,60,40,20,10,5", label="Budgets (%)")
+                    with gr.Row():
+                        column = gr.Dropdown([(t, k) for k, t in bench.PLOTS.items()], value="ttft_s", label="Plot")
+                        sweep_go = gr.Button("Run the sweep")
+                    sweep_plot = gr.Plot(label="Against the visual tokens kept")
+                    sweep_rows = gr.Dataframe(headers=SWEEP, interactive=False, wrap=True)
                 picked = gr.Markdown("Click a patch on a picture to see its partition, cell, score and fate.")
                 with gr.Row():
                     c["answer"] = gr.Textbox(label="Reduced answer", lines=5, interactive=False)
@@ -302,6 +389,9 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
                 c["live"] = gr.Markdown()
                 c["table"] = gr.Dataframe(headers=TABLE, interactive=False, wrap=True)
                 c["explanation"] = gr.Markdown(vis.explain("hired"))
+                with gr.Row():
+                    export = gr.Button("Download report", scale=1)
+                    exported = gr.File(label="Report (HTML) and result (JSON)", file_count="multiple", scale=3)
         c["shown"], c["memo"] = gr.State(), gr.State({})
 
         def explore(*args):
@@ -334,6 +424,12 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
             [c["heat_0"], c["heat_1"]],
             api_name="map",
         )
+        export.click(explorer.report, c["shown"], exported, api_name="report")
+        rows, cache = gr.State([]), gr.State({})
+        sweep = GPU(explorer.sweep, duration=sweep_seconds)
+        sweep_inputs = [image, prompt, swept, budgets, max_new_tokens, column, cache]
+        sweep_go.click(sweep, sweep_inputs, [sweep_plot, sweep_rows, rows, cache], api_name="sweep", **gpu)
+        column.change(lambda c, r: bench.figure(r, c) if r else None, [column, rows], sweep_plot, api_name="replot")
         demo.load(explorer.status, None, status, api_name="status")
     return demo.queue(default_concurrency_limit=1, max_size=queue_size)  # a full queue answers "try again"
 

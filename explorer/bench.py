@@ -16,6 +16,7 @@ from .pipeline import run
 TIMES = ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_s", "selection_s")
 DRIFT = ("logprob_diff", "kl", "first_divergence")  # on the unreduced run's answer, see fidelity.drift
 COLUMNS = ("method", "budget", "visual_kept", "visual_full", *TIMES, "peak_bytes", "ttft_ratio", "peak_ratio", *DRIFT)
+COLUMNS += ("answer",)
 
 
 def sweep(
@@ -27,34 +28,82 @@ def sweep(
     max_new_tokens: int = 32,
     repeats: int = 3,
     warmup: int = 1,
+    done: dict | None = None,
+    progress=None,
 ) -> list[dict]:
-    """One row per (method, budget), the unreduced run first; ratios and drift are to the unreduced run."""
+    """One row per (method, budget), the unreduced run first; ratios and drift are to the unreduced run.
+
+    `done` maps (method, budget as text) to rows measured before, which are reused (the app's cache);
+    `progress(i, n, method, budget)` is called before each cell is measured."""
+    done = {} if done is None else done
+    cells = [("none", Budget(fraction=1.0))] + [(m, b) for m in methods if m != "none" for b in budgets]
     reference = {}  # the unreduced answer and its log-probabilities
-
-    def cell(method: str, budget: Budget) -> dict:
-        options = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
-        results = [run(backend, image, prompt, method, budget, **options) for _ in range(warmup + repeats)][warmup:]
-        row = {"method": method, "budget": str(budget) if method != "none" else "-"}
-        row["visual_kept"], row["visual_full"] = results[0].tokens["visual_kept"], results[0].tokens["visual_full"]
-        for key in TIMES:
-            values = [r.timing[key] for r in results if r.timing[key] is not None]
-            row[key] = statistics.median(values) if values else None
-        row["peak_bytes"] = int(statistics.median(r.memory["peak_bytes"] for r in results))
-        if not reference:
-            answer = results[0].answer_ids
-            reference.update(answer=answer, logprobs=fidelity.logprobs(backend, image, prompt, answer))
-        mine = fidelity.logprobs(backend, image, prompt, reference["answer"], method, budget)
-        row.update(
-            {k: v for k, v in fidelity.drift(mine, reference["logprobs"], reference["answer"]).items() if k in DRIFT}
-        )
-        return row
-
-    rows = [cell("none", Budget(fraction=1.0))]
-    rows += [cell(m, b) for m in methods if m != "none" for b in budgets]
+    rows = []
+    for i, (method, budget) in enumerate(cells):
+        key = (method, "-" if method == "none" else str(budget))
+        if key not in done:
+            if progress:
+                progress(i, len(cells), method, budget)
+            done[key] = measure(backend, image, prompt, method, budget, max_new_tokens, repeats, warmup, reference)
+        rows.append(done[key])
     for row in rows:
         row["ttft_ratio"] = row["ttft_s"] / rows[0]["ttft_s"]
         row["peak_ratio"] = row["peak_bytes"] / rows[0]["peak_bytes"]
     return rows
+
+
+def measure(backend, image, prompt, method, budget, max_new_tokens, repeats, warmup, reference: dict) -> dict:
+    """The row of one cell: medians of `repeats` runs after `warmup`, and the drift on the unreduced
+    answer in `reference` (filled by the first call, which must be the unreduced run)."""
+    options = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    results = [run(backend, image, prompt, method, budget, **options) for _ in range(warmup + repeats)][warmup:]
+    row = {"method": method, "budget": str(budget) if method != "none" else "-"}
+    row["visual_kept"], row["visual_full"] = results[0].tokens["visual_kept"], results[0].tokens["visual_full"]
+    for key in TIMES:
+        values = [r.timing[key] for r in results if r.timing[key] is not None]
+        row[key] = statistics.median(values) if values else None
+    row["peak_bytes"] = int(statistics.median(r.memory["peak_bytes"] for r in results))
+    if not reference:
+        answer = results[0].answer_ids
+        reference.update(answer=answer, logprobs=fidelity.logprobs(backend, image, prompt, answer))
+    mine = fidelity.logprobs(backend, image, prompt, reference["answer"], method, budget)
+    row.update(
+        {k: v for k, v in fidelity.drift(mine, reference["logprobs"], reference["answer"]).items() if k in DRIFT}
+    )
+    row["answer"] = results[0].answer
+    return row
+
+
+PLOTS = {  # what a sweep can plot against the kept tokens: column -> axis title
+    "ttft_s": "time to first token (s)",
+    "peak_bytes": "peak memory (bytes)",
+    "kl": "KL(full || reduced) per token on the full answer",
+    "logprob_diff": "log-prob/token of the full answer, reduced - full",
+    "decode_tokens_per_s": "decode (tokens/s)",
+    "prefill_s": "prefill (s)",
+}
+
+
+def figure(rows: list[dict], column: str = "ttft_s"):
+    """A plotly chart of one column against the visual tokens kept: a line per method, the
+    unreduced run as a reference line."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure()
+    reference = next(r for r in rows if r["method"] == "none")
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["visual_kept"])
+        text = [f"budget {r['budget']}" for r in mine]
+        figure.add_scatter(x=[r["visual_kept"] for r in mine], y=[r[column] for r in mine], name=method, text=text)
+    figure.add_hline(y=reference[column], line_dash="dot", annotation_text="unreduced", annotation_position="top left")
+    figure.update_layout(
+        xaxis_title=f"visual tokens kept (of {reference['visual_full']})",
+        yaxis_title=PLOTS.get(column, column),
+        legend=dict(orientation="h", y=-0.25),
+        margin=dict(l=60, r=20, t=30, b=40),
+        height=420,
+    )
+    return figure
 
 
 def table(rows: list[dict]) -> str:

@@ -1,5 +1,7 @@
 """The app: its handlers on the tiny model, the launched app through gradio_client, and a real browser."""
 
+import html
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +54,7 @@ def test_importing_the_app_loads_no_model():
 def test_overlay_dims_dropped_patches_and_leaves_kept_ones_alone(explorer, picture_file):
     last, outputs = explore(explorer, {"path": picture_file})
     original = np.asarray(load_image(picture_file), dtype=np.int16)
-    _, r = last["shown"]
+    r = last["shown"]["result"]
     g, keep = r.geometry, set(r.selection.keep.tolist())
     for i, tokens in enumerate(vis.views(g).values()):
         shown = np.asarray(last[f"overlay_{i}"], dtype=np.int16)
@@ -69,7 +71,7 @@ def test_overlay_dims_dropped_patches_and_leaves_kept_ones_alone(explorer, pictu
 
 def test_numbers_shown_are_the_librarys(explorer, backend, picture_file):
     last, _ = explore(explorer, {"path": picture_file}, method="cls", budget=10)
-    _, r = last["shown"]
+    r = last["shown"]["result"]
     alone = run(backend, picture_file, "What is this?", "cls", 0.1, max_new_tokens=6)
     assert r.tokens == alone.tokens and torch.equal(r.selection.keep, alone.selection.keep)
     assert last["answer"] == alone.answer
@@ -100,7 +102,7 @@ def test_the_full_run_is_reused_for_the_same_image_and_prompt(explorer, picture_
 
 def test_the_drift_from_the_full_answer_is_shown(explorer, backend, picture_file):
     last, _ = explore(explorer, {"path": picture_file}, method="cls", budget=1)
-    (full, full_logprobs), r = next(iter(last["memo"].values())), last["shown"][1]
+    (full, full_logprobs), r = next(iter(last["memo"].values())), last["shown"]["result"]
     reduced = fidelity.logprobs(backend, picture_file, "What is this?", full.answer_ids, "cls", 0.01)
     drift = fidelity.drift(reduced, full_logprobs, full.answer_ids)
     rows = {row[0].strip(): row[1:3] for row in last["table"]}
@@ -120,9 +122,9 @@ def test_without_compare_only_the_reduced_run_happens(explorer, picture_file):
 
 def test_method_settings_reach_the_method(explorer, picture_file):
     last, _ = explore(explorer, picture_file, method="hired", hired_alpha=0.25, compare=False)
-    assert last["shown"][1].settings == {"alpha": 0.25, "paper_code": False}
+    assert last["shown"]["result"].settings == {"alpha": 0.25, "paper_code": False}
     last, _ = explore(explorer, picture_file, method="random", random_seed=7.0, compare=False)  # sliders send floats
-    assert last["shown"][1].settings == {"seed": 7}
+    assert last["shown"]["result"].settings == {"seed": 7}
 
 
 def test_a_method_that_keeps_everything_is_drawn_without_dimming(explorer, picture_file):
@@ -152,7 +154,7 @@ def test_bad_input_is_a_clear_error_and_the_next_run_works(
         explore(explorer, None if image is None else {"path": str(files[image])}, prompt, budget=budget)
     assert str(tmp_path) not in error.value.message  # the server's paths stay private
     last, _ = explore(explorer, {"path": picture_file}, compare=False)
-    assert last["shown"][1].done
+    assert last["shown"]["result"].done
 
 
 def test_out_of_memory_is_reported_and_the_app_recovers(explorer, picture_file, monkeypatch):
@@ -183,7 +185,7 @@ def test_the_budget_is_shown_in_tokens_for_the_image(explorer, backend, picture_
 def test_clicking_a_patch_tells_its_partition_cell_score_and_fate(explorer, picture_file):
     last, _ = explore(explorer, picture_file, method="cls", compare=False)
     shown = last["shown"]
-    r = shown[1]
+    r = shown["result"]
     g, keep = r.geometry, r.selection.keep.tolist()
     for view, tokens in enumerate(vis.views(g).values()):
         for token in (tokens[0].item(), tokens[-1].item(), keep[len(keep) // 2]):
@@ -258,3 +260,51 @@ def test_the_launched_app_through_gradio_client(served, tmp_path):
         assert Image.open(again["overlay_0"]).size == (140, 427)
     finally:
         client.close()
+
+
+def test_a_sweep_equals_single_runs_and_replots_from_its_cache(explorer, backend, picture_file):
+    args = ({"path": picture_file}, "What is this?", ["cls", "random"], "100, 20,5", 3, "kl", {})
+    figure, table, rows, cache = explorer.sweep(*args, progress=lambda *a, **k: None)
+    assert [(r["method"], r["budget"]) for r in rows] == [("none", "-")] + [
+        (m, b) for m in ("cls", "random") for b in ("1", "0.2", "0.05")
+    ]
+    for row in rows:
+        alone = run(
+            backend,
+            picture_file,
+            "What is this?",
+            row["method"],
+            1.0 if row["budget"] == "-" else float(row["budget"]),
+            max_new_tokens=3,
+            min_new_tokens=3,
+        )
+        assert (row["visual_kept"], row["answer"]) == (alone.tokens["visual_kept"], alone.answer)
+    assert [trace.name for trace in figure.data] == ["cls", "random"]
+    assert list(figure.data[0].x) == [107, 428, 2144] and [t[0] for t in table] == [r["method"] for r in rows]
+
+    calls = []
+    hook = backend.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        again = explorer.sweep(*args[:-1], cache, progress=lambda *a, **k: None)  # everything cached
+        assert again[1] == table and not calls
+        replot = app.bench.figure(again[2], "ttft_s")
+        assert [trace.name for trace in replot.data] == ["cls", "random"] and not calls
+    finally:
+        hook.remove()
+    with pytest.raises(gr.Error, match="every budget must be a percentage"):
+        explorer.sweep(
+            {"path": picture_file}, "What is this?", ["cls"], "0,20", 3, "kl", {}, progress=lambda *a, **k: None
+        )
+
+
+def test_the_report_is_a_self_contained_page_and_its_json(explorer, picture_file):
+    last, _ = explore(explorer, {"path": picture_file}, method="hired")
+    page, data = app.Explorer.report(last["shown"])
+    text = Path(page).read_text()
+    assert text.count("data:image/png;base64,") == 4 and "src='http" not in text
+    assert html.escape(last["answer"]) in text and html.escape(last["full_answer"]) in text
+    result = json.loads(Path(data).read_text())
+    assert result["method"] == "hired" and result["full"]["method"] == "none"
+    assert result["fidelity"]["kl"] >= 0 and result["versions"]["transformers"] == "5.23.0"
+    with pytest.raises(gr.Error, match="run first"):
+        app.Explorer.report(None)

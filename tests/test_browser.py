@@ -19,19 +19,43 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def page():
-    demo, url = app.serve(app.Explorer("tiny-llava-next", "cpu"), prevent_thread_lock=True, quiet=True)
+def explorer():
+    return app.Explorer("tiny-llava-next", "cpu")
+
+
+@pytest.fixture(scope="module")
+def browser():
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), args=[*flags, "--disable-component-update"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1300})
-        page.goto(url)
-        yield page
+        yield browser
         browser.close()
-    demo.close()
 
 
-def test_upload_pick_hired_at_20_percent_run_and_see_the_results(page):
+def test_upload_pick_hired_at_20_percent_run_and_see_the_results(browser, explorer):
+    demo, url = app.serve(explorer, prevent_thread_lock=True, quiet=True)
+    page = browser.new_page(viewport={"width": 1500, "height": 1300})
+    page.goto(url)
+    try:
+        see_the_results(page)
+    finally:
+        demo.close()
+
+
+def test_the_exported_report_opens_and_shows_the_overlay_and_the_answer(browser, explorer):
+    settings = [f.default for _, f in app.SETTINGS]
+    *_, last = explorer.explore(str(ROOT / "assets" / "rocket.jpg"), "What is it?", "cls", 20, True, 4, {}, *settings)
+    html, _ = app.Explorer.report(last["shown"])
+    page = browser.new_page()
+    page.goto(Path(html).as_uri())
+    overlay = page.get_by_role("img", name="thumbnail: kept and dropped")
+    expect(overlay).to_be_visible()
+    assert overlay.evaluate("image => [image.naturalWidth, image.naturalHeight]") == [140, 427]
+    expect(page.locator("pre.answer").first).to_have_text(last["answer"])
+    expect(page.get_by_text("visual tokens", exact=True)).to_be_visible()
+
+
+def see_the_results(page):
     expect(page.get_by_text("random weights")).to_be_visible(timeout=120_000)  # the model loaded
     page.locator("input[type=file]").first.set_input_files(str(ROOT / "assets" / "coffee.jpg"))
     expect(page.get_by_text("of 2144 visual tokens (20%)")).to_be_visible(timeout=60_000)
