@@ -176,6 +176,28 @@ class Explorer:
         except ExplorerError as error:
             raise gr.Error(_named(str(error), image)) from None
 
+    def versus(self, image, prompt, method, other, budget, max_new_tokens, *settings):
+        """The chosen method (A, with its settings) and another (B, its defaults) at the same budget:
+        where they agree on the image, their numbers side by side, and their answers."""
+        try:
+            check_request(prompt, int(max_new_tokens))
+            if not image:
+                raise ExplorerError("upload an image first, or pick an example")
+            picture, n = load_image(_path(image)), int(max_new_tokens)
+            chosen = {f.name: _typed(f, v) for (m, f), v in zip(SETTINGS, settings) if m == method}
+            backend = self.backend()
+            a = run(backend, picture, prompt, method, budget / 100, settings=chosen, max_new_tokens=n)
+            b = run(backend, picture, prompt, other, budget / 100, max_new_tokens=n)
+        except ExplorerError as error:
+            raise gr.Error(_named(str(error), image)) from None
+        out = []
+        for name, tokens in list(vis.views(a.geometry).items())[:2]:
+            drawn, counts = vis.agreement(picture, a.geometry, a.selection.keep, b.selection.keep, tokens)
+            label = f"{name}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+            out.append(gr.update(value=drawn, label=label, visible=True))
+        out += [gr.update(value=None, visible=False)] * (2 - len(out))
+        return *out, a.answer, b.answer, vis.metrics(a, b)
+
     @staticmethod
     def click(view: int, shown, x: float, y: float) -> str:
         """What the patch at displayed pixel (x, y) of picture `view` is: partition, cell, score, fate."""
@@ -372,6 +394,20 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
                         c["heat_1"] = gr.Image(label="crops: scores", format="png", interactive=False)
                 with gr.Tab("Budget"):
                     c["plot"] = gr.Plot(label="How the budget was spent")
+                with gr.Tab("Two methods"):
+                    gr.Markdown(
+                        "The method picked on the left (A) against another (B) at the same budget. Kept by both: "
+                        "untouched; only by A: blue; only by B: orange; by neither: dimmed."
+                    )
+                    with gr.Row():
+                        other = gr.Dropdown(list(METHODS), value="cls", label="Method B (default settings)")
+                        versus_go = gr.Button("Compare")
+                    with gr.Row():
+                        both = [gr.Image(label=v, format="png", interactive=False) for v in ("thumbnail", "crops")]
+                    with gr.Row():
+                        answer_a = gr.Textbox(label="Answer A", lines=3, interactive=False)
+                        answer_b = gr.Textbox(label="Answer B", lines=3, interactive=False)
+                    versus_table = gr.Dataframe(headers=["", "A", "B", "A / B"], interactive=False, wrap=True)
                 with gr.Tab("Sweep"):
                     with gr.Row():
                         swept = gr.CheckboxGroup(list(METHODS)[1:], value=["cls", "hired", "random"], label="Methods")
@@ -425,6 +461,10 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
             api_name="map",
         )
         export.click(explorer.report, c["shown"], exported, api_name="report")
+        versus = GPU(explorer.versus, duration=gpu_seconds)
+        versus_inputs = [image, prompt, method, other, budget, max_new_tokens, *controls]
+        versus_outputs = [*both, answer_a, answer_b, versus_table]
+        versus_go.click(versus, versus_inputs, versus_outputs, api_name="versus", preprocess=False, **gpu)
         rows, cache = gr.State([]), gr.State({})
         sweep = GPU(explorer.sweep, duration=sweep_seconds)
         sweep_inputs = [image, prompt, swept, budgets, max_new_tokens, column, cache]

@@ -81,6 +81,33 @@ def overlay(image: Image.Image, g: Geometry, selection: Selection, tokens: torch
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 
 
+ONLY_A, ONLY_B = (40, 110, 255), (255, 140, 0)  # tints for tokens that only one of two methods kept
+
+
+def agreement(image: Image.Image, g: Geometry, keep_a: torch.Tensor, keep_b: torch.Tensor, tokens: torch.Tensor):
+    """Two methods' choices on one picture: kept by both untouched, by one tinted with its colour
+    (ONLY_A, ONLY_B), by neither dimmed. Returns the picture and the four counts."""
+    picture = np.asarray(image.convert("RGB").resize(display_size(g)), dtype=np.float32)
+    label = labels(g, tokens)
+    a, b = np.zeros(len(g) + 1, dtype=bool), np.zeros(len(g) + 1, dtype=bool)
+    a[keep_a.cpu().numpy()], b[keep_b.cpu().numpy()] = True, True
+    covered = label >= 0
+    out = picture.copy()
+    for only, colour in ((a & ~b, ONLY_A), (b & ~a, ONLY_B)):
+        where = covered & only[label]
+        out[where] = 0.45 * out[where] + 0.55 * np.array(colour, dtype=np.float32)
+    neither = covered & ~a[label] & ~b[label]
+    out[neither] *= DIM
+    shown = tokens.numpy()
+    counts = {
+        "both": int((a[shown] & b[shown]).sum()),
+        "only A": int((a[shown] & ~b[shown]).sum()),
+        "only B": int((b[shown] & ~a[shown]).sum()),
+        "neither": int((~a[shown] & ~b[shown]).sum()),
+    }
+    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8)), counts
+
+
 def palette(n: int) -> np.ndarray:
     """(n, 3) float distinct bright colours, the golden-ratio walk around the hue circle."""
     hues = (np.arange(n) * 0.618034) % 1.0

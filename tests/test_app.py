@@ -308,3 +308,32 @@ def test_the_report_is_a_self_contained_page_and_its_json(explorer, picture_file
     assert result["fidelity"]["kl"] >= 0 and result["versions"]["transformers"] == "5.23.0"
     with pytest.raises(gr.Error, match="run first"):
         app.Explorer.report(None)
+
+
+def test_two_methods_side_by_side_show_where_they_agree(explorer, backend, picture_file):
+    settings = [f.default for _, f in app.SETTINGS]
+    *pictures, answer_a, answer_b, table = explorer.versus(
+        picture_file, "What is this?", "hired", "random", 20, 3, *settings
+    )
+    a = run(backend, picture_file, "What is this?", "hired", 0.2, max_new_tokens=3)
+    b = run(backend, picture_file, "What is this?", "random", 0.2, max_new_tokens=3)
+    assert (answer_a, answer_b) == (a.answer, b.answer)
+    original = np.asarray(load_image(picture_file), dtype=int)
+    g, keep_a, keep_b = a.geometry, set(a.selection.keep.tolist()), set(b.selection.keep.tolist())
+    for update, tokens in zip(pictures, vis.views(g).values()):
+        drawn = np.asarray(update["value"], dtype=int)
+        both = keep_a & keep_b & set(tokens.tolist())
+        assert update["label"].split(": ", 1)[1].startswith(f"both {len(both)}, only A ")
+        for token in tokens.tolist()[::7]:
+            x0, y0, x1, y1 = g.boxes[token].round().long().tolist()
+            patch, plain = drawn[y0:y1, x0:x1], original[y0:y1, x0:x1]
+            if token in both:
+                assert (patch == plain).all()
+            elif token in keep_a:  # tinted blue
+                assert patch[..., 2].mean() > patch[..., 0].mean() and not (patch == plain).all()
+            elif token in keep_b:  # tinted orange
+                assert patch[..., 0].mean() > patch[..., 2].mean() and not (patch == plain).all()
+            else:
+                assert patch.mean() < plain.mean()
+    rows = {row[0]: row[1:3] for row in table}
+    assert rows["visual tokens"] == [str(len(keep_a)), str(len(keep_b))]
