@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 import backends
-from explorer import METHODS, Budget, ExplorerError, bench, fidelity, load_image, report, run, stream
+from explorer import METHODS, Budget, ExplorerError, bench, fidelity, load_image, report, run, stream, teach
 from explorer import visual as vis
 from explorer.core import fraction_of
 from explorer.pipeline import check_request
@@ -198,6 +198,20 @@ class Explorer:
         out += [gr.update(value=None, visible=False)] * (2 - len(out))
         return *out, a.answer, b.answer, vis.metrics(a, b)
 
+    def layers(self, image, prompt):
+        """The [CLS] attention of every vision layer and head on this image (one encoder pass)."""
+        try:
+            if not image:
+                raise ExplorerError("upload an image first, or pick an example")
+            picture = load_image(_path(image))
+            geometry, maps = teach.layer_maps(self.backend(), picture, prompt or "Describe the image.")
+        except ExplorerError as error:
+            raise gr.Error(_named(str(error), image)) from None
+        heads = ["all heads, summed"] + [f"head {h}" for h in range(maps.shape[2])]
+        read = {"picture": picture, "geometry": geometry, "maps": maps}
+        layer = gr.update(maximum=len(maps) - 1, value=len(maps) - 1)
+        return read, layer, gr.update(choices=heads, value=heads[0]), *layer_pictures(read, len(maps) - 1, heads[0])
+
     @staticmethod
     def click(view: int, shown, x: float, y: float) -> str:
         """What the patch at displayed pixel (x, y) of picture `view` is: partition, cell, score, fate."""
@@ -255,6 +269,45 @@ def pictures(picture, r, which: str = "scores", heat_only: bool = False) -> tupl
 def restyled(values: dict, looks: dict) -> dict:
     """Values as updates that also set each component's label, visibility or choices."""
     return {name: gr.update(value=value, **looks.get(name, {})) for name, value in values.items()}
+
+
+def layer_pictures(read, layer: int, head: str) -> list:
+    """Heatmaps of one layer's [CLS] attention, one per view."""
+    if not read:
+        return [gr.skip(), gr.skip()]
+    g, h = read["geometry"], None if head.startswith("all") else int(head.split()[-1])
+    out = [
+        gr.update(
+            value=teach.layer_picture(read["picture"], g, read["maps"], int(layer), h, tokens),
+            label=f"{name}: layer {int(layer)}, {head}",
+        )
+        for name, tokens in list(vis.views(g).items())[:2]
+    ]
+    return out + [gr.update(value=None)] * (2 - len(out))
+
+
+def layer_profile(read, view: int, head: str, x: float, y: float):
+    """A plot of the clicked token's [CLS] attention in every layer."""
+    import plotly.graph_objects as go
+
+    if not read:
+        return None, "Read the layers first."
+    g = read["geometry"]
+    tokens = list(vis.views(g).values())
+    token = vis.token_at(g, tokens[view], x, y) if view < len(tokens) else None
+    if token is None:
+        return None, "No visual token there."
+    h = None if head.startswith("all") else int(head.split()[-1])
+    values = teach.token_by_layer(read["maps"], token, h)
+    figure = go.Figure(go.Scatter(x=list(range(len(values))), y=values, mode="lines+markers"))
+    figure.update_layout(
+        xaxis_title="vision layer",
+        yaxis_title=f"[CLS] attention ({head})",
+        height=300,
+        margin=dict(l=60, r=20, t=20, b=40),
+    )
+    row, col = g.cells[token].tolist()
+    return figure, f"token {token}: {g.names[g.partition[token]]}, cell (row {row}, col {col})"
 
 
 def sweep_table(rows: list[dict]) -> list[list[str]]:
@@ -353,6 +406,13 @@ def _on_click(explorer: Explorer, view: int):
     return on_click
 
 
+def _on_profile(view: int):
+    def on_click(read, head, evt: gr.SelectData):
+        return layer_profile(read, view, head, *evt.index)
+
+    return on_click
+
+
 def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
     """The app's layout and wiring around one `Explorer`."""
     with gr.Blocks(title="Token-drop explorer", analytics_enabled=False) as demo:
@@ -394,6 +454,25 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
                         c["heat_1"] = gr.Image(label="crops: scores", format="png", interactive=False)
                 with gr.Tab("Budget"):
                     c["plot"] = gr.Plot(label="How the budget was spent")
+                with gr.Tab("Steps"):
+                    gr.Markdown("What the method saw and did, stage by stage, on the last run.")
+                    steps = gr.Gallery(label="Steps", columns=2, height="auto", object_fit="contain")
+                with gr.Tab("Layers"):
+                    gr.Markdown(
+                        "The [CLS] token's attention to every patch, in any layer of the vision encoder, heads "
+                        "summed or one head. Click a patch to see its attention layer by layer."
+                    )
+                    with gr.Row():
+                        read_go = gr.Button("Read every layer of this image")
+                        layer = gr.Slider(0, 1, value=0, step=1, label="Vision layer")
+                        head = gr.Dropdown(["all heads, summed"], value="all heads, summed", label="Heads")
+                    with gr.Row():
+                        layer_views = [
+                            gr.Image(label=v, format="png", interactive=False) for v in ("thumbnail", "crops")
+                        ]
+                    with gr.Row():
+                        profile = gr.Plot(label="The clicked patch, layer by layer")
+                        profiled = gr.Markdown()
                 with gr.Tab("Two methods"):
                     gr.Markdown(
                         "The method picked on the left (A) against another (B) at the same budget. Kept by both: "
@@ -465,6 +544,21 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
         versus_inputs = [image, prompt, method, other, budget, max_new_tokens, *controls]
         versus_outputs = [*both, answer_a, answer_b, versus_table]
         versus_go.click(versus, versus_inputs, versus_outputs, api_name="versus", preprocess=False, **gpu)
+        running.success(
+            lambda shown: teach.steps(shown["picture"], shown["result"]) if shown else [],
+            c["shown"],
+            steps,
+            api_name="steps",
+        )
+        read = gr.State()
+        layers = GPU(explorer.layers, duration=60)
+        read_go.click(
+            layers, [image, prompt], [read, layer, head, *layer_views], api_name="layers", preprocess=False, **gpu
+        )
+        for control_ in (layer, head):
+            control_.change(layer_pictures, [read, layer, head], layer_views, api_name="layer")
+        for i, picture in enumerate(layer_views):
+            picture.select(_on_profile(i), [read, head], [profile, profiled], api_name=f"profile_{i}")
         rows, cache = gr.State([]), gr.State({})
         sweep = GPU(explorer.sweep, duration=sweep_seconds)
         sweep_inputs = [image, prompt, swept, budgets, max_new_tokens, column, cache]

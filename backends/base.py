@@ -68,7 +68,7 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-ATTENTION = ("cls", "cls-onehead", "cls-logits")  # signal kinds recomputed from a layer's q/k
+ATTENTION = ("cls", "cls-heads", "cls-onehead", "cls-logits")  # signal kinds recomputed from a layer's q/k
 KINDS = (*ATTENTION, "keys", "hidden")  # what `encoder_signals` captures
 
 
@@ -77,12 +77,14 @@ def encoder_signals(layers: torch.nn.ModuleList, wants: dict[int, set[str]]):
     """Capture what methods read from the chosen encoder layers during one forward pass.
 
     `wants` maps a layer to the kinds asked of it: "cls", the [CLS]-to-patch attention, heads summed;
+    "cls-heads", the same per head;
     "cls-onehead", that attention with the heads joined into one over all channels, scaled by
     1/sqrt(channels) (PruMerge's); "cls-logits", the [CLS] row of q.k * scale before the softmax,
     heads averaged (GlobalCom2's); "keys", the layer's key projections; "hidden", the layer's output.
     Attention rows are recomputed from the layer's own q/k projections (hooks on q_proj and k_proj),
     so the encoder keeps running its fast attention kernel. Yields a dict filled during the forward
-    pass: (kind, layer) -> float32 (crops, T-1) for the attention kinds, (crops, T-1, heads, head_dim)
+    pass: (kind, layer) -> float32 (crops, T-1) for the attention kinds ((crops, T-1, heads) for
+    cls-heads), (crops, T-1, heads, head_dim)
     for keys and (crops, T-1, channels) for hidden, the [CLS] token left out and nothing renormalised.
     """
     out: dict[tuple[str, int], torch.Tensor] = {}
@@ -112,8 +114,11 @@ def encoder_signals(layers: torch.nn.ModuleList, wants: dict[int, set[str]]):
             logits = q @ k.transpose(-1, -2) * attn.scale  # (crops, h, 1, T)
             if "cls-logits" in kinds:
                 out["cls-logits", layer] = logits.mean(1)[:, 0, 1:]  # (crops, T-1)
+            rows = torch.softmax(logits, -1)[:, :, 0, 1:]  # (crops, h, T-1)
             if "cls" in kinds:
-                out["cls", layer] = torch.softmax(logits, -1).sum(1)[:, 0, 1:]  # (crops, T-1)
+                out["cls", layer] = rows.sum(1)  # (crops, T-1)
+            if "cls-heads" in kinds:
+                out["cls-heads", layer] = rows.transpose(1, 2)  # (crops, T-1, h)
 
         return hook
 

@@ -34,6 +34,7 @@ class LlavaNext:
         self.encoder = model.model.vision_tower.encoder.layers
         vfl = cfg.vision_feature_layer  # hidden_states index; the layer that makes it is one below
         self.feature_layer = len(self.encoder) + vfl if isinstance(vfl, int) and vfl < 0 else vfl - 1
+        self.vision_layers = len(self.encoder)
         self.max_positions = cfg.text_config.max_position_embeddings
 
     @classmethod

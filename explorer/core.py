@@ -53,6 +53,7 @@ class Signals:
     layer whose output the LLM receives) or "last"; each is in LLM order, NaN where a token has none
     (newlines):
     - "cls@<layer>": the [CLS]-to-patch attention, heads summed, (N,) on the CPU;
+    - "cls-heads@<layer>": the same per head, (N, heads), on the model's device;
     - "cls-onehead@<layer>": the same with the heads joined into one head over all channels (PruMerge);
     - "cls-logits@<layer>": the [CLS] row of q.k * scale before the softmax, heads averaged (GlobalCom2);
     - "keys@<layer>": the keys, (N, heads, head_dim), on the model's device;

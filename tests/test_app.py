@@ -337,3 +337,37 @@ def test_two_methods_side_by_side_show_where_they_agree(explorer, backend, pictu
                 assert patch.mean() < plain.mean()
     rows = {row[0]: row[1:3] for row in table}
     assert rows["visual tokens"] == [str(len(keep_a)), str(len(keep_b))]
+
+
+@pytest.mark.parametrize("method", list(app.METHODS))
+def test_the_steps_render_for_every_method(explorer, picture_file, method):
+    last, _ = explore(explorer, picture_file, method=method, compare=False, n=1)
+    steps = app.teach.steps(last["shown"]["picture"], last["shown"]["result"])
+    assert steps and all(isinstance(image, Image.Image) and caption for image, caption in steps)
+    if method == "none":
+        assert "no steps to show" in steps[0][1]
+    else:
+        assert steps[-1][1].startswith("What reaches the LLM")
+        maps = last["shown"]["result"].selection.maps
+        for name in maps:  # every intermediate map is a step, with its caption
+            assert any(app.teach.CAPTIONS.get(name, f"“{name}”") in caption for _, caption in steps)
+
+
+def test_the_layer_explorer_shows_any_layer_and_head_and_a_patch_by_layer(explorer, backend, picture_file):
+    read, layer, heads, *pictures = explorer.layers({"path": picture_file}, "What is this?")
+    maps = read["maps"]
+    assert (
+        maps.shape == (backend.vision_layers, len(read["geometry"]), 4)
+        and layer["maximum"] == backend.vision_layers - 1
+    )
+    prepared = backend.prepare(load_image(picture_file), "What is this?")
+    _, signals = backend.encode(prepared, ("cls@0", "cls@feature"))
+    torch.testing.assert_close(maps[0].sum(1), signals["cls@0"], equal_nan=True)
+    torch.testing.assert_close(maps[backend.feature_layer].sum(1), signals["cls@feature"], equal_nan=True)
+    assert heads["choices"] == ["all heads, summed", "head 0", "head 1", "head 2", "head 3"]
+    one = app.layer_pictures(read, 0, "head 2")
+    assert one[0]["label"] == "thumbnail: layer 0, head 2" and one[0]["value"].size[0] == 600
+    g = read["geometry"]
+    x0, y0, x1, y1 = g.boxes[5].tolist()
+    figure, text = app.layer_profile(read, 0, "head 1", (x0 + x1) / 2, (y0 + y1) / 2)
+    assert list(figure.data[0].y) == maps[:, 5, 1].tolist() and text.startswith("token 5: base")

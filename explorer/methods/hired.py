@@ -57,7 +57,8 @@ class HiRED:
         keep = [top(feature, base, b_base)] + [top(feature, g.members(p), k) for p, k in zip(crops, shares)]
         content_map = torch.full((len(g),), math.nan)
         content_map[base] = s["cls@0"][base]
-        chosen = torch.zeros(len(g))
+        chosen = torch.full((len(g),), math.nan)  # 1 for the content tokens, 0 for the rest of the thumbnail
+        chosen[base] = 0.0
         chosen[content] = 1.0
         return Selection(
             keep=torch.cat(keep).sort().values,

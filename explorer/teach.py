@@ -1,0 +1,120 @@
+"""Teaching views: what a method saw, step by step, and the [CLS] attention of every vision layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from PIL import Image, ImageDraw
+
+from . import visual as vis
+from .core import ExplorerError, Geometry
+from .images import load_image
+from .methods import METHODS
+
+# what each intermediate map shows, in plain words; a map not here gets a generic caption
+CAPTIONS = {
+    "content": "HiRED, step 1: the [CLS] token's attention to the thumbnail in the first vision layer. "
+    "Early layers attend to where there is something to see, so this map says where the content is.",
+    "content top": "HiRED, step 2: the thumbnail tokens with the most layer-0 attention. Counting how many "
+    "fall inside each crop gives that crop's content score, and so its share of the budget.",
+    "contextual": "VisionZip: after the dominant tokens (top [CLS] attention), a few contextual tokens are "
+    "spread over the rest; every other token is merged into the contextual token whose key it resembles most.",
+    "crop score": "GlobalCom2: each crop token's own attention plus the thumbnail's attention at the same "
+    "place; the crop keeps its top tokens by this score.",
+    "thumbnail guide": "GlobalCom2: the thumbnail's attention, summed over each crop's region, sets how many "
+    "tokens that crop keeps: crops the thumbnail looks at keep more.",
+    "picked early": "DivPrune: the order in which tokens were picked; each new pick is the token farthest "
+    "from everything picked so far, so the kept set covers the image's variety.",
+    "distance to kept": "DivPrune: how far each token is from its nearest kept token at the end.",
+    "diverse": "VisPruner: after the important half, the remaining tokens are chosen by removing "
+    "near-duplicates round by round, so the second half covers what the first missed.",
+}
+
+
+def steps(picture: Image.Image, result) -> list[tuple[Image.Image, str]]:
+    """The run's stages drawn on the image, each with a caption: the method's intermediate maps,
+    where its budget went, the scores it ranked by, its merge groups and what reached the LLM."""
+    g, selection, method = result.geometry, result.selection, METHODS[result.method]
+    if not getattr(method, "budgeted", True):
+        return [(picture, "No reduction: every visual token reaches the LLM, so there are no steps to show.")]
+    views = vis.views(g)
+    shown = []
+    for name, values in selection.maps.items():
+        caption = CAPTIONS.get(name, f"{result.method}: its intermediate map “{name}”.")
+        shown += [
+            (vis.heatmap(picture, g, values, tokens), f"{caption} ({view})") for view, tokens in _having(views, values)
+        ]
+    if selection.budgets:
+        shown.append((budgets(picture, g, selection), _budget_caption(result)))
+    if selection.scores is not None:
+        caption = f"{result.method}: the score it ranks tokens by (brighter is higher); the top ones are kept"
+        shown += [
+            (vis.heatmap(picture, g, selection.scores, t), f"{caption} ({v}).")
+            for v, t in _having(views, selection.scores)
+        ]
+    else:
+        shown.append((picture, f"{result.method} has no per-token score to show: it does not rank tokens."))
+    if selection.groups is not None:
+        caption = "Merge groups: each dropped token tinted with the colour of the kept token it was merged into"
+        shown += [(vis.overlay(picture, g, selection, t), f"{caption} ({v}).") for v, t in views.items()]
+    kept = f"What reaches the LLM: {result.tokens['visual_kept']} of {result.tokens['visual_full']} visual tokens"
+    shown += [
+        (vis.overlay(picture, g, selection, t), f"{kept}; dropped patches dimmed ({v}).") for v, t in views.items()
+    ]
+    return shown
+
+
+def _having(views: dict, values: torch.Tensor):
+    """The views in which some token has a value."""
+    return [(view, tokens) for view, tokens in views.items() if not values[tokens].isnan().all()]
+
+
+def budgets(picture: Image.Image, g: Geometry, selection) -> Image.Image:
+    """The image with every crop's region outlined and labelled with its budget of its tokens."""
+    canvas = picture.convert("RGB").resize(vis.display_size(g))
+    draw = ImageDraw.Draw(canvas)
+    scale = canvas.width / g.image_size[0]
+    sizes = g.sizes()
+    for p, name in enumerate(g.names):
+        box = g.boxes[g.partition == p]
+        if name in ("base", "newline") or not len(box) or torch.isnan(box).all():
+            continue
+        x0, y0 = (box[:, :2].amin(0) * scale).tolist()
+        x1, y1 = (box[:, 2:].amax(0) * scale).tolist()
+        draw.rectangle([x0 + 1, y0 + 1, x1 - 2, y1 - 2], outline=vis.KEPT, width=3)
+        label = f"{name}: {selection.budgets.get(name, 0)} of {sizes[p]}"
+        draw.text((x0 + 6, y0 + 6), label, fill="white", stroke_width=2, stroke_fill="black")
+    return canvas
+
+
+def _budget_caption(result) -> str:
+    budgets = result.selection.budgets
+    text = "Where the budget went: " + ", ".join(f"{k} {v}" for k, v in budgets.items()) + "."
+    for stat, values in result.selection.stats.items():
+        text += f" {stat}: " + ", ".join(f"{k} {v:g}" for k, v in values.items()) + "."
+    return text
+
+
+def layer_maps(backend, image, prompt: str = "Describe the image.") -> tuple[Geometry, torch.Tensor]:
+    """The [CLS] attention of every vision layer, per head: (L, N, heads) float32 on the CPU, in LLM
+    order, NaN for tokens without a patch (newlines). One pass of the vision encoder."""
+    prepared = backend.prepare(load_image(image), prompt)
+    layers = backend.vision_layers
+    with torch.inference_mode():
+        _, signals = backend.encode(prepared, tuple(f"cls-heads@{layer}" for layer in range(layers)))
+    return prepared.geometry, torch.stack([signals[f"cls-heads@{layer}"].float().cpu() for layer in range(layers)])
+
+
+def layer_picture(picture, g: Geometry, maps: torch.Tensor, layer: int, head: int | None, tokens) -> Image.Image:
+    """One layer's [CLS] attention, one head or all heads summed, as a heatmap over `tokens`."""
+    if not 0 <= layer < len(maps) or (head is not None and not 0 <= head < maps.shape[2]):
+        raise ExplorerError(f"layer must be 0..{len(maps) - 1} and head 0..{maps.shape[2] - 1}")
+    values = maps[layer].sum(1) if head is None else maps[layer, :, head]  # (N,)
+    return vis.heatmap(picture, g, values, tokens)
+
+
+def token_by_layer(maps: torch.Tensor, token: int, head: int | None) -> list[float]:
+    """A token's [CLS] attention in every layer (heads summed, or one head)."""
+    values = maps[:, token].sum(1) if head is None else maps[:, token, head]
+    return [math.nan if math.isnan(v) else v for v in values.tolist()]
