@@ -222,7 +222,9 @@ def test_hired_teaches_its_content_map():
     selection = make("hired").select(s)
     content = selection.maps["content"]
     assert torch.equal(content[:16], s["cls@0"][:16]) and content[16:].isnan().all()
-    assert selection.maps["content top"].nonzero()[:, 0].tolist() == sorted(4 * r + c for r, c in SPREAD)
+    top = selection.maps["content top"]
+    assert (top == 1).nonzero()[:, 0].tolist() == sorted(4 * r + c for r, c in SPREAD)
+    assert (top[:16] >= 0).all() and top[16:].isnan().all()  # the thumbnail only
     torch.testing.assert_close(selection.scores, s["cls@feature"], equal_nan=True)
 
 
