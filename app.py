@@ -51,7 +51,7 @@ SETTINGS = [(name, f) for name, cls in METHODS.items() for f in dataclasses.fiel
 OUTPUTS = ("overlay_0", "overlay_1", "heat_0", "heat_1", "map_choice", "plot", "answer", "full_answer", "table")
 OUTPUTS += ("strip", "live", "explanation", "shown", "memo")
 TABLE = ["", "reduced", "full", "reduced / full"]
-SWEEP = ["method", "budget", "kept/full", "TTFT s", "x full", "peak MiB", "KL", "logp diff", "parts at", "answer"]
+SWEEP = [*bench.HEAD, "answer"]
 
 
 class Explorer:
@@ -172,7 +172,8 @@ class Explorer:
             budgets = [Budget(fraction=f) for f in fractions]
             rows = bench.sweep(backend, picture, prompt, methods, budgets, n, 1, 0, done, step)
             cache = {**{k: v for k, v in cache.items() if k != key}, key: done}
-            return bench.figure(rows, column), sweep_table(rows), rows, dict(list(cache.items())[-MEMO:])
+            table = [line + [r["answer"]] for line, r in zip(bench.cells(rows), rows)]
+            return bench.figure(rows, column), table, rows, dict(list(cache.items())[-MEMO:])
         except ExplorerError as error:
             raise gr.Error(_named(str(error), image)) from None
 
@@ -287,9 +288,7 @@ def layer_pictures(read, layer: int, head: str) -> list:
 
 
 def layer_profile(read, view: int, head: str, x: float, y: float):
-    """A plot of the clicked token's [CLS] attention in every layer."""
-    import plotly.graph_objects as go
-
+    """A plot of the clicked token's [CLS] attention in every layer, and a line on the token."""
     if not read:
         return None, "Read the layers first."
     g = read["geometry"]
@@ -298,34 +297,9 @@ def layer_profile(read, view: int, head: str, x: float, y: float):
     if token is None:
         return None, "No visual token there."
     h = None if head.startswith("all") else int(head.split()[-1])
-    values = teach.token_by_layer(read["maps"], token, h)
-    figure = go.Figure(go.Scatter(x=list(range(len(values))), y=values, mode="lines+markers"))
-    figure.update_layout(
-        xaxis_title="vision layer",
-        yaxis_title=f"[CLS] attention ({head})",
-        height=300,
-        margin=dict(l=60, r=20, t=20, b=40),
-    )
     row, col = g.cells[token].tolist()
-    return figure, f"token {token}: {g.names[g.partition[token]]}, cell (row {row}, col {col})"
-
-
-def sweep_table(rows: list[dict]) -> list[list[str]]:
-    return [
-        [
-            r["method"],
-            r["budget"],
-            f"{r['visual_kept']}/{r['visual_full']}",
-            f"{r['ttft_s']:.3f}",
-            f"{r['ttft_ratio']:.2f}x",
-            f"{r['peak_bytes'] / 2**20:.0f}",
-            f"{r['kl']:.4f}",
-            f"{r['logprob_diff']:+.3f}",
-            "never" if r["first_divergence"] is None else str(r["first_divergence"]),
-            r["answer"],
-        ]
-        for r in rows
-    ]
+    text = f"token {token}: {g.names[g.partition[token]]}, cell (row {row}, col {col})"
+    return teach.profile(read["maps"], token, h, head), text
 
 
 def _percents(text: str) -> list[float]:

@@ -106,26 +106,14 @@ def figure(rows: list[dict], column: str = "ttft_s"):
     return figure
 
 
-def table(rows: list[dict]) -> str:
-    """The rows as an aligned text table."""
-    head = (
-        "method",
-        "budget",
-        "kept/full",
-        "TTFT s",
-        "x full",
-        "prefill s",
-        "decode tok/s",
-        "total s",
-        "select ms",
-        "peak MiB",
-        "x full",
-        "logp diff",
-        "KL",
-        "parts at",
-    )
-    body = [
-        (
+HEAD = ("method", "budget", "kept/full", "TTFT s", "x full", "prefill s", "decode tok/s", "total s", "select ms")
+HEAD += ("peak MiB", "x full", "logp diff", "KL", "parts at")
+
+
+def cells(rows: list[dict]) -> list[list[str]]:
+    """The rows as text, one entry per HEAD column."""
+    return [
+        [
             r["method"],
             r["budget"],
             f"{r['visual_kept']}/{r['visual_full']}",
@@ -140,11 +128,16 @@ def table(rows: list[dict]) -> str:
             f"{r['logprob_diff']:+.3f}",
             f"{r['kl']:.4f}",
             "-" if r["first_divergence"] is None else str(r["first_divergence"]),
-        )
+        ]
         for r in rows
     ]
-    widths = [max(len(str(line[i])) for line in [head, *body]) for i in range(len(head))]
-    return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(line, widths)) for line in [head, *body])
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as an aligned text table."""
+    lines = [list(HEAD), *cells(rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEAD))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines)
 
 
 def write_csv(rows: list[dict], path: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from PIL import Image, ImageDraw
 
@@ -114,7 +112,16 @@ def layer_picture(picture, g: Geometry, maps: torch.Tensor, layer: int, head: in
     return vis.heatmap(picture, g, values, tokens)
 
 
-def token_by_layer(maps: torch.Tensor, token: int, head: int | None) -> list[float]:
-    """A token's [CLS] attention in every layer (heads summed, or one head)."""
-    values = maps[:, token].sum(1) if head is None else maps[:, token, head]
-    return [math.nan if math.isnan(v) else v for v in values.tolist()]
+def profile(maps: torch.Tensor, token: int, head: int | None, heads: str = "heads summed"):
+    """A plotly line of a token's [CLS] attention in every layer (heads summed, or one head)."""
+    import plotly.graph_objects as go
+
+    values = (maps[:, token].sum(1) if head is None else maps[:, token, head]).tolist()
+    figure = go.Figure(go.Scatter(x=list(range(len(values))), y=values, mode="lines+markers"))
+    figure.update_layout(
+        xaxis_title="vision layer",
+        yaxis_title=f"[CLS] attention ({heads})",
+        height=300,
+        margin=dict(l=60, r=20, t=20, b=40),
+    )
+    return figure
