@@ -8,6 +8,7 @@ features, so it always matches the sequence the LLM receives.
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 import transformers  # lazy: its model code loads on first use, not when this file is imported
 
 from .base import KINDS, ExplorerError, Geometry, Prepared, encoder_signals, pick_dtype
+from .llm_prune import Decoder, pruning
 
 DEFAULT = "llava-hf/llava-v1.6-vicuna-7b-hf"  # the HiRED paper's model
 
@@ -174,6 +176,20 @@ class LlavaNext:
         merged[keep[mixing].to(merged.device)] = projector(mixed[mixing.to(device)].to(features.dtype)).to(merged.dtype)
         return merged
 
+    @property
+    def depth(self) -> int:
+        """The LLM's number of decoder layers."""
+        return len(self.model.model.language_model.layers)
+
+    def pruning(self, prepared: Prepared, cuts, needs, choose, keep_positions: bool):
+        """Hooks that cut visual tokens inside the LLM while a `with` block runs; see `llm_prune.pruning`."""
+        lm = self.model.model.language_model  # LlamaModel, MistralModel, ...
+        family = importlib.import_module(type(lm).__module__)  # its modeling file, loaded already
+        decoder = Decoder(lm.layers, lm.rotary_emb, lm.norm, family.apply_rotary_pos_emb)
+        ids = prepared.inputs["input_ids"]  # (1, L)
+        image = (ids[0] == self.model.config.image_token_id).nonzero()[:, 0]  # (N,)
+        return pruning(decoder, image, ids.shape[1], cuts, needs, choose, keep_positions)
+
     def generate_inputs(self, prepared: Prepared, features: torch.Tensor, keep: torch.Tensor) -> dict:
         """generate() arguments for a prompt that holds only the kept visual tokens, in LLM order."""
         ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]  # (1, L)
@@ -190,7 +206,7 @@ class LlavaNext:
 # Random-weight models with the llava-hf 1.6 processor geometry (336-px crops, patch 14, the llava-hf
 # grid pinpoints): token counts and overlays are real, answers are gibberish.
 RANDOM = {  # name -> (vision, text) sizes as (hidden, layers, heads, mlp)
-    "tiny-llava-next": ((32, 3, 4, 64), (32, 2, 4, 64)),  # tests and the offline smoke run
+    "tiny-llava-next": ((32, 3, 4, 64), (32, 4, 4, 64)),  # tests and the offline smoke run
     "small-llava-next": ((256, 8, 8, 1024), (512, 8, 8, 1408)),  # CPU benchmarks
 }
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]

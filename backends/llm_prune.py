@@ -1,0 +1,235 @@
+"""Visual tokens pruned inside the LLM, for real: decoder-layer hooks that shorten the sequence.
+
+Model-agnostic. It needs the decoder layers, called as transformers 5 calls them for Llama, Mistral,
+Qwen2 and the VLMs built on them: `layer(hidden_states, attention_mask=..., position_ids=...,
+past_key_values=..., position_embeddings=(cos, sin), ...)`, with the same keyword values for every
+layer of one forward pass. A cut before layer K works like this:
+
+- in a pass over the whole prompt (the prefill, or a run without a cache), the hooks of layers K and
+  later index the hidden states, position ids, rotary cos/sin, a materialised attention mask and
+  `cache_position` to the kept tokens, so those layers, and their KV caches, hold the short sequence;
+  layers before K keep the full one;
+- in a decode step the new token is left alone: each layer's cache already holds what it should. When
+  positions are renumbered, the new token's position drops by the number of tokens cut before that
+  layer (and cos/sin are recomputed for it); a materialised mask loses the columns of the cut tokens.
+
+Kept tokens either keep their original positions (gaps where tokens went) or are renumbered: a token's
+new position is its original one minus the tokens dropped before it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import ExplorerError
+
+SIGNALS = ("attention", "keys", "hidden", "embeds")  # each also as "<name>@text"
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """What the hooks need from one model's language model."""
+
+    layers: torch.nn.ModuleList  # decoder layers with .input_layernorm and .self_attn.{q,k}_proj
+    rotary: torch.nn.Module  # rotary(x, position_ids) -> (cos, sin)
+    norm: torch.nn.Module  # the final norm, applied to the "hidden" signal
+    rope: Callable  # the family's apply_rotary_pos_emb(q, k, cos, sin) -> (q, k)
+
+
+@dataclass
+class Record:
+    """What the last pass over the whole prompt did."""
+
+    keeps: list[torch.Tensor] = field(default_factory=list)  # per cut: (K_s,) kept visual tokens, indices into N
+    seconds: float = 0.0  # time the hooks spent scoring, choosing and cutting (device synchronised)
+
+
+@contextmanager
+def pruning(
+    decoder: Decoder,
+    image: torch.Tensor,
+    prompt: int,
+    cuts: list[tuple[int, int]],
+    needs: tuple[str, ...],
+    choose: Callable,
+    keep_positions: bool,
+):
+    """Cut visual tokens inside the LLM while the `with` block runs; yields a `Record`.
+
+    image: (N,) long, the prompt positions of the visual tokens in LLM order; prompt: its length L.
+    cuts: (layer, score_layer) pairs, layers increasing: tokens are cut before `layer`, and scored from
+    the queries and keys of `score_layer`, which is `layer` or the one before.
+    needs: the signals to compute (see `SIGNALS`); the text is the prompt after the last visual token.
+    choose(cut, maps, alive) -> (K,) long, sorted indices into N of the tokens to keep, all alive.
+    """
+    unknown = set(needs) - set(SIGNALS)
+    if unknown:
+        raise ExplorerError(f"signals {sorted(unknown)} cannot be read inside the LLM; it gives {', '.join(SIGNALS)}")
+    last = 0
+    for layer, score_layer in cuts:
+        if not (last <= score_layer <= layer and layer - 1 <= score_layer and 1 <= layer < len(decoder.layers)):
+            raise ExplorerError(
+                f"cannot cut before layer {layer} scored at layer {score_layer} (layers 1..{len(decoder.layers) - 1})"
+            )
+        last = layer
+    pruner = _Pruner(decoder, image, prompt, cuts, needs, choose, keep_positions)
+    handles = []
+    try:
+        for index, layer in enumerate(decoder.layers):
+            handles.append(layer.register_forward_pre_hook(pruner.hook(index), with_kwargs=True))
+        yield pruner.record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _Pruner:
+    def __init__(self, decoder, image, prompt, cuts, needs, choose, keep_positions):
+        self.decoder, self.image, self.prompt, self.cuts = decoder, image, prompt, cuts
+        self.needs, self.choose, self.keep_positions = needs, choose, keep_positions
+        self.text = torch.arange(int(image.max()) + 1, prompt, device=image.device)  # (T,) prompt after the image
+        self.cut_at = {layer: s for s, (layer, _) in enumerate(cuts)}
+        self.score_at = {score_layer: s for s, (_, score_layer) in enumerate(cuts)}
+        self.busy = {*self.cut_at, *self.score_at, *([0] if "embeds" in needs else [])}  # layers with work to do
+        self.record = Record()
+        self.rows: list[torch.Tensor] = []  # per cut: prompt positions left after it, for decode steps
+
+    def hook(self, layer: int):
+        def before(module, args, kwargs):
+            hidden = args[0]  # (1, L, D); decoder layers take the hidden states positionally
+            if layer == 0:
+                self.begin(hidden, kwargs)
+            if self.full and layer in self.busy:
+                _sync(hidden)  # so that only this work is timed
+                start = time.perf_counter()
+                hidden = self.prefill(layer, hidden, kwargs)
+                _sync(hidden)
+                self.record.seconds += time.perf_counter() - start
+            elif not self.full and layer in self.cut_at:
+                self.view = self.decode_view(self.cut_at[layer], hidden, kwargs)
+            return (hidden, *args[1:]), {**kwargs, **self.view}
+
+        return before
+
+    def begin(self, hidden: torch.Tensor, kwargs: dict) -> None:
+        """A new forward pass: over the whole prompt, or a decode step on the cache."""
+        if hidden.shape[0] != 1:
+            raise ExplorerError(
+                "methods that prune inside the LLM take one image and prompt at a time: each sequence would "
+                "keep different tokens, so a batch would need a ragged cache; run the prompts one by one"
+            )
+        cache = kwargs.get("past_key_values")
+        self.full = cache is None or cache.get_seq_length(0) == 0
+        self.view: dict = {}  # the keyword arguments layers get instead of the model's own
+        if self.full:
+            self.index = torch.arange(hidden.shape[1], device=hidden.device)  # (L,) positions still in the sequence
+            self.alive = torch.ones(len(self.image), dtype=torch.bool, device=hidden.device)  # (N,)
+            self.maps: dict[str, torch.Tensor] = {}
+            self.record.keeps, self.record.seconds, self.rows = [], 0.0, []
+
+    def prefill(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        if layer == 0 and "embeds" in self.needs:
+            self.maps.update(self.split("embeds", hidden[0]))
+        s = self.cut_at.get(layer)
+        if s is not None:
+            if self.cuts[s][1] == layer:
+                self.score(layer, hidden, {**kwargs, **self.view})
+            hidden = self.cut(s, hidden, kwargs)
+        s = self.score_at.get(layer)
+        if s is not None and self.cuts[s][0] != layer:
+            self.score(layer, hidden, {**kwargs, **self.view})
+        return hidden
+
+    def split(self, name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x (L, C) over the current sequence -> "name" (N, C), NaN rows for cut tokens, and "name@text" (T, C)."""
+        visual = x.new_full((len(self.image), x.shape[-1]), torch.nan)
+        visual[self.alive] = x[torch.searchsorted(self.index, self.image[self.alive])]
+        return {name: visual, f"{name}@text": x[torch.searchsorted(self.index, self.text)]}
+
+    def score(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> None:
+        """The signals read from this layer's queries and keys, recomputed as the layer computes them."""
+        block = self.decoder.layers[layer]
+        attn = block.self_attn
+        x = block.input_layernorm(hidden)  # (1, L, D)
+        d, length = attn.head_dim, x.shape[1]
+        rows = torch.searchsorted(self.index, self.text)  # (T,) the text rows in the current sequence
+        cos, sin = kwargs["position_embeddings"]  # (1, L, d) each
+        k = attn.k_proj(x).view(1, length, -1, d).transpose(1, 2)  # (1, H_kv, L, d)
+        k = self.decoder.rope(k, k, cos, sin)[1]
+        if "keys" in self.needs:
+            self.maps.update(self.split("keys", k[0].transpose(0, 1).reshape(length, -1)))  # (L, H_kv * d)
+        if "attention" in self.needs:
+            q = attn.q_proj(x[:, rows]).view(1, len(rows), -1, d).transpose(1, 2)  # (1, H, T, d)
+            q = self.decoder.rope(q, q, cos[:, rows], sin[:, rows])[0]
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (1, H, L, d): grouped-query heads
+            logits = q.float() @ k.float().transpose(-1, -2) * attn.scaling  # (1, H, T, L)
+            future = torch.arange(length, device=x.device)[None, :] > rows[:, None]  # (T, L) causal mask
+            a = torch.softmax(logits.masked_fill(future, -torch.inf), dim=-1)[0]  # (H, T, L)
+            visual = a.new_full((*a.shape[:2], len(self.image)), torch.nan)  # (H, T, N)
+            visual[:, :, self.alive] = a[:, :, torch.searchsorted(self.index, self.image[self.alive])]
+            self.maps["attention"] = visual
+
+    def cut(self, s: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        if "hidden" in self.needs:
+            self.maps.update(self.split("hidden", self.decoder.norm(hidden)[0]))
+        keep = self.choose(s, dict(self.maps), self.alive.clone()).to(hidden.device)  # (K,) indices into N
+        alive = torch.zeros_like(self.alive)
+        alive[keep] = True
+        assert (keep.diff() > 0).all() and not (alive & ~self.alive).any(), "keep must be sorted alive tokens"
+        stay = ~torch.isin(self.index, self.image[self.alive & ~alive])  # (L,) over the current sequence
+        self.index, self.alive = self.index[stay], alive
+        self.rows.append(self.index[self.index < self.prompt])
+        self.record.keeps.append(keep)
+        self.view = self.prefill_view(kwargs, hidden)
+        return hidden[:, stay]
+
+    def prefill_view(self, kwargs: dict, hidden: torch.Tensor) -> dict:
+        """The model's keyword arguments, over the whole sequence, cut to the positions left."""
+        idx = self.index  # (L',) sorted original positions
+        cut_before = idx - torch.arange(len(idx), device=idx.device)  # (L',) tokens cut before each one
+        view = {"position_ids": self.place(kwargs["position_ids"][..., idx], cut_before)}  # (..., 1, L')
+        if self.keep_positions:
+            cos, sin = kwargs["position_embeddings"]  # (1, L, d)
+            view["position_embeddings"] = (cos[:, idx], sin[:, idx])
+        else:
+            view["position_embeddings"] = self.decoder.rotary(hidden, view["position_ids"])
+        if kwargs.get("cache_position") is not None:
+            view["cache_position"] = self.place(kwargs["cache_position"][idx], cut_before)
+        if kwargs.get("attention_mask") is not None:
+            view["attention_mask"] = _mask(kwargs["attention_mask"])[:, :, idx][..., idx]  # (1, 1, L', L')
+        return view
+
+    def decode_view(self, s: int, hidden: torch.Tensor, kwargs: dict) -> dict:
+        """The keyword arguments of a decode step for the layers from cut s on."""
+        view = {}
+        if not self.keep_positions:
+            cut_before = self.prompt - len(self.rows[s])  # every cut token came before the new ones
+            view["position_ids"] = self.place(kwargs["position_ids"], cut_before)
+            view["position_embeddings"] = self.decoder.rotary(hidden, view["position_ids"])
+            if kwargs.get("cache_position") is not None:
+                view["cache_position"] = self.place(kwargs["cache_position"], cut_before)
+        if kwargs.get("attention_mask") is not None:  # (1, 1, q, kv): the prompt's kept columns, then the rest
+            mask = _mask(kwargs["attention_mask"])
+            generated = torch.arange(self.prompt, mask.shape[-1], device=mask.device)
+            view["attention_mask"] = mask[..., torch.cat([self.rows[s], generated])]
+        return view
+
+    def place(self, positions: torch.Tensor, cut_before) -> torch.Tensor:
+        """Original positions, or renumbered: minus the number of tokens cut before each."""
+        return positions if self.keep_positions else positions - cut_before
+
+
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+def _mask(mask) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise ExplorerError("pruning inside the LLM needs sdpa or eager attention (a 4-D mask or none)")
+    return mask
