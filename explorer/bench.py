@@ -15,7 +15,8 @@ from .pipeline import run
 
 TIMES = ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_s", "selection_s")
 DRIFT = ("logprob_diff", "kl", "first_divergence")  # on the unreduced run's answer, see fidelity.drift
-COLUMNS = ("method", "budget", "visual_kept", "visual_full", *TIMES, "peak_bytes", "ttft_ratio", "peak_ratio", *DRIFT)
+COLUMNS = ("method", "budget", "visual_kept", "visual_full", "visual_layer_mean", *TIMES, "peak_bytes", "ttft_ratio")
+COLUMNS += ("peak_ratio", *DRIFT)
 COLUMNS += ("answer",)
 
 
@@ -58,7 +59,8 @@ def measure(backend, image, prompt, method, budget, max_new_tokens, repeats, war
     options = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
     results = [run(backend, image, prompt, method, budget, **options) for _ in range(warmup + repeats)][warmup:]
     row = {"method": method, "budget": str(budget) if method != "none" else "-"}
-    row["visual_kept"], row["visual_full"] = results[0].tokens["visual_kept"], results[0].tokens["visual_full"]
+    for key in ("visual_kept", "visual_full", "visual_layer_mean"):
+        row[key] = results[0].tokens[key]
     for key in TIMES:
         values = [r.timing[key] for r in results if r.timing[key] is not None]
         row[key] = statistics.median(values) if values else None
@@ -106,7 +108,8 @@ def figure(rows: list[dict], column: str = "ttft_s"):
     return figure
 
 
-HEAD = ("method", "budget", "kept/full", "TTFT s", "x full", "prefill s", "decode tok/s", "total s", "select ms")
+HEAD = ("method", "budget", "kept/full", "per layer", "TTFT s", "x full", "prefill s", "decode tok/s", "total s")
+HEAD += ("select ms",)
 HEAD += ("peak MiB", "x full", "logp diff", "KL", "parts at")
 
 
@@ -117,6 +120,7 @@ def cells(rows: list[dict]) -> list[list[str]]:
             r["method"],
             r["budget"],
             f"{r['visual_kept']}/{r['visual_full']}",
+            f"{r['visual_layer_mean']:.0f}",
             f"{r['ttft_s']:.3f}",
             f"{r['ttft_ratio']:.2f}",
             f"{r['prefill_s']:.3f}",

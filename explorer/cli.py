@@ -128,11 +128,14 @@ def _summary(result) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in result.settings.items())
     parts = "  ".join(f"{p['name']} {p['kept']}/{p['full']}" for p in tok["by_partition"])
     decode = timing["decode_tokens_per_s"]
+    cuts = ", ".join(f"{c['kept']} from layer {c['layer']} (scored at {c['scored_at']})" for c in tok["llm_cuts"])
+    inside = [f"inside the LLM: {cuts}; visual tokens per layer, averaged: {tok['visual_layer_mean']:.1f}"]
     return "\n".join(
         [
             f"{result.model}{weights}: {result.method} ({settings or 'no settings'}), "
             f"budget {result.budget or ('adaptive' if tok['adaptive'] else 'none')}",
             f"visual tokens kept {tok['visual_kept']} of {tok['visual_full']} ({parts}); text {tok['text']}; generated {tok['generated']}",
+            *(inside if cuts else []),
             f"first token {timing['ttft_s']:.3f} s | prefill {timing['prefill_s']:.3f} s | "
             f"decode {f'{decode:.1f} tok/s' if decode else '-'} | total {timing['total_s']:.3f} s | selection {timing['selection_s'] * 1e3:.2f} ms",
             f"peak memory ({result.memory['device']}): {result.memory['peak_bytes'] / 2**20:.0f} MiB",

@@ -10,7 +10,7 @@ import torch
 
 from backends.base import ExplorerError, Geometry
 
-__all__ = ["Budget", "ExplorerError", "Geometry", "Selection", "Signals", "fraction_of"]
+__all__ = ["Budget", "Cut", "ExplorerError", "Geometry", "Selection", "Signals", "fraction_of"]
 
 
 def fraction_of(fraction: float, n: int) -> int:
@@ -61,14 +61,32 @@ class Signals:
       projector turns into the LLM's input;
     and "features": the (N, D) projected features the LLM receives, newlines included, on the model's
     device. A backend that cannot give a signal raises ExplorerError naming it.
+
+    Inside the LLM (stage "llm"), at a cut, with rows of tokens cut earlier NaN and "text" the T
+    prompt tokens after the image (the last one is the last prompt token): "attention" (H, T, N), the
+    attention of each text token to each visual token at the scoring layer, per head, softmax over all
+    its keys; "keys" (N, C) and "keys@text" (T, C), that layer's keys after RoPE, heads concatenated;
+    "hidden" (N, D) and "hidden@text" (T, D), the hidden states entering the cut layer through the
+    model's final norm; "embeds" (N, D) and "embeds@text" (T, D), the LLM's input embeddings.
     """
 
     geometry: Geometry
-    budget: int  # B: visual tokens to keep
+    budget: int  # B: visual tokens to keep (inside the LLM: left after this cut)
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    alive: torch.Tensor | None = None  # (N,) bool, inside the LLM: the tokens still in the sequence
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.maps[name]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where a method working inside the LLM cuts: before `layer`, scored at `score_layer` (that layer
+    or the one before), leaving `tokens` visual tokens."""
+
+    layer: int
+    score_layer: int
+    tokens: int
 
 
 @dataclass(frozen=True)

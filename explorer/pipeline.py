@@ -2,6 +2,9 @@
 
     preprocess -> vision encoder (+ the signals the method needs) -> method.select -> LLM on the kept tokens
 
+Methods of stage "llm" select inside the LLM instead: every visual token goes in, and the backend's
+hooks cut them during the prefill (see `llm.LlmStage`); the first `Result` comes after the prefill.
+
 `stream` yields a `Result` after selection and after every generated token, and a final one with
 `done=True`; `run` returns that final one.
 """
@@ -14,7 +17,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +25,7 @@ from PIL import Image
 
 from .core import Budget, ExplorerError, Geometry, Selection, Signals
 from .images import load_image
+from .llm import LlmStage
 from .measure import PeakMemory, TokenStream, first_forward, now, sync
 from .methods import make
 
@@ -37,7 +41,7 @@ class Result:
     budget: Budget | None  # None when the method keeps everything
     answer: str
     answer_ids: tuple[int, ...]  # the generated token ids
-    tokens: dict  # visual_full, visual_budget, visual_kept, text, generated, by_partition
+    tokens: dict  # visual_full, visual_budget, visual_kept, visual_layer_mean, llm_cuts, text, generated, by_partition
     timing: dict  # seconds: ttft_s, prefill_s, total_s, selection_s, ...; decode_tokens_per_s
     memory: dict  # device, peak_bytes
     geometry: Geometry
@@ -80,13 +84,17 @@ def stream(
         memory.reset()
         clock, prepared, features, selection, b = _select(backend, picture, prompt, chosen, budget, max_new_tokens)
         g, keep = prepared.geometry, selection.keep
+        inside = LlmStage(method, chosen, g, b, backend.depth) if chosen.stage == "llm" else None
 
         def result(done: bool) -> Result:
             start, preprocessed, encoded, selected = clock
+            current = inside.selection() if inside else selection
+            keep = current.keep
             kept = torch.bincount(g.partition[keep.cpu()], minlength=len(g.names)).tolist()
             by_partition = [{"name": n, "full": f, "kept": k} for n, f, k in zip(g.names, g.sizes(), kept)]
             tokens = {"visual_full": len(g), "visual_budget": b, "visual_kept": len(keep), "text": prepared.text_tokens}
             tokens.update(visual_budget=None if adaptive else b, adaptive=adaptive)
+            tokens.update(inside.tokens() if inside else {"visual_layer_mean": float(len(keep)), "llm_cuts": []})
             timing = {
                 "ttft_s": times[0] - start if times else None,
                 "prefill_s": prefill[1] - prefill[0] if len(prefill) == 2 else None,
@@ -94,7 +102,7 @@ def stream(
                 "total_s": now() - start,
                 "preprocess_s": preprocessed - start,
                 "vision_s": encoded - preprocessed,
-                "selection_s": selected - encoded,
+                "selection_s": record.seconds if record else selected - encoded,
             }
             return Result(
                 model=backend.name,
@@ -107,18 +115,24 @@ def stream(
                 timing=timing,
                 memory={"device": device.type, "peak_bytes": memory.peak()},
                 geometry=g,
-                selection=selection,
+                selection=current,
                 random_weights=backend.random_weights,
                 done=done,
             )
 
         inputs = backend.generate_inputs(prepared, features, keep)
         options = dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
-        with first_forward(model, device) as prefill:
+        hooks = (
+            backend.pruning(prepared, inside.pairs, chosen.needs, inside.choose, chosen.keep_positions)
+            if inside
+            else nullcontext()
+        )
+        with first_forward(model, device) as prefill, hooks as record:  # record: what the hooks did, or None
             for _ in _generate(
                 model, {**inputs, **options, "pad_token_id": tokenizer.pad_token_id}, timeout_s, ids, times
             ):
-                yield result(done=False)
+                if not inside or inside.done:  # an llm-stage method has chosen once the prefill is over
+                    yield result(done=False)
         yield result(done=True)
 
 
@@ -138,17 +152,19 @@ def _select(backend, picture, prompt, chosen, budget, max_new_tokens):
         prepared = backend.prepare(picture, prompt)
         g = prepared.geometry
         b = budget.resolve(len(g)) if budget else len(g)
-        if prepared.text_tokens + b + max_new_tokens > backend.max_positions:
+        vision = chosen.stage == "vision"  # else every visual token enters the LLM, to be cut inside
+        entering = b if vision else len(g)
+        if prepared.text_tokens + entering + max_new_tokens > backend.max_positions:
             raise ExplorerError(
-                f"prompt ({prepared.text_tokens} tokens) + {b} visual tokens + {max_new_tokens} new tokens "
+                f"prompt ({prepared.text_tokens} tokens) + {entering} visual tokens + {max_new_tokens} new tokens "
                 f"exceeds the model's {backend.max_positions} positions; shorten the prompt or the budget"
             )
         sync(device)
         clock.append(now())
-        features, maps = backend.encode(prepared, chosen.needs)
+        features, maps = backend.encode(prepared, chosen.needs if vision else ())
         sync(device)
         clock.append(now())
-        selection = chosen.select(Signals(g, b, maps))
+        selection = chosen.select(Signals(g, b, maps)) if vision else Selection(keep=torch.arange(len(g)))
         if selection.weights is not None:  # a merging method: the backend builds what each kept token carries
             features = backend.merge(features, maps, selection)
         sync(device)

@@ -16,7 +16,9 @@ from explorer.cli import main
 
 ROOT = Path(__file__).parent.parent
 TINY = ["--model", "tiny-llava-next"]
-EVERY = "none random pooling cls hired visionzip prumerge+ globalcom2 divprune vispruner".split()
+EVERY = (
+    "none random pooling cls hired visionzip prumerge+ globalcom2 divprune vispruner fastv pdrop dart sparsevlm".split()
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +85,24 @@ def test_run_streams_the_answer_then_a_summary(capsys, image):
     assert "first token" in out and "peak memory (cpu)" in out and "random weights" in out
 
 
+def test_run_summarises_where_an_llm_stage_method_cut(capsys, image):
+    args = ["--image", image, "--prompt", "What?", "--method", "pdrop", "--tokens", "300", "--max-new-tokens", "2"]
+    code, out, err = cli(capsys, "run", *TINY, *args, "--set", "stages=2", "--set", "keep_positions=true")
+    assert code == 0 and err == ""
+    assert "pdrop (stages=2, ratio=0.5, keep_positions=True), budget 300 tokens" in out
+    assert "visual tokens kept 300 of 2340" in out
+    # 4 layers in 3 stages: cuts before layers 1 and 2; layers see 2340, 600, 300, 300 visual tokens
+    assert "inside the LLM: 600 from layer 1 (scored at 1), 300 from layer 2 (scored at 2); " in out
+    assert "visual tokens per layer, averaged: 885.0" in out
+
+
 def test_methods_lists_every_method_with_its_settings(capsys):
     code, out, _ = cli(capsys, "methods")
     assert code == 0
     assert [line.split()[0] for line in out.splitlines()] == EVERY
     assert "[alpha=0.5, paper_code=False]" in out and "FasterVLM" in out
     assert "[adaptive=False, spatial=0.75, neighbours=32]" in out and "[contextual=0.15625]" in out
+    assert "fastv      FastV: before LLM layer K" in out and "[layer=2, keep_positions=True]" in out
 
 
 def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
@@ -100,7 +114,7 @@ def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
         "--image",
         image,
         "--methods",
-        "hired,random",
+        "hired,fastv",
         "--budgets",
         "1,0.2",
         "--repeats",
@@ -114,14 +128,14 @@ def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
     )
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split()[:3] == ["method", "budget", "kept/full"]
+    assert lines[0].split()[:5] == ["method", "budget", "kept/full", "per", "layer"]
     rows = list(csv.DictReader(csv_path.open()))
-    assert [(r["method"], r["budget"], r["visual_kept"]) for r in rows] == [
-        ("none", "-", "2340"),
-        ("hired", "1", "2304"),
-        ("hired", "0.2", "468"),
-        ("random", "1", "2340"),
-        ("random", "0.2", "468"),
+    assert [(r["method"], r["budget"], r["visual_kept"], float(r["visual_layer_mean"])) for r in rows] == [
+        ("none", "-", "2340", 2340),
+        ("hired", "1", "2304", 2304),
+        ("hired", "0.2", "468", 468),
+        ("fastv", "1", "2340", 2340),
+        ("fastv", "0.2", "468", (2 * 2340 + 2 * 468) / 4),  # layers 0-1 see all, 2-3 the kept ones
     ]
     assert float(rows[0]["ttft_ratio"]) == 1.0 and all(float(r["ttft_s"]) > 0 for r in rows)
     # drift on the unreduced answer: none against itself is zero; random at 20% keeps only a fifth

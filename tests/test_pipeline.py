@@ -47,8 +47,8 @@ def test_no_reduction_equals_stock_generate_token_for_token(backend, stock, size
         assert not torch.allclose(backend.model(**reduced).logits[0, -1], stock_logits[0, -1])  # the image matters
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_the_llm_receives_only_the_kept_tokens(backend, method):
+@pytest.mark.parametrize("method", [name for name, method in METHODS.items() if method.stage == "vision"])
+def test_the_llm_receives_only_the_kept_tokens(backend, method):  # llm-stage methods: test_llm_methods.py
     lengths = []
     hook = backend.model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True

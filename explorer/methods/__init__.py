@@ -3,6 +3,11 @@
 A method is a frozen dataclass whose fields are its settings (metadata: "help", and "range" for
 numbers); class attributes say its `stage` ("vision": before the LLM), the signals it `needs`
 (see `Signals`) and a one-line `summary`; `select(signals) -> Selection` does the work.
+
+A method of stage "llm" prunes inside the LLM: `cuts(depth, n, budget) -> list[Cut]` says before
+which layers it cuts and how many tokens each cut leaves (the last leaves the budget), its
+`keep_positions` setting whether kept tokens keep their positions, and `select` is called at each cut
+with the signals of that point (`Signals.alive` marks the tokens still in the sequence).
 """
 
 from __future__ import annotations
@@ -12,13 +17,17 @@ import typing
 
 from ..core import ExplorerError
 from .cls import CLS
+from .dart import DART
 from .divprune import DivPrune
+from .fastv import FastV
 from .globalcom2 import GlobalCom2
 from .hired import HiRED
 from .none import NoReduction
+from .pdrop import PyramidDrop
 from .pooling import Pooling
 from .prumerge import PruMergePlus
 from .random import Random
+from .sparsevlm import SparseVLM
 from .visionzip import VisionZip
 from .vispruner import VisPruner
 
@@ -34,6 +43,10 @@ METHODS = {
     "globalcom2": GlobalCom2,
     "divprune": DivPrune,
     "vispruner": VisPruner,
+    "fastv": FastV,
+    "pdrop": PyramidDrop,
+    "dart": DART,
+    "sparsevlm": SparseVLM,
 }
 
 
