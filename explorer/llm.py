@@ -56,7 +56,8 @@ class LlmStage:
         last = self.chosen[-1]
         maps = {name: m.cpu() for name, m in last.maps.items()}
         if len(self.cuts) > 1:
-            maps.update({f"layer {c.score_layer}": s.scores.cpu() for c, s in zip(self.cuts, self.chosen)})
+            scored = [(c, s) for c, s in zip(self.cuts, self.chosen) if s.scores is not None]
+            maps.update({f"layer {c.score_layer}": s.scores.cpu() for c, s in scored})
         return Selection(
             keep=last.keep.cpu(),
             scores=None if last.scores is None else last.scores.cpu(),

@@ -91,12 +91,17 @@ def test_keeping_every_token_equals_the_unreduced_model_exactly(backend, unreduc
     assert everything.tokens["visual_kept"] == n and everything.tokens["visual_layer_mean"] == n
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention, masked", [("sdpa", False), ("sdpa", True), ("eager", True)])
 @pytest.mark.parametrize("name, settings", CASES)
-def test_decoding_on_the_pruned_cache_equals_rerunning_without_a_cache(backend, eager, name, settings, attention):
+def test_decoding_on_the_pruned_cache_equals_rerunning_without_a_cache(
+    backend, eager, name, settings, attention, masked
+):
     model = backend if attention == "sdpa" else eager
     prepared, inputs = inputs_of(model, photo(336, 336, seed=2))
     length = inputs["input_ids"].shape[1]
+    if masked:  # one prompt token hidden: the masks are materialised and must be cut like the cache
+        inputs["attention_mask"] = inputs["attention_mask"].clone()
+        inputs["attention_mask"][0, 1] = 0
     stage, pruning = hooks(model, prepared, name, len(prepared.geometry) // 5, **settings)
     with torch.no_grad(), pruning as record:
         out = generate(model, inputs, 4)
@@ -105,12 +110,14 @@ def test_decoding_on_the_pruned_cache_equals_rerunning_without_a_cache(backend, 
 
     for t in range(len(new)):  # the whole sequence so far, no cache, the same tokens cut
         ids = torch.cat([inputs["input_ids"], new[None, :t]], 1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(new[None, :t])], 1)
         positions = make(name, **settings).keep_positions
         replay = model.pruning(prepared, stage.pairs, (), lambda cut, maps, alive: keeps[cut], positions)
         with torch.no_grad(), replay:
             logits = model.model(
                 input_ids=ids,
-                attention_mask=torch.ones_like(ids),
+                attention_mask=mask,
+                position_ids=(mask.cumsum(1) - 1).clamp(min=0),  # as generate() numbers them
                 mm_encoder_outputs=inputs["mm_encoder_outputs"],
                 use_cache=False,
             ).logits[0, -1]
