@@ -27,7 +27,8 @@ import torch
 from ..core import Cut, ExplorerError, Selection, Signals
 from .common import top
 
-SCHEDULES = [[300, 200, 118], [238, 108, 60], [246, 54, 28], [66, 34, 20]]  # v2.0, of 576, per paper budget
+PAPER_N = 576  # LLaVA-1.5's visual tokens, which the schedules below are counted in
+SCHEDULES = [[300, 200, 118], [238, 108, 60], [246, 54, 28], [66, 34, 20]]  # v2.0, for budgets 192, 128, 96, 64
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class SparseVLM:
                 f"sparsevlm: layers must be 1 to 3 rising layer numbers, like 2,6,15; got {self.layers!r}"
             )
         layers = [layer * depth // 32 for layer in layers]  # numbered as in a 32-layer LLM
-        schedule = min(SCHEDULES, key=lambda counts: abs(counts[-1] / 576 - budget / n))[-len(layers) :]
+        schedule = min(SCHEDULES, key=lambda counts: abs(counts[-1] / PAPER_N - budget / n))[-len(layers) :]
         cuts = {}  # rating layer -> tokens; a later stage on the same layer replaces an earlier one
         for layer, count in zip(layers, schedule):
             cuts[layer] = min(n, math.floor(budget * count / schedule[-1]))
