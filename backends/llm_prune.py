@@ -28,7 +28,7 @@ import torch
 
 from .base import ExplorerError
 
-SIGNALS = ("attention", "keys", "hidden", "embeds")  # each also as "<name>@text"
+SIGNALS = ("llm-attention", "llm-keys", "llm-hidden", "llm-embeds")  # keys, hidden, embeds also as "llm-text-..."
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Decoder:
 
     layers: torch.nn.ModuleList  # decoder layers with .input_layernorm and .self_attn.{q,k}_proj
     rotary: torch.nn.Module  # rotary(x, position_ids) -> (cos, sin)
-    norm: torch.nn.Module  # the final norm, applied to the "hidden" signal
+    norm: torch.nn.Module  # the final norm, applied to the "llm-hidden" signal
     rope: Callable  # the family's apply_rotary_pos_emb(q, k, cos, sin) -> (q, k)
 
 
@@ -95,7 +95,7 @@ class _Pruner:
         self.text = torch.arange(int(image.max()) + 1, prompt, device=image.device)  # (T,) prompt after the image
         self.cut_at = {layer: s for s, (layer, _) in enumerate(cuts)}
         self.score_at = {score_layer: s for s, (_, score_layer) in enumerate(cuts)}
-        self.busy = {*self.cut_at, *self.score_at, *([0] if "embeds" in needs else [])}  # layers with work to do
+        self.busy = {*self.cut_at, *self.score_at, *([0] if "llm-embeds" in needs else [])}  # layers with work to do
         self.record = Record()
         self.rows: list[torch.Tensor] = []  # per cut: prompt positions left after it, for decode steps
 
@@ -133,7 +133,7 @@ class _Pruner:
             self.record.keeps, self.record.seconds, self.rows = [], 0.0, []
 
     def prefill(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        if layer == 0 and "embeds" in self.needs:
+        if layer == 0 and "llm-embeds" in self.needs:
             self.maps.update(self.split("embeds", hidden[0]))
         s = self.cut_at.get(layer)
         if s is not None:
@@ -145,11 +145,12 @@ class _Pruner:
             self.score(layer, hidden, {**kwargs, **self.view})
         return hidden
 
-    def split(self, name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x (L, C) over the current sequence -> "name" (N, C), NaN rows for cut tokens, and "name@text" (T, C)."""
+    def split(self, kind: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x (L, C) over the current sequence -> "llm-<kind>" (N, C), NaN rows for cut tokens, and
+        "llm-text-<kind>" (T, C)."""
         visual = x.new_full((len(self.image), x.shape[-1]), torch.nan)
         visual[self.alive] = x[torch.searchsorted(self.index, self.image[self.alive])]
-        return {name: visual, f"{name}@text": x[torch.searchsorted(self.index, self.text)]}
+        return {f"llm-{kind}": visual, f"llm-text-{kind}": x[torch.searchsorted(self.index, self.text)]}
 
     def score(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> None:
         """The signals read from this layer's queries and keys, recomputed as the layer computes them."""
@@ -161,9 +162,9 @@ class _Pruner:
         cos, sin = kwargs["position_embeddings"]  # (1, L, d) each
         k = attn.k_proj(x).view(1, length, -1, d).transpose(1, 2)  # (1, H_kv, L, d)
         k = self.decoder.rope(k, k, cos, sin)[1]
-        if "keys" in self.needs:
+        if "llm-keys" in self.needs:
             self.maps.update(self.split("keys", k[0].transpose(0, 1).reshape(length, -1)))  # (L, H_kv * d)
-        if "attention" in self.needs:
+        if "llm-attention" in self.needs:
             q = attn.q_proj(x[:, rows]).view(1, len(rows), -1, d).transpose(1, 2)  # (1, H, T, d)
             q = self.decoder.rope(q, q, cos[:, rows], sin[:, rows])[0]
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (1, H, L, d): grouped-query heads
@@ -172,10 +173,10 @@ class _Pruner:
             a = torch.softmax(logits.masked_fill(future, -torch.inf), dim=-1)[0]  # (H, T, L)
             visual = a.new_full((*a.shape[:2], len(self.image)), torch.nan)  # (H, T, N)
             visual[:, :, self.alive] = a[:, :, torch.searchsorted(self.index, self.image[self.alive])]
-            self.maps["attention"] = visual
+            self.maps["llm-attention"] = visual
 
     def cut(self, s: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        if "hidden" in self.needs:
+        if "llm-hidden" in self.needs:
             self.maps.update(self.split("hidden", self.decoder.norm(hidden)[0]))
         keep = self.choose(s, dict(self.maps), self.alive.clone()).to(hidden.device)  # (K,) indices into N
         alive = torch.zeros_like(self.alive)

@@ -63,11 +63,13 @@ class Signals:
     device. A backend that cannot give a signal raises ExplorerError naming it.
 
     Inside the LLM (stage "llm"), at a cut, with rows of tokens cut earlier NaN and "text" the T
-    prompt tokens after the image (the last one is the last prompt token): "attention" (H, T, N), the
-    attention of each text token to each visual token at the scoring layer, per head, softmax over all
-    its keys; "keys" (N, C) and "keys@text" (T, C), that layer's keys after RoPE, heads concatenated;
-    "hidden" (N, D) and "hidden@text" (T, D), the hidden states entering the cut layer through the
-    model's final norm; "embeds" (N, D) and "embeds@text" (T, D), the LLM's input embeddings.
+    prompt tokens after the image (the last one is the last prompt token), on the model's device:
+    - "llm-attention": (H, T, N), each text token's attention to each visual token at the scoring
+      layer, per head, softmax over all its keys;
+    - "llm-keys": (N, C), that layer's keys after RoPE, heads concatenated ("llm-text-keys": (T, C));
+    - "llm-hidden": (N, D), the hidden states entering the cut layer, through the model's final norm
+      ("llm-text-hidden": (T, D));
+    - "llm-embeds": (N, D), the LLM's input embeddings ("llm-text-embeds": (T, D)).
     """
 
     geometry: Geometry

@@ -162,7 +162,7 @@ def test_recomputed_attention_rows_and_keys_match_the_model_with_grouped_query_h
         return alive.nonzero()[:, 0]
 
     cuts, scored = [(1, 0), (2, 1), (3, 3)], [0, 1, 3]  # scored by the layer before the cut, and by the cut layer
-    with torch.no_grad(), backend.pruning(prepared, cuts, ("attention", "keys"), keep_all, True):
+    with torch.no_grad(), backend.pruning(prepared, cuts, ("llm-attention", "llm-keys"), keep_all, True):
         cache = backend.model(**inputs, use_cache=True).past_key_values
     with torch.no_grad():
         attentions = eager(**inputs, output_attentions=True).attentions  # per layer (1, H, L, L)
@@ -171,10 +171,10 @@ def test_recomputed_attention_rows_and_keys_match_the_model_with_grouped_query_h
     text = torch.arange(int(image.max()) + 1, len(ids))
     for cut, layer in enumerate(scored):
         expected = attentions[layer][0][:, text][:, :, image]  # (H, T, N)
-        torch.testing.assert_close(signals[cut]["attention"], expected)
+        torch.testing.assert_close(signals[cut]["llm-attention"], expected)
         keys = cache.layers[layer].keys[0].transpose(0, 1).reshape(len(ids), -1)  # (L, H_kv * d) as cached
-        torch.testing.assert_close(signals[cut]["keys"], keys[image])
-        torch.testing.assert_close(signals[cut]["keys@text"], keys[text])
+        torch.testing.assert_close(signals[cut]["llm-keys"], keys[image])
+        torch.testing.assert_close(signals[cut]["llm-text-keys"], keys[text])
 
 
 def test_fastv_on_the_model_keeps_the_top_of_the_last_tokens_eager_attention_row(backend, eager):
@@ -263,13 +263,13 @@ def llm_signals(budget: int, alive=None, seed: int = 0, heads: int = 4, text: in
     n = len(g)
     generator = torch.Generator().manual_seed(seed)
     alive = torch.ones(n, dtype=torch.bool) if alive is None else alive
-    maps = {"attention": torch.rand(heads, text, n, generator=generator)}
-    for name in ("keys", "hidden", "embeds"):
-        maps[name] = torch.randn(n, dim, generator=generator)
-        maps[f"{name}@text"] = torch.randn(text, dim, generator=generator)
-    for name in ("keys", "hidden"):  # the input embeddings are read before any cut
+    maps = {"llm-attention": torch.rand(heads, text, n, generator=generator)}
+    for kind in ("keys", "hidden", "embeds"):
+        maps[f"llm-{kind}"] = torch.randn(n, dim, generator=generator)
+        maps[f"llm-text-{kind}"] = torch.randn(text, dim, generator=generator)
+    for name in ("llm-keys", "llm-hidden"):  # the input embeddings are read before any cut
         maps[name][~alive] = torch.nan
-    maps["attention"][:, :, ~alive] = torch.nan
+    maps["llm-attention"][:, :, ~alive] = torch.nan
     return Signals(g, budget, maps, alive)
 
 
@@ -290,12 +290,12 @@ def test_every_llm_method_keeps_its_count_of_alive_tokens(name, budget, alive):
 
 def test_fastv_keeps_exactly_the_top_of_the_last_prompt_tokens_row():
     s = llm_signals(20)
-    expected = s["attention"][:, -1].mean(0).topk(20).indices.sort().values
+    expected = s["llm-attention"][:, -1].mean(0).topk(20).indices.sort().values
     assert torch.equal(make("fastv").select(s).keep, expected)
-    s["attention"][:, :-1] = torch.rand(4, 4, 88)  # the other text rows do not matter
+    s["llm-attention"][:, :-1] = torch.rand(4, 4, 88)  # the other text rows do not matter
     assert torch.equal(make("fastv").select(s).keep, expected)
     s = llm_signals(20, EVERY_OTHER)
-    row = s["attention"][:, -1].mean(0)
+    row = s["llm-attention"][:, -1].mean(0)
     assert torch.equal(make("fastv").select(s).keep, row.nan_to_num(-1).topk(20).indices.sort().values)
 
 
@@ -320,15 +320,15 @@ def test_pdrop_stages_follow_its_schedule_rescaled_to_the_budget():
 def test_dart_keeps_its_pivots_and_the_tokens_least_like_them():
     s = llm_signals(20)
     pivots = torch.tensor([7, 30, 51, 80])
-    s["keys"][pivots] *= 10  # the largest L1 norms
+    s["llm-keys"][pivots] *= 10  # the largest L1 norms
     keep = make("dart").select(s).keep
     assert torch.isin(pivots, keep).all() and len(keep) == 20
     two = make("dart").select(Signals(s.geometry, 2, s.maps, s.alive)).keep  # fewer than the pivots
-    assert two.tolist() == sorted(pivots[s["keys"][pivots].abs().sum(1).topk(2).indices].tolist())
+    assert two.tolist() == sorted(pivots[s["llm-keys"][pivots].abs().sum(1).topk(2).indices].tolist())
 
     one = make("dart", image_pivots=1, text_pivots=0).select(Signals(s.geometry, 5, s.maps, s.alive)).keep
-    pivot = int(s["keys"].abs().sum(1).argmax())
-    unit = torch.nn.functional.normalize(s["hidden"], dim=-1)
+    pivot = int(s["llm-keys"].abs().sum(1).argmax())
+    unit = torch.nn.functional.normalize(s["llm-hidden"], dim=-1)
     similarity = unit @ unit[pivot]
     similarity[pivot] = torch.inf
     assert one.tolist() == sorted([pivot, *similarity.topk(4, largest=False).indices.tolist()])
@@ -336,23 +336,23 @@ def test_dart_keeps_its_pivots_and_the_tokens_least_like_them():
 
 def test_sparsevlm_rates_with_the_text_tokens_the_image_points_to():
     s = llm_signals(10, heads=2)
-    s["embeds"][:] = 1.0
-    s["embeds@text"][:] = 0.0
-    s["embeds@text"][[1, 3]] = 0.5  # the visual tokens point to text tokens 1 and 3
+    s["llm-embeds"][:] = 1.0
+    s["llm-text-embeds"][:] = 0.0
+    s["llm-text-embeds"][[1, 3]] = 0.5  # the visual tokens point to text tokens 1 and 3
     rated = torch.zeros(88)
     rated[torch.arange(5, 88, 9)] = 1.0  # what raters 1 and 3 attend to
-    s["attention"][:, [1, 3]] = rated
-    s["attention"][:, [0, 2, 4]] = 1 - rated  # the other text tokens look elsewhere
+    s["llm-attention"][:, [1, 3]] = rated
+    s["llm-attention"][:, [0, 2, 4]] = 1 - rated  # the other text tokens look elsewhere
     selection = make("sparsevlm").select(s)
     assert selection.keep.tolist() == torch.arange(5, 88, 9).tolist() and selection.stats["text"]["raters"] == 2
 
 
 def test_sparsevlm_averages_only_the_heads_that_look_at_the_image_most():
     s = llm_signals(10, heads=3)
-    s["embeds@text"][:] = 1.0  # every text token rates equally: all of them are raters
-    s["attention"][:] = 0.001
-    s["attention"][0, :, :10] = 1.0  # head 0 gives the image the most, on its first ten tokens
-    s["attention"][1, :, 50:60] = 0.5
+    s["llm-text-embeds"][:] = 1.0  # every text token rates equally: all of them are raters
+    s["llm-attention"][:] = 0.001
+    s["llm-attention"][0, :, :10] = 1.0  # head 0 gives the image the most, on its first ten tokens
+    s["llm-attention"][1, :, 50:60] = 0.5
     assert make("sparsevlm", heads=1).select(s).keep.tolist() == list(range(10))
     assert make("sparsevlm", heads=2).select(s).keep.tolist() == list(range(10))  # 1.0 beats 0.5 averaged
 

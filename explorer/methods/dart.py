@@ -29,7 +29,7 @@ from .common import top
 @dataclass(frozen=True)
 class DART:
     layer: int = field(
-        default=2, metadata={"help": "K: the first LLM layer that sees only the kept tokens", "range": (1, 1000)}
+        default=2, metadata={"help": "K: the first LLM layer that sees only the kept tokens", "range": (1, 100)}
     )
     image_pivots: int = field(default=4, metadata={"help": "visual pivot tokens (always kept)", "range": (1, 64)})
     text_pivots: int = field(default=4, metadata={"help": "text pivot tokens, from the prompt", "range": (0, 64)})
@@ -38,7 +38,7 @@ class DART:
     )
 
     stage: ClassVar[str] = "llm"
-    needs: ClassVar[tuple[str, ...]] = ("keys", "hidden")
+    needs: ClassVar[tuple[str, ...]] = ("llm-keys", "llm-hidden")
     summary: ClassVar[str] = "DART: before LLM layer K, keep the tokens least similar to a few key-norm pivots"
 
     def cuts(self, depth: int, n: int, budget: int) -> list[Cut]:
@@ -46,11 +46,11 @@ class DART:
 
     def select(self, s: Signals) -> Selection:
         alive = s.alive.nonzero()[:, 0]  # (M,)
-        norm, text_norm = s["keys"].abs().sum(1), s["keys@text"].abs().sum(1)  # (N,), (T,) L1 norms
+        norm, text_norm = s["llm-keys"].abs().sum(1), s["llm-text-keys"].abs().sum(1)  # (N,), (T,) L1 norms
         image = top(norm, alive, min(self.image_pivots, s.budget))
         text = top(text_norm, torch.arange(len(text_norm), device=alive.device), self.text_pivots)
-        hidden = torch.nn.functional.normalize(s["hidden"].float(), dim=-1)  # (N, D) unit rows, NaN where cut
-        pivots = torch.cat([hidden[image], torch.nn.functional.normalize(s["hidden@text"][text].float(), dim=-1)])
+        hidden = torch.nn.functional.normalize(s["llm-hidden"].float(), dim=-1)  # (N, D) unit rows, NaN where cut
+        pivots = torch.cat([hidden[image], torch.nn.functional.normalize(s["llm-text-hidden"][text].float(), dim=-1)])
 
         left, kept = s.budget - len(image), [image]
         candidates = alive[~torch.isin(alive, image)]

@@ -23,14 +23,14 @@ from .common import top
 @dataclass(frozen=True)
 class FastV:
     layer: int = field(
-        default=2, metadata={"help": "K: the first LLM layer that sees only the kept tokens", "range": (1, 1000)}
+        default=2, metadata={"help": "K: the first LLM layer that sees only the kept tokens", "range": (1, 100)}
     )
     keep_positions: bool = field(
         default=True, metadata={"help": "kept tokens keep their original positions (else they are renumbered)"}
     )
 
     stage: ClassVar[str] = "llm"
-    needs: ClassVar[tuple[str, ...]] = ("attention",)
+    needs: ClassVar[tuple[str, ...]] = ("llm-attention",)
     summary: ClassVar[str] = "FastV: before LLM layer K, keep the tokens the last prompt token attends to most"
 
     def cuts(self, depth: int, n: int, budget: int) -> list[Cut]:
@@ -42,6 +42,6 @@ class FastV:
 
 def by_last_token(s: Signals) -> Selection:
     """The tokens still in the sequence that the last prompt token attends to most, heads averaged."""
-    scores = s["attention"][:, -1].mean(0)  # (N,) NaN for tokens cut before
+    scores = s["llm-attention"][:, -1].mean(0)  # (N,) NaN for tokens cut before
     keep = top(scores, s.alive.nonzero()[:, 0], s.budget)
     return Selection(keep=keep.sort().values, scores=scores)

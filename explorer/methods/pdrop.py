@@ -34,7 +34,7 @@ class PyramidDrop:
     )
 
     stage: ClassVar[str] = "llm"
-    needs: ClassVar[tuple[str, ...]] = ("attention",)
+    needs: ClassVar[tuple[str, ...]] = ("llm-attention",)
     summary: ClassVar[str] = "PyramidDrop: at S equally spaced LLM layers, keep a lambda share by last-token attention"
 
     def cuts(self, depth: int, n: int, budget: int) -> list[Cut]:
