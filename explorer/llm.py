@@ -45,7 +45,8 @@ class LlmStage:
 
     def selection(self) -> Selection:
         """The tokens left after the last cut, with the scores of the layer that chose them; for several
-        cuts also each cut's scores ("layer L", L the scoring layer) and counts."""
+        cuts also each cut's scores ("layer L", L the scoring layer). Where the cuts fell and what
+        each kept is in `tokens()`."""
         if not self.done:  # before the prefill every visual token is in the sequence
             return Selection(keep=torch.arange(len(self.geometry)))
         if self.final is None:
@@ -62,7 +63,7 @@ class LlmStage:
             keep=last.keep.cpu(),
             scores=None if last.scores is None else last.scores.cpu(),
             maps=maps,
-            stats={**last.stats, "kept before layer": {str(c.layer): c.tokens for c in self.cuts}},
+            stats=last.stats,
         )
 
     def tokens(self) -> dict:

@@ -211,7 +211,8 @@ def budget_figure(result):
     figure.update_layout(
         barmode="group",
         title=f"{result.method}: {result.tokens['visual_kept']} of {result.tokens['visual_full']} visual tokens kept"
-        + (" (adaptive: the method chose how many)" if result.tokens.get("adaptive") else ""),
+        + (" (adaptive: the method chose how many)" if result.tokens.get("adaptive") else "")
+        + _cut_before(result.tokens.get("llm_cuts")),
         yaxis_title="visual tokens",
         yaxis2=dict(overlaying="y", side="right", title=", ".join(result.selection.stats), showgrid=False),
         legend=dict(orientation="h", y=-0.2),
@@ -219,6 +220,11 @@ def budget_figure(result):
         height=360,
     )
     return figure
+
+
+def _cut_before(cuts: list[dict] | None) -> str:
+    """Where a method working inside the LLM cut, for a title."""
+    return ", cut before LLM layer " + ", ".join(str(c["layer"]) for c in cuts) if cuts else ""
 
 
 def metrics(reduced, full=None, drift: dict | None = None) -> list[list[str]]:
@@ -230,6 +236,7 @@ def metrics(reduced, full=None, drift: dict | None = None) -> list[list[str]]:
             (f"  {p['name']}", lambda r, i=i: r.tokens["by_partition"][i]["kept"], "{:d}")
             for i, p in enumerate(reduced.tokens["by_partition"])
         ),
+        ("visual tokens per LLM layer, mean", lambda r: r.tokens.get("visual_layer_mean"), "{:.0f}"),
         ("text tokens", lambda r: r.tokens["text"], "{:d}"),
         ("generated tokens", lambda r: r.tokens["generated"], "{:d}"),
         ("time to first token (s)", lambda r: r.timing["ttft_s"], "{:.3f}"),
@@ -300,12 +307,20 @@ SIGNALS = {  # what each kind of signal is, in plain words (see `explorer.Signal
 }
 
 
+LLM_SIGNALS = {  # read inside the LLM, where a method cuts
+    "llm-attention": "the attention of the prompt's text to each visual token, at the LLM layer that scores",
+    "llm-keys": "the attention keys of the visual and text tokens at the LLM layer that scores",
+    "llm-hidden": "the LLM's hidden states of the visual and text tokens where it cuts",
+    "llm-embeds": "the LLM's input embeddings of the visual and text tokens",
+}
+
+
 def signal_name(signal: str) -> str:
     kind, _, layer = signal.partition("@")
     where = {"feature": "the feature layer (whose output the LLM receives)", "last": "the last vision layer"}
     if kind in SIGNALS:
         return f"{SIGNALS[kind]} at {where.get(layer, f'vision layer {layer}')}"
-    return {"features": "the projected features the LLM receives"}.get(signal, signal)
+    return {"features": "the projected features the LLM receives", **LLM_SIGNALS}.get(signal, signal)
 
 
 def explain(method: str) -> str:

@@ -12,6 +12,7 @@ from conftest import photo, toy_geometry
 
 from backends.llava_next import LlavaNext
 from explorer import METHODS, ExplorerError, Signals, make, run, stream
+from explorer import visual as vis
 from explorer.llm import LlmStage
 
 PROMPT = "What is shown in this image?"
@@ -225,7 +226,6 @@ def test_stream_reports_the_cut_after_the_prefill(backend, name):
     for c in cuts:
         visual[c["layer"] :] = [c["kept"]] * (depth - c["layer"])
     assert final.tokens["visual_layer_mean"] == sum(visual) / depth
-    assert final.selection.stats["kept before layer"] == {str(c["layer"]): c["kept"] for c in cuts}
     if len(cuts) > 1:  # every cut's scores, by the layer that scored
         assert {f"layer {c['scored_at']}" for c in cuts} <= set(final.selection.maps)
     assert 0 < final.timing["selection_s"] < final.timing["prefill_s"] < final.timing["ttft_s"]
@@ -252,6 +252,21 @@ def test_layers_the_model_does_not_have_are_refused(backend, name, settings, mes
     with pytest.raises(ExplorerError, match=message):
         run(backend, photo(64, 64), PROMPT, name, 0.2, settings=settings, max_new_tokens=1)
     assert run(backend, photo(64, 64), PROMPT, name, 0.2, max_new_tokens=1).done
+
+
+def test_the_app_shows_the_cuts_and_the_tokens_per_layer(backend):
+    result = run(backend, photo(640, 480), PROMPT, "pdrop", 0.2, max_new_tokens=1)
+    rows = {row[0]: row[1:] for row in vis.metrics(result)}
+    assert rows["visual tokens"][0] == "468" and rows["visual tokens per LLM layer, mean"][0] == "1404"
+    assert vis.budget_figure(result).layout.title.text.endswith(", cut before LLM layer 1, 2, 3")
+
+
+def test_the_app_explains_what_each_llm_method_reads_and_where():
+    text = vis.explain("fastv")
+    assert "It reads the attention of the prompt's text to each visual token, at the LLM layer that scores." in text
+    assert "It acts inside the language model" in text and "Differs from the paper" in text
+    assert "the attention keys of the visual and text tokens" in vis.explain("dart")
+    assert "input embeddings" in vis.explain("sparsevlm")
 
 
 # --- the methods on synthetic signals -------------------------------------------------------------
@@ -344,7 +359,7 @@ def test_sparsevlm_rates_with_the_text_tokens_the_image_points_to():
     s["llm-attention"][:, [1, 3]] = rated
     s["llm-attention"][:, [0, 2, 4]] = 1 - rated  # the other text tokens look elsewhere
     selection = make("sparsevlm").select(s)
-    assert selection.keep.tolist() == torch.arange(5, 88, 9).tolist() and selection.stats["text"]["raters"] == 2
+    assert selection.keep.tolist() == torch.arange(5, 88, 9).tolist()
 
 
 def test_sparsevlm_averages_only_the_heads_that_look_at_the_image_most():

@@ -70,4 +70,4 @@ class SparseVLM:
         heads = attention.nansum((1, 2)).argsort(descending=True, stable=True)[: self.heads]
         scores = attention[heads].mean((0, 1))  # (N,)
         keep = top(scores, s.alive.nonzero()[:, 0], s.budget)
-        return Selection(keep=keep.sort().values, scores=scores, stats={"text": {"raters": int(raters.sum())}})
+        return Selection(keep=keep.sort().values, scores=scores)
