@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .images import load_image
+from .llm import llm_hooks
 from .pipeline import _locks, _method, _out_of_memory, _select
 
 
@@ -25,18 +26,19 @@ def logprobs(backend, image: str | Image.Image, prompt: str, answer_ids, method=
     chosen, budget = _method(method, settings, budget)
     picture = load_image(image)
     with _locks.setdefault(backend.model, threading.Lock()), _out_of_memory(backend.device):
-        _, prepared, features, selection, _ = _select(backend, picture, prompt, chosen, budget, len(answer_ids))
+        _, prepared, features, selection, b = _select(backend, picture, prompt, chosen, budget, len(answer_ids))
         inputs = backend.generate_inputs(prepared, features, selection.keep)
         ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")  # (1, P)
         answer = torch.tensor([list(answer_ids)], dtype=ids.dtype, device=ids.device)  # (1, T)
-        with torch.inference_mode():
+        _, hooks = llm_hooks(backend, prepared, method, chosen, b)  # a method working inside the LLM cuts there
+        with torch.inference_mode(), hooks:
             logits = backend.model(
                 input_ids=torch.cat([ids, answer], 1),
                 attention_mask=torch.cat([mask, torch.ones_like(answer)], 1),
                 **inputs,
-            ).logits  # (1, P + T, V)
-    start = ids.shape[1] - 1  # the logits at position i predict token i + 1
-    return logits[0, start : start + len(answer_ids)].float().log_softmax(-1).cpu()
+            ).logits  # (1, P + T, V), fewer positions where visual tokens were cut inside the LLM
+    last = len(answer_ids)  # the logits at position i predict token i + 1
+    return logits[0, -last - 1 : -1].float().log_softmax(-1).cpu()
 
 
 def drift(reduced: torch.Tensor, full: torch.Tensor, answer_ids) -> dict:

@@ -3,6 +3,8 @@ for during the prefill, and the selection and token counts those add up to."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from .core import ExplorerError, Geometry, Selection, Signals
@@ -73,3 +75,12 @@ class LlmStage:
             per_layer[c.layer :] = [c.tokens] * (self.depth - c.layer)
         cuts = [{"layer": c.layer, "scored_at": c.score_layer, "kept": c.tokens} for c in self.cuts]
         return {"visual_layer_mean": sum(per_layer) / self.depth, "llm_cuts": cuts}
+
+
+def llm_hooks(backend, prepared, name: str, method, budget: int):
+    """An llm-stage method's `LlmStage` and the backend's hooks that cut for it while a `with` block
+    runs (they yield the backend's record); (None, a context that does nothing) for other methods."""
+    if method.stage != "llm":
+        return None, nullcontext()
+    stage = LlmStage(name, method, prepared.geometry, budget, backend.depth)
+    return stage, backend.pruning(prepared, stage.pairs, method.needs, stage.choose, method.keep_positions)

@@ -17,7 +17,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +25,7 @@ from PIL import Image
 
 from .core import Budget, ExplorerError, Geometry, Selection, Signals
 from .images import load_image
-from .llm import LlmStage
+from .llm import llm_hooks
 from .measure import PeakMemory, TokenStream, first_forward, now, sync
 from .methods import make
 
@@ -84,7 +84,7 @@ def stream(
         memory.reset()
         clock, prepared, features, selection, b = _select(backend, picture, prompt, chosen, budget, max_new_tokens)
         g, keep = prepared.geometry, selection.keep
-        inside = LlmStage(method, chosen, g, b, backend.depth) if chosen.stage == "llm" else None
+        inside, hooks = llm_hooks(backend, prepared, method, chosen, b)  # None, a no-op for vision methods
 
         def result(done: bool) -> Result:
             start, preprocessed, encoded, selected = clock
@@ -122,11 +122,6 @@ def stream(
 
         inputs = backend.generate_inputs(prepared, features, keep)
         options = dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
-        hooks = (
-            backend.pruning(prepared, inside.pairs, chosen.needs, inside.choose, chosen.keep_positions)
-            if inside
-            else nullcontext()
-        )
         with first_forward(model, device) as prefill, hooks as record:  # record: what the hooks did, or None
             for _ in _generate(
                 model, {**inputs, **options, "pad_token_id": tokenizer.pad_token_id}, timeout_s, ids, times

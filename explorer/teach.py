@@ -25,6 +25,8 @@ CAPTIONS = {
     "picked early": "DivPrune: the order in which tokens were picked; each new pick is the token farthest "
     "from everything picked so far, so the kept set covers the image's variety.",
     "distance to kept": "DivPrune: how far each token is from its nearest kept token at the end.",
+    "key norm": "DART: the L1 norm of each visual token's key in the LLM layer before the cut; the largest "
+    "are the pivots, and the tokens kept are those least like the pivots.",
     "diverse": "VisPruner: after the important half, the remaining tokens are chosen by removing "
     "near-duplicates round by round, so the second half covers what the first missed.",
 }
@@ -56,7 +58,9 @@ def steps(picture: Image.Image, result) -> list[tuple[Image.Image, str]]:
     if selection.groups is not None:
         caption = "Merge groups: each dropped token tinted with the colour of the kept token it was merged into"
         shown += [(vis.overlay(picture, g, selection, t), f"{caption} ({v}).") for v, t in views.items()]
-    kept = f"What reaches the LLM: {result.tokens['visual_kept']} of {result.tokens['visual_full']} visual tokens"
+    cuts = result.tokens.get("llm_cuts")
+    where = f"What reaches the LLM's layers from layer {cuts[-1]['layer']} on" if cuts else "What reaches the LLM"
+    kept = f"{where}: {result.tokens['visual_kept']} of {result.tokens['visual_full']} visual tokens"
     shown += [
         (vis.overlay(picture, g, selection, t), f"{kept}; dropped patches dimmed ({v}).") for v, t in views.items()
     ]

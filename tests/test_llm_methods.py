@@ -11,8 +11,9 @@ import transformers
 from conftest import photo, toy_geometry
 
 from backends.llava_next import LlavaNext
-from explorer import METHODS, ExplorerError, Signals, make, run, stream
+from explorer import METHODS, ExplorerError, Signals, make, run, stream, teach
 from explorer import visual as vis
+from explorer.fidelity import logprobs
 from explorer.llm import LlmStage
 
 PROMPT = "What is shown in this image?"
@@ -259,11 +260,27 @@ def test_layers_the_model_does_not_have_are_refused(backend, name, settings, mes
     assert run(backend, photo(64, 64), PROMPT, name, 0.2, max_new_tokens=1).done
 
 
+@pytest.mark.parametrize("name", ["fastv", "pdrop"])
+def test_fidelity_scores_an_answer_under_the_model_pruned_inside(backend, name):
+    image = photo(400, 300, seed=6)
+    reduced = run(backend, image, PROMPT, name, 0.1, max_new_tokens=6)
+    mine = logprobs(backend, image, PROMPT, reduced.answer_ids, name, 0.1)
+    assert mine.shape[0] == 6 and mine.argmax(-1).tolist() == list(reduced.answer_ids)  # its own greedy choices
+    full = logprobs(backend, image, PROMPT, reduced.answer_ids)
+    assert not torch.allclose(mine, full)  # the cut changes the model
+    assert torch.equal(logprobs(backend, image, PROMPT, reduced.answer_ids, name, 1.0), full)  # keeping all does not
+
+
 def test_the_app_shows_the_cuts_and_the_tokens_per_layer(backend):
     result = run(backend, photo(640, 480), PROMPT, "pdrop", 0.2, max_new_tokens=1)
     rows = {row[0]: row[1:] for row in vis.metrics(result)}
     assert rows["visual tokens"][0] == "468" and rows["visual tokens per LLM layer, mean"][0] == "1404"
     assert vis.budget_figure(result).layout.title.text.endswith(", cut before LLM layer 1, 2, 3")
+    captions = [caption for _, caption in teach.steps(photo(640, 480), result)]
+    assert any(
+        c.startswith("What reaches the LLM's layers from layer 3 on: 468 of 2340 visual tokens") for c in captions
+    )
+    assert any("its intermediate map “layer 1”" in c for c in captions)  # each cut's scores
 
 
 def test_the_app_explains_what_each_llm_method_reads_and_where():
