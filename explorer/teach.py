@@ -64,7 +64,9 @@ def steps(picture: Image.Image, result) -> list[tuple[Image.Image, str]]:
     shown += [
         (vis.overlay(picture, g, selection, t), f"{kept}; dropped patches dimmed ({v}).") for v, t in views.items()
     ]
-    return shown
+    reference = " ".join(vis.explain(result.method).split("\n\n")[1].split())  # the paper, from the method's file
+    image, caption = shown[0]
+    return [(image, f"{caption} Paper: {reference}"), *shown[1:]]
 
 
 def _having(views: dict, values: torch.Tensor):
