@@ -225,3 +225,18 @@ def test_a_50mb_upload_is_refused_by_the_server_itself(served, tmp_path):
     with big.open("rb") as f:
         response = httpx.post(f"{served}gradio_api/upload", files={"files": ("big.png", f, "image/png")}, timeout=60)
     assert response.status_code == 413 and "File size exceeded maximum allowed size" in response.text
+
+
+def test_the_operator_sets_model_device_host_port_and_queue_by_flags_or_environment(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(
+        app, "serve", lambda explorer, queue, **launch: seen.update(explorer=explorer, queue=queue, **launch)
+    )
+    monkeypatch.setenv("EXPLORER_MODEL", "tiny-llava-next")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    app.main(["--device", "cpu", "--queue", "4"])
+    assert (seen["explorer"].model, seen["explorer"].device, seen["queue"]) == ("tiny-llava-next", "cpu", 4)
+    assert (seen["server_name"], seen["server_port"]) == ("0.0.0.0", 7999)
+    app.main(["--model", "elsewhere/model", "--host", "127.0.0.1", "--port", "8001"])
+    assert (seen["explorer"].model, seen["server_name"], seen["server_port"]) == ("elsewhere/model", "127.0.0.1", 8001)
