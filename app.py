@@ -489,7 +489,7 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
 
         # named parameters for API callers: client.predict(image=..., method="cls", budget=10, api_name="/explore")
         names = ["image", "prompt", "method", "budget", "compare", "max_new_tokens", "memo"]
-        names += [f"{m}_{f.name}".replace("+", "_plus") for m, f in SETTINGS]
+        names += [f"{m}_{f.name}".replace("+", "_plus").replace("-", "_") for m, f in SETTINGS]
         keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
         explore.__signature__ = inspect.Signature([inspect.Parameter(n, keyword) for n in names])
         explore = GPU(explore, duration=gpu_seconds)  # on ZeroGPU it runs in a GPU worker process

@@ -148,10 +148,19 @@ class LlavaNext:
             raise ExplorerError(f"{self.family} cannot give the signal {name!r}; it gives features, {given}")
         if layer == "feature":
             return kind, self.feature_layer
+        if layer.startswith("feature-") and layer[8:].isdigit():  # k layers below the feature layer
+            if int(layer[8:]) > self.feature_layer:
+                raise ExplorerError(
+                    f"{name!r}: the feature layer is vision layer {self.feature_layer}, with "
+                    f"{self.feature_layer} layers below it"
+                )
+            return kind, self.feature_layer - int(layer[8:])
         if layer == "last":
             return kind, len(self.encoder) - 1
         if not layer.isdigit() or int(layer) >= len(self.encoder):
-            raise ExplorerError(f"{name!r}: the vision encoder has layers 0..{len(self.encoder) - 1}, feature and last")
+            raise ExplorerError(
+                f"{name!r}: the vision encoder has layers 0..{len(self.encoder) - 1}, feature, feature-<k> and last"
+            )
         return kind, int(layer)
 
     def merge(self, features: torch.Tensor, signals: dict[str, torch.Tensor], selection) -> torch.Tensor:

@@ -50,7 +50,7 @@ class Signals:
     """What a method may read: the geometry, its budget, and the signals it asked for by name.
 
     Names are <kind>@<layer>, where <layer> is a vision encoder layer (0 = first), "feature" (the
-    layer whose output the LLM receives) or "last"; each is in LLM order, NaN where a token has none
+    layer whose output the LLM receives), "feature-<k>" (k layers below it) or "last"; each is in LLM order, NaN where a token has none
     (newlines):
     - "cls@<layer>": the [CLS]-to-patch attention, heads summed, (N,) on the CPU;
     - "cls-heads@<layer>": the same per head, (N, heads), on the model's device;

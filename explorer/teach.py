@@ -27,6 +27,8 @@ CAPTIONS = {
     "distance to kept": "DivPrune: how far each token is from its nearest kept token at the end.",
     "key norm": "DART: the L1 norm of each visual token's key in the LLM layer before the cut; the largest "
     "are the pivots, and the tokens kept are those least like the pivots.",
+    "merge round": "ToMe: the round of bipartite matching in which each token was merged into a more alike "
+    "partner (0: it was kept, and holds the tokens merged into it); early rounds merge the closest pairs.",
     "diverse": "VisPruner: after the important half, the remaining tokens are chosen by removing "
     "near-duplicates round by round, so the second half covers what the first missed.",
 }

@@ -319,6 +319,8 @@ def signal_name(signal: str) -> str:
     kind, _, layer = signal.partition("@")
     where = {"feature": "the feature layer (whose output the LLM receives)", "last": "the last vision layer"}
     if kind in SIGNALS:
+        if layer.startswith("feature-"):
+            return f"{SIGNALS[kind]} {layer[8:]} layer(s) below the feature layer"
         return f"{SIGNALS[kind]} at {where.get(layer, f'vision layer {layer}')}"
     return {"features": "the projected features the LLM receives", **LLM_SIGNALS}.get(signal, signal)
 

@@ -235,8 +235,8 @@ def test_hired_teaches_its_content_map():
         (
             "nope",
             {},
-            "unknown method 'nope'; choose one of: none, random, pooling, cls, hired, visionzip, prumerge+, "
-            "globalcom2, divprune, vispruner",
+            "unknown method 'nope'; choose one of: none, random, pooling, cls, vtc-cls, hired, visionzip, prumerge+, "
+            "globalcom2, divprune, vispruner, tome, transprune",
         ),
         ("hired", {"alpha": 1.5}, "alpha must be between 0.0 and 1.0, got 1.5"),
         ("hired", {"alpha": math.nan}, "alpha must be between"),

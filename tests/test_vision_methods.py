@@ -398,7 +398,9 @@ def test_a_backend_names_the_signal_it_cannot_give(backend):
     prepared = backend.prepare(photo(64, 64), PROMPT)
     with pytest.raises(ExplorerError, match="cannot give the signal 'values@feature'; it gives features, cls@"):
         backend.encode(prepared, ("values@feature",))
-    with pytest.raises(ExplorerError, match=r"'keys@7': the vision encoder has layers 0..2, feature and last"):
+    with pytest.raises(
+        ExplorerError, match=r"'keys@7': the vision encoder has layers 0..2, feature, feature-<k> and last"
+    ):
         backend.encode(prepared, ("keys@7",))
 
 

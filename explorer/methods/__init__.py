@@ -28,8 +28,11 @@ from .pooling import Pooling
 from .prumerge import PruMergePlus
 from .random import Random
 from .sparsevlm import SparseVLM
+from .tome import ToMe
+from .transprune import TransPrune
 from .visionzip import VisionZip
 from .vispruner import VisPruner
+from .vtccls import VTCCLS
 
 KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
 METHODS = {
@@ -37,12 +40,15 @@ METHODS = {
     "random": Random,
     "pooling": Pooling,
     "cls": CLS,
+    "vtc-cls": VTCCLS,
     "hired": HiRED,
     "visionzip": VisionZip,
     "prumerge+": PruMergePlus,
     "globalcom2": GlobalCom2,
     "divprune": DivPrune,
     "vispruner": VisPruner,
+    "tome": ToMe,
+    "transprune": TransPrune,
     "fastv": FastV,
     "pdrop": PyramidDrop,
     "dart": DART,
