@@ -11,11 +11,22 @@ from pathlib import Path
 
 import torch
 
-from . import llava_next
+from . import llava, llava_next, llava_onevision, qwen2_vl, smolvlm
 from .base import ExplorerError, Geometry, Prepared, pick_device
 
-BACKENDS = {"llava_next": llava_next.LlavaNext}  # config.model_type -> backend
-RANDOM = {name: llava_next.build_random for name in llava_next.RANDOM}  # random-weight model -> builder
+FAMILIES = (llava_next, llava_onevision, qwen2_vl, smolvlm, llava)  # one file each
+BACKENDS = {
+    b.model_type: b
+    for b in (
+        llava_next.LlavaNext,
+        llava_onevision.LlavaOnevision,
+        qwen2_vl.Qwen2VL,
+        qwen2_vl.Qwen25VL,
+        smolvlm.SmolVLM,
+        llava.Llava,
+    )
+}  # config.model_type -> backend
+RANDOM = {name: f.build_random for f in FAMILIES for name in f.RANDOM}  # random-weight model -> builder
 DEFAULT_MODEL = llava_next.DEFAULT
 
 __all__ = ["BACKENDS", "DEFAULT_MODEL", "RANDOM", "ExplorerError", "Geometry", "Prepared", "load"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from contextlib import contextmanager
@@ -208,6 +209,7 @@ class Backend:
     family: str  # its name for people
     model_class: str  # the transformers class that loads it
     cls_token: bool = True  # whether the vision encoder has a [CLS] token
+    thumbnail: bool = False  # whether a low-resolution view of the whole image comes beside high-resolution crops
 
     encoder: torch.nn.ModuleList  # the vision encoder's layers
     feature_layer: int  # the layer whose output the LLM receives
@@ -489,16 +491,69 @@ def build_tokenizer(specials: list[str], corpus: str, **tokens):
 
 
 CORPUS = "USER: ASSISTANT: What is shown in this image? Describe the photo, the chart and the text in it."
+VICUNA = (  # llava-hf's chat template for LLaVA-1.5 and LLaVA-1.6 Vicuna: "USER: <image>\n... ASSISTANT:"
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
-def image_only_processor(cls, path: str, **hub):
-    """The processor class `cls` loaded from `path` with a stand-in for its video processor.
+def llama_tokenizer():
+    """The random-weight LLaVA models' tokenizer: <s>, </s>, <unk>, <pad> and <image>."""
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    return build_tokenizer(
+        ["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        CORPUS,
+        **specials,
+        extra_special_tokens={"image_token": "<image>"},
+    )
 
-    transformers 5's composite processors (OneVision, Qwen2-VL, SmolVLM) insist on a video processor,
-    and every video processor needs torchvision, which CPU-only machines often cannot install. The
-    explorer never processes video, so a plain `BaseVideoProcessor` takes its place: same images,
-    tokens and chat template as `AutoProcessor`, no torchvision needed.
+
+def text_config(tokenizer, sizes: tuple[int, int, int, int], **settings) -> dict:
+    """A tiny LLM's config: sizes (hidden, layers, heads, mlp), the tokenizer's vocabulary and bos, eos
+    and pad ids, 4096 positions; `settings` add to it (model_type first of all)."""
+    hidden, layers, heads, mlp = sizes
+    sized = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp)
+    return (
+        dict(vocab_size=len(tokenizer), num_key_value_heads=heads, max_position_embeddings=4096)
+        | sized
+        | {
+            **token_ids(tokenizer),
+            **settings,
+        }
+    )
+
+
+def token_ids(tokenizer) -> dict[str, int]:
+    """The tokenizer's bos, eos and pad ids as config settings."""
+    return {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+
+
+@functools.cache
+def image_only(processor_class: type) -> type:
+    """`processor_class`, a composite processor (OneVision, Qwen2-VL, SmolVLM), taking a plain
+    `BaseVideoProcessor` as its video processor.
+
+    transformers 5 insists on a video processor for these, and every real one needs torchvision,
+    which CPU-only machines often cannot install (its wheels are built against CUDA torch). The
+    explorer never processes video, so a stand-in that is never called takes its place: images,
+    tokens and chat template are the processor's own. The subclass only widens the class check.
     """
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    class ImageOnly(processor_class):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and type(argument) is BaseVideoProcessor:
+                return BaseVideoProcessor
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__  # what save_pretrained records
+    return ImageOnly
+
+
+def image_only_processor(processor_class: type, path: str, **hub):
+    """The processor saved at `path`, without its video processor (see `image_only`)."""
     from transformers.video_processing_utils import BaseVideoProcessor
 
     parts = {
@@ -506,6 +561,7 @@ def image_only_processor(cls, path: str, **hub):
         "tokenizer": transformers.AutoTokenizer.from_pretrained(path, **hub),
         "video_processor": BaseVideoProcessor(),
     }
+    cls = image_only(processor_class)
     settings, extra = cls.get_processor_dict(path, **hub)
     return cls.from_args_and_dict([parts[name] for name in cls.get_attributes()], settings, **extra)
 

@@ -12,7 +12,17 @@ from pathlib import Path
 
 import torch
 
-from .base import CORPUS, Backend, ExplorerError, Prepared, anyres_layout, build_tokenizer, save_random
+from .base import (
+    VICUNA,
+    Backend,
+    ExplorerError,
+    Prepared,
+    anyres_layout,
+    llama_tokenizer,
+    save_random,
+    text_config,
+    token_ids,
+)
 
 DEFAULT = "llava-hf/llava-v1.6-vicuna-7b-hf"  # the HiRED paper's model
 
@@ -21,6 +31,7 @@ class LlavaNext(Backend):
     model_type = "llava_next"
     family = "LLaVA-NeXT"
     model_class = "LlavaNextForConditionalGeneration"
+    thumbnail = True
 
     def __init__(self, model, processor, name: str, random_weights: bool = False):
         super().__init__(model, processor, name, random_weights)
@@ -66,12 +77,6 @@ RANDOM = {  # name -> (vision, text) sizes as (hidden, layers, heads, mlp)
     "small-llava-next": ((256, 8, 8, 1024), (512, 8, 8, 1408)),  # CPU benchmarks
 }
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
-    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
-    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endfor %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 
 
 def build_random(name: str, folder: Path) -> None:
@@ -79,16 +84,8 @@ def build_random(name: str, folder: Path) -> None:
     from transformers import LlavaNextConfig, LlavaNextProcessor
     from transformers.models.llava_next import LlavaNextImageProcessorPil
 
-    (v_hidden, v_layers, v_heads, v_mlp), (t_hidden, t_layers, t_heads, t_mlp) = RANDOM[name]
-    tokenizer = build_tokenizer(
-        ["<unk>", "<s>", "</s>", "<pad>", "<image>"],
-        CORPUS,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    vision, text = RANDOM[name]
+    tokenizer = llama_tokenizer()
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=PINPOINTS
     )
@@ -96,26 +93,13 @@ def build_random(name: str, folder: Path) -> None:
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=14,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=VICUNA,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    ids = {
-        f"{k}_token_id": tokenizer.convert_tokens_to_ids(t)
-        for k, t in [("bos", "<s>"), ("eos", "</s>"), ("pad", "<pad>")]
-    }
+    v_hidden, v_layers, v_heads, v_mlp = vision
     config = LlavaNextConfig(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tokenizer),
-            hidden_size=t_hidden,
-            num_hidden_layers=t_layers,
-            num_attention_heads=t_heads,
-            num_key_value_heads=t_heads,
-            intermediate_size=t_mlp,
-            max_position_embeddings=4096,
-            **ids,
-        ),
+        text_config=text_config(tokenizer, text, model_type="llama"),
         vision_config=dict(
             model_type="clip_vision_model",
             image_size=336,
@@ -129,6 +113,6 @@ def build_random(name: str, folder: Path) -> None:
         image_grid_pinpoints=PINPOINTS,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
-        **ids,
+        **token_ids(tokenizer),
     )
     save_random(LlavaNext.model_class, config, processor, folder)

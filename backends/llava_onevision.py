@@ -1,0 +1,168 @@
+"""LLaVA-OneVision (llava-hf checkpoints): a SigLIP thumbnail of the whole image plus AnyRes crops, as
+LLaVA-NeXT, with 729 (27x27) tokens per 384-px crop and no [CLS] token.
+
+Visual tokens in LLM order: the 27x27 thumbnail ("base"), then the crops stitched into one grid,
+unpadded to the image's aspect ratio and read row by row, each row closed by a newline token. When
+that grid holds more than 9 crops' worth of tokens ("anyres_max_9"), the model resizes it
+bilinearly to about 9 crops' worth: each token then samples the grid between several patches, its
+box is the part of the image its cell of the smaller grid covers, and it belongs to the crop that
+holds its centre. Geometry is read off the model's own `pack_image_features`, so it follows the
+downsampled grid exactly.
+
+SigLIP has no [CLS] token: the "cls" signals are the attention each patch receives (see
+`base.attention_maps`). Signals of resampled tokens are resampled the same way, by the model's own
+packing code, so they line up with the features; merging methods mix those resampled encoder outputs
+before the projector.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .base import (
+    Backend,
+    ExplorerError,
+    Prepared,
+    anyres_layout,
+    build_tokenizer,
+    image_only,
+    image_only_processor,
+    save_random,
+    text_config,
+    token_ids,
+)
+
+DEFAULT = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"  # 7B: llava-hf/llava-onevision-qwen2-7b-ov-hf
+
+
+class LlavaOnevision(Backend):
+    model_type = "llava_onevision"
+    family = "LLaVA-OneVision"
+    model_class = "LlavaOnevisionForConditionalGeneration"
+    thumbnail = True
+    cls_token = False
+
+    def __init__(self, model, processor, name: str, random_weights: bool = False):
+        super().__init__(model, processor, name, random_weights)
+        cfg = model.config
+        if cfg.vision_feature_select_strategy != "full" or not isinstance(cfg.vision_feature_layer, int):
+            raise ExplorerError(f"{name}: only the 'full' vision feature strategy of one layer is supported")
+        self.tile, self.patch = cfg.vision_config.image_size, cfg.vision_config.patch_size  # 384, 14 px
+        self.encoder = model.model.vision_tower.encoder.layers
+        vfl = cfg.vision_feature_layer  # hidden_states index; the layer that makes it is one below
+        self.feature_layer = len(self.encoder) + vfl if vfl < 0 else vfl - 1
+
+    @classmethod
+    def load_processor(cls, path: str, **hub):
+        from transformers import LlavaOnevisionProcessor
+
+        return image_only_processor(LlavaOnevisionProcessor, path, **hub)
+
+    def layout(self, image_size: list[int]):
+        """Geometry of an image of (height, width) pixels, and each token's row in the flat encoder
+        output (-1 where the grid was resampled)."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
+
+        cfg = self.model.config
+        return anyres_layout(
+            self.packer(image_size), unpad_image, image_size, cfg.image_grid_pinpoints, self.tile, self.patch
+        )
+
+    def packer(self, image_size: list[int]):
+        """The model's packing for an image of (height, width): (crops, g*g, C) values, (C,) newline -> (N, C)."""
+
+        def pack(values: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+            (packed,), _ = self.model.model.pack_image_features(
+                [values], [tuple(image_size)], newline, self.model.config.vision_aspect_ratio
+            )
+            return packed
+
+        return pack
+
+    def image_features(self, prepared: Prepared) -> torch.Tensor:
+        inputs = prepared.inputs
+        out = self.model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
+        )
+        return out.pooler_output[0]  # (N, D)
+
+    def tokens_of(self, prepared: Prepared, values: torch.Tensor, fold: str) -> torch.Tensor:
+        """(crops, T, ...) per-patch values through the model's own packing: unpadded, resampled where the
+        features are, NaN for newlines."""
+        crops, t, *rest = values.shape
+        flat = values.reshape(crops, t, -1)  # (crops, T, C)
+        width, height = prepared.geometry.image_size
+        newline = flat.new_full((flat.shape[-1],), math.nan)
+        return self.packer([height, width])(flat, newline).view(-1, *rest)  # (N, ...)
+
+
+RANDOM = {
+    "tiny-llava-onevision": ((32, 3, 4, 64), (32, 2, 4, 64))
+}  # name -> (vision, text): hidden, layers, heads, mlp
+PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # llava-onevision-qwen2-*-ov-hf's 36
+CHATML = (  # the Qwen2 chat template of llava-onevision-qwen2-*-ov-hf, images first
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_random(name: str, folder: Path) -> None:
+    """Write the random-weight checkpoint `name` to `folder`, with llava-onevision-qwen2-0.5b-ov-hf's
+    processor geometry: 384-px crops, patch 14, its 36 pinpoints, anyres_max_9, 729 tokens per crop."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision import LlavaOnevisionImageProcessorPil
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    vision, text = RANDOM[name]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tokenizer = build_tokenizer(
+        specials,
+        CORPUS,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+    processor = image_only(LlavaOnevisionProcessor)(
+        image_processor=LlavaOnevisionImageProcessorPil(
+            size={"height": 384, "width": 384},
+            image_grid_pinpoints=PINPOINTS,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        ),
+        tokenizer=tokenizer,
+        video_processor=BaseVideoProcessor(),  # never used: see `base.image_only`
+        num_image_tokens=729,
+        vision_feature_select_strategy="full",
+        chat_template=CHATML,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    hidden, layers, heads, mlp = vision
+    config = LlavaOnevisionConfig(
+        text_config=text_config(tokenizer, text, model_type="qwen2"),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            image_size=384,
+            patch_size=14,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=mlp,
+            vision_use_head=False,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        **token_ids(tokenizer),
+    )
+    save_random(LlavaOnevision.model_class, config, processor, folder)
+
+
+CORPUS = "user assistant What is shown in this image? Describe the photo, the chart and the text in it."

@@ -1,0 +1,286 @@
+"""Qwen2-VL and Qwen2.5-VL (Qwen checkpoints): the image at its own resolution, one LLM token per
+28x28 pixels.
+
+The processor resizes the image to sides that are multiples of 28 px with at most `MAX_PIXELS`
+pixels (`smart_resize`, aspect ratio nearly kept), cuts it into 14-px patches and the vision
+transformer folds each 2x2 block of patches into one token (the "merger"). Visual tokens in LLM
+order: one partition, "image", its grid of 28-px cells row by row; each token's cell is read off the
+model's own vision position ids (the rows and columns its rotary embedding uses), its box is that
+cell on the original image.
+
+The LLM places tokens by 3-D M-RoPE positions (time, row, column for visual tokens). Dropping tokens
+must not move the others: the positions are computed on the full prompt (`get_rope_index`), the
+dropped ones are cut out and the rest are passed as `position_ids`, so kept tokens keep their
+places and decoding continues after the full prompt's last position, as it would unreduced.
+
+The Qwen ViT has no [CLS] token: the "cls" signals are the attention each patch receives (see
+`base.attention_maps`) within the patches it attends to (the whole image; in Qwen2.5-VL's windowed
+layers, its window), averaged over the 4 patches of a token, as the LightCompress port does; keys
+(before the rotary embedding) too are averaged, and "hidden" holds a token's 4 patches side by side,
+as the merger takes them. Qwen2.5-VL runs its layers on patches reordered by window; the signals are
+put back in image order with the model's own window index.
+"""
+
+from __future__ import annotations
+
+import importlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import transformers
+
+from .base import (
+    ATTENTION,
+    Backend,
+    ExplorerError,
+    Geometry,
+    Prepared,
+    attention_maps,
+    build_tokenizer,
+    image_only,
+    image_only_processor,
+    save_random,
+    text_config,
+    token_ids,
+)
+
+DEFAULT = "Qwen/Qwen2-VL-2B-Instruct"
+DEFAULT_25 = "Qwen/Qwen2.5-VL-3B-Instruct"
+# At most 1280 visual tokens per image (the Qwen2-VL image processor's own default): the checkpoints
+# allow 16384, with which a 4K photo makes ~12k visual tokens and a vision attention over ~50k
+# patches, more than a small GPU (or a CPU) can hold. Applies to every run, app and CLI alike.
+MAX_PIXELS = 1280 * 28 * 28
+
+
+class Qwen2VL(Backend):
+    model_type = "qwen2_vl"
+    family = "Qwen2-VL"
+    model_class = "Qwen2VLForConditionalGeneration"
+    cls_token = False
+
+    def __init__(self, model, processor, name: str, random_weights: bool = False):
+        super().__init__(model, processor, name, random_weights)
+        vision = model.model.visual
+        self.merge_size = vision.spatial_merge_size  # 2
+        self.encoder = vision.blocks
+        self.feature_layer = len(self.encoder) - 1  # the merger takes the last block's output
+        self.rotary = importlib.import_module(type(vision).__module__).apply_rotary_pos_emb_vision
+
+    @classmethod
+    def load_processor(cls, path: str, **hub):
+        return image_only_processor(
+            getattr(transformers, cls.model_class.replace("ForConditionalGeneration", "Processor")), path, **hub
+        )
+
+    def image_options(self) -> dict:
+        size = self.processor.image_processor.size
+        return {"size": {"shortest_edge": size["shortest_edge"], "longest_edge": min(size["longest_edge"], MAX_PIXELS)}}
+
+    def grid(self, image_size: list[int]) -> torch.Tensor:
+        """(1, 3) the (time, rows, columns) of 14-px patches the processor makes of an image of (height, width)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ip, size = self.processor.image_processor, self.image_options()["size"]
+        height, width = image_size
+        try:
+            h, w = smart_resize(
+                height, width, ip.patch_size * ip.merge_size, size["shortest_edge"], size["longest_edge"]
+            )
+        except ValueError as error:  # aspect ratio over 200
+            raise ExplorerError(f"{self.family} cannot take a {width}x{height} image: {error}") from None
+        return torch.tensor([[1, h // ip.patch_size, w // ip.patch_size]])
+
+    def layout(self, image_size: list[int]) -> tuple[Geometry, torch.Tensor]:
+        """Geometry of an image of (height, width) pixels; no token is a single patch, so no source row."""
+        height, width = image_size
+        grid = self.grid(image_size)
+        _, rows, cols = grid[0].tolist()  # in patches
+        from transformers.vision_utils import get_vision_position_ids
+
+        places = get_vision_position_ids(grid, self.merge_size)  # (P, 2) row, col per patch
+        cells = places.view(-1, self.merge_size**2, 2) // self.merge_size  # (N, 4, 2) the token of each of its patches
+        assert (cells == cells[:, :1]).all(), "a token folds one block of patches"
+        i, j = cells[:, 0, 0], cells[:, 0, 1]  # (N,)
+        side_y, side_x = height * self.merge_size / rows, width * self.merge_size / cols  # a token's cell on the image
+        boxes = torch.stack([j * side_x, i * side_y, (j + 1) * side_x, (i + 1) * side_y], 1)
+        boxes = torch.minimum(boxes, torch.tensor([width, height, width, height]))
+        n = len(i)
+        return Geometry(
+            ("image",), torch.zeros(n, dtype=torch.long), cells[:, 0], boxes.float(), (width, height)
+        ), torch.full((n,), -1)
+
+    def image_features(self, prepared: Prepared) -> torch.Tensor:
+        inputs = prepared.inputs
+        out = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        return out.pooler_output[0]  # (N, D)
+
+    @contextmanager
+    def hooks(self, prepared: Prepared, wants: dict[int, set[str]]):
+        """Capture the signals of the chosen blocks: (P, ...) per patch, in the order the blocks see them.
+
+        Attention is recomputed from each block's own q/k (a hook on its qkv projection, with the
+        rotary embedding and the attention segments its attention gets), segment by segment, so
+        the encoder keeps its fast attention kernel."""
+        out: dict[tuple[str, int], torch.Tensor] = {}
+        segments: dict[int, tuple] = {}
+
+        def before(layer):
+            def hook(module, args, kwargs):  # the attention's own arguments
+                segments[layer] = kwargs["cu_seqlens"].tolist(), kwargs["position_embeddings"]
+
+            return hook
+
+        def on_qkv(layer, kinds):
+            attn = self.encoder[layer].attn
+
+            def hook(module, args, qkv):  # qkv: (P, 3 * D)
+                q, k, _ = qkv.unflatten(-1, (3, attn.num_heads, -1)).unbind(1)  # (P, h, d) each
+                if "keys" in kinds:
+                    out["keys", layer] = k.float()
+                if not kinds & set(ATTENTION):
+                    return
+                bounds, (cos, sin) = segments.pop(layer)
+                q, k = self.rotary(q, k, cos, sin)
+                maps = [
+                    attention_maps(q[None, s:e].float(), k[None, s:e].float(), kinds, attn.scaling, cls=False)
+                    for s, e in zip(bounds[:-1], bounds[1:])
+                ]  # per segment: kind -> (1, e - s)
+                out.update({(kind, layer): torch.cat([m[kind][0] for m in maps]) for kind in maps[0]})
+
+            return hook
+
+        def on_output(layer):
+            def hook(module, args, hidden):  # hidden: (P, C)
+                out["hidden", layer] = hidden.float()
+
+            return hook
+
+        handles = []
+        try:
+            for layer, kinds in sorted(wants.items()):
+                block = self.encoder[layer]
+                if kinds & set(ATTENTION):
+                    handles.append(block.attn.register_forward_pre_hook(before(layer), with_kwargs=True))
+                if kinds & {*ATTENTION, "keys"}:
+                    handles.append(block.attn.qkv.register_forward_hook(on_qkv(layer, kinds)))
+                if "hidden" in kinds:
+                    handles.append(block.register_forward_hook(on_output(layer)))
+            yield out
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def in_image_order(self, prepared: Prepared, values: torch.Tensor) -> torch.Tensor:
+        """(P, C) per-patch values in the order the blocks see them -> (N, 4, C), each token's patches."""
+        return values.view(-1, self.merge_size**2, values.shape[-1])
+
+    def tokens_of(self, prepared: Prepared, values: torch.Tensor, fold: str) -> torch.Tensor:
+        patches, *rest = values.shape
+        folded = self.in_image_order(prepared, values.reshape(patches, -1))  # (N, 4, C)
+        return folded.mean(1).view(-1, *rest) if fold == "mean" else folded.flatten(1)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(K, 4 * C) a token's 4 patches side by side -> the model's merger (norm on each, then the MLP)."""
+        return self.model.model.visual.merger(hidden.view(len(hidden) * self.merge_size**2, -1))
+
+    def positions(self, prepared: Prepared) -> torch.Tensor:
+        """(3, 1, L) the M-RoPE positions (time, row, column) of the full prompt, as the model computes them."""
+        inputs = prepared.inputs
+        positions, _ = self.model.model.get_rope_index(
+            inputs["input_ids"],
+            inputs["mm_token_type_ids"],
+            inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+        )
+        return positions
+
+    def generate_inputs(self, prepared: Prepared, features: torch.Tensor, keep: torch.Tensor) -> dict:
+        """generate() arguments for the prompt with only the kept visual tokens, each at its place in the
+        full prompt: `position_ids` (4, 1, L'), the first row the tokens' index in the short prompt (for
+        the attention mask, as generate() builds it), then the full prompt's M-RoPE positions of the
+        tokens that stay. generate() continues every row by one per new token, so the first answer
+        token sits right after the full prompt's last position, as unreduced."""
+        inputs = super().generate_inputs(prepared, features, keep)
+        kept = self.positions(prepared)[..., self.staying(prepared, keep)]  # (3, 1, L')
+        order = torch.arange(kept.shape[-1], device=kept.device).view(1, 1, -1)
+        return inputs | {"position_ids": torch.cat([order, kept])}
+
+
+class Qwen25VL(Qwen2VL):
+    model_type = "qwen2_5_vl"
+    family = "Qwen2.5-VL"
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+
+    def in_image_order(self, prepared: Prepared, values: torch.Tensor) -> torch.Tensor:
+        """Qwen2.5-VL's blocks see the tokens' patches grouped by window: put them back in image order."""
+        from transformers.vision_utils import get_vision_window_index
+
+        vision = self.model.model.visual
+        window, _ = get_vision_window_index(
+            prepared.inputs["image_grid_thw"], vision.spatial_merge_size, vision.window_size, vision.patch_size
+        )  # (N,) the token at each place of the window order
+        return super().in_image_order(prepared, values)[torch.argsort(window).to(values.device)]
+
+
+RANDOM = {  # name -> (vision, text) sizes as (hidden, layers, heads, mlp)
+    "tiny-qwen2-vl": ((32, 3, 4, 64), (32, 2, 4, 64)),
+    "tiny-qwen2.5-vl": ((32, 4, 4, 64), (32, 2, 4, 64)),
+}
+CHAT_TEMPLATE = (  # the Qwen2-VL / Qwen2.5-VL chat template, images first
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_random(name: str, folder: Path) -> None:
+    """Write the random-weight checkpoint `name` to `folder`, with the Qwen2-VL-2B / Qwen2.5-VL-3B
+    processor geometry (patch 14, 2x2 merge, 3136 to 12845056 pixels; Qwen2.5-VL: 112-px windows,
+    the last block attending to the whole image)."""
+    from transformers import Qwen2VLImageProcessorPil
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    qwen25 = name == "tiny-qwen2.5-vl"
+    backend = Qwen25VL if qwen25 else Qwen2VL
+    (v_hidden, v_layers, v_heads, v_mlp), text = RANDOM[name]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
+    tokenizer = build_tokenizer(
+        [*specials, "<|image_pad|>", "<|video_pad|>"],
+        "system user assistant You are a helpful assistant. What is shown in this image? Describe the photo.",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    processor = image_only(getattr(transformers, backend.model_class.replace("ForConditionalGeneration", "Processor")))(
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056),
+        tokenizer=tokenizer,
+        video_processor=BaseVideoProcessor(),  # never used: see `base.image_only`
+        chat_template=CHAT_TEMPLATE,
+    )
+    vision = dict(depth=v_layers, num_heads=v_heads, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if qwen25:
+        vision |= dict(hidden_size=v_hidden, intermediate_size=v_mlp, out_hidden_size=text[0], window_size=112)
+        vision |= dict(fullatt_block_indexes=[v_layers - 1])  # as the checkpoints' last block: the whole image
+    else:
+        vision |= dict(embed_dim=v_hidden, mlp_ratio=v_mlp // v_hidden, hidden_size=text[0])
+    ids = {f"{k}_token_id": tokenizer.convert_tokens_to_ids(f"<|{k}|>") for k in ("vision_start", "vision_end")}
+    config_class = getattr(transformers, backend.model_class.replace("ForConditionalGeneration", "Config"))
+    config = config_class(
+        text_config=text_config(
+            tokenizer,
+            text,
+            model_type=f"{backend.model_type}_text",
+            num_key_value_heads=2,  # grouped-query attention, as the checkpoints
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1000000.0},
+        ),
+        vision_config=vision,
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        **ids,
+        **token_ids(tokenizer),
+    )
+    save_random(backend.model_class, config, processor, folder)
