@@ -23,7 +23,7 @@ from .pipeline import _locks, _method, _out_of_memory, _select
 def logprobs(backend, image: str | Image.Image, prompt: str, answer_ids, method="none", budget=1.0, settings=None):
     """(T, V) float32 log-probabilities of the next token at each of the T answer positions, under
     the model as `method` at `budget` reduces it."""
-    chosen, budget = _method(method, settings, budget)
+    chosen, budget = _method(backend, method, settings, budget)
     picture = load_image(image)
     with _locks.setdefault(backend.model, threading.Lock()), _out_of_memory(backend.device):
         _, prepared, features, selection, b = _select(backend, picture, prompt, chosen, budget, len(answer_ids))

@@ -27,7 +27,7 @@ from .core import Budget, ExplorerError, Geometry, Selection, Signals
 from .images import load_image
 from .llm import llm_hooks
 from .measure import PeakMemory, TokenStream, first_forward, now, sync
-from .methods import make
+from .methods import make, unavailable
 
 MAX_PROMPT_CHARS = 20_000  # far beyond any model's context; refused before tokenizing
 _locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> lock: one run at a time per model
@@ -71,7 +71,7 @@ def stream(
     min_new_tokens: int = 0,
     timeout_s: float = 300.0,  # longest wait for the next token before the run is stopped
 ) -> Iterator[Result]:
-    chosen, budget = _method(method, settings, budget)
+    chosen, budget = _method(backend, method, settings, budget)
     adaptive = getattr(chosen, "adaptive", False)
     check_request(prompt, max_new_tokens, min_new_tokens, timeout_s)
     picture = load_image(image)
@@ -131,9 +131,12 @@ def stream(
         yield result(done=True)
 
 
-def _method(name: str, settings: dict | None, budget: Budget | float):
-    """The method with its settings, and its budget: None when it keeps everything or picks its own count."""
+def _method(backend, name: str, settings: dict | None, budget: Budget | float):
+    """The method with its settings, and its budget: None when it keeps everything or picks its own count.
+    A method that cannot run on the backend's model is refused, with the reason."""
     chosen = make(name, **(settings or {}))
+    if reason := unavailable(name, backend):
+        raise ExplorerError(reason)
     adaptive = getattr(chosen, "adaptive", False)  # it picks its own count: there is no budget to meet
     budget = budget if isinstance(budget, Budget) else Budget(fraction=budget)
     return chosen, budget if getattr(chosen, "budgeted", True) and not adaptive else None

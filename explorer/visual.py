@@ -28,7 +28,7 @@ def views(g: Geometry) -> dict[str, torch.Tensor]:
     """The token sets drawn as one picture each: the thumbnail and the crops when the model has both,
     else every token that has a box. Newline tokens have none."""
     boxed = ~torch.isnan(g.boxes[:, 0])
-    base = g.names.index("base") if "base" in g.names else -1
+    base = -1 if g.thumbnail is None else g.thumbnail
     crops = boxed & (g.partition != base)
     if base < 0 or not crops.any():
         return {"image": boxed.nonzero()[:, 0]}

@@ -2,7 +2,9 @@
 
 A method is a frozen dataclass whose fields are its settings (metadata: "help", and "range" for
 numbers); class attributes say its `stage` ("vision": before the LLM), the signals it `needs`
-(see `Signals`) and a one-line `summary`; `select(signals) -> Selection` does the work.
+(see `Signals`), optionally what it `requires` of the model ("thumbnail": a low-resolution view of
+the whole image beside high-resolution crops), and a one-line `summary`; `select(signals) ->
+Selection` does the work.
 
 A method of stage "llm" prunes inside the LLM: `cuts(depth, n, budget) -> list[Cut]` says before
 which layers it cuts and how many tokens each cut leaves (the last leaves the budget), its
@@ -77,3 +79,20 @@ def _is(value, kind: type) -> bool:
     if isinstance(value, bool) or kind is bool:
         return isinstance(value, bool) and kind is bool
     return isinstance(value, (int, float) if kind is float else kind)
+
+
+def unavailable(name: str, backend) -> str | None:
+    """Why the method `name` cannot run on the backend's model, in one line; None when it can."""
+    method = METHODS[name]
+    if "thumbnail" in getattr(method, "requires", ()) and not backend.thumbnail:
+        return (
+            f"{name} needs a thumbnail of the whole image beside high-resolution crops; "
+            f"{backend.family} sees the image once, with no thumbnail"
+        )
+    for signal in method.needs if method.stage == "vision" else ():
+        try:
+            if signal != "features":
+                backend.signal(signal)
+        except ExplorerError as error:
+            return f"{name} cannot run on {backend.family}: {error}"
+    return None

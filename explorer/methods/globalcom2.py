@@ -40,14 +40,14 @@ class GlobalCom2:
     )
 
     stage: ClassVar[str] = "vision"
+    requires: ClassVar[tuple[str, ...]] = ("thumbnail",)
     needs: ClassVar[tuple[str, ...]] = ("cls-logits@last",)
     summary: ClassVar[str] = "GlobalCom2: the thumbnail's attention sets each crop's share and guides its top tokens"
 
     def select(self, s: Signals) -> Selection:
         g, attention = s.geometry, s["cls-logits@last"]
-        thumbnail = g.names.index("base")
+        thumbnail, crops = g.thumbnail, g.crops
         base = g.members(thumbnail)  # (N_base,) in raster order
-        crops = [p for p, name in enumerate(g.names) if name.startswith("crop")]
         newline = [p for p, name in enumerate(g.names) if name == "newline"]
         b_newline = min(sum(len(g.members(p)) for p in newline), s.budget // 2)
 

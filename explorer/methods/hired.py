@@ -40,13 +40,14 @@ class HiRED:
     )
 
     stage: ClassVar[str] = "vision"
+    requires: ClassVar[tuple[str, ...]] = ("thumbnail",)
     needs: ClassVar[tuple[str, ...]] = ("cls@0", "cls@feature")
     summary: ClassVar[str] = "HiRED: thumbnail share alpha, crop budgets by layer-0 content, top [CLS] tokens"
 
     def select(self, s: Signals) -> Selection:
         g = s.geometry
-        base = g.members(g.names.index("base"))  # (N_base,) in raster order
-        crops = [p for p, name in enumerate(g.names) if name.startswith("crop")]
+        base = g.members(g.thumbnail)  # (N_base,) in raster order
+        crops = g.crops
         content = top(s["cls@0"], base, fraction_of(1 - Fraction(str(self.alpha)), len(base)))
         counts = self.content_counts(g, crops, base, content)
         b_base = min(fraction_of(self.alpha, s.budget), len(base))
@@ -63,7 +64,8 @@ class HiRED:
         return Selection(
             keep=torch.cat(keep).sort().values,
             scores=feature,
-            budgets={"base": b_base, **{g.names[p]: k for p, k in zip(crops, shares)}, "newline": 0},
+            budgets={g.names[g.thumbnail]: b_base, **{g.names[p]: k for p, k in zip(crops, shares)}}
+            | ({"newline": 0} if "newline" in g.names else {}),
             maps={"content": content_map, "content top": chosen},
             stats={"content count": {g.names[p]: c for p, c in zip(crops, counts)}},
         )
