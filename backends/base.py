@@ -436,11 +436,13 @@ def anyres_layout(pack, unpad, image_size, pinpoints, tile: int, patch: int) -> 
 
     shape = np.broadcast_to(np.zeros((), np.uint8), (3, height, width))
     new_h, new_w = transformers.image_processing_utils.get_patch_output_size(shape, (best_h, best_w), "channels_first")
-    ys = _edges(y0 + torch.arange(lines + 1) * sy, patch, (best_h - new_h) // 2, height / new_h, height)
-    xs = _edges(x0 + torch.arange(per_line + 1) * sx, patch, (best_w - new_w) // 2, width / new_w, width)
+    ys = _edges(y0 + torch.arange(lines + 1) * sy, g, tile, patch, (best_h - new_h) // 2, height / new_h, height)
+    xs = _edges(x0 + torch.arange(per_line + 1) * sx, g, tile, patch, (best_w - new_w) // 2, width / new_w, width)
     boxes = torch.full((len(packed), 4), math.nan, dtype=torch.float64)
-    bi, bj = cell // g, cell % g  # the thumbnail is the whole image squashed to a square
-    boxes[: g * g] = torch.stack([bj * width / g, bi * height / g, (bj + 1) * width / g, (bi + 1) * height / g], 1)
+    bi, bj = cell // g, cell % g  # the thumbnail is the whole image squashed to a square, its last cells stretched
+    by = (torch.arange(g + 1) * patch * height / tile).double().index_fill_(0, torch.tensor([g]), height)
+    bx = (torch.arange(g + 1) * patch * width / tile).double().index_fill_(0, torch.tensor([g]), width)
+    boxes[: g * g] = torch.stack([bx[bj], by[bi], bx[bj + 1], by[bi + 1]], 1)
     tokens = g * g + (~newline).nonzero()[:, 0]  # (T,) the grid's tokens in the packed sequence
     boxes[tokens] = torch.stack([xs[j], ys[i], xs[j + 1], ys[i + 1]], 1)
 
@@ -464,10 +466,12 @@ def anyres_layout(pack, unpad, image_size, pinpoints, tile: int, patch: int) -> 
     return Geometry(names, partition, cells, boxes.float(), (width, height)), source
 
 
-def _edges(cells: torch.Tensor, patch: int, offset: int, scale: float, limit: int) -> torch.Tensor:
-    """Pixel positions on the original image of the given stitched-grid lines along one axis; the
-    outermost are stretched to the image border, so the unpadded grid tiles the whole image."""
-    edges = ((cells.double() * patch - offset) * scale).clamp(0, limit)
+def _edges(lines: torch.Tensor, g: int, tile: int, patch: int, offset: int, scale: float, limit: int) -> torch.Tensor:
+    """Pixel positions on the original image of stitched-grid lines along one axis (g patches of
+    `patch` px per `tile` px crop: a crop's unseen last pixels go to its last cell); the outermost
+    are stretched to the image border, so the unpadded grid tiles the whole image."""
+    crop, within = torch.div(lines.double(), g, rounding_mode="floor"), torch.remainder(lines.double(), g)
+    edges = ((crop * tile + within * patch - offset) * scale).clamp(0, limit)
     edges[0], edges[-1] = 0, limit
     return edges
 

@@ -74,18 +74,18 @@ class SmolVLM(Backend):
         i, j = folded // self.patches // self.scale, folded % self.patches // self.scale  # (64, 16) token cells
         assert (i == i[:, :1]).all() and (j == j[:, :1]).all(), "a token folds a square block of patches"
         i, j = i[:, 0], j[:, 0]  # (64,)
-        n = self.side
-        parts, boxes = [], []
+        n, f64 = self.side, torch.float64
+        boxes = []
+        ys, xs = torch.linspace(0, height, rows * n + 1, dtype=f64), torch.linspace(0, width, cols * n + 1, dtype=f64)
         for r in range(rows):
             for c in range(cols):  # tile (r, c) shows 1/rows x 1/cols of the (stretched) image
-                x0, y0 = (c * n + j) * width / (cols * n), (r * n + i) * height / (rows * n)
-                boxes.append(torch.stack([x0, y0, x0 + width / (cols * n), y0 + height / (rows * n)], 1))
-                parts.append(len(parts))
-        boxes.append(torch.stack([j * width / n, i * height / n, (j + 1) * width / n, (i + 1) * height / n], 1))
-        parts.append(len(parts))  # the global tile, last
+                y, x = r * n + i, c * n + j
+                boxes.append(torch.stack([xs[x], ys[y], xs[x + 1], ys[y + 1]], 1))
+        ys, xs = torch.linspace(0, height, n + 1, dtype=f64), torch.linspace(0, width, n + 1, dtype=f64)
+        boxes.append(torch.stack([xs[j], ys[i], xs[j + 1], ys[i + 1]], 1))  # the global tile, last
         names = (*(f"tile {r},{c}" for r in range(rows) for c in range(cols)), "global")
-        partition = torch.tensor(parts).repeat_interleave(n * n)
-        cells = torch.stack([i, j], 1).repeat(len(parts), 1)
+        partition = torch.arange(len(names)).repeat_interleave(n * n)
+        cells = torch.stack([i, j], 1).repeat(len(names), 1)
         geometry = Geometry(names, partition, cells, torch.cat(boxes).float(), (width, height))
         return geometry, torch.full((len(partition),), -1)
 

@@ -84,7 +84,7 @@ def budgets(picture: Image.Image, g: Geometry, selection) -> Image.Image:
     sizes = g.sizes()
     for p, name in enumerate(g.names):
         box = g.boxes[g.partition == p]
-        if name in ("base", "newline") or not len(box) or torch.isnan(box).all():
+        if p == g.thumbnail or name == "newline" or not len(box) or torch.isnan(box).all():
             continue
         x0, y0 = (box[:, :2].amin(0) * scale).tolist()
         x1, y1 = (box[:, 2:].amax(0) * scale).tolist()

@@ -1,0 +1,280 @@
+"""Every model family but LLaVA-NeXT (which the other tests cover): loaded from a saved folder through
+the production path, token for token equal to stock generate() without reduction, geometry equal to
+the processor's image tokens and exact on the image, every method that applies meeting its budget,
+and Qwen2-VL's kept tokens keeping their M-RoPE positions."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import photo
+from PIL import Image
+
+import backends
+from backends.qwen2_vl import MAX_PIXELS
+from explorer import Budget, ExplorerError, run
+from explorer import visual as vis
+from explorer.methods import METHODS, unavailable
+
+FAMILIES = ["tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-llava-1.5"]
+PROMPT = "What is in this picture?"
+THUMBNAILED = {"tiny-llava-onevision", "tiny-smolvlm"}  # a thumbnail beside crops: HiRED and GlobalCom2 apply
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family(request):
+    """(preset name, backend): each tiny model built once into a temporary folder and loaded back
+    through `backends.load`, the production path."""
+    return request.param, backends.load(request.param, "cpu")
+
+
+def folder(name: str) -> str:
+    return backends._random_checkpoint(name).name
+
+
+def test_loads_a_saved_folder_through_the_production_path(family):
+    name, backend = family
+    again = backends.load(folder(name), "cpu")  # a local checkpoint folder, as a user would pass it
+    assert type(again) is type(backend) is backends.BACKENDS[backend.model.config.model_type]
+    assert not again.random_weights and backend.random_weights and again.name == folder(name)
+    assert backend.thumbnail == (name in THUMBNAILED)
+    for key, value in backend.model.state_dict().items():
+        torch.testing.assert_close(again.model.state_dict()[key], value)
+
+
+def test_without_reduction_the_answer_is_stock_generate_token_for_token(family):
+    name, backend = family
+    image = photo(640, 480, seed=3)
+    result = run(backend, image, PROMPT, "none", max_new_tokens=8, min_new_tokens=8)
+    stock = getattr(transformers, backend.model_class).from_pretrained(folder(name))
+    prepared = backend.prepare(image, PROMPT)
+    with torch.inference_mode():
+        out = stock.generate(**prepared.inputs, do_sample=False, max_new_tokens=8, min_new_tokens=8)
+    assert list(result.answer_ids) == out[0, prepared.inputs["input_ids"].shape[1] :].tolist()
+
+
+SIZES = [(640, 640), (1600, 400), (300, 1200), (1920, 1080), (3, 2)]  # square, wide, tall, big, tiny
+
+
+def assert_tiles(boxes: torch.Tensor, region: tuple[float, float, float, float]) -> None:
+    """The boxes are exactly the cells of the grid their edges make, and that grid covers the region."""
+    xs = sorted(set(boxes[:, 0].tolist()) | set(boxes[:, 2].tolist()))
+    ys = sorted(set(boxes[:, 1].tolist()) | set(boxes[:, 3].tolist()))
+    assert (xs[0], ys[0], xs[-1], ys[-1]) == pytest.approx(region, abs=1e-3)
+    cells = set()
+    for x0, y0, x1, y1 in boxes.tolist():
+        assert xs.index(x1) == xs.index(x0) + 1 and ys.index(y1) == ys.index(y0) + 1
+        cells.add((xs.index(x0), ys.index(y0)))
+    assert len(cells) == len(boxes) == (len(xs) - 1) * (len(ys) - 1)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_geometry_matches_the_processor_and_tiles_the_image(family, size):
+    name, backend = family
+    width, height = size
+    prepared = backend.prepare(photo(width, height), PROMPT)
+    g = prepared.geometry
+    assert len(g) == int((prepared.inputs["input_ids"] == backend.image_token_id).sum())
+    assert len(backend.layout([height, width])[0]) == len(g) and g.image_size == (width, height)
+    boxed = ~g.boxes[:, 0].isnan()
+    assert all(g.names[p] == "newline" for p in g.partition[~boxed])
+    boxes = g.boxes[boxed]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+    assert (boxes[:, 0] < boxes[:, 2]).all() and (boxes[:, 1] < boxes[:, 3]).all()
+    for p, part in enumerate(g.names):  # a full rectangle of cells in raster order, tiling its region
+        members = g.members(p)
+        if part == "newline" or not len(members):
+            continue
+        rows, cols = g.grid(p)
+        cells = g.cells[members] - g.cells[members].amin(0)
+        assert len(members) == rows * cols
+        assert torch.equal(cells[:, 0] * cols + cells[:, 1], torch.arange(len(members)))
+        box = g.boxes[members]
+        assert_tiles(box, (*box[:, :2].amin(0).tolist(), *box[:, 2:].amax(0).tolist()))
+    if name == "tiny-llava-1.5":  # the central square the processor crops out, within a pixel of its resize
+        side = min(width, height)
+        square = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+        covered = (*g.boxes[:, :2].amin(0).tolist(), *g.boxes[:, 2:].amax(0).tolist())
+        assert covered == pytest.approx(square, abs=1.5 * side / 336)
+        return
+    for tokens in vis.views(g).values():  # the thumbnail, and the crops together, each cover the whole image
+        assert_tiles(g.boxes[tokens], (0, 0, width, height))
+
+
+@pytest.mark.parametrize(
+    "size, counts",  # measured with each checkpoint's processor (../shared/research/ecosystem.md, section 4)
+    [
+        ((384, 384), {"tiny-llava-onevision": 1485, "tiny-smolvlm": 1088}),
+        ((768, 768), {"tiny-llava-onevision": 3699, "tiny-qwen2-vl": 729, "tiny-smolvlm": 1088}),
+        ((1024, 768), {"tiny-llava-onevision": 4725, "tiny-qwen2-vl": 999, "tiny-smolvlm": 832}),
+        ((1920, 1080), {"tiny-llava-onevision": 7269, "tiny-qwen2-vl": 1222, "tiny-smolvlm": 832}),
+        ((3000, 2000), {"tiny-llava-onevision": 7329, "tiny-qwen2-vl": 1247, "tiny-smolvlm": 832}),
+    ],
+)
+def test_token_counts_are_those_of_the_checkpoints(family, size, counts):
+    name, backend = family
+    counts = counts | {"tiny-qwen2.5-vl": counts.get("tiny-qwen2-vl"), "tiny-llava-1.5": 576}
+    if counts.get(name) is not None:
+        assert len(backend.layout([size[1], size[0]])[0]) == counts[name]
+
+
+def test_qwen_caps_the_pixels_of_huge_images(family):
+    name, backend = family
+    if not name.startswith("tiny-qwen"):
+        pytest.skip("Qwen2-VL only")
+    assert backend.processor.image_processor.size["longest_edge"] > MAX_PIXELS  # the checkpoint allows more
+    n = len(backend.layout([6000, 8000])[0])
+    assert n <= MAX_PIXELS // 28**2 and n > 0.9 * MAX_PIXELS // 28**2
+    with pytest.raises(ExplorerError, match="cannot take a 10000x1 image"):
+        backend.layout([1, 10000])  # Qwen's processor refuses aspect ratios over 200
+
+
+def pixels_of_tokens(name: str, backend, prepared) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3) the mean of the normalised pixels each visual token's patches saw, and (N,) which
+    tokens have one (OneVision's resampled tokens have none)."""
+    ip = backend.processor.image_processor
+    mean, std = torch.tensor(ip.image_mean), torch.tensor(ip.image_std)
+    values = prepared.inputs["pixel_values"]
+    if name.startswith("tiny-qwen"):  # (P, 3 * 2 * 14 * 14) patches, 4 per token
+        patches = values.view(-1, 4, 3, 2, 14, 14)[:, :, :, 0]  # first frame
+        return patches.mean((1, 3, 4)) * std + mean, torch.ones(len(patches), dtype=torch.bool)
+    if name == "tiny-smolvlm":  # (1, tiles, 3, 512, 512), 8x8 tokens of 64 px per tile
+        tiles = values[0].view(-1, 3, 8, 64, 8, 64).mean((3, 5))  # (tiles, 3, 8, 8)
+        return tiles.permute(0, 2, 3, 1).reshape(-1, 3) * std + mean, torch.ones(len(tiles) * 64, dtype=torch.bool)
+    side = backend.model.config.vision_config.image_size // 14  # SigLIP's 384 px make 27 patches of 14
+    crops = values.flatten(0, -4)[..., : side * 14, : side * 14]  # (crops, 3, 14 * side, 14 * side)
+    crops = crops.reshape(-1, 3, side, 14, side, 14).mean((3, 5)).permute(0, 2, 3, 1).reshape(-1, 3)  # (crops * T, 3)
+    src = prepared.source
+    return crops[src.clamp(min=0)] * std + mean, src >= 0
+
+
+@pytest.mark.parametrize("size", [(800, 400), (500, 900)])
+def test_every_box_covers_the_pixels_its_token_saw(family, size):
+    """On an image whose colour encodes the position (red = x, green = y), the mean colour of each
+    token's patches must point back inside its box."""
+    name, backend = family
+    width, height = size
+    x, y = np.meshgrid((np.arange(width) + 0.5) / width, (np.arange(height) + 0.5) / height)
+    pixels = np.stack([x * 255, y * 255, np.zeros_like(x)], -1).round().astype(np.uint8)
+    prepared = backend.prepare(Image.fromarray(pixels), "hi")
+    g = prepared.geometry
+    colour, has = pixels_of_tokens(name, backend, prepared)
+    checked = 0
+    for t in has.nonzero()[:, 0].tolist():
+        x0, y0, x1, y1 = g.boxes[t].tolist()
+        if x0 == 0 or y0 == 0 or x1 == width or y1 == height:
+            continue  # padding and resampling blur the border
+        slack_x, slack_y = (x1 - x0) * 0.1 + 1, (y1 - y0) * 0.1 + 1
+        r, gr = colour[t, :2].tolist()
+        assert x0 - slack_x <= r * width <= x1 + slack_x, (t, g.names[g.partition[t]], r * width, (x0, x1))
+        assert y0 - slack_y <= gr * height <= y1 + slack_y, (t, g.names[g.partition[t]], gr * height, (y0, y1))
+        checked += 1
+    assert checked > 0.5 * len(g)
+
+
+def test_projecting_the_feature_layer_gives_the_features(family):
+    """hidden@feature, in LLM order and folded as the projector takes it (Qwen's 2x2 merger, SmolVLM's
+    pixel shuffle, Qwen2.5-VL's window order undone), projects to exactly the features the LLM gets."""
+    name, backend = family
+    prepared = backend.prepare(photo(900, 500, seed=5), PROMPT)
+    with torch.inference_mode():
+        features, signals = backend.encode(prepared, ("features", "hidden@feature"))
+        projected = backend.project(signals["hidden@feature"])
+    same = prepared.source >= 0 if name == "tiny-llava-onevision" else torch.ones(len(features), dtype=torch.bool)
+    assert same.float().mean() > 0.3  # OneVision: the tokens the grid's resampling did not blend
+    torch.testing.assert_close(projected[same], features[same], rtol=1e-4, atol=1e-5)
+
+
+def test_received_attention_is_the_stock_encoders(family):
+    """Without a [CLS] token, "cls" is the attention each patch receives, mean over heads and queries:
+    compared with a stock eager SigLIP's attention weights (OneVision, SmolVLM); for the Qwen ViT,
+    whose attention weights transformers does not return, each attention segment's tokens receive
+    exactly one query's worth in total, windows (Qwen2.5-VL's layer 0) found in image order."""
+    name, backend = family
+    if backend.cls_token:
+        pytest.skip("a [CLS] encoder: tests/test_vision_methods.py compares it with stock CLIP")
+    prepared = backend.prepare(photo(900, 500, seed=5), PROMPT)
+    with torch.inference_mode():
+        _, signals = backend.encode(prepared, ("cls@0", "cls@feature", "cls-heads@0", "cls-logits@0"))
+    torch.testing.assert_close(signals["cls-heads@0"].mean(1).cpu(), signals["cls@0"], equal_nan=True)
+    if name.startswith("tiny-qwen"):
+        rows, cols = prepared.geometry.grid(0)
+        for layer, side in (("0", 4 if name == "tiny-qwen2.5-vl" else max(rows, cols)), ("feature", max(rows, cols))):
+            grid = signals[f"cls@{layer}"].view(rows, cols)
+            windows = [
+                grid[r : r + side, c : c + side].sum() for r in range(0, rows, side) for c in range(0, cols, side)
+            ]
+            torch.testing.assert_close(torch.stack(windows), torch.full((len(windows),), 0.25))  # 4 patches a token
+        return
+    eager = getattr(transformers, backend.model_class).from_pretrained(folder(name), attn_implementation="eager")
+    inputs = prepared.inputs
+    tower = eager.model.vision_model if name == "tiny-smolvlm" else eager.model.vision_tower
+    pixels = inputs["pixel_values"][0]  # (crops or tiles, 3, H, W)
+    with torch.inference_mode():
+        attentions = tower(pixels, output_attentions=True).attentions  # per layer (crops, h, T, T)
+    received = attentions[0].mean((1, 2))  # (crops, T)
+    ours = signals["cls@0"]
+    if name == "tiny-smolvlm":  # 16 patches a token
+        want = backend.tokens_of(prepared, received, fold="mean")
+        torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-7)
+    else:
+        src = prepared.source
+        torch.testing.assert_close(ours[src >= 0], received.flatten()[src[src >= 0]], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("budget", [0.1, Budget(tokens=1)])
+def test_every_method_that_applies_meets_its_budget_end_to_end(family, budget):
+    name, backend = family
+    image = photo(640, 480, seed=1)
+    for method in METHODS:
+        reason = unavailable(method, backend)
+        if reason:
+            assert name not in THUMBNAILED and method in ("hired", "globalcom2") and "\n" not in reason
+            with pytest.raises(ExplorerError, match="needs a thumbnail"):
+                run(backend, image, PROMPT, method, budget, max_new_tokens=1)
+            continue
+        result = run(backend, image, PROMPT, method, budget, max_new_tokens=1)
+        t, g = result.tokens, result.geometry
+        b = (budget if isinstance(budget, Budget) else Budget(fraction=budget)).resolve(len(g))
+        newlines = g.sizes()[g.names.index("newline")] if "newline" in g.names else 0
+        expected = {"none": len(g), "hired": min(b, len(g) - newlines)}.get(method, b)
+        assert t["visual_kept"] == expected == len(result.selection.keep), method
+        assert result.tokens["generated"] == 1
+
+
+def test_qwen_kept_tokens_keep_their_m_rope_positions(family):
+    """The position ids the LLM gets for the kept tokens are theirs in the unreduced prompt, and the
+    answer goes on after the unreduced prompt's last position."""
+    name, backend = family
+    if not name.startswith("tiny-qwen"):
+        pytest.skip("M-RoPE: Qwen2-VL only")
+    image = photo(700, 500, seed=2)
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(kwargs["position_ids"].clone())
+
+    handle = backend.model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        result = run(backend, image, PROMPT, "random", 0.3, max_new_tokens=3, min_new_tokens=3)
+    finally:
+        handle.remove()
+    prepared = backend.prepare(image, PROMPT)
+    full = backend.positions(prepared)  # (3, 1, L) as the model computes them on the unreduced prompt
+    stay = backend.staying(prepared, result.selection.keep)
+    prefill, *steps = seen
+    assert prefill.shape == (4, 1, int(stay.sum())) and len(steps) == 2
+    assert torch.equal(prefill[1:], full[..., stay])  # kept tokens (and the text) where they were
+    assert torch.equal(prefill[0, 0], torch.arange(int(stay.sum())))  # the short prompt's own order, for the mask
+    last = int(full.max())
+    assert [s[1:].flatten().tolist() for s in steps] == [[last + 1] * 3, [last + 2] * 3]
+
+
+def test_methods_that_cannot_run_say_why_in_one_line(family):
+    name, backend = family
+    reasons = {m: unavailable(m, backend) for m in METHODS}
+    if name in THUMBNAILED:
+        assert not any(reasons.values())
+    else:
+        assert {m for m, r in reasons.items() if r} == {"hired", "globalcom2"}
+        assert backend.family in reasons["hired"] and "thumbnail" in reasons["hired"]
