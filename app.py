@@ -34,6 +34,7 @@ import backends
 from explorer import METHODS, Budget, ExplorerError, bench, fidelity, load_image, report, run, stream, teach
 from explorer import visual as vis
 from explorer.core import fraction_of
+from explorer.methods import unavailable
 from explorer.pipeline import check_request
 
 ASSETS = Path(__file__).parent / "assets"
@@ -51,6 +52,15 @@ SETTINGS = [(name, f) for name, cls in METHODS.items() for f in dataclasses.fiel
 OUTPUTS = ("overlay_0", "overlay_1", "heat_0", "heat_1", "map_choice", "plot", "answer", "full_answer", "table")
 OUTPUTS += ("strip", "live", "explanation", "shown", "memo")
 TABLE = ["", "reduced", "full", "reduced / full"]
+LAYERS_CLS = (
+    "The [CLS] token's attention to every patch, in any layer of the vision encoder, heads summed or one head. "
+    "Click a patch to see its attention layer by layer."
+)
+LAYERS_RECEIVED = (
+    "This model's vision encoder has no [CLS] token: shown instead is the attention each patch receives "
+    "(averaged over the patches attending to it and over the patches a token folds), in any layer, heads summed "
+    "or one head. Click a patch to see it layer by layer."
+)
 SWEEP = [*bench.HEAD, "answer"]
 
 
@@ -78,7 +88,30 @@ class Explorer:
         except ExplorerError as error:
             return f"⚠️ **{self.model} could not be loaded.** {error}"
         note = " · **random weights**: answers are gibberish; token counts, overlays and costs are real"
-        return f"**Model**: {b.name} ({b.family}) on {b.device}" + (note if b.random_weights else "")
+        line = f"**Model**: {b.name} ({b.family}) on {b.device}" + (note if b.random_weights else "")
+        reasons = [reason for name in METHODS if (reason := unavailable(name, b))]
+        return line + "".join(f"\n- not on this model: {reason}" for reason in reasons)
+
+    def explain(self, method: str) -> str:
+        """The method in plain words, for the loaded model's vision encoder (with or without [CLS])."""
+        return vis.explain(method, None if self._backend is None else self._backend.cls_token)
+
+    def for_model(self):
+        """The method pickers holding only the methods that run on the model, and the texts that depend
+        on its encoder; nothing changes when the model cannot be loaded (the status says why)."""
+        try:
+            b = self.backend()
+        except ExplorerError:
+            return (gr.skip(),) * 5
+        runs = [name for name in METHODS if not unavailable(name, b)]
+        value = "hired" if "hired" in runs else "cls"
+        return (
+            gr.update(choices=[(f"{name}: {METHODS[name].summary}", name) for name in runs], value=value),
+            gr.update(choices=runs, value="cls"),
+            gr.update(choices=runs[1:], value=[m for m in ("cls", "hired", "random") if m in runs]),
+            self.explain(value),
+            LAYERS_CLS if b.cls_token else LAYERS_RECEIVED,
+        )
 
     def count(self, image, method: str, budget: float) -> str:
         """What the budget slider means for this image, in tokens."""
@@ -120,7 +153,7 @@ class Explorer:
             reduced = r
             pics, looks = pictures(picture, reduced)
             shown = {"picture": picture, "result": reduced, "full": None, "drift": None}
-            yield {**restyled(pics, looks), "explanation": vis.explain(method), "shown": shown}
+            yield {**restyled(pics, looks), "explanation": self.explain(method), "shown": shown}
             drift, strip = None, ""
             if compare:
                 if full is None:
@@ -142,7 +175,7 @@ class Explorer:
                 "strip": strip,
                 "table": vis.metrics(reduced, full, drift),
                 "live": _speed("reduced", reduced) + (f" · {_speed('full', full)}" if full else ""),
-                "explanation": vis.explain(method),
+                "explanation": self.explain(method),
                 "shown": {**shown, "full": full, "drift": drift},
                 "memo": memo,
             }
@@ -432,10 +465,7 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
                     gr.Markdown("What the method saw and did, stage by stage, on the last run.")
                     steps = gr.Gallery(label="Steps", columns=2, height="auto", object_fit="contain")
                 with gr.Tab("Layers"):
-                    gr.Markdown(
-                        "The [CLS] token's attention to every patch, in any layer of the vision encoder, heads "
-                        "summed or one head. Click a patch to see its attention layer by layer."
-                    )
+                    layers_note = gr.Markdown(LAYERS_CLS)
                     with gr.Row():
                         read_go = gr.Button("Read every layer of this image")
                         layer = gr.Slider(0, 1, value=0, step=1, label="Vision layer")
@@ -495,7 +525,7 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
         explore = GPU(explore, duration=gpu_seconds)  # on ZeroGPU it runs in a GPU worker process
 
         def shown_settings(chosen):
-            return [gr.update(visible=m == chosen) for m, _ in SETTINGS] + [vis.explain(chosen)]
+            return [gr.update(visible=m == chosen) for m, _ in SETTINGS] + [explorer.explain(chosen)]
 
         gpu = dict(concurrency_id="gpu", concurrency_limit=1)
         inputs = [image, prompt, method, budget, compare, max_new_tokens, c["memo"], *controls]
@@ -539,6 +569,8 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
         sweep_go.click(sweep, sweep_inputs, [sweep_plot, sweep_rows, rows, cache], api_name="sweep", **gpu)
         column.change(lambda c, r: bench.figure(r, c) if r else None, [column, rows], sweep_plot, api_name="replot")
         demo.load(explorer.status, None, status, api_name="status")
+        fitted = [method, other, swept, c["explanation"], layers_note]
+        demo.load(explorer.for_model, None, fitted, api_name="for_model")
     return demo.queue(default_concurrency_limit=1, max_size=queue_size)  # a full queue answers "try again"
 
 
@@ -547,8 +579,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The token-drop explorer app.")
     parser.add_argument(
         "--model",
-        default=env("EXPLORER_MODEL", backends.DEFAULT_MODEL),
-        help="Hub id, local folder, or tiny-llava-next; visitors cannot change it (default: $EXPLORER_MODEL or %(default)s)",
+        default=env("EXPLORER_MODEL"),
+        help="Hub id, local folder, or a random-weight tiny-* model such as tiny-llava-next; visitors cannot change "
+        "it (default: $EXPLORER_MODEL, else for the hardware: LLaVA-NeXT 7B on a GPU with 20 GiB free, "
+        f"LLaVA-OneVision 0.5B on a smaller one, SmolVLM-256M without a GPU; on ZeroGPU {backends.DEFAULT_MODEL})",
     )
     parser.add_argument(
         "--device", default=env("EXPLORER_DEVICE"), help="cpu, cuda, ... (default: cuda if there is one)"
@@ -559,7 +593,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     zero_gpu = env("SPACES_ZERO_GPU", "").lower() in ("1", "true")
-    explorer = Explorer(args.model, args.device, warm_up=not zero_gpu)
+    # ZeroGPU hands out a big GPU per request, none at start-up: its model is the one the Space preloads
+    model = args.model or (backends.DEFAULT_MODEL if zero_gpu else backends.default_model(args.device))
+    explorer = Explorer(model, args.device, warm_up=not zero_gpu)
     if zero_gpu:  # ZeroGPU wants the model on the device at start-up; the GPU work happens in `explore`
         explorer.backend()
     else:  # start loading before the first visitor comes

@@ -27,9 +27,22 @@ BACKENDS = {
     )
 }  # config.model_type -> backend
 RANDOM = {name: f.build_random for f in FAMILIES for name in f.RANDOM}  # random-weight model -> builder
-DEFAULT_MODEL = llava_next.DEFAULT
+DEFAULT_MODEL = llava_next.DEFAULT  # the HiRED paper's model: the Space's, and the default on a big GPU
+BIG_GPU = 20 * 2**30  # free bytes LLaVA-NeXT 7B wants: ~15 GiB of bf16 weights, the rest for activations
 
-__all__ = ["BACKENDS", "DEFAULT_MODEL", "RANDOM", "ExplorerError", "Geometry", "Prepared", "load"]
+__all__ = ["BACKENDS", "DEFAULT_MODEL", "RANDOM", "ExplorerError", "Geometry", "Prepared", "default_model", "load"]
+
+
+def default_model(device: str | None = None, free_bytes: int | None = None) -> str:
+    """The checkpoint to load when none is named, for the hardware: the HiRED paper's LLaVA-NeXT 7B
+    on a GPU with at least BIG_GPU free, LLaVA-OneVision 0.5B (high resolution, small) on a smaller
+    GPU, SmolVLM-256M without one. `free_bytes`: the GPU's free memory, measured when not given."""
+    device = pick_device(device)
+    if device.type != "cuda":
+        return smolvlm.DEFAULT
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    return DEFAULT_MODEL if free_bytes >= BIG_GPU else llava_onevision.DEFAULT
 
 
 def load(model: str, device: str | None = None):

@@ -208,6 +208,7 @@ class Backend:
     model_type: str  # config.model_type
     family: str  # its name for people
     model_class: str  # the transformers class that loads it
+    default: str  # its real checkpoint on the Hub that the explorer suggests
     cls_token: bool = True  # whether the vision encoder has a [CLS] token
     thumbnail: bool = False  # whether a low-resolution view of the whole image comes beside high-resolution crops
 

@@ -34,6 +34,7 @@ class Llava(Backend):
     model_type = "llava"
     family = "LLaVA-1.5"
     model_class = "LlavaForConditionalGeneration"
+    default = DEFAULT  # the real checkpoint
 
     def __init__(self, model, processor, name: str, random_weights: bool = False):
         super().__init__(model, processor, name, random_weights)

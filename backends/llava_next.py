@@ -31,6 +31,7 @@ class LlavaNext(Backend):
     model_type = "llava_next"
     family = "LLaVA-NeXT"
     model_class = "LlavaNextForConditionalGeneration"
+    default = DEFAULT  # the real checkpoint
     thumbnail = True
 
     def __init__(self, model, processor, name: str, random_weights: bool = False):

@@ -42,6 +42,7 @@ class LlavaOnevision(Backend):
     model_type = "llava_onevision"
     family = "LLaVA-OneVision"
     model_class = "LlavaOnevisionForConditionalGeneration"
+    default = DEFAULT  # the real checkpoint
     thumbnail = True
     cls_token = False
 

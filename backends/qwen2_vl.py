@@ -57,6 +57,7 @@ class Qwen2VL(Backend):
     model_type = "qwen2_vl"
     family = "Qwen2-VL"
     model_class = "Qwen2VLForConditionalGeneration"
+    default = DEFAULT  # the real checkpoint
     cls_token = False
 
     def __init__(self, model, processor, name: str, random_weights: bool = False):
@@ -211,6 +212,7 @@ class Qwen25VL(Qwen2VL):
     model_type = "qwen2_5_vl"
     family = "Qwen2.5-VL"
     model_class = "Qwen2_5_VLForConditionalGeneration"
+    default = DEFAULT_25  # the real checkpoint
 
     def in_image_order(self, prepared: Prepared, values: torch.Tensor) -> torch.Tensor:
         """Qwen2.5-VL's blocks see the tokens' patches grouped by window: put them back in image order."""

@@ -39,6 +39,7 @@ class SmolVLM(Backend):
     model_type = "smolvlm"
     family = "SmolVLM"
     model_class = "SmolVLMForConditionalGeneration"
+    default = DEFAULT  # the real checkpoint
     thumbnail = True
     cls_token = False
 

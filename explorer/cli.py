@@ -10,7 +10,7 @@ import typing
 from . import bench, fidelity
 from .core import Budget, ExplorerError
 from .images import load_image
-from .methods import KINDS, METHODS, make
+from .methods import KINDS, METHODS, make, unavailable
 from .pipeline import check_request, run, stream
 
 
@@ -36,12 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     commands.add_parser("methods", help="list the reduction methods")
+    models = commands.add_parser(
+        "models", help="the model families: default checkpoints, visual tokens per image, methods that run"
+    )
+    models.add_argument(
+        "--sizes", default="336x336,672x672,1024x768,1920x1080", help="image sizes WIDTHxHEIGHT, comma-separated"
+    )
 
     sweep = commands.add_parser("bench", help="time methods x budgets against the unreduced run")
     _model_args(sweep)
     sweep.add_argument("--prompt", default="Describe this image in detail.")
-    every = ",".join(name for name in METHODS if name != "none")
-    sweep.add_argument("--methods", default=every, help="comma-separated (default: every method)")
+    sweep.add_argument("--methods", help="comma-separated (default: every method that runs on the model)")
     sweep.add_argument("--budgets", default="1,0.4,0.2,0.1", help="comma-separated fractions")
     sweep.add_argument("--max-new-tokens", type=int, default=32, help="every run generates exactly this many")
     sweep.add_argument("--repeats", type=int, default=3, help="measured runs per cell; medians are reported")
@@ -52,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "methods":
             return _methods()
+        if args.command == "models":
+            return _models(args.sizes)
         if args.command == "run":
             return _run(args)
         return _bench(args)
@@ -61,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    from backends import DEFAULT_MODEL
-
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"Hub id, local folder or tiny-llava-next (default {DEFAULT_MODEL})"
+        "--model",
+        help="Hub id, local folder or a random-weight tiny-* model such as tiny-llava-next (default: for the "
+        "hardware: LLaVA-NeXT 7B on a GPU with 20 GiB free, LLaVA-OneVision 0.5B on a smaller one, SmolVLM-256M "
+        "without a GPU)",
     )
     parser.add_argument("--image", required=True)
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when there is one)")
@@ -77,11 +85,32 @@ def _methods() -> int:
     return 0
 
 
+def _models(sizes: str) -> int:
+    """A markdown table of the families, measured on their random-weight tiny-* models, which have the
+    real processors' geometry: the token counts are the real checkpoints'."""
+    try:
+        shapes = [tuple(int(x) for x in size.split("x")) for size in sizes.split(",")]
+        assert all(len(shape) == 2 and min(shape) > 0 for shape in shapes)
+    except (ValueError, AssertionError):
+        raise ExplorerError(f"--sizes takes WIDTHxHEIGHT,... such as 672x672,1920x1080; got {sizes!r}") from None
+    import backends
+
+    _quiet()
+    columns = ["family", "default checkpoint", "random-weight model", *(f"tokens at {w}x{h}" for w, h in shapes)]
+    print("| " + " | ".join([*columns, "methods that cannot run"]) + " |\n|" + "---|" * (len(columns) + 1))
+    for preset in (name for name in backends.RANDOM if name.startswith("tiny-")):
+        backend = backends.load(preset, "cpu")
+        counts = [str(len(backend.layout([h, w])[0])) for w, h in shapes]
+        cannot = ", ".join(f"`{m}`" for m in METHODS if unavailable(m, backend)) or "none"
+        print("| " + " | ".join([backend.family, f"`{backend.default}`", f"`{preset}`", *counts, cannot]) + " |")
+    return 0
+
+
 def _load(args):
     import backends  # imports transformers: only once the arguments are known to be good
 
     _quiet()
-    return backends.load(args.model, args.device)
+    return backends.load(args.model or backends.default_model(args.device), args.device)
 
 
 def _run(args) -> int:
@@ -144,7 +173,7 @@ def _summary(result) -> str:
 
 
 def _bench(args) -> int:
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in (args.methods or "").split(",") if m]
     for name in methods:
         make(name)
     try:
@@ -156,6 +185,11 @@ def _bench(args) -> int:
     check_request(args.prompt, args.max_new_tokens, args.max_new_tokens)
     image = load_image(args.image)
     backend = _load(args)
+    if not methods:  # every method that runs on this model; the others say why
+        skipped = {m: unavailable(m, backend) for m in METHODS if m != "none"}
+        methods = [m for m, reason in skipped.items() if not reason]
+        for reason in filter(None, skipped.values()):
+            print(f"skipped: {reason}", file=sys.stderr)
     rows = bench.sweep(backend, image, args.prompt, methods, budgets, args.max_new_tokens, args.repeats, args.warmup)
     print(bench.table(rows))
     bench.write_csv(rows, args.csv)

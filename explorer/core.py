@@ -62,6 +62,15 @@ class Signals:
     and "features": the (N, D) projected features the LLM receives, newlines included, on the model's
     device. A backend that cannot give a signal raises ExplorerError naming it.
 
+    Encoders without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL ViT) give, as
+    community ports do, the attention each patch receives instead: "cls" is its mean over heads and
+    over the queries that attend to it (the whole crop, or a Qwen2.5-VL window), "cls-heads" per
+    head, "cls-onehead" with the heads joined into one, "cls-logits" the scores before the softmax,
+    averaged the same way. Where the model folds several patches into one token (Qwen2-VL's 2x2
+    merger, SmolVLM's 4x4 pixel shuffle), attention and keys are the mean over the token's patches
+    and "hidden" holds them side by side, (N, patches * C), as the projector takes them; where it
+    resamples the grid (LLaVA-OneVision's anyres_max_9), signals are resampled as the features are.
+
     Inside the LLM (stage "llm"), at a cut, with rows of tokens cut earlier NaN and "text" the T
     prompt tokens after the image (the last one is the last prompt token), on the model's device:
     - "llm-attention": (H, T, N), each text token's attention to each visual token at the scoring

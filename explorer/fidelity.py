@@ -30,6 +30,10 @@ def logprobs(backend, image: str | Image.Image, prompt: str, answer_ids, method=
         inputs = backend.generate_inputs(prepared, features, selection.keep)
         ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")  # (1, P)
         answer = torch.tensor([list(answer_ids)], dtype=ids.dtype, device=ids.device)  # (1, T)
+        if "position_ids" in inputs:  # Qwen2-VL's M-RoPE: the answer goes on one position a token, as in generate()
+            positions = inputs.pop("position_ids")  # (rows, 1, P)
+            after = positions[..., -1:] + torch.arange(1, answer.shape[1] + 1, device=positions.device)  # (rows, 1, T)
+            inputs["position_ids"] = torch.cat([positions, after], -1)
         _, hooks = llm_hooks(backend, prepared, method, chosen, b)  # a method working inside the LLM cuts there
         with torch.inference_mode(), hooks:
             logits = backend.model(

@@ -325,15 +325,29 @@ def signal_name(signal: str) -> str:
     return {"features": "the projected features the LLM receives", **LLM_SIGNALS}.get(signal, signal)
 
 
-def explain(method: str) -> str:
-    """Plain-language markdown on a method: what it does, what it reads, at which stage."""
+NO_CLS = (  # what stands in for [CLS] attention on encoders without a [CLS] token (see `backends.base`)
+    "the [CLS] attention above is, as community ports of these methods do, the attention each patch receives: "
+    "averaged over heads and over the patches attending to it (and over the patches a token folds together)"
+)
+
+
+def explain(method: str, cls_token: bool | None = None) -> str:
+    """Plain-language markdown on a method: what it does, what it reads, at which stage. `cls_token`:
+    whether the model's vision encoder has a [CLS] token; None when the model is not known."""
     cls = METHODS[method]
     doc = inspect.getdoc(inspect.getmodule(cls)) or ""  # each method file opens with its paper and idea
     paragraphs = doc.split("\n\n")
     text = [f"**{cls.summary}**", " ".join(paragraphs[0].split())]
-    text += ["\n".join(p for p in paragraphs[1:] if not p.startswith("Differs"))]
+    text += ["\n".join(p for p in paragraphs[1:] if not p.startswith(("Differs", "Without a [CLS]")))]
     if cls.needs:
         text.append("It reads " + "; ".join(signal_name(s) for s in cls.needs) + ".")
+    if cls.stage == "vision" and any(s.startswith("cls") for s in cls.needs) and cls_token is not True:
+        text.append(
+            f"This model's vision encoder has no [CLS] token, so {NO_CLS}."
+            if cls_token is False
+            else f"On vision encoders without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL "
+            f"ViT), {NO_CLS}."
+        )
     if getattr(cls, "budgeted", True):
         text.append(STAGES.get(cls.stage, ""))
     text += [" ".join(p.split()) for p in paragraphs if p.startswith("Differs")]

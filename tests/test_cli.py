@@ -103,6 +103,22 @@ def test_methods_lists_every_method_with_its_settings(capsys):
     assert "fastv      FastV: before LLM layer K" in out and "[layer=2, keep_positions=True]" in out
 
 
+def test_models_tabulates_every_family_on_its_random_weight_model(capsys):
+    code, out, _ = cli(capsys, "models", "--sizes", "672x672,1920x1080")
+    assert code == 0
+    rows = [line.split(" | ") for line in out.splitlines()[2:]]
+    assert {row[2]: row[3:5] for row in rows} == {
+        "`tiny-llava-next`": ["2928", "1948"],
+        "`tiny-llava-onevision`": ["3699", "7269"],
+        "`tiny-qwen2-vl`": ["576", "1222"],
+        "`tiny-qwen2.5-vl`": ["576", "1222"],
+        "`tiny-smolvlm`": ["1088", "832"],
+        "`tiny-llava-1.5`": ["576", "576"],
+    }
+    assert "| Qwen2-VL | `Qwen/Qwen2-VL-2B-Instruct` |" in out and "`hired`, `globalcom2` |" in out
+    assert cli(capsys, "models", "--sizes", "672")[0] == 2
+
+
 def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
     csv_path = tmp_path / "bench.csv"
     code, out, _ = cli(
@@ -213,7 +229,11 @@ def test_unreadable_files_and_folders_through_the_cli(capsys, image, tmp_path):
         (["--image", str(tmp_path / "empty.jpg")], "is empty"),
         (["--image", str(tmp_path / "corrupt.jpg")], "could not be decoded|is not an image"),
         (["--model", str(tmp_path)], "has no config.json"),
-        (["--model", str(tmp_path / "llama")], "is a 'llama' checkpoint; the explorer runs llava_next checkpoints"),
+        (
+            ["--model", str(tmp_path / "llama")],
+            "is a 'llama' checkpoint; the explorer runs llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, smolvlm, "
+            "llava checkpoints",
+        ),
     ]
     for args, message in cases:
         options = {"--model": "tiny-llava-next", "--image": image, "--prompt": "hi", **dict(zip(args[::2], args[1::2]))}

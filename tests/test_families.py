@@ -3,6 +3,8 @@ the production path, token for token equal to stock generate() without reduction
 the processor's image tokens and exact on the image, every method that applies meeting its budget,
 and Qwen2-VL's kept tokens keeping their M-RoPE positions."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,10 +14,11 @@ from PIL import Image
 
 import backends
 from backends.qwen2_vl import MAX_PIXELS
-from explorer import Budget, ExplorerError, run
+from explorer import Budget, ExplorerError, fidelity, run
 from explorer import visual as vis
 from explorer.methods import METHODS, unavailable
 
+ROOT = Path(__file__).parent.parent
 FAMILIES = ["tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-llava-1.5"]
 PROMPT = "What is in this picture?"
 THUMBNAILED = {"tiny-llava-onevision", "tiny-smolvlm"}  # a thumbnail beside crops: HiRED and GlobalCom2 apply
@@ -278,3 +281,39 @@ def test_methods_that_cannot_run_say_why_in_one_line(family):
     else:
         assert {m for m, r in reasons.items() if r} == {"hired", "globalcom2"}
         assert backend.family in reasons["hired"] and "thumbnail" in reasons["hired"]
+
+
+def test_fidelity_scores_the_answer_as_generate_made_it(family):
+    """Teacher forcing the unreduced answer through the reduced prompt's inputs (M-RoPE positions
+    included) gives back the greedy answer, and a reduction only moves the distributions a little."""
+    _, backend = family
+    image = photo(500, 400, seed=4)
+    answer = run(backend, image, PROMPT, "none", max_new_tokens=4, min_new_tokens=4).answer_ids
+    full = fidelity.logprobs(backend, image, PROMPT, answer)
+    assert full.argmax(-1).tolist() == list(answer)
+    reduced = fidelity.logprobs(backend, image, PROMPT, answer, "cls", 0.5)
+    assert reduced.shape == full.shape and fidelity.drift(reduced, full, answer)["kl"] >= 0
+
+
+def test_the_app_offers_only_the_methods_that_run_and_says_why(family):
+    import app
+
+    name, backend = family
+    explorer = app.Explorer(name, "cpu")
+    explorer._backend = backend  # the session's model, already loaded
+    method, other, swept, explanation, layers = explorer.for_model()
+    runs = [m for m in METHODS if not unavailable(m, backend)]
+    assert [value for _, value in method["choices"]] == other["choices"] == runs
+    assert method["value"] == ("hired" if name in THUMBNAILED else "cls") and set(swept["value"]) <= set(runs)
+    assert ("no [CLS] token" in explanation) == (not backend.cls_token) == (layers == app.LAYERS_RECEIVED)
+    status = explorer.status()
+    assert (status.count("not on this model") == 0) == (name in THUMBNAILED)
+    read, layer, *_ = explorer.layers(str(ROOT / "assets/rocket.jpg"), PROMPT)  # every layer's (received) attention
+    assert read["maps"].shape[:2] == (backend.vision_layers, len(read["geometry"])) and layer["value"] >= 1
+
+
+def test_the_default_model_follows_the_hardware():
+    assert backends.default_model("cpu") == "HuggingFaceTB/SmolVLM-256M-Instruct"
+    assert backends.default_model("cuda", free_bytes=80 * 2**30) == backends.DEFAULT_MODEL
+    assert backends.default_model("cuda", free_bytes=24 * 2**30) == "llava-hf/llava-v1.6-vicuna-7b-hf"
+    assert backends.default_model("cuda:1", free_bytes=12 * 2**30) == "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"

@@ -8,6 +8,10 @@ paper averages them: the same ranking). Its successor is VisPruner (`vispruner`)
 Differs from the paper: FasterVLM keeps the same count in every crop and every newline on top;
 here the budget, newlines included, is split over the partitions in proportion to their sizes, and
 the newline share is spread evenly over the rows.
+
+Without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL ViT), the attention each
+patch receives at the feature layer (mean over heads and queries) ranks the tokens instead, as
+community ports do; a token that folds several patches gets their mean (see `explorer.Signals`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ crops in proportion to size times that factor, capped at each partition's size w
 handed on, where the code floors every share and loses what a full crop cannot take; a crop's region
 on the thumbnail is found from the tokens' boxes on the image (the code cuts the thumbnail grid into
 equal blocks); kept thumbnail tokens stay in raster order, where the code sends them by score.
+
+Without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL ViT), the scores each
+patch receives before the softmax in the last layer, averaged over heads and queries, guide the
+selection instead, as community ports do; a token that folds several patches gets their mean (see
+`explorer.Signals`).
 """
 
 from __future__ import annotations

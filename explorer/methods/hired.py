@@ -2,7 +2,7 @@
 AAAI 2025, arXiv 2408.10945, github.com/hasanar1f/HiRED).
 
 Spends the budget B where the image has content, before the LLM sees a single token:
-1. the thumbnail ("base") gets B_base = min(floor(alpha * B), N_base);
+1. the thumbnail ("base"; SmolVLM's "global") gets B_base = min(floor(alpha * B), N_base);
 2. each crop's content score counts how many of the thumbnail's top floor((1 - alpha) * N_base)
    tokens by layer-0 [CLS] attention have their centre inside the part of the image the crop shows;
 3. the crops share B - B_base in proportion to those counts (largest remainder, capped at each
@@ -14,6 +14,11 @@ Differs from the paper's code: content is counted in 2-D on the image, where the
 thumbnail into row stripes, one per crop (`paper_code=True` does that); the budget is a share of
 this image's real token count and is met exactly, where the code floors each share and loses the
 remainders; budget the crops cannot hold goes back to the thumbnail.
+
+Without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL ViT), the attention each
+patch receives (mean over heads and queries) gives both the layer-0 content map and the feature-
+layer ranking instead, as community ports do; a token that folds several patches gets their mean
+(see `explorer.Signals`).
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ ones too (so nothing changes when nothing is dropped); no extra token summing al
 appended (it has no place on the image and would cost a budget token per partition); a partition
 with no outlier still keeps its top token, where the code would divide by zero; the spatial step is
 at least 1, where the code stops when more than a third of the tokens are outliers.
+
+Without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL ViT), the attention each
+patch receives in the last layer, with the heads joined into one and averaged over the queries,
+gives the outliers instead, as community ports do; a token that folds several patches gets their
+mean (see `explorer.Signals`).
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ the fixed D + C per crop, and newlines get only what the other partitions cannot
 N keeps everything); the [CLS] token is not one of the LLM's visual tokens in llava-hf, so all D
 dominant tokens are patches where the paper spends one on [CLS]; contextual tokens stay at their
 target's place in LLM order instead of being appended after the dominant ones.
+
+Without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL ViT), the attention each
+patch receives at the feature layer (mean over heads and queries) picks the dominant tokens instead,
+as community ports do; a token that folds several patches gets their mean (see `explorer.Signals`).
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ In every partition, of its share T of the budget:
 Differs from the paper: as `cls` (FasterVLM), the budget, newlines included, is split over the
 partitions in proportion to their sizes, and the newline share is spread evenly over the rows, where
 the paper keeps T per crop and every newline on top.
+
+Without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL ViT), the attention each
+patch receives at the feature layer (mean over heads and queries) picks the important tokens
+instead, as community ports do; a token that folds several patches gets their mean (see
+`explorer.Signals`).
 """
 
 from __future__ import annotations
