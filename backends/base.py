@@ -366,13 +366,14 @@ class Backend:
         """The LLM's number of decoder layers."""
         return len(self.language_model.layers)
 
-    def pruning(self, prepared: Prepared, cuts, needs, choose, keep_positions: bool):
-        """Hooks that cut visual tokens inside the LLM while a `with` block runs; see `llm_prune.pruning`."""
+    def pruning(self, prepared: Prepared, cuts, needs, choose, keep_positions: bool, positions=None):
+        """Hooks that cut visual tokens inside the LLM while a `with` block runs; see `llm_prune.pruning`
+        (`positions`: see `llm_prune.Decoder`)."""
         from .llm_prune import Decoder, pruning  # which imports this file
 
         lm = self.language_model
         family = importlib.import_module(type(lm).__module__)  # its modeling file, loaded already
-        decoder = Decoder(lm.layers, lm.rotary_emb, lm.norm, family.apply_rotary_pos_emb)
+        decoder = Decoder(lm.layers, lm.rotary_emb, lm.norm, family.apply_rotary_pos_emb, positions)
         ids = prepared.inputs["input_ids"]  # (1, L)
         image = (ids[0] == self.image_token_id).nonzero()[:, 0]  # (N,)
         return pruning(decoder, image, ids.shape[1], cuts, needs, choose, keep_positions)

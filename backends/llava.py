@@ -77,7 +77,7 @@ class Llava(Backend):
         return out.pooler_output[0]  # (N, D)
 
 
-RANDOM = {"tiny-llava-1.5": ((32, 3, 4, 64), (32, 2, 4, 64))}  # name -> (vision, text) as (hidden, layers, heads, mlp)
+RANDOM = {"tiny-llava-1.5": ((32, 3, 4, 64), (32, 4, 4, 64))}  # name -> (vision, text) as (hidden, layers, heads, mlp)
 
 
 def build_random(name: str, folder: Path) -> None:

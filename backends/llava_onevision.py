@@ -101,7 +101,7 @@ class LlavaOnevision(Backend):
 
 
 RANDOM = {
-    "tiny-llava-onevision": ((32, 3, 4, 64), (32, 2, 4, 64))
+    "tiny-llava-onevision": ((32, 3, 4, 64), (32, 4, 4, 64))
 }  # name -> (vision, text): hidden, layers, heads, mlp
 PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # llava-onevision-qwen2-*-ov-hf's 36
 CHATML = (  # the Qwen2 chat template of llava-onevision-qwen2-*-ov-hf, images first

@@ -39,6 +39,10 @@ class Decoder:
     rotary: torch.nn.Module  # rotary(x, position_ids) -> (cos, sin)
     norm: torch.nn.Module  # the final norm, applied to the "llm-hidden" signal
     rope: Callable  # the family's apply_rotary_pos_emb(q, k, cos, sin) -> (q, k)
+    # the rotary positions of the current pass, (..., 1, L), when they are not the layers' position_ids
+    # (Qwen2-VL's 3-D M-RoPE positions; None when not known); renumbering moves every axis back by the
+    # tokens cut before
+    positions: Callable[[], torch.Tensor | None] | None = None
 
 
 @dataclass
@@ -198,7 +202,8 @@ class _Pruner:
             cos, sin = kwargs["position_embeddings"]  # (1, L, d)
             view["position_embeddings"] = (cos[:, idx], sin[:, idx])
         else:
-            view["position_embeddings"] = self.decoder.rotary(hidden, view["position_ids"])
+            rotary = self.rotary_positions(kwargs)[..., idx]
+            view["position_embeddings"] = self.decoder.rotary(hidden, self.place(rotary, cut_before))
         if kwargs.get("cache_position") is not None:
             view["cache_position"] = self.place(kwargs["cache_position"][idx], cut_before)
         if kwargs.get("attention_mask") is not None:
@@ -211,7 +216,8 @@ class _Pruner:
         if not self.keep_positions:
             cut_before = self.prompt - len(self.rows[s])  # every cut token came before the new ones
             view["position_ids"] = self.place(kwargs["position_ids"], cut_before)
-            view["position_embeddings"] = self.decoder.rotary(hidden, view["position_ids"])
+            rotary = self.rotary_positions(kwargs)
+            view["position_embeddings"] = self.decoder.rotary(hidden, self.place(rotary, cut_before))
             if kwargs.get("cache_position") is not None:
                 view["cache_position"] = self.place(kwargs["cache_position"], cut_before)
         if kwargs.get("attention_mask") is not None:  # (1, 1, q, kv): the prompt's kept columns, then the rest
@@ -219,6 +225,11 @@ class _Pruner:
             generated = torch.arange(self.prompt, mask.shape[-1], device=mask.device)
             view["attention_mask"] = mask[..., torch.cat([self.rows[s], generated])]
         return view
+
+    def rotary_positions(self, kwargs: dict) -> torch.Tensor:
+        """The positions the rotary embedding takes in this pass: the decoder's own (M-RoPE), else the layers'."""
+        own = self.decoder.positions() if self.decoder.positions else None
+        return kwargs["position_ids"] if own is None else own
 
     def place(self, positions: torch.Tensor, cut_before) -> torch.Tensor:
         """Original positions, or renumbered: minus the number of tokens cut before each."""

@@ -196,6 +196,25 @@ class Qwen2VL(Backend):
         )
         return positions
 
+    @contextmanager
+    def pruning(self, prepared: Prepared, cuts, needs, choose, keep_positions: bool):
+        """As every family's, with the M-RoPE positions the LLM gets in each pass: a renumbered token
+        moves back by the tokens cut before it on all three axes, so the image keeps its 2-D layout."""
+        passed = {}
+
+        def record(module, args, kwargs):  # position_ids: (4, 1, L), the text order, then time, row, column
+            ids = kwargs.get("position_ids")
+            passed["positions"] = ids[-3:] if ids is not None and ids.dim() == 3 else None
+
+        handle = self.language_model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            with super().pruning(
+                prepared, cuts, needs, choose, keep_positions, lambda: passed.get("positions")
+            ) as done:
+                yield done
+        finally:
+            handle.remove()
+
     def generate_inputs(self, prepared: Prepared, features: torch.Tensor, keep: torch.Tensor) -> dict:
         """generate() arguments for the prompt with only the kept visual tokens, each at its place in the
         full prompt: `position_ids` (4, 1, L'), the first row the tokens' index in the short prompt (for
@@ -226,8 +245,8 @@ class Qwen25VL(Qwen2VL):
 
 
 RANDOM = {  # name -> (vision, text) sizes as (hidden, layers, heads, mlp)
-    "tiny-qwen2-vl": ((32, 3, 4, 64), (32, 2, 4, 64)),
-    "tiny-qwen2.5-vl": ((32, 4, 4, 64), (32, 2, 4, 64)),
+    "tiny-qwen2-vl": ((32, 3, 4, 64), (32, 4, 4, 64)),
+    "tiny-qwen2.5-vl": ((32, 4, 4, 64), (32, 4, 4, 64)),
 }
 CHAT_TEMPLATE = (  # the Qwen2-VL / Qwen2.5-VL chat template, images first
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"

@@ -104,13 +104,17 @@ class SmolVLM(Backend):
         folded = self.folded(values.reshape(tiles, patches, -1))  # (N, 16, C)
         return folded.mean(1).view(-1, *rest) if fold == "mean" else folded.flatten(1)
 
+    @property
+    def language_model(self):
+        return self.model.model.text_model
+
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """(K, 16 * C) folded encoder outputs -> the final norm on each patch, then the projection."""
         normed = self.model.model.vision_model.post_layernorm(hidden.view(len(hidden), self.scale**2, -1))
         return self.model.model.connector.modality_projection(normed.flatten(1))
 
 
-RANDOM = {"tiny-smolvlm": ((32, 3, 4, 64), (32, 2, 4, 64))}  # name -> (vision, text): hidden, layers, heads, mlp
+RANDOM = {"tiny-smolvlm": ((32, 3, 4, 64), (32, 4, 4, 64))}  # name -> (vision, text): hidden, layers, heads, mlp
 CHAT_TEMPLATE = (  # SmolVLM-256M-Instruct's
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
     "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"

@@ -14,8 +14,9 @@ from PIL import Image
 
 import backends
 from backends.qwen2_vl import MAX_PIXELS
-from explorer import Budget, ExplorerError, fidelity, run
+from explorer import Budget, ExplorerError, fidelity, make, run
 from explorer import visual as vis
+from explorer.llm import LlmStage
 from explorer.methods import METHODS, unavailable
 
 ROOT = Path(__file__).parent.parent
@@ -228,7 +229,7 @@ def test_received_attention_is_the_stock_encoders(family):
 @pytest.mark.parametrize("budget", [0.1, Budget(tokens=1)])
 def test_every_method_that_applies_meets_its_budget_end_to_end(family, budget):
     name, backend = family
-    image = photo(640, 480, seed=1)
+    image = photo(448, 336, seed=1)  # small: 1728 tokens on OneVision, 832 on SmolVLM, 192 on Qwen2-VL
     for method in METHODS:
         reason = unavailable(method, backend)
         if reason:
@@ -317,3 +318,64 @@ def test_the_default_model_follows_the_hardware():
     assert backends.default_model("cuda", free_bytes=80 * 2**30) == backends.DEFAULT_MODEL
     assert backends.default_model("cuda", free_bytes=24 * 2**30) == "llava-hf/llava-v1.6-vicuna-7b-hf"
     assert backends.default_model("cuda:1", free_bytes=12 * 2**30) == "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+
+
+@pytest.mark.parametrize("keep_positions", [True, False])
+def test_qwen_cut_inside_the_llm_decodes_as_a_rerun_and_renumbers_all_three_axes(family, keep_positions):
+    """FastV on Qwen2-VL: decoding on the pruned cache gives the logits of a rerun without a cache on
+    the same cuts, and renumbered positions move every M-RoPE axis back by the tokens cut before."""
+    name, backend = family
+    if not name.startswith("tiny-qwen"):
+        pytest.skip("M-RoPE: Qwen2-VL only")
+    prepared = backend.prepare(photo(448, 336, seed=6), PROMPT)
+    n = len(prepared.geometry)
+    with torch.inference_mode():
+        features, _ = backend.encode(prepared, ())
+    inputs = backend.generate_inputs(prepared, features, torch.arange(n))
+    method = make("fastv", keep_positions=keep_positions)
+    stage = LlmStage("fastv", method, prepared.geometry, n // 4, backend.depth)
+    layer = stage.cuts[0].layer
+    cos_seen = []
+    with (
+        torch.inference_mode(),
+        backend.pruning(prepared, stage.pairs, method.needs, stage.choose, keep_positions) as record,
+    ):
+        watch = backend.language_model.layers[layer].register_forward_pre_hook(  # after the pruning hooks
+            lambda module, args, kwargs: cos_seen.append(kwargs["position_embeddings"][0]), with_kwargs=True
+        )
+        try:
+            out = backend.model.generate(
+                **inputs,
+                do_sample=False,
+                max_new_tokens=3,
+                min_new_tokens=3,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        finally:
+            watch.remove()
+    (keep,) = record.keeps
+    length = inputs["input_ids"].shape[1]
+    ids = inputs["input_ids"][0]
+    image = (ids == backend.image_token_id).nonzero()[:, 0]
+    stay = torch.ones(length, dtype=torch.bool)
+    stay[image] = False
+    stay[image[keep]] = True
+    full = inputs["position_ids"][1:]  # (3, 1, L)
+    cut_before = 0 if keep_positions else torch.arange(length)[stay] - torch.arange(int(stay.sum()))
+    want, _ = backend.language_model.rotary_emb(features, full[..., stay] - cut_before)
+    torch.testing.assert_close(cos_seen[0], want)  # the prefill, after the cut
+    new = out.sequences[0, length:]
+    for t in range(len(new)):  # the whole sequence so far, no cache, the same tokens cut
+        after = full[..., -1:] + torch.arange(1, t + 1)  # (3, 1, t) the answer goes on one position a token
+        order = torch.arange(length + t).view(1, 1, -1)
+        replay = backend.pruning(prepared, stage.pairs, (), lambda cut, maps, alive: keep, keep_positions)
+        with torch.inference_mode(), replay:
+            logits = backend.model(
+                input_ids=torch.cat([inputs["input_ids"], new[None, :t]], 1),
+                attention_mask=torch.ones(1, length + t, dtype=torch.long),
+                position_ids=torch.cat([order, torch.cat([full, after], -1)]),
+                mm_encoder_outputs=inputs["mm_encoder_outputs"],
+                use_cache=False,
+            ).logits[0, -1]
+        torch.testing.assert_close(logits, out.logits[t][0], rtol=1e-4, atol=1e-4)
