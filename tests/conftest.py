@@ -48,3 +48,16 @@ def toy_geometry() -> Geometry:
     return Geometry(
         names, torch.tensor(partition), torch.tensor(cells), torch.tensor(boxes, dtype=torch.float), (80, 80)
     )
+
+
+def assert_tiles(boxes: torch.Tensor, region: tuple[float, float, float, float]) -> None:
+    """The boxes are exactly the cells of the grid their edges make, and that grid covers the region
+    (x0, y0, x1, y1)."""
+    xs = sorted(set(boxes[:, 0].tolist()) | set(boxes[:, 2].tolist()))
+    ys = sorted(set(boxes[:, 1].tolist()) | set(boxes[:, 3].tolist()))
+    assert (xs[0], ys[0], xs[-1], ys[-1]) == tuple(region)
+    cells = set()
+    for x0, y0, x1, y1 in boxes.tolist():
+        assert xs.index(x1) == xs.index(x0) + 1 and ys.index(y1) == ys.index(y0) + 1
+        cells.add((xs.index(x0), ys.index(y0)))
+    assert len(cells) == len(boxes) == (len(xs) - 1) * (len(ys) - 1)

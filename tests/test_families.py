@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import photo
+from conftest import assert_tiles, photo
 from PIL import Image
 
 import backends
@@ -58,18 +58,6 @@ def test_without_reduction_the_answer_is_stock_generate_token_for_token(family):
 
 
 SIZES = [(640, 640), (1600, 400), (300, 1200), (1920, 1080), (3, 2)]  # square, wide, tall, big, tiny
-
-
-def assert_tiles(boxes: torch.Tensor, region: tuple[float, float, float, float]) -> None:
-    """The boxes are exactly the cells of the grid their edges make, and that grid covers the region."""
-    xs = sorted(set(boxes[:, 0].tolist()) | set(boxes[:, 2].tolist()))
-    ys = sorted(set(boxes[:, 1].tolist()) | set(boxes[:, 3].tolist()))
-    assert (xs[0], ys[0], xs[-1], ys[-1]) == pytest.approx(region, abs=1e-3)
-    cells = set()
-    for x0, y0, x1, y1 in boxes.tolist():
-        assert xs.index(x1) == xs.index(x0) + 1 and ys.index(y1) == ys.index(y0) + 1
-        cells.add((xs.index(x0), ys.index(y0)))
-    assert len(cells) == len(boxes) == (len(xs) - 1) * (len(ys) - 1)
 
 
 @pytest.mark.parametrize("size", SIZES)
