@@ -11,7 +11,9 @@ cell on the original image.
 The LLM places tokens by 3-D M-RoPE positions (time, row, column for visual tokens). Dropping tokens
 must not move the others: the positions are computed on the full prompt (`get_rope_index`), the
 dropped ones are cut out and the rest are passed as `position_ids`, so kept tokens keep their
-places and decoding continues after the full prompt's last position, as it would unreduced.
+places and decoding continues after the full prompt's last position, as it would unreduced. Methods
+that cut inside the LLM keep those positions too, or, renumbering, move a kept token back on all three
+axes by the number of tokens cut before it.
 
 The Qwen ViT has no [CLS] token: the "cls" signals are the attention each patch receives (see
 `base.attention_maps`) within the patches it attends to (the whole image; in Qwen2.5-VL's windowed
@@ -57,6 +59,7 @@ class Qwen2VL(Backend):
     model_type = "qwen2_vl"
     family = "Qwen2-VL"
     model_class = "Qwen2VLForConditionalGeneration"
+    processor_class = "Qwen2VLProcessor"
     default = DEFAULT  # the real checkpoint
     cls_token = False
 
@@ -70,9 +73,7 @@ class Qwen2VL(Backend):
 
     @classmethod
     def load_processor(cls, path: str, **hub):
-        return image_only_processor(
-            getattr(transformers, cls.model_class.replace("ForConditionalGeneration", "Processor")), path, **hub
-        )
+        return image_only_processor(getattr(transformers, cls.processor_class), path, **hub)
 
     def image_options(self) -> dict:
         size = self.processor.image_processor.size
@@ -231,6 +232,7 @@ class Qwen25VL(Qwen2VL):
     model_type = "qwen2_5_vl"
     family = "Qwen2.5-VL"
     model_class = "Qwen2_5_VLForConditionalGeneration"
+    processor_class = "Qwen2_5_VLProcessor"
     default = DEFAULT_25  # the real checkpoint
 
     def in_image_order(self, prepared: Prepared, values: torch.Tensor) -> torch.Tensor:
@@ -276,7 +278,7 @@ def build_random(name: str, folder: Path) -> None:
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
-    processor = image_only(getattr(transformers, backend.model_class.replace("ForConditionalGeneration", "Processor")))(
+    processor = image_only(getattr(transformers, backend.processor_class))(
         image_processor=Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056),
         tokenizer=tokenizer,
         video_processor=BaseVideoProcessor(),  # never used: see `base.image_only`
@@ -289,7 +291,7 @@ def build_random(name: str, folder: Path) -> None:
     else:
         vision |= dict(embed_dim=v_hidden, mlp_ratio=v_mlp // v_hidden, hidden_size=text[0])
     ids = {f"{k}_token_id": tokenizer.convert_tokens_to_ids(f"<|{k}|>") for k in ("vision_start", "vision_end")}
-    config_class = getattr(transformers, backend.model_class.replace("ForConditionalGeneration", "Config"))
+    config_class = transformers.Qwen2_5_VLConfig if qwen25 else transformers.Qwen2VLConfig
     config = config_class(
         text_config=text_config(
             tokenizer,
