@@ -15,6 +15,10 @@ paper picks the first layer of the range per run (`--layer`, no default; its ran
 penultimate layer, our feature layer); here `layers` counts the layers of the range back from the
 feature layer, 2 by default (the feature layer and the one below it) so that it runs on every
 model, the tiny test model included; on CLIP-L (feature layer 22) `layers` = 23 sums them all.
+
+Without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL ViT), the attention each
+patch receives in each layer of the range (mean over heads and queries) is summed instead, as
+community ports do; a token that folds several patches gets their mean (see `explorer.Signals`).
 """
 
 from __future__ import annotations
