@@ -88,11 +88,10 @@ def _methods() -> int:
 def _models(sizes: str) -> int:
     """A markdown table of the families, measured on their random-weight tiny-* models, which have the
     real processors' geometry: the token counts are the real checkpoints'."""
-    try:
-        shapes = [tuple(int(x) for x in size.split("x")) for size in sizes.split(",")]
-        assert all(len(shape) == 2 and min(shape) > 0 for shape in shapes)
-    except (ValueError, AssertionError):
-        raise ExplorerError(f"--sizes takes WIDTHxHEIGHT,... such as 672x672,1920x1080; got {sizes!r}") from None
+    shapes = [size.split("x") for size in sizes.split(",")]
+    if not all(len(shape) == 2 and all(x.isdigit() and int(x) > 0 for x in shape) for shape in shapes):
+        raise ExplorerError(f"--sizes takes WIDTHxHEIGHT,... such as 672x672,1920x1080; got {sizes!r}")
+    shapes = [(int(w), int(h)) for w, h in shapes]
     import backends
 
     _quiet()
