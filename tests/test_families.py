@@ -3,6 +3,7 @@ the production path, token for token equal to stock generate() without reduction
 the processor's image tokens and exact on the image, every method that applies meeting its budget,
 and Qwen2-VL's kept tokens keeping their M-RoPE positions."""
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,30 @@ PROMPT = "What is in this picture?"
 THUMBNAILED = {"tiny-llava-onevision", "tiny-smolvlm"}  # a thumbnail beside crops: HiRED and GlobalCom2 apply
 
 
+@functools.cache
+def loaded(name: str):
+    """Each tiny model built once into a temporary folder and loaded back through `backends.load`,
+    the production path."""
+    return backends.load(name, "cpu")
+
+
 @pytest.fixture(scope="session", params=FAMILIES)
 def family(request):
-    """(preset name, backend): each tiny model built once into a temporary folder and loaded back
-    through `backends.load`, the production path."""
-    return request.param, backends.load(request.param, "cpu")
+    """(preset name, backend) of every family."""
+    return request.param, loaded(request.param)
+
+
+@pytest.fixture(scope="session", params=[f for f in FAMILIES if f.startswith("tiny-qwen")])
+def qwen(request):
+    """(preset name, backend) of the Qwen2-VL family: M-RoPE positions and the pixel cap."""
+    return request.param, loaded(request.param)
+
+
+@pytest.fixture(scope="session", params=[f for f in FAMILIES if f != "tiny-llava-1.5"])
+def clsless(request):
+    """(preset name, backend) of the families whose encoder has no [CLS] token (LLaVA-1.5's CLIP has
+    one; tests/test_vision_methods.py compares [CLS] attention with stock CLIP)."""
+    return request.param, loaded(request.param)
 
 
 def folder(name: str) -> str:
@@ -110,10 +130,8 @@ def test_token_counts_are_those_of_the_checkpoints(family, size, counts):
         assert len(backend.layout([size[1], size[0]])[0]) == counts[name]
 
 
-def test_qwen_caps_the_pixels_of_huge_images(family):
-    name, backend = family
-    if not name.startswith("tiny-qwen"):
-        pytest.skip("Qwen2-VL only")
+def test_qwen_caps_the_pixels_of_huge_images(qwen):
+    name, backend = qwen
     assert backend.processor.image_processor.size["longest_edge"] > MAX_PIXELS  # the checkpoint allows more
     n = len(backend.layout([6000, 8000])[0])
     assert n <= MAX_PIXELS // 28**2 and n > 0.9 * MAX_PIXELS // 28**2
@@ -177,14 +195,13 @@ def test_projecting_the_feature_layer_gives_the_features(family):
     torch.testing.assert_close(projected[same], features[same], rtol=1e-4, atol=1e-5)
 
 
-def test_received_attention_is_the_stock_encoders(family):
+def test_received_attention_is_the_stock_encoders(clsless):
     """Without a [CLS] token, "cls" is the attention each patch receives, mean over heads and queries:
     compared with a stock eager SigLIP's attention weights (OneVision, SmolVLM); for the Qwen ViT,
     whose attention weights transformers does not return, each attention segment's tokens receive
     exactly one query's worth in total, windows (Qwen2.5-VL's layer 0) found in image order."""
-    name, backend = family
-    if backend.cls_token:
-        pytest.skip("a [CLS] encoder: tests/test_vision_methods.py compares it with stock CLIP")
+    name, backend = clsless
+    assert not backend.cls_token
     prepared = backend.prepare(photo(900, 500, seed=5), PROMPT)
     with torch.inference_mode():
         _, signals = backend.encode(prepared, ("cls@0", "cls@feature", "cls-heads@0", "cls-logits@0"))
@@ -234,12 +251,10 @@ def test_every_method_that_applies_meets_its_budget_end_to_end(family, budget):
         assert result.tokens["generated"] == 1
 
 
-def test_qwen_kept_tokens_keep_their_m_rope_positions(family):
+def test_qwen_kept_tokens_keep_their_m_rope_positions(qwen):
     """The position ids the LLM gets for the kept tokens are theirs in the unreduced prompt, and the
     answer goes on after the unreduced prompt's last position."""
-    name, backend = family
-    if not name.startswith("tiny-qwen"):
-        pytest.skip("M-RoPE: Qwen2-VL only")
+    name, backend = qwen
     image = photo(700, 500, seed=2)
     seen = []
 
@@ -309,12 +324,10 @@ def test_the_default_model_follows_the_hardware():
 
 
 @pytest.mark.parametrize("keep_positions", [True, False])
-def test_qwen_cut_inside_the_llm_decodes_as_a_rerun_and_renumbers_all_three_axes(family, keep_positions):
+def test_qwen_cut_inside_the_llm_decodes_as_a_rerun_and_renumbers_all_three_axes(qwen, keep_positions):
     """FastV on Qwen2-VL: decoding on the pruned cache gives the logits of a rerun without a cache on
     the same cuts, and renumbered positions move every M-RoPE axis back by the tokens cut before."""
-    name, backend = family
-    if not name.startswith("tiny-qwen"):
-        pytest.skip("M-RoPE: Qwen2-VL only")
+    name, backend = qwen
     prepared = backend.prepare(photo(448, 336, seed=6), PROMPT)
     n = len(prepared.geometry)
     with torch.inference_mode():
