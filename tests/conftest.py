@@ -61,3 +61,17 @@ def assert_tiles(boxes: torch.Tensor, region: tuple[float, float, float, float])
         assert xs.index(x1) == xs.index(x0) + 1 and ys.index(y1) == ys.index(y0) + 1
         cells.add((xs.index(x0), ys.index(y0)))
     assert len(cells) == len(boxes) == (len(xs) - 1) * (len(ys) - 1)
+
+
+def run_seeing_embeds(backend, image, prompt: str, method: str, budget: float):
+    """A one-token run, and the input embeddings the LLM received in it (one (L, D) per forward)."""
+    from explorer import run
+
+    embeds = []
+    hook = backend.model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: embeds.append(kwargs["inputs_embeds"][0]), with_kwargs=True
+    )
+    try:
+        return run(backend, image, prompt, method, budget, max_new_tokens=1), embeds
+    finally:
+        hook.remove()

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import photo
+from conftest import photo, run_seeing_embeds
 from test_methods import random_signals
 
 from explorer import ExplorerError, make, run
@@ -123,14 +123,7 @@ def test_tome_keeps_everything_at_the_full_budget():
 
 def test_tome_merged_features_reach_the_llm_as_group_means(backend):
     image = photo(640, 480, seed=9)
-    embeds = []
-    hook = backend.model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: embeds.append(kwargs["inputs_embeds"][0]), with_kwargs=True
-    )
-    try:
-        result = run(backend, image, PROMPT, "tome", 0.2, max_new_tokens=1)
-    finally:
-        hook.remove()
+    result, embeds = run_seeing_embeds(backend, image, PROMPT, "tome", 0.2)
     assert result.tokens["visual_kept"] == 468
     prepared = backend.prepare(image, PROMPT)
     with torch.no_grad():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import photo, toy_geometry
+from conftest import photo, run_seeing_embeds, toy_geometry
 from test_methods import random_signals
 
 from explorer import METHODS, ExplorerError, Signals, make, run
@@ -359,14 +359,7 @@ def test_the_signals_match_the_stock_vision_tower(backend, checkpoint):
 def test_merged_features_reach_the_llm_as_the_paper_computes_them(backend):
     """VisionZip's contextual tokens carry projector(target + mean of the tokens that joined it)."""
     image = photo(640, 480, seed=9)
-    embeds = []
-    hook = backend.model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: embeds.append(kwargs["inputs_embeds"][0]), with_kwargs=True
-    )
-    try:
-        result = run(backend, image, PROMPT, "visionzip", 0.2, max_new_tokens=1)
-    finally:
-        hook.remove()
+    result, embeds = run_seeing_embeds(backend, image, PROMPT, "visionzip", 0.2)
     prepared = backend.prepare(image, PROMPT)
     with torch.no_grad():
         features, signals = backend.encode(prepared, ("hidden@feature",))
