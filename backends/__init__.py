@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import llava, llava_next, llava_onevision, qwen2_vl, smolvlm
-from .base import ExplorerError, Geometry, Prepared, pick_device
+from .base import ExplorerError, Geometry, Prepared, pick_device, pick_dtype, save_random
 
 FAMILIES = (llava_next, llava_onevision, qwen2_vl, smolvlm, llava)  # one file each
 BACKENDS = {
@@ -26,11 +27,30 @@ BACKENDS = {
         llava.Llava,
     )
 }  # config.model_type -> backend
-RANDOM = {name: f.build_random for f in FAMILIES for name in f.RANDOM}  # random-weight model -> builder
+RANDOM = {name: f.random_parts for f in FAMILIES for name in f.RANDOM}  # random-weight model -> (config, processor)
+FULL_SIZE = {  # Hub checkpoint -> the tiny model with its processor; its architecture is stored in configs/
+    "llava-hf/llava-v1.6-vicuna-7b-hf": "tiny-llava-next",
+    "llava-hf/llava-v1.6-vicuna-13b-hf": "tiny-llava-next",
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": "tiny-llava-onevision",
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": "tiny-llava-onevision",
+    "Qwen/Qwen2-VL-2B-Instruct": "tiny-qwen2-vl",
+    "Qwen/Qwen2-VL-7B-Instruct": "tiny-qwen2-vl",
+}
+CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_MODEL = llava_next.DEFAULT  # the HiRED paper's model: the Space's, and the default on a big GPU
 BIG_GPU = 20 * 2**30  # free bytes LLaVA-NeXT 7B wants: ~15 GiB of bf16 weights, the rest for activations
 
-__all__ = ["BACKENDS", "DEFAULT_MODEL", "RANDOM", "ExplorerError", "Geometry", "Prepared", "default_model", "load"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_MODEL",
+    "FULL_SIZE",
+    "RANDOM",
+    "ExplorerError",
+    "Geometry",
+    "Prepared",
+    "default_model",
+    "load",
+]
 
 
 def default_model(device: str | None = None, free_bytes: int | None = None) -> str:
@@ -45,9 +65,12 @@ def default_model(device: str | None = None, free_bytes: int | None = None) -> s
     return DEFAULT_MODEL if free_bytes >= BIG_GPU else llava_onevision.DEFAULT
 
 
-def load(model: str, device: str | None = None):
-    """Load a checkpoint from a local folder, the Hugging Face cache or the Hub, or build a random one."""
+def load(model: str, device: str | None = None, random_weights: bool = False):
+    """Load a checkpoint from a local folder, the Hugging Face cache or the Hub, or build a random one:
+    a tiny-* model, or with `random_weights` one of the FULL_SIZE architectures (see `full_size`)."""
     device = pick_device(device)
+    if random_weights:
+        return full_size(model, device)
     random_weights = model in RANDOM
     path = _random_checkpoint(model).name if random_weights else model
     folder = Path(path).expanduser()
@@ -108,10 +131,36 @@ def _load(path: str, device, name: str, random_weights: bool, local_files_only: 
         raise ExplorerError(f"could not load {name}: {_first_line(e)}") from None
 
 
+def full_size(model: str, device: torch.device, dtype: torch.dtype | None = None):
+    """The architecture of the Hub checkpoint `model` with random weights, built on `device` from the
+    config stored in configs/ (layer sizes, heads, vocabulary, vision tower and image geometry of the
+    real one), with the processor and token ids of its family's tiny model: speed and memory are the real model's,
+    measured without downloading anything, and the answers are gibberish."""
+    if model not in FULL_SIZE:
+        raise ExplorerError(f"no stored architecture for {model!r}; --random-weights builds: {', '.join(FULL_SIZE)}")
+    config, processor = RANDOM[FULL_SIZE[model]](FULL_SIZE[model])
+    stored = json.loads((CONFIGS / f"{model.replace('/', '--')}.json").read_text())
+    tiny = config.to_dict()
+    stored["text_config"] |= _token_ids(tiny["text_config"])  # the tiny tokenizer's ids
+    config = type(config).from_dict(stored | _token_ids(tiny))
+    backend = BACKENDS[config.model_type]
+    torch.manual_seed(0)
+    import transformers
+
+    with torch.device(device):
+        built = getattr(transformers, backend.model_class)._from_config(config, dtype=dtype or pick_dtype(device))
+    return backend(built.eval(), processor, model, random_weights=True)
+
+
+def _token_ids(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k.endswith(("_token_id", "_token_index"))}
+
+
 @functools.cache
 def _random_checkpoint(name: str) -> tempfile.TemporaryDirectory:
     folder = tempfile.TemporaryDirectory(prefix=f"{name}-")  # kept by the cache, removed at exit
-    RANDOM[name](name, Path(folder.name))
+    config, processor = RANDOM[name](name)
+    save_random(BACKENDS[config.model_type].model_class, config, processor, Path(folder.name))
     return folder
 
 

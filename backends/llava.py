@@ -9,8 +9,6 @@ image its 14-px patch shows. The encoder is CLIP with a [CLS] token, as in LLaVA
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import transformers
@@ -22,7 +20,6 @@ from .base import (
     Geometry,
     Prepared,
     llama_tokenizer,
-    save_random,
     text_config,
     token_ids,
 )
@@ -80,8 +77,8 @@ class Llava(Backend):
 RANDOM = {"tiny-llava-1.5": ((32, 3, 4, 64), (32, 4, 4, 64))}  # name -> (vision, text) as (hidden, layers, heads, mlp)
 
 
-def build_random(name: str, folder: Path) -> None:
-    """Write the random-weight checkpoint `name` to `folder`, with llava-1.5-7b-hf's processor geometry
+def random_parts(name: str):
+    """The config and processor of the random-weight model `name`, with llava-1.5-7b-hf's processor geometry
     (shorter side to 336 px, central 336x336 crop, patch 14)."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaProcessor
 
@@ -112,4 +109,4 @@ def build_random(name: str, folder: Path) -> None:
         vision_feature_select_strategy="default",
         **token_ids(tokenizer),
     )
-    save_random(Llava.model_class, config, processor, folder)
+    return config, processor

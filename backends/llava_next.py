@@ -8,8 +8,6 @@ features, so it always matches the sequence the LLM receives.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from .base import (
@@ -19,7 +17,6 @@ from .base import (
     Prepared,
     anyres_layout,
     llama_tokenizer,
-    save_random,
     text_config,
     token_ids,
 )
@@ -80,8 +77,8 @@ RANDOM = {  # name -> (vision, text) sizes as (hidden, layers, heads, mlp)
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
-def build_random(name: str, folder: Path) -> None:
-    """Write the random-weight checkpoint `name` (a key of RANDOM) to `folder`, deterministically."""
+def random_parts(name: str):
+    """The config and processor of the random-weight model `name` (a key of RANDOM)."""
     from transformers import LlavaNextConfig, LlavaNextProcessor
     from transformers.models.llava_next import LlavaNextImageProcessorPil
 
@@ -116,4 +113,4 @@ def build_random(name: str, folder: Path) -> None:
         vision_feature_select_strategy="default",
         **token_ids(tokenizer),
     )
-    save_random(LlavaNext.model_class, config, processor, folder)
+    return config, processor

@@ -18,7 +18,6 @@ before the projector.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
@@ -30,7 +29,6 @@ from .base import (
     build_tokenizer,
     image_only,
     image_only_processor,
-    save_random,
     text_config,
     token_ids,
 )
@@ -112,8 +110,8 @@ CHATML = (  # the Qwen2 chat template of llava-onevision-qwen2-*-ov-hf, images f
 )
 
 
-def build_random(name: str, folder: Path) -> None:
-    """Write the random-weight checkpoint `name` to `folder`, with llava-onevision-qwen2-0.5b-ov-hf's
+def random_parts(name: str):
+    """The config and processor of the random-weight model `name`, with llava-onevision-qwen2-0.5b-ov-hf's
     processor geometry: 384-px crops, patch 14, its 36 pinpoints, anyres_max_9, 729 tokens per crop."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionProcessor
     from transformers.models.llava_onevision import LlavaOnevisionImageProcessorPil
@@ -163,7 +161,7 @@ def build_random(name: str, folder: Path) -> None:
         vision_aspect_ratio="anyres_max_9",
         **token_ids(tokenizer),
     )
-    save_random(LlavaOnevision.model_class, config, processor, folder)
+    return config, processor
 
 
 CORPUS = "user assistant What is shown in this image? Describe the photo, the chart and the text in it."

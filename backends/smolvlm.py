@@ -16,8 +16,6 @@ projector takes them (the encoder's final norm, then the linear projection, is t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from .base import (
@@ -27,7 +25,6 @@ from .base import (
     build_tokenizer,
     image_only,
     image_only_processor,
-    save_random,
     text_config,
     token_ids,
 )
@@ -124,8 +121,8 @@ CHAT_TEMPLATE = (  # SmolVLM-256M-Instruct's
 )
 
 
-def build_random(name: str, folder: Path) -> None:
-    """Write the random-weight checkpoint `name` to `folder`, with SmolVLM-256M-Instruct's processor
+def random_parts(name: str):
+    """The config and processor of the random-weight model `name`, with SmolVLM-256M-Instruct's processor
     geometry: longer side 2048 px, 512-px tiles and a global one, patch 16, 4x4 pixel shuffle."""
     from transformers import SmolVLMConfig, SmolVLMImageProcessorPil, SmolVLMProcessor
     from transformers.video_processing_utils import BaseVideoProcessor
@@ -175,4 +172,4 @@ def build_random(name: str, folder: Path) -> None:
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         **token_ids(tokenizer),
     )
-    save_random(SmolVLM.model_class, config, processor, folder)
+    return config, processor
