@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import transformers  # lazy: its model code loads on first use, not when this file is imported
 
 
@@ -386,6 +387,22 @@ class Backend:
             pooler_output=[features[keep.to(features.device)]]
         )
         return {"input_ids": ids[:, stay], "attention_mask": mask[:, stay], "mm_encoder_outputs": {"image": kept}}
+
+    def batch_inputs(self, each: list[dict]) -> dict:
+        """generate() arguments for several prompts at once, from each one's `generate_inputs`: the
+        prompts left-padded to the longest, their kept visual tokens in the same order."""
+        longest = max(inputs["input_ids"].shape[1] for inputs in each)
+
+        def padded(key: str, value: int) -> torch.Tensor:  # (B, longest)
+            return torch.cat([F.pad(i[key], (longest - i[key].shape[1], 0), value=value) for i in each])
+
+        features = [f for inputs in each for f in inputs["mm_encoder_outputs"]["image"].pooler_output]
+        kept = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=features)
+        return {
+            "input_ids": padded("input_ids", self.tokenizer.pad_token_id),
+            "attention_mask": padded("attention_mask", 0),
+            "mm_encoder_outputs": {"image": kept},
+        }
 
     def staying(self, prepared: Prepared, keep: torch.Tensor) -> torch.Tensor:
         """(L,) bool over the prompt: the text and the kept visual tokens."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import transformers
@@ -42,7 +41,6 @@ from .base import (
     build_tokenizer,
     image_only,
     image_only_processor,
-    save_random,
     text_config,
     token_ids,
 )
@@ -227,6 +225,11 @@ class Qwen2VL(Backend):
         order = torch.arange(kept.shape[-1], device=kept.device).view(1, 1, -1)
         return inputs | {"position_ids": torch.cat([order, kept])}
 
+    def batch_inputs(self, each: list[dict]) -> dict:
+        raise ExplorerError(
+            f"{self.family} runs one image at a time: batching would need its M-RoPE positions padded per prompt"
+        )
+
 
 class Qwen25VL(Qwen2VL):
     model_type = "qwen2_5_vl"
@@ -260,8 +263,8 @@ CHAT_TEMPLATE = (  # the Qwen2-VL / Qwen2.5-VL chat template, images first
 )
 
 
-def build_random(name: str, folder: Path) -> None:
-    """Write the random-weight checkpoint `name` to `folder`, with the Qwen2-VL-2B / Qwen2.5-VL-3B
+def random_parts(name: str):
+    """The config and processor of the random-weight model `name`, with the Qwen2-VL-2B / Qwen2.5-VL-3B
     processor geometry (patch 14, 2x2 merge, 3136 to 12845056 pixels; Qwen2.5-VL: 112-px windows,
     the last block attending to the whole image)."""
     from transformers import Qwen2VLImageProcessorPil
@@ -306,4 +309,4 @@ def build_random(name: str, folder: Path) -> None:
         **ids,
         **token_ids(tokenizer),
     )
-    save_random(backend.model_class, config, processor, folder)
+    return config, processor

@@ -9,10 +9,11 @@ result.to_json()                                    # tokens, timing, memory, an
 from .core import Budget, ExplorerError, Geometry, Selection, Signals
 from .images import load_image
 from .methods import METHODS, make
-from .pipeline import Result, run, stream
+from .pipeline import Batch, Result, run, run_batch, stream
 
 __all__ = [
     "METHODS",
+    "Batch",
     "Budget",
     "ExplorerError",
     "Geometry",
@@ -22,5 +23,6 @@ __all__ = [
     "load_image",
     "make",
     "run",
+    "run_batch",
     "stream",
 ]

@@ -1,7 +1,10 @@
-"""`python -m explorer bench`: methods x budgets on one image, each against the unreduced run.
+"""`python -m explorer bench`: methods x budgets on one image, each against the unreduced run and
+against the floor, the same model fed exactly as many visual tokens with no selection work at all
+(`uniform`: no signal captured, nothing scored). A method's TTFT over its floor is the overhead it costs.
 
-Every run generates exactly `max_new_tokens` tokens; warm-up runs are not measured; each number is
-the median over `repeats` runs.
+Every run generates exactly `max_new_tokens` tokens; warm-up runs are not measured; each time is the
+median over `repeats` runs, and the TTFT's min and max give its spread. Prefill FLOPs and KV-cache
+bytes are computed from the LLM's config and the real token counts (`cost`).
 """
 
 from __future__ import annotations
@@ -11,13 +14,17 @@ import statistics
 
 from . import fidelity
 from .core import Budget
-from .pipeline import run
+from .cost import Shape, kv_bytes, prefill_flops
+from .methods import METHODS
+from .pipeline import OutOfMemory, run, run_batch
 
-TIMES = ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_s", "selection_s")
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+
+TIMES = ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_s", "vision_s", "selection_s")
 DRIFT = ("logprob_diff", "kl", "first_divergence")  # on the unreduced run's answer, see fidelity.drift
-COLUMNS = ("method", "budget", "visual_kept", "visual_full", "visual_layer_mean", *TIMES, "peak_bytes", "ttft_ratio")
-COLUMNS += ("peak_ratio", *DRIFT)
-COLUMNS += ("answer",)
+COLUMNS = ("model", "size", "batch", "method", "budget", "visual_kept", "visual_full", "visual_layer_mean", *TIMES)
+COLUMNS += ("ttft_min_s", "ttft_max_s", "images_per_s", "peak_bytes", "prefill_tflops", "kv_bytes")
+COLUMNS += ("ttft_ratio", "peak_ratio", "floor_ttft_s", "over_floor", *DRIFT, "answer")
 
 
 def sweep(
@@ -31,48 +38,85 @@ def sweep(
     warmup: int = 1,
     done: dict | None = None,
     progress=None,
+    batch: int = 1,
+    floor: bool = False,
 ) -> list[dict]:
     """One row per (method, budget), the unreduced run first; ratios and drift are to the unreduced run.
+    With `floor`, each row also gets the TTFT of `uniform` keeping as many tokens (its floor).
+    `batch` > 1 runs that many copies of the image in one generate() call (no drift then).
 
-    `done` maps (method, budget as text) to rows measured before, which are reused (the app's cache);
-    `progress(i, n, method, budget)` is called before each cell is measured."""
+    `done` maps (method, budget as text, batch) to rows measured before, which are reused (the app's
+    cache); `progress(i, n, method, budget)` is called before each cell is measured."""
     done = {} if done is None else done
     cells = [("none", Budget(fraction=1.0))] + [(m, b) for m in methods if m != "none" for b in budgets]
-    reference = {}  # the unreduced answer and its log-probabilities
-    rows = []
-    for i, (method, budget) in enumerate(cells):
-        key = (method, "-" if method == "none" else str(budget))
+    reference = {} if batch == 1 else None  # the unreduced answer and its log-probabilities
+
+    def cell(i: int, n: int, method: str, budget: Budget) -> dict:
+        key = (method, "-" if method == "none" else str(budget), batch)
         if key not in done:
             if progress:
-                progress(i, len(cells), method, budget)
-            done[key] = measure(backend, image, prompt, method, budget, max_new_tokens, repeats, warmup, reference)
-        rows.append(done[key])
+                progress(i, n, method, budget)
+            try:
+                done[key] = measure(
+                    backend, image, prompt, method, budget, max_new_tokens, repeats, warmup, reference, batch
+                )
+            except OutOfMemory as error:  # a row that says so: the others still get measured
+                done[key] = dict.fromkeys(COLUMNS) | {"method": key[0], "budget": key[1], "batch": batch}
+                done[key]["answer"] = str(error)
+        return done[key]
+
+    rows = [cell(i, len(cells), method, budget) for i, (method, budget) in enumerate(cells)]
     for row in rows:
-        row["ttft_ratio"] = row["ttft_s"] / rows[0]["ttft_s"]
-        row["peak_ratio"] = row["peak_bytes"] / rows[0]["peak_bytes"]
+        row["ttft_ratio"] = _ratio(row["ttft_s"], rows[0]["ttft_s"])
+        row["peak_ratio"] = _ratio(row["peak_bytes"], rows[0]["peak_bytes"])
+        row["floor_ttft_s"] = row["over_floor"] = None
+        if floor and row["visual_kept"] is not None:
+            k = row["visual_kept"]
+            under = rows[0] if k == row["visual_full"] else cell(0, 0, "uniform", Budget(tokens=k))
+            row["floor_ttft_s"], row["over_floor"] = under["ttft_s"], _ratio(row["ttft_s"], under["ttft_s"])
     return rows
 
 
-def measure(backend, image, prompt, method, budget, max_new_tokens, repeats, warmup, reference: dict) -> dict:
+def _ratio(a, b) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def measure(backend, image, prompt, method, budget, max_new_tokens, repeats, warmup, reference=None, batch=1) -> dict:
     """The row of one cell: medians of `repeats` runs after `warmup`, and the drift on the unreduced
-    answer in `reference` (filled by the first call, which must be the unreduced run)."""
+    answer in `reference` (filled by the first call, which must be the unreduced run; None: no drift)."""
     options = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
-    results = [run(backend, image, prompt, method, budget, **options) for _ in range(warmup + repeats)][warmup:]
-    row = {"method": method, "budget": str(budget) if method != "none" else "-"}
-    for key in ("visual_kept", "visual_full", "visual_layer_mean"):
-        row[key] = results[0].tokens[key]
+    if batch == 1:
+        results = [run(backend, image, prompt, method, budget, **options) for _ in range(warmup + repeats)][warmup:]
+        tokens, answer = results[0].tokens, results[0].answer
+    else:
+        images = [image] * batch
+        results = [run_batch(backend, images, prompt, method, budget, **options) for _ in range(warmup + repeats)]
+        results = results[warmup:]
+        tokens, answer = results[0].tokens[0], results[0].answers[0]
+    row = {"batch": batch, "method": method, "budget": str(budget) if method != "none" else "-"}
+    row |= {key: tokens[key] for key in ("visual_kept", "visual_full")}
+    row["visual_layer_mean"] = statistics.mean(tokens["visual_per_layer"])
     for key in TIMES:
         values = [r.timing[key] for r in results if r.timing[key] is not None]
         row[key] = statistics.median(values) if values else None
-    row["peak_bytes"] = int(statistics.median(r.memory["peak_bytes"] for r in results))
-    if not reference:
-        answer = results[0].answer_ids
-        reference.update(answer=answer, logprobs=fidelity.logprobs(backend, image, prompt, answer))
-    mine = fidelity.logprobs(backend, image, prompt, reference["answer"], method, budget)
-    row.update(
-        {k: v for k, v in fidelity.drift(mine, reference["logprobs"], reference["answer"]).items() if k in DRIFT}
+    row["ttft_min_s"], row["ttft_max_s"] = (
+        min(r.timing["ttft_s"] for r in results),
+        max(r.timing["ttft_s"] for r in results),
     )
-    row["answer"] = results[0].answer
+    row["images_per_s"] = batch / row["total_s"]
+    row["peak_bytes"] = int(statistics.median(r.memory["peak_bytes"] for r in results))
+    shape, per_layer = Shape.of(backend.model.config), [tokens["text"] + v for v in tokens["visual_per_layer"]]
+    row["prefill_tflops"] = batch * prefill_flops(shape, per_layer) / 1e12
+    row["kv_bytes"] = batch * kv_bytes(shape, per_layer, backend.model.dtype.itemsize)
+    row |= dict.fromkeys(DRIFT)
+    if reference is not None:
+        if not reference:
+            answer_ids = results[0].answer_ids
+            reference.update(answer=answer_ids, logprobs=fidelity.logprobs(backend, image, prompt, answer_ids))
+        mine = fidelity.logprobs(backend, image, prompt, reference["answer"], method, budget)
+        drift = fidelity.drift(mine, reference["logprobs"], reference["answer"])
+        row |= {key: value for key, value in drift.items() if key in DRIFT}
+    row["answer"] = answer
     return row
 
 
@@ -83,23 +127,27 @@ PLOTS = {  # what a sweep can plot against the kept tokens: column -> axis title
     "logprob_diff": "log-prob/token of the full answer, reduced - full",
     "decode_tokens_per_s": "decode (tokens/s)",
     "prefill_s": "prefill (s)",
+    "prefill_tflops": "LLM prefill (TFLOPs, from the config)",
+    "kv_bytes": "KV cache after the prefill (bytes)",
+    "images_per_s": "images/s",
 }
 
 
 def figure(rows: list[dict], column: str = "ttft_s"):
     """A plotly chart of one column against the visual tokens kept: a line per method, the
-    unreduced run as a reference line."""
+    unreduced run as a reference line and, for the TTFT when measured, the floor."""
     import plotly.graph_objects as go
 
     figure = go.Figure()
+    for trace in traces(rows, column):
+        figure.add_trace(trace)
     reference = next(r for r in rows if r["method"] == "none")
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["visual_kept"])
-        text = [f"budget {r['budget']}" for r in mine]
-        figure.add_scatter(x=[r["visual_kept"] for r in mine], y=[r[column] for r in mine], name=method, text=text)
-    figure.add_hline(y=reference[column], line_dash="dot", annotation_text="unreduced", annotation_position="top left")
+    if reference[column] is not None:
+        figure.add_hline(
+            y=reference[column], line_dash="dot", annotation_text="unreduced", annotation_position="top left"
+        )
     figure.update_layout(
-        xaxis_title=f"visual tokens kept (of {reference['visual_full']})",
+        xaxis_title=f"visual tokens kept (of {_full(rows)})",
         yaxis_title=PLOTS.get(column, column),
         legend=dict(orientation="h", y=-0.25),
         margin=dict(l=60, r=20, t=30, b=40),
@@ -108,30 +156,94 @@ def figure(rows: list[dict], column: str = "ttft_s"):
     return figure
 
 
-HEAD = ("method", "budget", "kept/full", "per layer", "TTFT s", "x full", "prefill s", "decode tok/s", "total s")
-HEAD += ("select ms",)
-HEAD += ("peak MiB", "x full", "logp diff", "KL", "parts at")
+def traces(rows: list[dict], column: str, legend: bool = True) -> list:
+    """The lines of `figure`: one per method, and the floor's under the TTFT."""
+    import plotly.graph_objects as go
+
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
+        mine = sorted(
+            (r for r in rows if r["method"] == method and r[column] is not None), key=lambda r: r["visual_kept"]
+        )
+        x, y = [r["visual_kept"] for r in mine], [r[column] for r in mine]
+        text = [f"budget {r['budget']}" for r in mine]
+        line = dict(color=COLOURS[list(METHODS).index(method) % len(COLOURS)])  # a method's colour in every chart
+        lines.append(go.Scatter(x=x, y=y, name=method, text=text, line=line, legendgroup=method, showlegend=legend))
+    floors = sorted({(r["visual_kept"], r["floor_ttft_s"]) for r in rows if r.get("floor_ttft_s") is not None})
+    if column == "ttft_s" and floors:
+        x, y = zip(*floors)
+        style = dict(color="black", dash="dash")
+        lines.append(
+            go.Scatter(
+                x=x, y=y, name="floor (k tokens, no selection)", line=style, legendgroup="floor", showlegend=legend
+            )
+        )
+    return lines
+
+
+def charts(groups: dict[str, list[dict]], columns=("ttft_s", "peak_bytes", "prefill_tflops")):
+    """One plotly figure for a whole bench: a row of charts (`columns` against the tokens kept) per
+    group of rows (model, image size, batch)."""
+    from plotly.subplots import make_subplots
+
+    titles = [f"{name}: {PLOTS[c]}" for name in groups for c in columns]
+    figure = make_subplots(rows=len(groups), cols=len(columns), subplot_titles=titles, horizontal_spacing=0.06)
+    for i, rows in enumerate(groups.values(), 1):
+        reference = next(r for r in rows if r["method"] == "none")
+        for j, column in enumerate(columns, 1):
+            for trace in traces(rows, column, legend=i == j == 1):
+                figure.add_trace(trace, row=i, col=j)
+            if reference[column] is not None:
+                figure.add_hline(y=reference[column], line_dash="dot", row=i, col=j)
+            figure.update_xaxes(title_text=f"visual tokens kept (of {_full(rows)})", row=i, col=j)
+    figure.update_annotations(font_size=11)
+    figure.update_layout(height=360 * len(groups) + 80, width=520 * len(columns), legend=dict(orientation="h", y=-0.08))
+    return figure
+
+
+def _full(rows: list[dict]) -> int | None:
+    """The image's visual tokens, from any row that was measured."""
+    return next((r["visual_full"] for r in rows if r["visual_full"] is not None), None)
+
+
+HEAD = ("method", "budget", "kept/full", "per layer", "TTFT s", "spread", "x full", "x floor", "prefill s")
+HEAD += ("decode tok/s", "total s", "select ms", "TFLOPs", "KV MiB", "peak MiB", "x full", "img/s")
+HEAD += ("logp diff", "KL", "parts at")
 
 
 def cells(rows: list[dict]) -> list[list[str]]:
-    """The rows as text, one entry per HEAD column."""
+    """The rows as text, one entry per HEAD column; a cell that failed says why in its kept column."""
+
+    def text(value, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
+    def failed(r: dict) -> list[str]:
+        return [r["method"], r["budget"], r["answer"], *["-"] * (len(HEAD) - 3)]
+
     return [
-        [
+        failed(r)
+        if r["ttft_s"] is None
+        else [
             r["method"],
             r["budget"],
             f"{r['visual_kept']}/{r['visual_full']}",
             f"{r['visual_layer_mean']:.0f}",
             f"{r['ttft_s']:.3f}",
-            f"{r['ttft_ratio']:.2f}",
+            f"{r['ttft_max_s'] - r['ttft_min_s']:.3f}",
+            text(r["ttft_ratio"], ".2f"),
+            text(r.get("over_floor"), ".2f"),
             f"{r['prefill_s']:.3f}",
-            f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-",
+            text(r["decode_tokens_per_s"], ".1f"),
             f"{r['total_s']:.3f}",
             f"{r['selection_s'] * 1e3:.2f}",
+            f"{r['prefill_tflops']:.3g}",
+            f"{r['kv_bytes'] / 2**20:.1f}",
             f"{r['peak_bytes'] / 2**20:.0f}",
-            f"{r['peak_ratio']:.2f}",
-            f"{r['logprob_diff']:+.3f}",
-            f"{r['kl']:.4f}",
-            "-" if r["first_divergence"] is None else str(r["first_divergence"]),
+            text(r["peak_ratio"], ".2f"),
+            f"{r['images_per_s']:.2f}",
+            text(r["logprob_diff"], "+.3f"),
+            text(r["kl"], ".4f"),
+            text(r["first_divergence"], "d"),
         ]
         for r in rows
     ]

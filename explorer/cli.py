@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import typing
+from pathlib import Path
 
 from . import bench, fidelity
 from .core import Budget, ExplorerError
@@ -43,15 +45,28 @@ def main(argv: list[str] | None = None) -> int:
         "--sizes", default="336x336,672x672,1024x768,1920x1080", help="image sizes WIDTHxHEIGHT, comma-separated"
     )
 
-    sweep = commands.add_parser("bench", help="time methods x budgets against the unreduced run")
-    _model_args(sweep)
+    sweep = commands.add_parser(
+        "bench", help="time methods x budgets against the unreduced run and the floor, per model, size and batch"
+    )
+    _model_args(sweep, several=True)
     sweep.add_argument("--prompt", default="Describe this image in detail.")
     sweep.add_argument("--methods", help="comma-separated (default: every method that runs on the model)")
     sweep.add_argument("--budgets", default="1,0.4,0.2,0.1", help="comma-separated fractions")
     sweep.add_argument("--max-new-tokens", type=int, default=32, help="every run generates exactly this many")
     sweep.add_argument("--repeats", type=int, default=3, help="measured runs per cell; medians are reported")
     sweep.add_argument("--warmup", type=int, default=1, help="unmeasured runs per cell first")
+    sweep.add_argument("--sizes", help="resize the image to each WIDTHxHEIGHT, comma-separated (default: as it is)")
+    sweep.add_argument("--batch", default="1", help="batch sizes, comma-separated: copies of the image per call")
+    sweep.add_argument(
+        "--no-floor", action="store_true", help="skip the floor runs (uniform, keeping as many tokens as each cell)"
+    )
     sweep.add_argument("--csv", default="bench.csv", help="where to write the rows (default: bench.csv)")
+    sweep.add_argument(
+        "--plot",
+        default="bench.html",
+        help="chart of TTFT, peak memory and FLOPs against tokens kept (default: bench.html); a PNG is written "
+        "beside it when kaleido can find Chrome or Chromium",
+    )
 
     args = parser.parse_args(argv)
     try:
@@ -67,15 +82,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
+def _model_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
     parser.add_argument(
         "--model",
         help="Hub id, local folder or a random-weight tiny-* model such as tiny-llava-next (default: for the "
         "hardware: LLaVA-NeXT 7B on a GPU with 20 GiB free, LLaVA-OneVision 0.5B on a smaller one, SmolVLM-256M "
-        "without a GPU)",
+        "without a GPU)" + ("; several, comma-separated, are measured one after another" if several else ""),
     )
     parser.add_argument("--image", required=True)
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when there is one)")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build --model's architecture from the config stored in backends/configs/, with random weights, "
+        "instead of downloading it: real speed and memory, gibberish answers",
+    )
 
 
 def _methods() -> int:
@@ -88,10 +109,7 @@ def _methods() -> int:
 def _models(sizes: str) -> int:
     """A markdown table of the families, measured on their random-weight tiny-* models, which have the
     real processors' geometry: the token counts are the real checkpoints'."""
-    shapes = [size.split("x") for size in sizes.split(",")]
-    if not all(len(shape) == 2 and all(x.isdigit() and int(x) > 0 for x in shape) for shape in shapes):
-        raise ExplorerError(f"--sizes takes WIDTHxHEIGHT,... such as 672x672,1920x1080; got {sizes!r}")
-    shapes = [(int(w), int(h)) for w, h in shapes]
+    shapes = _sizes(sizes)
     import backends
 
     _quiet()
@@ -105,11 +123,19 @@ def _models(sizes: str) -> int:
     return 0
 
 
-def _load(args):
+def _sizes(sizes: str) -> list[tuple[int, int]]:
+    shapes = [size.split("x") for size in sizes.split(",")]
+    if not all(len(shape) == 2 and all(x.isdigit() and 0 < int(x) <= 10_000 for x in shape) for shape in shapes):
+        raise ExplorerError(f"--sizes takes WIDTHxHEIGHT,... such as 672x672,1920x1080 (at most 10000); got {sizes!r}")
+    return [(int(w), int(h)) for w, h in shapes]
+
+
+def _load(args, model: str | None = None):
     import backends  # imports transformers: only once the arguments are known to be good
 
     _quiet()
-    return backends.load(args.model or backends.default_model(args.device), args.device)
+    model = model or args.model or backends.default_model(args.device)
+    return backends.load(model, args.device, args.random_weights)
 
 
 def _run(args) -> int:
@@ -177,23 +203,68 @@ def _bench(args) -> int:
         make(name)
     try:
         budgets = [Budget(fraction=float(b)) for b in args.budgets.split(",") if b]
+        batches = [int(b) for b in args.batch.split(",") if b]
     except ValueError:
-        raise ExplorerError(f"--budgets takes comma-separated fractions, got {args.budgets!r}") from None
-    if args.repeats < 1 or args.warmup < 0:
-        raise ExplorerError("--repeats must be at least 1 and --warmup at least 0")
+        raise ExplorerError(
+            f"--budgets takes fractions and --batch whole numbers, got {args.budgets!r}, {args.batch!r}"
+        ) from None
+    if args.repeats < 1 or args.warmup < 0 or not batches or not all(1 <= b <= 256 for b in batches):
+        raise ExplorerError("--repeats must be at least 1, --warmup at least 0 and each --batch 1 to 256")
     check_request(args.prompt, args.max_new_tokens, args.max_new_tokens)
     image = load_image(args.image)
-    backend = _load(args)
-    if not methods:  # every method that runs on this model; the others say why
-        skipped = {m: unavailable(m, backend) for m in METHODS if m != "none"}
-        methods = [m for m, reason in skipped.items() if not reason]
-        for reason in filter(None, skipped.values()):
-            print(f"skipped: {reason}", file=sys.stderr)
-    rows = bench.sweep(backend, image, args.prompt, methods, budgets, args.max_new_tokens, args.repeats, args.warmup)
-    print(bench.table(rows))
-    bench.write_csv(rows, args.csv)
+    sizes = _sizes(args.sizes) if args.sizes else [image.size]
+    groups = {}  # "model WxH batch B" -> its rows
+    for model in (args.model or "").split(",") if args.model else [None]:
+        backend = _load(args, model)
+        runs = methods or _runnable(backend)
+        for (width, height), batch in itertools.product(sizes, batches):
+            picture = image if (width, height) == image.size else image.resize((width, height))
+            name = f"{backend.name} {width}x{height} batch {batch}"
+            print(f"\n{name}", flush=True)
+            rows = bench.sweep(
+                backend, picture, args.prompt, runs, budgets, args.max_new_tokens, args.repeats, args.warmup,
+                batch=batch, floor=not args.no_floor,
+            )  # fmt: skip
+            for row in rows:
+                row.update(model=backend.name, size=f"{width}x{height}")
+            print(bench.table(rows), flush=True)
+            groups[name] = rows
+        del backend
+        _release()
+    bench.write_csv([row for rows in groups.values() for row in rows], args.csv)
     print(f"\nwrote {args.csv}")
+    charts = bench.charts(groups)
+    charts.write_html(args.plot, include_plotlyjs=True)
+    png = str(Path(args.plot).with_suffix(".png"))
+    try:
+        charts.write_image(png)
+        print(f"wrote {args.plot} and {png}")
+    except Exception as error:  # kaleido missing, or no Chrome for it to drive
+        print(f"wrote {args.plot}; no PNG ({_first_line(error)}: pip install kaleido, and Chrome or Chromium)")
     return 0
+
+
+def _runnable(backend) -> list[str]:
+    """Every method that runs on this model; the others say why on stderr."""
+    skipped = {m: unavailable(m, backend) for m in METHODS if m not in ("none", "uniform")}
+    for reason in filter(None, skipped.values()):
+        print(f"skipped: {reason}", file=sys.stderr)
+    return [m for m, reason in skipped.items() if not reason]
+
+
+def _release() -> None:
+    """Give a model's memory back before the next one loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _settings(method: str, pairs: list[str]) -> dict:

@@ -69,12 +69,12 @@ class LlmStage:
         )
 
     def tokens(self) -> dict:
-        """visual_layer_mean: the visual tokens each LLM layer sees, averaged over the layers; llm_cuts."""
+        """visual_per_layer: the visual tokens each LLM layer sees; visual_layer_mean: their mean; llm_cuts."""
         per_layer = [len(self.geometry)] * self.depth
         for c in self.cuts:
             per_layer[c.layer :] = [c.tokens] * (self.depth - c.layer)
         cuts = [{"layer": c.layer, "scored_at": c.score_layer, "kept": c.tokens} for c in self.cuts]
-        return {"visual_layer_mean": sum(per_layer) / self.depth, "llm_cuts": cuts}
+        return {"visual_per_layer": per_layer, "visual_layer_mean": sum(per_layer) / self.depth, "llm_cuts": cuts}
 
 
 def llm_hooks(backend, prepared, name: str, method, budget: int):

@@ -41,7 +41,8 @@ class Result:
     budget: Budget | None  # None when the method keeps everything
     answer: str
     answer_ids: tuple[int, ...]  # the generated token ids
-    tokens: dict  # visual_full, visual_budget, visual_kept, visual_layer_mean, llm_cuts, text, generated, by_partition
+    tokens: dict  # visual_full, visual_budget, visual_kept, visual_per_layer, visual_layer_mean, llm_cuts, text,
+    # generated, by_partition
     timing: dict  # seconds: ttft_s, prefill_s, total_s, selection_s, ...; decode_tokens_per_s
     memory: dict  # device, peak_bytes
     geometry: Geometry
@@ -94,7 +95,8 @@ def stream(
             by_partition = [{"name": n, "full": f, "kept": k} for n, f, k in zip(g.names, g.sizes(), kept)]
             tokens = {"visual_full": len(g), "visual_budget": b, "visual_kept": len(keep), "text": prepared.text_tokens}
             tokens.update(visual_budget=None if adaptive else b, adaptive=adaptive)
-            tokens.update(inside.tokens() if inside else {"visual_layer_mean": float(len(keep)), "llm_cuts": []})
+            every = {"visual_per_layer": [len(keep)] * backend.depth, "visual_layer_mean": float(len(keep))}
+            tokens.update(inside.tokens() if inside else {**every, "llm_cuts": []})
             timing = {
                 "ttft_s": times[0] - start if times else None,
                 "prefill_s": prefill[1] - prefill[0] if len(prefill) == 2 else None,
@@ -129,6 +131,74 @@ def stream(
                 if not inside or inside.done:  # an llm-stage method has chosen once the prefill is over
                     yield result(done=False)
         yield result(done=True)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batched run: several images answered in one generate() call."""
+
+    answers: list[str]
+    tokens: list[dict]  # per image: visual_full, visual_budget, visual_kept, visual_per_layer, text
+    timing: dict  # seconds: ttft_s, prefill_s, total_s, vision_s, selection_s; decode_tokens_per_s, images_per_s
+    memory: dict  # device, peak_bytes
+
+
+def run_batch(
+    backend,
+    images: list,
+    prompt: str,
+    method: str = "hired",
+    budgets: Budget | float | list = 0.2,  # one for every image, or one per image
+    settings: dict | None = None,
+    max_new_tokens: int = 64,
+    min_new_tokens: int = 0,
+) -> Batch:
+    """Answer `prompt` about every image in one generate() call, each image with its own budget: the
+    throughput of a server that batches requests. The images are encoded and their tokens selected
+    one after another; then the LLM runs on all the prompts at once, left-padded to the longest.
+    Methods that prune inside the LLM run one image at a time, so they are refused here."""
+    budgets = budgets if isinstance(budgets, list) else [budgets] * len(images)
+    if not images or len(budgets) != len(images):
+        raise ExplorerError(f"a batch needs one budget per image: got {len(images)} images and {len(budgets)} budgets")
+    chosen, _ = _method(backend, method, settings, budgets[0])
+    if chosen.stage != "vision":
+        raise ExplorerError(f"{method} prunes inside the LLM, which runs one image at a time, not in batches")
+    check_request(prompt, max_new_tokens, min_new_tokens)
+    pictures = [load_image(image) for image in images]
+    device, model, tokenizer = backend.device, backend.model, backend.tokenizer
+    memory = PeakMemory(device)
+    with _locks.setdefault(model, threading.Lock()), _out_of_memory(device):
+        memory.reset()
+        start, vision, selecting, each, tokens = now(), 0.0, 0.0, [], []
+        for picture, budget in zip(pictures, budgets):
+            _, budget = _method(backend, method, settings, budget)
+            clock, prepared, features, selection, b = _select(backend, picture, prompt, chosen, budget, max_new_tokens)
+            vision, selecting = vision + clock[2] - clock[1], selecting + clock[3] - clock[2]
+            each.append(backend.generate_inputs(prepared, features, selection.keep))
+            kept = len(selection.keep)
+            tokens.append(
+                {"visual_full": len(prepared.geometry), "visual_budget": b, "visual_kept": kept}
+                | {"visual_per_layer": [kept] * backend.depth, "text": prepared.text_tokens}
+            )
+        inputs = backend.batch_inputs(each)
+        stamps = TokenStream()
+        options = dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        with first_forward(model, device) as prefill:
+            out = model.generate(**inputs, **options, pad_token_id=tokenizer.pad_token_id, streamer=stamps)
+        sync(device)
+        end = now()
+    times = [at for kind, _, at in list(stamps.events.queue) if kind == "token"]  # one per step, for every image
+    answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    timing = {
+        "ttft_s": times[0] - start,
+        "prefill_s": prefill[1] - prefill[0],
+        "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None,  # per image
+        "total_s": end - start,
+        "vision_s": vision,
+        "selection_s": selecting,
+        "images_per_s": len(images) / (end - start),
+    }
+    return Batch(answers, tokens, timing, {"device": device.type, "peak_bytes": memory.peak()})
 
 
 def _method(backend, name: str, settings: dict | None, budget: Budget | float):
@@ -218,6 +288,10 @@ def check_request(prompt, max_new_tokens: int = 64, min_new_tokens: int = 0, tim
         raise ExplorerError(f"the timeout must be a positive number of seconds, got {timeout_s}")
 
 
+class OutOfMemory(ExplorerError):
+    """The device ran out of memory during a run (and got it back)."""
+
+
 @contextmanager
 def _out_of_memory(device: torch.device):
     """Turns a device out-of-memory error into a clear message, after giving the memory back."""
@@ -226,4 +300,4 @@ def _out_of_memory(device: torch.device):
     except torch.OutOfMemoryError:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        raise ExplorerError(f"out of memory on {device}; try a smaller budget, image or model") from None
+        raise OutOfMemory(f"out of memory on {device}; try a smaller budget, image or model") from None

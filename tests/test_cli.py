@@ -16,7 +16,7 @@ from explorer.cli import main
 
 ROOT = Path(__file__).parent.parent
 TINY = ["--model", "tiny-llava-next"]
-EVERY = "none random pooling cls vtc-cls hired visionzip prumerge+ globalcom2 divprune vispruner tome transprune fastv pdrop dart sparsevlm".split()
+EVERY = "none random uniform pooling cls vtc-cls hired visionzip prumerge+ globalcom2 divprune vispruner tome transprune fastv pdrop dart sparsevlm".split()
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +139,13 @@ def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
         "3",
         "--csv",
         str(csv_path),
+        "--plot",
+        str(tmp_path / "bench.html"),
     )
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split()[:5] == ["method", "budget", "kept/full", "per", "layer"]
+    assert lines[:2] == ["", "tiny-llava-next 640x480 batch 1"]
+    assert lines[2].split()[:5] == ["method", "budget", "kept/full", "per", "layer"]
     rows = list(csv.DictReader(csv_path.open()))
     assert [(r["method"], r["budget"], r["visual_kept"], float(r["visual_layer_mean"])) for r in rows] == [
         ("none", "-", "2340", 2340),
@@ -154,7 +157,7 @@ def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
     assert float(rows[0]["ttft_ratio"]) == 1.0 and all(float(r["ttft_s"]) > 0 for r in rows)
     # drift on the unreduced answer: none against itself is zero; random at 20% keeps only a fifth
     assert (rows[0]["logprob_diff"], rows[0]["kl"], rows[0]["first_divergence"]) == ("0.0", "0.0", "")
-    assert float(rows[4]["kl"]) > 0 and lines[0].split()[-5:] == ["logp", "diff", "KL", "parts", "at"]
+    assert float(rows[4]["kl"]) > 0 and lines[2].split()[-5:] == ["logp", "diff", "KL", "parts", "at"]
 
 
 def test_run_with_fidelity_reports_the_drift(capsys, image):
@@ -171,11 +174,14 @@ def test_run_with_fidelity_reports_the_drift(capsys, image):
 def test_bench_runs_every_method_by_default(capsys, image, tmp_path):
     csv_path = tmp_path / "bench.csv"
     args = ["--image", image, "--budgets", "0.1", "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2"]
-    code, out, _ = cli(capsys, "bench", *TINY, *args, "--csv", str(csv_path))
+    code, out, _ = cli(
+        capsys, "bench", *TINY, *args, "--no-floor", "--csv", str(csv_path), "--plot", str(tmp_path / "b.html")
+    )
     assert code == 0
     rows = list(csv.DictReader(csv_path.open()))
-    assert [r["method"] for r in rows] == EVERY
-    assert [line.split()[0] for line in out.splitlines()[1 : 1 + len(EVERY)]] == EVERY
+    measured = [m for m in EVERY if m != "uniform"]  # the floor, measured with each cell unless --no-floor
+    assert [r["method"] for r in rows] == measured
+    assert [line.split()[0] for line in out.splitlines()[3 : 3 + len(measured)]] == measured
     assert all(r["visual_kept"] == "234" for r in rows[1:])
 
 

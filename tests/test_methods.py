@@ -235,7 +235,7 @@ def test_hired_teaches_its_content_map():
         (
             "nope",
             {},
-            "unknown method 'nope'; choose one of: none, random, pooling, cls, vtc-cls, hired, visionzip, prumerge+, "
+            "unknown method 'nope'; choose one of: none, random, uniform, pooling, cls, vtc-cls, hired, visionzip, prumerge+, "
             "globalcom2, divprune, vispruner, tome, transprune",
         ),
         ("hired", {"alpha": 1.5}, "alpha must be between 0.0 and 1.0, got 1.5"),

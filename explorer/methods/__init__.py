@@ -32,6 +32,7 @@ from .random import Random
 from .sparsevlm import SparseVLM
 from .tome import ToMe
 from .transprune import TransPrune
+from .uniform import Uniform
 from .visionzip import VisionZip
 from .vispruner import VisPruner
 from .vtccls import VTCCLS
@@ -40,6 +41,7 @@ KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text
 METHODS = {
     "none": NoReduction,
     "random": Random,
+    "uniform": Uniform,
     "pooling": Pooling,
     "cls": CLS,
     "vtc-cls": VTCCLS,

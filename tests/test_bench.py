@@ -1,0 +1,238 @@
+"""Issue 7's measuring tools: full-size random-weight architectures, the analytic costs, the floor
+(`uniform`), batched runs and the bench built on them. Timings are never asserted, only what they are
+made of."""
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import photo
+from torch.utils.flop_counter import FlopCounterMode
+
+import backends
+from explorer import bench
+from explorer.cli import main
+from explorer.core import Budget, ExplorerError
+from explorer.cost import Shape, kv_bytes, prefill_flops
+from explorer.llm import llm_hooks
+from explorer.methods import make
+from explorer.pipeline import run, run_batch
+
+# Hub checkpoint -> (its parameter count as the Hub shows it, rounded; its family's tiny model)
+PUBLISHED = {
+    "llava-hf/llava-v1.6-vicuna-7b-hf": 7.06e9,
+    "llava-hf/llava-v1.6-vicuna-13b-hf": 13.4e9,
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": 0.894e9,
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": 8.03e9,
+    "Qwen/Qwen2-VL-2B-Instruct": 2.21e9,
+    "Qwen/Qwen2-VL-7B-Instruct": 8.29e9,
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_full_size_architectures_are_the_real_ones(name):
+    """Built on the meta device (no memory): the parameter count is the checkpoint's, the image
+    geometry its family's, and the prompt's token ids are those of the tiny model's tokenizer."""
+    built = backends.full_size(name, torch.device("meta"))
+    assert built.name == name and built.random_weights and not built.model.training
+    count = sum(p.numel() for p in built.model.parameters())
+    assert abs(count - PUBLISHED[name]) / PUBLISHED[name] < 0.005, count
+    tiny = backends.load(backends.FULL_SIZE[name], "cpu")
+    assert built.image_token_id == tiny.image_token_id and type(built) is type(tiny)
+    for size in ([672, 672], [400, 1000]):  # (height, width): the same tokens as the real processor
+        assert len(built.layout(size)[0]) == len(tiny.layout(size)[0])
+    assert (
+        len(built.layout([672, 672])[0]) == {"LLaVA-NeXT": 2928, "LLaVA-OneVision": 3699, "Qwen2-VL": 576}[built.family]
+    )
+    stored = json.loads((backends.CONFIGS / f"{name.replace('/', '--')}.json").read_text())["text_config"]
+    assert (built.depth, Shape.of(built.model.config).hidden) == (stored["num_hidden_layers"], stored["hidden_size"])
+
+
+def test_random_weights_build_and_run_the_full_size_model(capsys):
+    """The smallest stored architecture, LLaVA-OneVision 0.5B, built for real on the CPU by the CLI
+    and run: the LLM sees the kept tokens of a real-size prompt."""
+    code = main(
+        ["run", "--model", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "--random-weights", "--device", "cpu"]
+        + ["--image", "assets/rocket.jpg", "--prompt", "What is it?", "--method", "cls", "--budget", "0.1"]
+        + ["--max-new-tokens", "2", "--json"]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["random_weights"] and out["model"] == "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+    assert out["tokens"]["visual_kept"] == out["tokens"]["visual_full"] // 10 and out["tokens"]["generated"] == 2
+
+
+def test_an_architecture_without_a_stored_config_is_refused():
+    with pytest.raises(ExplorerError, match="no stored architecture for 'llava-hf/llava-1.5-7b-hf'"):
+        backends.load("llava-hf/llava-1.5-7b-hf", "cpu", random_weights=True)
+
+
+@pytest.mark.parametrize("name", ["tiny-llava-next", "tiny-qwen2-vl"])  # Qwen: grouped-query attention, biases
+def test_prefill_flops_are_what_torch_counts(name, tmp_path):
+    """The analytic FLOPs of a prefill of T tokens equal torch's count of the matrix products of the
+    LLM and of the LM head on the last token (eager attention, so that q.k and the weighted sum of v
+    are counted too)."""
+    built = backends.load(name, "cpu")
+    built.model.set_attn_implementation("eager")
+    try:
+        shape, t = Shape.of(built.model.config), 37
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            hidden = built.language_model(inputs_embeds=torch.randn(1, t, shape.hidden)).last_hidden_state
+            built.model.lm_head(hidden[:, -1:])
+        assert counter.get_total_flops() == prefill_flops(shape, [t] * shape.layers)
+        # written out for one layer of Qwen's: q, o (h x h); k, v (h x kv*d); MLP (3 h x mlp); q.k, a.v; head
+        if name == "tiny-qwen2-vl":
+            h, kv, m, v = 32, 2 * 8, 64, shape.vocab
+            one = 2 * t * (2 * h * h + 2 * h * kv + 3 * h * m) + 2 * 2 * t * t * h
+            assert prefill_flops(shape, [t] * shape.layers) == 4 * one + 2 * h * v
+    finally:
+        built.model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("method", ["none", "hired", "fastv"])
+def test_kv_bytes_are_those_of_the_cache_the_prefill_fills(backend, method):
+    """The cache of a real prefill, the llm-stage method's pruned one included, holds exactly the bytes
+    computed from the result's per-layer token counts."""
+    image, prompt = photo(500, 300), "What is it?"
+    result = run(backend, image, prompt, method, 0.25, max_new_tokens=1)
+    chosen = make(method)
+    with torch.inference_mode():
+        prepared = backend.prepare(image, prompt)
+        features, _ = backend.encode(prepared, ())
+        keep = result.selection.keep if chosen.stage == "vision" else torch.arange(len(prepared.geometry))
+        _, hooks = llm_hooks(backend, prepared, method, chosen, result.tokens["visual_budget"] or len(keep))
+        inputs = backend.generate_inputs(prepared, features, keep)
+        with hooks:
+            cache = backend.model(**inputs, use_cache=True).past_key_values
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    per_layer = [result.tokens["text"] + v for v in result.tokens["visual_per_layer"]]
+    assert held == kv_bytes(Shape.of(backend.model.config), per_layer, 4)
+    full, kept = result.tokens["visual_full"], result.tokens["visual_kept"]
+    if method == "fastv":  # layers 0-1 hold every visual token, layers 2-3 the kept quarter
+        assert result.tokens["visual_per_layer"] == [full, full, kept, kept]
+
+
+def test_uniform_keeps_evenly_spaced_tokens_without_signals(backend):
+    method = make("uniform")
+    assert method.needs == () and method.stage == "vision"
+    result = run(backend, photo(400, 400), "What?", "uniform", Budget(tokens=100), max_new_tokens=1)
+    keep, n = result.selection.keep, result.tokens["visual_full"]
+    assert len(keep) == 100 and keep[0] == 0 and (keep.diff() >= n // 100).all() and (keep.diff() <= -(-n // 100)).all()
+    assert result.selection.scores is None and result.timing["selection_s"] < result.timing["vision_s"]
+    assert run(backend, photo(400, 400), "What?", "uniform", 1.0, max_new_tokens=1).tokens["visual_kept"] == n
+
+
+@pytest.mark.parametrize("name", ["tiny-llava-next", "tiny-llava-onevision", "tiny-smolvlm", "tiny-llava-1.5"])
+def test_a_batch_answers_each_image_as_a_single_run_would(name):
+    """Two images of different shapes, each with its own budget, in one generate() call, left-padded:
+    each answer and token count equals that image's own run."""
+    built = backends.load(name, "cpu")
+    images, budgets = [photo(500, 300, seed=1), photo(200, 420, seed=2)], [Budget(fraction=0.2), Budget(tokens=50)]
+    batch = run_batch(built, images, "What is it?", "cls", budgets, max_new_tokens=4, min_new_tokens=4)
+    for image, budget, answer, tokens in zip(images, budgets, batch.answers, batch.tokens):
+        alone = run(built, image, "What is it?", "cls", budget, max_new_tokens=4, min_new_tokens=4)
+        assert answer == alone.answer
+        assert tokens["visual_kept"] == alone.tokens["visual_kept"] == budget.resolve(tokens["visual_full"])
+    timing = batch.timing
+    assert (
+        0 < timing["prefill_s"] < timing["ttft_s"] <= timing["total_s"]
+        and timing["images_per_s"] == 2 / timing["total_s"]
+    )
+
+
+def test_batches_refuse_what_runs_one_image_at_a_time(backend):
+    image = photo(300, 300)
+    with pytest.raises(ExplorerError, match="fastv prunes inside the LLM"):
+        run_batch(backend, [image, image], "What?", "fastv", 0.2)
+    with pytest.raises(ExplorerError, match="one budget per image: got 2 images and 3 budgets"):
+        run_batch(backend, [image, image], "What?", "cls", [0.2, 0.2, 0.2])
+    qwen = backends.load("tiny-qwen2-vl", "cpu")
+    with pytest.raises(ExplorerError, match="Qwen2-VL runs one image at a time"):
+        run_batch(qwen, [image, image], "What?", "cls", 0.2, max_new_tokens=1)
+    assert run_batch(backend, [image], "What?", "cls", 0.2, max_new_tokens=1).tokens[0]["visual_kept"] > 0  # serves on
+
+
+def test_the_floor_is_uniform_with_each_cell_s_token_count(backend):
+    done = {}
+    rows = bench.sweep(
+        backend,
+        photo(500, 300),
+        "What?",
+        ["hired"],
+        [Budget(fraction=0.2), Budget(fraction=1.0)],
+        2,
+        1,
+        0,
+        done,
+        floor=True,
+    )
+    none, hired, whole = rows
+    floor = done["uniform", str(Budget(tokens=hired["visual_kept"])), 1]
+    assert floor["visual_kept"] == hired["visual_kept"] and hired["floor_ttft_s"] == floor["ttft_s"]
+    assert hired["over_floor"] == hired["ttft_s"] / floor["ttft_s"]
+    assert none["floor_ttft_s"] == none["ttft_s"]  # every token kept: the unreduced run is the floor
+    assert whole["visual_kept"] < whole["visual_full"]  # HiRED drops the newlines even at budget 1
+    assert whole["floor_ttft_s"] == done["uniform", f"{whole['visual_kept']} tokens", 1]["ttft_s"]
+    shape, text = Shape.of(backend.model.config), backend.prepare(photo(500, 300), "What?").text_tokens
+    assert hired["prefill_tflops"] * 1e12 == prefill_flops(shape, [text + hired["visual_kept"]] * shape.layers)
+
+
+def test_a_cell_that_runs_out_of_memory_says_so_and_the_others_are_measured(backend):
+    """The unreduced batch "does not fit" (a forward hook raises the device's out-of-memory error for
+    it); its row says so, the 20% batch is measured, and the table and the charts are still made."""
+
+    def too_big(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[0] == 2 and ids.shape[1] > 1000:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handle = backend.model.register_forward_pre_hook(too_big, with_kwargs=True)
+    try:
+        rows = bench.sweep(
+            backend, photo(500, 300), "What?", ["cls"], [Budget(fraction=0.2)], 2, 1, 0, batch=2, floor=True
+        )
+    finally:
+        handle.remove()
+    failed, cls = rows
+    assert failed["answer"].startswith("out of memory on cpu") and failed["ttft_s"] is None
+    assert cls["ttft_s"] > 0 and cls["ttft_ratio"] is None and cls["batch"] == 2 and cls["images_per_s"] > 0
+    text = backend.prepare(photo(500, 300), "What?").text_tokens
+    assert cls["kv_bytes"] == 2 * kv_bytes(Shape.of(backend.model.config), [text + cls["visual_kept"]] * 4, 4)
+    assert "out of memory on cpu" in bench.table(rows).splitlines()[1]
+    chart = bench.charts({"batch 2": rows})  # TTFT (cls and its floor), memory and FLOPs (cls)
+    assert [t.name for t in chart.data] == ["cls", "floor (k tokens, no selection)", "cls", "cls"]
+    assert chart.layout.xaxis.title.text == f"visual tokens kept (of {cls['visual_full']})"
+
+
+def test_bench_sweeps_sizes_and_batches_into_csv_html_and_png(capsys, tmp_path):
+    out = tmp_path / "bench"
+    code = main(
+        [
+            "bench",
+            "--model",
+            "tiny-llava-next",
+            "--image",
+            "assets/coffee.jpg",
+            "--methods",
+            "hired",
+            "--budgets",
+            "0.2",
+        ]
+        + ["--sizes", "336x336,672x672", "--batch", "1,2", "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2"]
+        + ["--csv", f"{out}.csv", "--plot", f"{out}.html"]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0
+    rows = list(csv.DictReader(open(f"{out}.csv")))
+    assert [(r["size"], r["batch"], r["method"]) for r in rows] == [
+        (size, batch, method) for size in ("336x336", "672x672") for batch in ("1", "2") for method in ("none", "hired")
+    ]
+    assert {r["visual_full"] for r in rows if r["size"] == "672x672"} == {"2928"}
+    assert all(
+        r["model"] == "tiny-llava-next" and float(r["floor_ttft_s"]) > 0 and float(r["kv_bytes"]) > 0 for r in rows
+    )
+    batched = [r for r in rows if r["batch"] == "2"]
+    assert all(r["kl"] == "" for r in batched) and all(float(r["images_per_s"]) > 0 for r in batched)
+    assert "tiny-llava-next 672x672 batch 2" in printed and f"wrote {out}.html and {out}.png" in printed
+    assert open(f"{out}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "tiny-llava-next 336x336 batch 2: time to first token" in open(f"{out}.html").read()
