@@ -393,16 +393,18 @@ class Backend:
         prompts left-padded to the longest, their kept visual tokens in the same order."""
         longest = max(inputs["input_ids"].shape[1] for inputs in each)
 
-        def padded(key: str, value: int) -> torch.Tensor:  # (B, longest)
-            return torch.cat([F.pad(i[key], (longest - i[key].shape[1], 0), value=value) for i in each])
+        def padded(key: str, value: int) -> torch.Tensor:  # (..., B, longest): the batch is the next-to-last dim
+            return torch.cat([F.pad(i[key], (longest - i[key].shape[-1], 0), value=value) for i in each], -2)
 
         features = [f for inputs in each for f in inputs["mm_encoder_outputs"]["image"].pooler_output]
         kept = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=features)
-        return {
+        batch = {
             "input_ids": padded("input_ids", self.tokenizer.pad_token_id),
             "attention_mask": padded("attention_mask", 0),
-            "mm_encoder_outputs": {"image": kept},
         }
+        if "position_ids" in each[0]:  # given per prompt (Qwen's M-RoPE); generate() goes on from each row's last
+            batch["position_ids"] = padded("position_ids", 0)
+        return batch | {"mm_encoder_outputs": {"image": kept}}
 
     def staying(self, prepared: Prepared, keep: torch.Tensor) -> torch.Tensor:
         """(L,) bool over the prompt: the text and the kept visual tokens."""

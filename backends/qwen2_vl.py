@@ -225,11 +225,6 @@ class Qwen2VL(Backend):
         order = torch.arange(kept.shape[-1], device=kept.device).view(1, 1, -1)
         return inputs | {"position_ids": torch.cat([order, kept])}
 
-    def batch_inputs(self, each: list[dict]) -> dict:
-        raise ExplorerError(
-            f"{self.family} runs one image at a time: batching would need its M-RoPE positions padded per prompt"
-        )
-
 
 class Qwen25VL(Qwen2VL):
     model_type = "qwen2_5_vl"
