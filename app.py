@@ -184,7 +184,8 @@ class Explorer:
 
     def sweep(self, image, prompt, methods, budgets, max_new_tokens, column, cache, progress=gr.Progress()):
         """Every chosen method at every budget on this image and prompt (one run each, fixed answer
-        length), measured against the unreduced run; cells run before for the same image, prompt and
+        length), measured against the unreduced run and the floor (`uniform` keeping as many tokens,
+        no selection work); cells run before for the same image, prompt and
         length are reused. Returns the chart, the table, the rows and the cache."""
         try:
             check_request(prompt, int(max_new_tokens))
@@ -203,7 +204,7 @@ class Explorer:
                 progress(i / total, desc=f"{method} at {budget}" if method != "none" else "unreduced run")
 
             budgets = [Budget(fraction=f) for f in fractions]
-            rows = bench.sweep(backend, picture, prompt, methods, budgets, n, 1, 0, done, step)
+            rows = bench.sweep(backend, picture, prompt, methods, budgets, n, 1, 0, done, step, floor=True)
             cache = {**{k: v for k, v in cache.items() if k != key}, key: done}
             table = [line + [r["answer"]] for line, r in zip(bench.cells(rows), rows)]
             return bench.figure(rows, column), table, rows, dict(list(cache.items())[-MEMO:])
@@ -389,7 +390,7 @@ def gpu_seconds(image, prompt, method, budget, compare, max_new_tokens, *rest) -
 
 
 def sweep_seconds(image, prompt, methods, budgets, max_new_tokens, *rest) -> int:
-    cells = 1 + len(methods or []) * len(str(budgets).split(","))
+    cells = 1 + (len(methods or []) + 1) * len(str(budgets).split(","))  # the floor: one more per budget
     return min(600, 10 + cells * (5 + int(max_new_tokens) // 10))
 
 

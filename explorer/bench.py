@@ -72,7 +72,7 @@ def sweep(
         row["floor_ttft_s"] = row["over_floor"] = None
         if floor and row["visual_kept"] is not None:
             k = row["visual_kept"]
-            under = rows[0] if k == row["visual_full"] else cell(0, 0, "uniform", Budget(tokens=k))
+            under = rows[0] if k == row["visual_full"] else cell(len(cells), len(cells), "uniform", Budget(tokens=k))
             row["floor_ttft_s"], row["over_floor"] = under["ttft_s"], _ratio(row["ttft_s"], under["ttft_s"])
     return rows
 

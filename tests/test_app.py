@@ -287,10 +287,14 @@ def test_a_sweep_equals_single_runs_and_replots_from_its_cache(explorer, backend
     try:
         again = explorer.sweep(*args[:-1], cache, progress=lambda *a, **k: None)  # everything cached
         assert again[1] == table and not calls
-        replot = app.bench.figure(again[2], "ttft_s")
-        assert [trace.name for trace in replot.data] == ["cls", "random"] and not calls
+        replot = app.bench.figure(again[2], "ttft_s")  # the time to first token also draws the floor
+        assert [trace.name for trace in replot.data] == ["cls", "random", "floor (k tokens, no selection)"]
+        assert list(replot.data[2].x) == [107, 428, 2144] and not calls
     finally:
         hook.remove()
+    floors = {(k, r["visual_kept"]) for k, r in cache[next(iter(cache))].items() if k[0] == "uniform"}
+    assert floors == {(("uniform", "107 tokens", 1), 107), (("uniform", "428 tokens", 1), 428)}
+    assert all(r["floor_ttft_s"] > 0 and r["over_floor"] > 0 for r in rows)
     with pytest.raises(gr.Error, match="every budget must be a percentage"):
         explorer.sweep(
             {"path": picture_file}, "What is this?", ["cls"], "0,20", 3, "kl", {}, progress=lambda *a, **k: None
