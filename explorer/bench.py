@@ -4,7 +4,7 @@ against the floor, the same model fed exactly as many visual tokens with no sele
 
 Every run generates exactly `max_new_tokens` tokens; warm-up runs are not measured; each time is the
 median over `repeats` runs, and the TTFT's min and max give its spread. Prefill FLOPs and KV-cache
-bytes are computed from the LLM's config and the real token counts (`cost`).
+bytes are computed from the LLM's config and the real token counts (`Result.cost`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import statistics
 
 from . import fidelity
 from .core import Budget
-from .cost import Shape, kv_bytes, prefill_flops
 from .methods import METHODS
 from .pipeline import OutOfMemory, run, run_batch
 
@@ -105,9 +104,7 @@ def measure(backend, image, prompt, method, budget, max_new_tokens, repeats, war
     )
     row["images_per_s"] = batch / row["total_s"]
     row["peak_bytes"] = int(statistics.median(r.memory["peak_bytes"] for r in results))
-    shape, per_layer = Shape.of(backend.model.config), [tokens["text"] + v for v in tokens["visual_per_layer"]]
-    row["prefill_tflops"] = batch * prefill_flops(shape, per_layer) / 1e12
-    row["kv_bytes"] = batch * kv_bytes(shape, per_layer, backend.model.dtype.itemsize)
+    row["prefill_tflops"], row["kv_bytes"] = results[0].cost["prefill_flops"] / 1e12, results[0].cost["kv_bytes"]
     row |= dict.fromkeys(DRIFT)
     if reference is not None:
         if not reference:

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from .core import Budget, ExplorerError, Geometry, Selection, Signals
+from .cost import Shape, kv_bytes, prefill_flops
 from .images import load_image
 from .llm import llm_hooks
 from .measure import PeakMemory, TokenStream, first_forward, now, sync
@@ -45,6 +46,7 @@ class Result:
     # generated, by_partition
     timing: dict  # seconds: ttft_s, prefill_s, total_s, selection_s, ...; decode_tokens_per_s
     memory: dict  # device, peak_bytes
+    cost: dict  # prefill_flops, kv_bytes: computed from the LLM's config and the tokens per layer (`cost`)
     geometry: Geometry
     selection: Selection
     random_weights: bool
@@ -52,7 +54,7 @@ class Result:
 
     def to_json(self) -> dict:
         budget = None if self.budget is None else self.budget.fraction or self.budget.tokens
-        fields = ("model", "method", "settings", "answer", "random_weights", "tokens", "timing", "memory")
+        fields = ("model", "method", "settings", "answer", "random_weights", "tokens", "timing", "memory", "cost")
         return {"budget": budget, **{name: getattr(self, name) for name in fields}}
 
 
@@ -116,6 +118,7 @@ def stream(
                 tokens={**tokens, "generated": len(ids), "by_partition": by_partition},
                 timing=timing,
                 memory={"device": device.type, "peak_bytes": memory.peak()},
+                cost=_cost(backend, [prepared.text_tokens + v for v in tokens["visual_per_layer"]]),
                 geometry=g,
                 selection=current,
                 random_weights=backend.random_weights,
@@ -141,6 +144,7 @@ class Batch:
     tokens: list[dict]  # per image: visual_full, visual_budget, visual_kept, visual_per_layer, text
     timing: dict  # seconds: ttft_s, prefill_s, total_s, vision_s, selection_s; decode_tokens_per_s, images_per_s
     memory: dict  # device, peak_bytes
+    cost: dict  # prefill_flops, kv_bytes of the whole batch, padding included
 
 
 def run_batch(
@@ -198,7 +202,18 @@ def run_batch(
         "selection_s": selecting,
         "images_per_s": len(images) / (end - start),
     }
-    return Batch(answers, tokens, timing, {"device": device.type, "peak_bytes": memory.peak()})
+    each_row = _cost(backend, [inputs["input_ids"].shape[1]] * backend.depth)  # every row is padded to the longest
+    cost = {key: len(images) * value for key, value in each_row.items()}
+    return Batch(answers, tokens, timing, {"device": device.type, "peak_bytes": memory.peak()}, cost)
+
+
+def _cost(backend, tokens: list[int]) -> dict:
+    """The prefill's FLOPs and KV-cache bytes when LLM layer l holds tokens[l] tokens (see `cost`)."""
+    shape = Shape.of(backend.model.config)
+    return {
+        "prefill_flops": prefill_flops(shape, tokens),
+        "kv_bytes": kv_bytes(shape, tokens, backend.model.dtype.itemsize),
+    }
 
 
 def _method(backend, name: str, settings: dict | None, budget: Budget | float):

@@ -106,7 +106,8 @@ def test_kv_bytes_are_those_of_the_cache_the_prefill_fills(backend, method):
             cache = backend.model(**inputs, use_cache=True).past_key_values
     held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     per_layer = [result.tokens["text"] + v for v in result.tokens["visual_per_layer"]]
-    assert held == kv_bytes(Shape.of(backend.model.config), per_layer, 4)
+    assert held == kv_bytes(Shape.of(backend.model.config), per_layer, 4) == result.cost["kv_bytes"]
+    assert result.cost["prefill_flops"] == prefill_flops(Shape.of(backend.model.config), per_layer)
     full, kept = result.tokens["visual_full"], result.tokens["visual_kept"]
     if method == "fastv":  # layers 0-1 hold every visual token, layers 2-3 the kept quarter
         assert result.tokens["visual_per_layer"] == [full, full, kept, kept]
