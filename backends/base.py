@@ -212,6 +212,7 @@ class Backend:
     default: str  # its real checkpoint on the Hub that the explorer suggests
     cls_token: bool = True  # whether the vision encoder has a [CLS] token
     thumbnail: bool = False  # whether a low-resolution view of the whole image comes beside high-resolution crops
+    projects_kept: bool = False  # whether `vision_tower` runs the encoder alone, so that only kept tokens are projected
 
     encoder: torch.nn.ModuleList  # the vision encoder's layers
     feature_layer: int  # the layer whose output the LLM receives
@@ -267,15 +268,19 @@ class Backend:
         """Geometry of an image of (height, width) pixels, and each token's row in the flat encoder output."""
         raise NotImplementedError
 
-    def encode(self, prepared: Prepared, needs: tuple[str, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def encode(
+        self, prepared: Prepared, needs: tuple[str, ...], project: bool = True
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Run the vision stage: (N, D) projected features in LLM order, and the signals asked for
-        (see `explorer.Signals`): the (N,) rows on the CPU, the rest on the model's device."""
+        (see `explorer.Signals`): the (N,) rows on the CPU, the rest on the model's device. With
+        `project=False` (families that `projects_kept`) only the encoder runs and the features are
+        None: `kept_features` projects the tokens kept, from the "hidden@feature" signal."""
         asked = {name: self.signal(name) for name in needs if name != "features"}  # name -> (kind, layer)
         wants: dict[int, set[str]] = {}
         for kind, layer in asked.values():
             wants.setdefault(layer, set()).add(kind)
         with self.hooks(prepared, wants) as captured:
-            features = self.image_features(prepared)
+            features = self.image_features(prepared) if project else self.vision_tower(prepared)
         signals = {"features": features} if "features" in needs else {}
         for name, (kind, layer) in asked.items():
             rows = self.tokens_of(prepared, captured[kind, layer], fold="concat" if kind == "hidden" else "mean")
@@ -294,6 +299,14 @@ class Backend:
     def image_features(self, prepared: Prepared) -> torch.Tensor:
         """(N, D) the projected visual tokens the LLM receives, in LLM order."""
         raise NotImplementedError
+
+    def vision_tower(self, prepared: Prepared) -> None:
+        """Run the vision encoder alone, for its hooks (families that `projects_kept`)."""
+        raise NotImplementedError
+
+    def newline(self) -> torch.Tensor | None:
+        """(D,) the LLM input of a newline token, for families that have them."""
+        return None
 
     def tokens_of(self, prepared: Prepared, values: torch.Tensor, fold: str) -> torch.Tensor:
         """Per-patch values of the encoder, as `hooks` captured them, as (N, ...) rows in LLM order, NaN
@@ -339,12 +352,42 @@ class Backend:
         """(N, D) features in which every kept token that absorbs others carries the projection of
         its mix of encoder outputs, sum_j weights[k, j] * hidden_j (`Selection.weights`), as VisionZip
         and PruMerge merge: before the projector, whose MLP would not commute with the mean."""
+        mixed, mixing = self._mixed(signals, selection)  # (K, C) or None, (K,)
+        if mixed is None:
+            return features
+        merged = features.clone()
+        projected = self.project(mixed[mixing.to(mixed.device)].to(features.dtype))  # (K', D)
+        merged[selection.keep[mixing].to(merged.device)] = projected.to(merged.dtype)
+        return merged
+
+    def kept_features(self, signals: dict[str, torch.Tensor], selection) -> torch.Tensor:
+        """(N, D) features of which only the kept rows are filled, as `image_features` and `merge` would
+        fill them, from the encoder outputs ("hidden@feature"): the projector runs on the kept tokens
+        alone (families that `projects_kept`, whose every token but the newlines is one patch)."""
+        hidden = signals["hidden@feature"]  # (N, C), NaN rows for newlines
+        keep = selection.keep.to(hidden.device)
+        rows = hidden[keep]  # (K, C)
+        mixed, mixing = self._mixed(signals, selection) if selection.weights is not None else (None, None)
+        if mixed is not None:
+            rows = torch.where(mixing.to(hidden.device)[:, None], mixed, rows)
+        newline = rows.isnan().any(1)  # (K,)
+        dtype = self.model.dtype
+        projected = self.project(rows[~newline].to(dtype))  # (K', D)
+        features = projected.new_zeros(len(hidden), projected.shape[1])
+        features[keep[~newline]] = projected
+        if newline.any():
+            features[keep[newline]] = self.newline().to(features)
+        return features
+
+    def _mixed(self, signals: dict[str, torch.Tensor], selection) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(K, C) sum_j weights[k, j] * hidden_j for every kept token (zeros where it carries only
+        itself), None when no token absorbs others; and (K,) bool: whether kept token k does."""
         keep, weights = selection.keep, selection.weights.coalesce()  # (K,), sparse (K, N) on the CPU
         (rows, columns), values = weights.indices(), weights.values()  # (E,) each
         alone = (columns == keep[rows]) & (values == 1)  # a kept token carrying itself, unchanged
         mixing = torch.zeros(len(keep), dtype=torch.bool).index_fill_(0, rows[~alone], True)  # (K,)
         if not mixing.any():
-            return features
+            return None, mixing
         if "hidden@feature" not in signals:
             raise ExplorerError("a method that merges tokens must ask for the signal hidden@feature")
         hidden = signals["hidden@feature"].nan_to_num(0.0)  # (N, C); newlines have no encoder output
@@ -352,10 +395,7 @@ class Backend:
         device = hidden.device
         terms = values[used].to(hidden)[:, None] * hidden[columns[used].to(device)]  # (E', C)
         mixed = torch.zeros(len(keep), hidden.shape[1], device=device).index_add_(0, rows[used].to(device), terms)
-        merged = features.clone()
-        projected = self.project(mixed[mixing.to(device)].to(features.dtype))  # (K', D)
-        merged[keep[mixing].to(merged.device)] = projected.to(merged.dtype)
-        return merged
+        return mixed, mixing
 
     @property
     def language_model(self):

@@ -32,6 +32,7 @@ class Llava(Backend):
     family = "LLaVA-1.5"
     model_class = "LlavaForConditionalGeneration"
     default = DEFAULT  # the real checkpoint
+    projects_kept = True
 
     def __init__(self, model, processor, name: str, random_weights: bool = False):
         super().__init__(model, processor, name, random_weights)
@@ -72,6 +73,9 @@ class Llava(Backend):
     def image_features(self, prepared: Prepared) -> torch.Tensor:
         out = self.model.model.get_image_features(pixel_values=prepared.inputs["pixel_values"], return_dict=True)
         return out.pooler_output[0]  # (N, D)
+
+    def vision_tower(self, prepared: Prepared) -> None:
+        self.model.model.vision_tower(prepared.inputs["pixel_values"])
 
 
 RANDOM = {"tiny-llava-1.5": ((32, 3, 4, 64), (32, 4, 4, 64))}  # name -> (vision, text) as (hidden, layers, heads, mlp)

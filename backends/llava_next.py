@@ -30,6 +30,7 @@ class LlavaNext(Backend):
     model_class = "LlavaNextForConditionalGeneration"
     default = DEFAULT  # the real checkpoint
     thumbnail = True
+    projects_kept = True
 
     def __init__(self, model, processor, name: str, random_weights: bool = False):
         super().__init__(model, processor, name, random_weights)
@@ -60,6 +61,13 @@ class LlavaNext(Backend):
             pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
         )
         return out.pooler_output[0]  # (N, D)
+
+    def vision_tower(self, prepared: Prepared) -> None:
+        crops = len(prepared.geometry.names) - 1  # the thumbnail and the crops: every partition but the newlines
+        self.model.model.vision_tower(prepared.inputs["pixel_values"][0, :crops])
+
+    def newline(self) -> torch.Tensor:
+        return self.model.model.image_newline
 
 
 def modeling_llava_next():

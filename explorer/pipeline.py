@@ -90,7 +90,7 @@ def stream(
         inside, hooks = llm_hooks(backend, prepared, method, chosen, b)  # None, a no-op for vision methods
 
         def result(done: bool) -> Result:
-            start, preprocessed, encoded, selected = clock
+            start, preprocessed, encoded, selected, projected = clock
             current = inside.selection() if inside else selection
             keep = current.keep
             kept = torch.bincount(g.partition[keep.cpu()], minlength=len(g.names)).tolist()
@@ -105,7 +105,7 @@ def stream(
                 "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None,
                 "total_s": now() - start,
                 "preprocess_s": preprocessed - start,
-                "vision_s": encoded - preprocessed,
+                "vision_s": encoded - preprocessed + projected - selected,
                 "selection_s": record.seconds if record else selected - encoded,
             }
             return Result(
@@ -177,7 +177,7 @@ def run_batch(
         for picture, budget in zip(pictures, budgets):
             _, budget = _method(backend, method, settings, budget)
             clock, prepared, features, selection, b = _select(backend, picture, prompt, chosen, budget, max_new_tokens)
-            vision, selecting = vision + clock[2] - clock[1], selecting + clock[3] - clock[2]
+            vision, selecting = vision + clock[2] - clock[1] + clock[4] - clock[3], selecting + clock[3] - clock[2]
             each.append(backend.generate_inputs(prepared, features, selection.keep))
             kept = len(selection.keep)
             tokens.append(
@@ -228,7 +228,9 @@ def _method(backend, name: str, settings: dict | None, budget: Budget | float):
 
 
 def _select(backend, picture, prompt, chosen, budget, max_new_tokens):
-    """Preprocess, vision stage, selection; the clock marks the start and the end of each stage."""
+    """Preprocess, vision stage, selection; the clock marks the start and the end of each stage:
+    preprocessed, encoded, selected, projected (the projector on the kept tokens, when that is how the
+    family runs; else it ran with the encoder)."""
     device = backend.device
     clock = [now()]
     with torch.inference_mode():
@@ -236,6 +238,9 @@ def _select(backend, picture, prompt, chosen, budget, max_new_tokens):
         g = prepared.geometry
         b = budget.resolve(len(g)) if budget else len(g)
         vision = chosen.stage == "vision"  # else every visual token enters the LLM, to be cut inside
+        # project only the tokens kept, when the family can and the method reads no projected features
+        lazy = vision and backend.projects_kept and b < len(g) and "features" not in chosen.needs
+        needs = (*chosen.needs, *(["hidden@feature"] if lazy else [])) if vision else ()
         entering = b if vision else len(g)
         if prepared.text_tokens + entering + max_new_tokens > backend.max_positions:
             raise ExplorerError(
@@ -244,13 +249,17 @@ def _select(backend, picture, prompt, chosen, budget, max_new_tokens):
             )
         sync(device)
         clock.append(now())
-        features, maps = backend.encode(prepared, chosen.needs if vision else ())
+        features, maps = backend.encode(prepared, tuple(dict.fromkeys(needs)), project=not lazy)
         sync(device)
         clock.append(now())
         selection = chosen.select(Signals(g, b, maps)) if vision else Selection(keep=torch.arange(len(g)))
-        if selection.weights is not None:  # a merging method: the backend builds what each kept token carries
+        if selection.weights is not None and not lazy:  # merging: the backend builds what each kept token carries
             features = backend.merge(features, maps, selection)
         sync(device)
+        clock.append(now())
+        if lazy:  # the projector, on the kept tokens (and the merges) alone
+            features = backend.kept_features(maps, selection)
+            sync(device)
         clock.append(now())
     keep = selection.keep
     assert keep.dim() == 1 and (keep.diff() > 0).all() and 0 <= keep.min() and keep.max() < len(g), "bad keep"

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import backends
 from explorer import bench
 from explorer.cli import main
-from explorer.core import Budget, ExplorerError
+from explorer.core import Budget, ExplorerError, Signals
 from explorer.cost import Shape, kv_bytes, prefill_flops
 from explorer.llm import llm_hooks
 from explorer.methods import make
@@ -234,3 +234,43 @@ def test_bench_sweeps_sizes_and_batches_into_csv_html_and_png(capsys, tmp_path):
     assert "tiny-llava-next 672x672 batch 2" in printed and f"wrote {out}.html and {out}.png" in printed
     assert open(f"{out}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "tiny-llava-next 336x336 batch 2: time to first token" in open(f"{out}.html").read()
+
+
+NEXT, ONE_VIEW = "tiny-llava-next", "tiny-llava-1.5"  # HiRED needs a thumbnail, which LLaVA-1.5 lacks
+
+
+@pytest.mark.parametrize(
+    "name, method", [(NEXT, "cls"), (NEXT, "hired"), (NEXT, "visionzip"), (ONE_VIEW, "cls"), (ONE_VIEW, "visionzip")]
+)
+def test_only_the_kept_tokens_reach_the_projector(name, method):
+    """Families whose tokens are single patches run the encoder alone and project only what is kept
+    (VisionZip: its merged tokens too); the LLM gets the same inputs as from the full projection.
+    The unreduced run still projects everything, through the model's own code."""
+    built = backends.load(name, "cpu")
+    projector = built.model.model.multi_modal_projector
+    seen = []
+    handle = projector.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:-1].numel()))
+    try:
+        image, prompt = photo(500, 300), "What is it?"
+        result = run(built, image, prompt, method, 0.1, max_new_tokens=1)
+        keep, g = result.selection.keep, result.geometry
+        newline = g.names.index("newline") if "newline" in g.names else -1
+        assert seen == [int((g.partition[keep] != newline).sum())]  # the kept tokens, newlines are no patches
+        seen.clear()
+        run(built, image, prompt, "none", 1.0, max_new_tokens=1)
+        side = built.model.config.vision_config.image_size // built.model.config.vision_config.patch_size
+        assert seen == [(len(g.names) - (newline >= 0)) * side**2]  # every patch of every crop, padding too
+    finally:
+        handle.remove()
+    chosen = make(method)
+    with torch.inference_mode():
+        prepared = built.prepare(image, prompt)
+        needs = tuple(dict.fromkeys((*chosen.needs, "hidden@feature")))
+        stock, signals = built.encode(prepared, needs)
+        selection = chosen.select(Signals(g, len(keep), signals))
+        if selection.weights is not None:
+            stock = built.merge(stock, signals, selection)
+        _, alone = built.encode(prepared, needs, project=False)
+        lazy = built.kept_features(alone, selection)
+    assert torch.equal(selection.keep, keep)
+    torch.testing.assert_close(lazy[keep], stock[keep], atol=1e-5, rtol=1e-5)

@@ -161,8 +161,8 @@ def test_out_of_memory_gives_a_clear_message_and_the_next_run_works(backend, mon
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    target = backend.model.model if where == "vision" else backend.model
-    monkeypatch.setattr(target, "get_image_features" if where == "vision" else "generate", oom)
+    target = backend.model.model.vision_tower if where == "vision" else backend.model
+    monkeypatch.setattr(target, "forward" if where == "vision" else "generate", oom)
     with pytest.raises(ExplorerError, match="out of memory on cpu; try a smaller budget, image or model"):
         run(backend, photo(64, 64), PROMPT, "hired")
     monkeypatch.undo()
