@@ -34,7 +34,8 @@ def logprobs(backend, image: str | Image.Image, prompt: str, answer_ids, method=
             positions = inputs.pop("position_ids")  # (rows, 1, P)
             after = positions[..., -1:] + torch.arange(1, answer.shape[1] + 1, device=positions.device)  # (rows, 1, T)
             inputs["position_ids"] = torch.cat([positions, after], -1)
-        _, hooks = llm_hooks(backend, prepared, method, chosen, b)  # a method working inside the LLM cuts there
+        # a method working inside the LLM cuts there (after its own step before the LLM, if it has one)
+        _, hooks = llm_hooks(backend, prepared, method, chosen, b, selection)
         with torch.inference_mode(), hooks:
             logits = backend.model(
                 input_ids=torch.cat([ids, answer], 1),

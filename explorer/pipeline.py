@@ -2,7 +2,8 @@
 
     preprocess -> vision encoder (+ the signals the method needs) -> method.select -> LLM on the kept tokens
 
-Methods of stage "llm" select inside the LLM instead: every visual token goes in, and the backend's
+Methods of stage "llm" select inside the LLM instead: every visual token goes in (or, for a method
+with a step of its own before the LLM, `select_vision`, the tokens that step keeps), and the backend's
 hooks cut them during the prefill (see `llm.LlmStage`); the first `Result` comes after the prefill.
 
 `stream` yields a `Result` after selection and after every generated token, and a final one with
@@ -87,7 +88,7 @@ def stream(
         memory.reset()
         clock, prepared, features, selection, b = _select(backend, picture, prompt, chosen, budget, max_new_tokens)
         g, keep = prepared.geometry, selection.keep
-        inside, hooks = llm_hooks(backend, prepared, method, chosen, b)  # None, a no-op for vision methods
+        inside, hooks = llm_hooks(backend, prepared, method, chosen, b, selection)  # None, a no-op for vision methods
 
         def result(done: bool) -> Result:
             start, preprocessed, encoded, selected, projected = clock
@@ -238,9 +239,10 @@ def _select(backend, picture, prompt, chosen, budget, max_new_tokens):
         g = prepared.geometry
         b = budget.resolve(len(g)) if budget else len(g)
         vision = chosen.stage == "vision"  # else every visual token enters the LLM, to be cut inside
+        first = getattr(chosen, "select_vision", None)  # an llm-stage method's own step before the LLM, if any
         # project only the tokens kept, when the family can and the method reads no projected features
         lazy = vision and backend.projects_kept and b < len(g) and "features" not in chosen.needs
-        needs = (*chosen.needs, *(["hidden@feature"] if lazy else [])) if vision else ()
+        needs = (*(chosen.needs if vision else getattr(chosen, "vision_needs", ())), *(["hidden@feature"] * lazy))
         entering = b if vision else len(g)
         if prepared.text_tokens + entering + max_new_tokens > backend.max_positions:
             raise ExplorerError(
@@ -252,7 +254,10 @@ def _select(backend, picture, prompt, chosen, budget, max_new_tokens):
         features, maps = backend.encode(prepared, tuple(dict.fromkeys(needs)), project=not lazy)
         sync(device)
         clock.append(now())
-        selection = chosen.select(Signals(g, b, maps)) if vision else Selection(keep=torch.arange(len(g)))
+        if vision or first:
+            selection = (chosen.select if vision else first)(Signals(g, b, maps))
+        else:
+            selection = Selection(keep=torch.arange(len(g)))
         if selection.weights is not None and not lazy:  # merging: the backend builds what each kept token carries
             features = backend.merge(features, maps, selection)
         sync(device)

@@ -9,7 +9,11 @@ Selection` does the work.
 A method of stage "llm" prunes inside the LLM: `cuts(depth, n, budget) -> list[Cut]` says before
 which layers it cuts and how many tokens each cut leaves (the last leaves the budget), its
 `keep_positions` setting whether kept tokens keep their positions, and `select` is called at each cut
-with the signals of that point (`Signals.alive` marks the tokens still in the sequence).
+with the signals of that point (`Signals.alive` marks the tokens still in the sequence). Such a method
+may also act before the LLM: `select_vision(signals) -> Selection`, on the vision signals it names in
+`vision_needs`, keeps (and may merge) tokens as a vision method does; only those enter the LLM, its
+cuts are counted from them, and the maps of that selection (e.g. a set never to drop) reach every
+cut's signals. An `adaptive` method keeps what its rule finds, at most each cut's count.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .divprune import DivPrune
 from .fastv import FastV
 from .globalcom2 import GlobalCom2
 from .hired import HiRED
+from .mustdrop import MustDrop
 from .none import NoReduction
 from .pdrop import PyramidDrop
 from .pooling import Pooling
@@ -57,6 +62,7 @@ METHODS = {
     "pdrop": PyramidDrop,
     "dart": DART,
     "sparsevlm": SparseVLM,
+    "mustdrop": MustDrop,
 }
 
 
@@ -91,7 +97,7 @@ def unavailable(name: str, backend) -> str | None:
             f"{name} needs a thumbnail of the whole image beside high-resolution crops; "
             f"{backend.family} sees the image once, with no thumbnail"
         )
-    for signal in method.needs if method.stage == "vision" else ():
+    for signal in method.needs if method.stage == "vision" else getattr(method, "vision_needs", ()):
         try:
             if signal != "features":
                 backend.signal(signal)

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..core import Selection, Signals
+from ..core import Geometry, Selection, Signals
 from .common import patches_first, spread
 
 
@@ -40,32 +40,37 @@ class ToMe:
     summary: ClassVar[str] = "ToMe: bipartite soft matching merges the most alike tokens, per crop, until the budget"
 
     def select(self, s: Signals) -> Selection:
-        g = s.geometry
-        keys = s["keys@feature"].mean(1).float().cpu()  # (N, head_dim), heads averaged
-        budgets = patches_first(g, s.budget)
-        groups = torch.full((len(g),), -1)  # (N,)
-        merged_in = torch.full((len(g),), math.nan)  # (N,) the round a token was merged away, 0 if kept
-        rounds = {}
-        for p, (name, k) in enumerate(zip(g.names, budgets)):
-            members = g.members(p)
-            if name == "newline":
-                kept = spread(g, p, k)
-                groups[kept] = kept
-                continue
-            owner, when = bipartite_rounds(keys[members], k)
-            if k:
-                groups[members] = members[owner]
-                merged_in[members] = when.float()
-            rounds[name] = int(when.max()) if len(when) else 0
-        keep = (groups == torch.arange(len(g))).nonzero()[:, 0]  # (K,) sorted
-        return Selection(
-            keep=keep,
-            groups=groups,
-            weights=mean_of_group(groups, keep),
-            budgets=dict(zip(g.names, budgets)),
-            maps={"merge round": merged_in},
-            stats={"merge rounds": rounds},
-        )
+        return merge_by_partition(s.geometry, s["keys@feature"].mean(1), s.budget)  # keys: heads averaged
+
+
+def merge_by_partition(g: Geometry, metric: torch.Tensor, budget: int) -> Selection:
+    """Bipartite soft matching on `metric` (N, C) in each partition until the budget, split as ToMe
+    splits it: each kept token carries the mean of its group."""
+    keys = metric.float().cpu()  # (N, C)
+    budgets = patches_first(g, budget)
+    groups = torch.full((len(g),), -1)  # (N,)
+    merged_in = torch.full((len(g),), math.nan)  # (N,) the round a token was merged away, 0 if kept
+    rounds = {}
+    for p, (name, k) in enumerate(zip(g.names, budgets)):
+        members = g.members(p)
+        if name == "newline":
+            kept = spread(g, p, k)
+            groups[kept] = kept
+            continue
+        owner, when = bipartite_rounds(keys[members], k)
+        if k:
+            groups[members] = members[owner]
+            merged_in[members] = when.float()
+        rounds[name] = int(when.max()) if len(when) else 0
+    keep = (groups == torch.arange(len(g))).nonzero()[:, 0]  # (K,) sorted
+    return Selection(
+        keep=keep,
+        groups=groups,
+        weights=mean_of_group(groups, keep),
+        budgets=dict(zip(g.names, budgets)),
+        maps={"merge round": merged_in},
+        stats={"merge rounds": rounds},
+    )
 
 
 def bipartite_rounds(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
