@@ -29,6 +29,12 @@ CAPTIONS = {
     "are the pivots, and the tokens kept are those least like the pivots.",
     "merge round": "ToMe: the round of bipartite matching in which each token was merged into a more alike "
     "partner (0: it was kept, and holds the tokens merged into it); early rounds merge the closest pairs.",
+    "window similarity": "MustDrop, before the LLM: how alike the tokens of each 3x3 window are (mean cosine "
+    "similarity of every pair, first vision layer); a window at least this alike becomes one token.",
+    "key set": "MustDrop: the key set (bright), the tokens the [CLS] token attends to most in the last vision "
+    "layer; no later stage may drop them.",
+    "text attention share": "MustDrop, inside the LLM: each visual token's share of all the attention the prompt's "
+    "text gives the image at the last pruning layer; a token goes only when this and its peak are both low.",
     "diverse": "VisPruner: after the important half, the remaining tokens are chosen by removing "
     "near-duplicates round by round, so the second half covers what the first missed.",
 }

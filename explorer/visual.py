@@ -297,6 +297,9 @@ STAGES = {
     "and the KV cache hold only the kept ones.",
     "llm": "It acts inside the language model: the first layers see every visual token, then the "
     "dropped ones are cut from the sequence and the KV cache for all later layers.",
+    "both": "It acts before the language model and inside it: the LLM receives only the tokens its first "
+    "step keeps (merged ones carry their group), then more are cut from the sequence and the KV cache at "
+    "later layers.",
 }
 
 
@@ -341,9 +344,10 @@ def explain(method: str, cls_token: bool | None = None) -> str:
     paragraphs = doc.split("\n\n")
     text = [f"**{cls.summary}**", " ".join(paragraphs[0].split())]
     text += ["\n".join(p for p in paragraphs[1:] if not p.startswith(("Differs", "Without a [CLS]")))]
-    if cls.needs:
-        text.append("It reads " + "; ".join(signal_name(s) for s in cls.needs) + ".")
-    if cls.stage == "vision" and any(s.startswith("cls") for s in cls.needs) and cls_token is not True:
+    needs = (*getattr(cls, "vision_needs", ()), *cls.needs)  # a two-step method reads both stages' signals
+    if needs:
+        text.append("It reads " + "; ".join(signal_name(s) for s in needs) + ".")
+    if any(s.startswith("cls") for s in needs) and cls_token is not True:
         text.append(
             f"This model's vision encoder has no [CLS] token, so {NO_CLS}."
             if cls_token is False
@@ -351,6 +355,6 @@ def explain(method: str, cls_token: bool | None = None) -> str:
             f"ViT), {NO_CLS}."
         )
     if getattr(cls, "budgeted", True):
-        text.append(STAGES.get(cls.stage, ""))
+        text.append(STAGES.get("both" if hasattr(cls, "select_vision") else cls.stage, ""))
     text += [" ".join(p.split()) for p in paragraphs if p.startswith("Differs")]
     return "\n\n".join(t for t in text if t)
