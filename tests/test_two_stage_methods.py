@@ -254,3 +254,16 @@ def test_mustdrop_is_explained_and_shows_its_steps(backend):
     assert any(c.startswith(teach.CAPTIONS["key set"]) for c in captions)
     assert any(c.startswith(teach.CAPTIONS["window similarity"]) for c in captions)
     assert any(c.startswith("Merge groups") for c in captions)
+
+
+@pytest.mark.parametrize("method, settings", [("mustdrop", {"similarity": -1.0})])
+def test_fidelity_scores_an_answer_under_both_stages(backend, method, settings):
+    from explorer.fidelity import logprobs
+
+    image = photo(400, 300, seed=6)
+    reduced = run(backend, image, PROMPT, method, 0.1, settings=settings, max_new_tokens=6)
+    assert reduced.tokens["visual_entering"] < reduced.tokens["visual_full"]  # the first step reduced
+    mine = logprobs(backend, image, PROMPT, reduced.answer_ids, method, 0.1, settings)
+    assert mine.argmax(-1).tolist() == list(reduced.answer_ids)  # its own greedy choices
+    full = logprobs(backend, image, PROMPT, reduced.answer_ids)
+    assert torch.equal(logprobs(backend, image, PROMPT, reduced.answer_ids, method, 1.0, settings), full)
