@@ -35,6 +35,8 @@ CAPTIONS = {
     "layer; no later stage may drop them.",
     "text attention share": "MustDrop, inside the LLM: each visual token's share of all the attention the prompt's "
     "text gives the image at the last pruning layer; a token goes only when this and its peak are both low.",
+    "merged before the LLM": "AIM, before the LLM: the round of bipartite matching on the projected tokens in "
+    "which each token was merged into a more alike partner (0: it reached the LLM, holding those merged into it).",
     "diverse": "VisPruner: after the important half, the remaining tokens are chosen by removing "
     "near-duplicates round by round, so the second half covers what the first missed.",
 }

@@ -256,7 +256,7 @@ def test_mustdrop_is_explained_and_shows_its_steps(backend):
     assert any(c.startswith("Merge groups") for c in captions)
 
 
-@pytest.mark.parametrize("method, settings", [("mustdrop", {"similarity": -1.0})])
+@pytest.mark.parametrize("method, settings", [("mustdrop", {"similarity": -1.0}), ("aim", {})])
 def test_fidelity_scores_an_answer_under_both_stages(backend, method, settings):
     from explorer.fidelity import logprobs
 
@@ -267,3 +267,94 @@ def test_fidelity_scores_an_answer_under_both_stages(backend, method, settings):
     assert mine.argmax(-1).tolist() == list(reduced.answer_ids)  # its own greedy choices
     full = logprobs(backend, image, PROMPT, reduced.answer_ids)
     assert torch.equal(logprobs(backend, image, PROMPT, reduced.answer_ids, method, 1.0, settings), full)
+
+
+# --- AIM ------------------------------------------------------------------------------------------
+
+
+def test_aim_merges_before_the_llm_to_the_geometric_mean_of_n_and_the_budget():
+    s = vision_signals(22)  # N = 88, B = 22: M = 88 * (22 / 88) ** 0.5 = 44
+    selection = make("aim").select_vision(s)
+    assert len(selection.keep) == 44 and make("aim").entering(88, 22) == 44
+    assert make("aim", split=1.0).entering(88, 22) == 22 and make("aim", split=0.0).entering(88, 22) == 88
+    groups, keep = selection.groups, selection.keep
+    assert torch.equal(groups[keep], keep)
+    weights = selection.weights.to_dense()  # (K, N): each kept token the mean of its group
+    for row, token in enumerate(keep.tolist()):
+        group = (groups == token).nonzero()[:, 0]
+        torch.testing.assert_close(weights[row, group], torch.full((len(group),), 1 / len(group)))
+    rounds = selection.maps["merged before the LLM"]
+    assert (rounds[(groups >= 0) & (groups != torch.arange(N))] >= 1).all()
+
+
+def test_aim_merges_the_most_alike_projected_tokens():
+    # the thumbnail's share of M = 44 is 44 * 16 / 80 = 8.8 -> 9 (largest remainder): 7 of its 16 merge.
+    # Round 1 pairs A = 0, 2, 4, ... with B = 1, 3, 5, ...; 0 and 1, 2 and 3, ..., 12 and 13 are the
+    # same vector: those 7 pairs merge first
+    features = torch.randn(N, 8, generator=torch.Generator().manual_seed(3))
+    for a in range(0, 14, 2):
+        features[a] = features[a + 1]
+    selection = make("aim").select_vision(vision_signals(22, features=features))
+    assert selection.groups[:14].tolist() == [1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13]
+    assert selection.groups[14:16].tolist() == [14, 15]
+
+
+def test_aim_prunes_on_a_linear_schedule_from_what_entered_to_the_budget():
+    cuts = [(c.layer, c.score_layer, c.tokens) for c in make("aim").cuts(28, 1000, 200)]
+    assert cuts == [(15 + i, 14 + i, 1000 - 100 * (i + 1)) for i in range(8)]  # 900, 800, ..., 200
+    cuts = [(c.layer, c.score_layer, c.tokens) for c in make("aim").cuts(4, 1046, 468)]
+    assert cuts == [(3, 2, 468)]  # 4 layers: 14-21 of 28 all fall on layer 2
+    cuts = [(c.layer, c.score_layer, c.tokens) for c in make("aim", start=7, stop=14).cuts(4, 1046, 468)]
+    assert cuts == [(2, 1, 1046 - 578 * 7 // 8), (3, 2, 468)]  # layers 7-13 -> 1, the last step on 14 -> 2
+    with pytest.raises(ExplorerError, match="aim: start"):
+        make("aim", start=9, stop=3).cuts(28, 100, 10)
+
+
+def test_aim_importance_is_the_sharpened_attention_renormalised_over_the_image_by_hand():
+    attention = torch.zeros(1, 1, N)
+    attention[0, 0, 3], attention[0, 0, 7] = 0.5, 0.25  # the rest goes to text tokens
+    plain = make("aim", temperature=1.0).select(llm_signals(1, attention))
+    assert plain.scores[3] == pytest.approx(2 / 3) and plain.scores[7] == pytest.approx(1 / 3)
+    sharp = make("aim", temperature=0.5).select(llm_signals(1, attention))  # squared: 0.25 and 0.0625
+    assert sharp.scores[3] == pytest.approx(0.8) and sharp.scores[7] == pytest.approx(0.2)
+    assert sharp.keep.tolist() == [3]
+    two = torch.cat([attention, attention.flip(-1)])  # a second head that looks at 80 and 84 instead
+    scores = make("aim", temperature=0.5).select(llm_signals(2, two)).scores
+    assert scores[3] == pytest.approx(0.8 / math.sqrt(2))  # the root mean square over the heads
+
+
+def test_aim_meets_the_budget_and_follows_its_schedule_end_to_end(backend):
+    image = photo(640, 480, seed=5)
+    result = run(backend, image, PROMPT, "aim", 0.2, settings={"start": 7, "stop": 14}, max_new_tokens=2)
+    assert result.tokens["visual_entering"] == math.floor(2340 * 0.2**0.5) == 1046
+    assert [(c["layer"], c["kept"]) for c in result.tokens["llm_cuts"]] == [(2, 541), (3, 468)]
+    assert result.tokens["visual_kept"] == len(result.selection.keep) == 468
+    assert result.tokens["visual_layer_mean"] == (1046 + 1046 + 541 + 468) / 4
+
+
+def test_aim_keeping_everything_is_the_unreduced_model(backend):
+    image = photo(336, 336, seed=5)
+    full = run(backend, image, PROMPT, "none", max_new_tokens=8)
+    everything = run(backend, image, PROMPT, "aim", 1.0, max_new_tokens=8)
+    assert (
+        everything.answer_ids == full.answer_ids
+        and everything.tokens["visual_entering"] == 576 + 24 * 0 + len(everything.geometry) - 576
+    )
+
+
+def test_aim_merged_tokens_reach_the_llm_as_their_projected_mean(backend):
+    image = photo(640, 480, seed=9)
+    result, prefill = seen_by_the_llm(backend, image, "aim", 0.2, {})
+    before, expected, visual = expected_merge(backend, image, "aim", {}, 468)
+    assert len(before.keep) == result.tokens["visual_entering"] == 1046
+    torch.testing.assert_close(prefill[visual], expected)
+
+
+def test_aim_is_explained_and_shows_its_steps(backend):
+    text = vis.explain("aim")
+    assert "Differs from the paper" in text and "PageRank" in text
+    assert "It acts before the language model and inside it" in text
+    result = run(backend, photo(640, 480, seed=5), PROMPT, "aim", 0.2, max_new_tokens=1)
+    captions = [caption for _, caption in teach.steps(photo(640, 480, seed=5), result)]
+    assert any(c.startswith(teach.CAPTIONS["merged before the LLM"]) for c in captions)
+    assert any(c.startswith("Merge groups") for c in captions)

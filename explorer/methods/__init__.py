@@ -22,6 +22,7 @@ import dataclasses
 import typing
 
 from ..core import ExplorerError
+from .aim import AIM
 from .cls import CLS
 from .dart import DART
 from .divprune import DivPrune
@@ -63,6 +64,7 @@ METHODS = {
     "dart": DART,
     "sparsevlm": SparseVLM,
     "mustdrop": MustDrop,
+    "aim": AIM,
 }
 
 
