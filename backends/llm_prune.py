@@ -15,6 +15,9 @@ layer of one forward pass. A cut before layer K works like this:
 
 Kept tokens either keep their original positions (gaps where tokens went) or are renumbered: a token's
 new position is its original one minus the tokens dropped before it.
+
+The "llm-transition" signal (TransPrune's token transition variation) also hooks each layer's
+attention and MLP, which are called as `self_attn(hidden_states=...)` and `mlp(hidden_states)`.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .base import ExplorerError
 
-SIGNALS = ("llm-attention", "llm-keys", "llm-hidden", "llm-embeds")  # keys, hidden, embeds also as "llm-text-..."
+# keys, hidden, embeds, transition also as "llm-text-..."
+SIGNALS = ("llm-attention", "llm-keys", "llm-hidden", "llm-embeds", "llm-transition")
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,9 @@ def pruning(
     try:
         for index, layer in enumerate(decoder.layers):
             handles.append(layer.register_forward_pre_hook(pruner.hook(index), with_kwargs=True))
+            if "llm-transition" in needs:
+                for part in (layer.self_attn, layer.mlp):
+                    handles.append(part.register_forward_hook(pruner.transition(index), with_kwargs=True))
         yield pruner.record
     finally:
         for handle in handles:
@@ -135,6 +143,7 @@ class _Pruner:
             self.alive = torch.ones(len(self.image), dtype=torch.bool, device=hidden.device)  # (N,)
             self.maps: dict[str, torch.Tensor] = {}
             self.record.keeps, self.record.seconds, self.rows = [], 0.0, []
+            self.ttv: torch.Tensor | None = None  # (L,) "llm-transition" summed so far, over the current sequence
 
     def prefill(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         if layer == 0 and "llm-embeds" in self.needs:
@@ -179,15 +188,34 @@ class _Pruner:
             visual[:, :, self.alive] = a[:, :, torch.searchsorted(self.index, self.image[self.alive])]
             self.maps["llm-attention"] = visual
 
+    def transition(self, layer: int):
+        """A forward hook on a layer's attention or MLP that adds its token transition variation to
+        "llm-transition", from the layer before the first cut to the one before the last: |output| /
+        |input| times the softmax over the sequence of 1 - cos(input, output), the input being what the
+        sublayer reads (normalised), the output what it adds to the residual stream."""
+
+        def after(module, args, kwargs, output):
+            if self.full and self.cuts[0][0] - 1 <= layer < self.cuts[-1][0]:
+                x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])[0].float()  # (L, D)
+                y = (output[0] if isinstance(output, tuple) else output)[0].float()  # (L, D)
+                direction = torch.softmax(1 - F.cosine_similarity(x, y, dim=-1), dim=0)
+                ttv = y.norm(dim=-1) / x.norm(dim=-1) * direction  # (L,)
+                self.ttv = ttv if self.ttv is None else self.ttv + ttv
+
+        return after
+
     def cut(self, s: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         if "llm-hidden" in self.needs:
             self.maps.update(self.split("hidden", self.decoder.norm(hidden)[0]))
+        if "llm-transition" in self.needs:
+            self.maps.update({name: m[:, 0] for name, m in self.split("transition", self.ttv[:, None]).items()})
         keep = self.choose(s, dict(self.maps), self.alive.clone()).to(hidden.device)  # (K,) indices into N
         alive = torch.zeros_like(self.alive)
         alive[keep] = True
         assert (keep.diff() > 0).all() and not (alive & ~self.alive).any(), "keep must be sorted alive tokens"
         stay = ~torch.isin(self.index, self.image[self.alive & ~alive])  # (L,) over the current sequence
         self.index, self.alive = self.index[stay], alive
+        self.ttv = None if self.ttv is None else self.ttv[stay]
         self.rows.append(self.index[self.index < self.prompt])
         self.record.keeps.append(keep)
         self.view = self.prefill_view(kwargs, hidden)

@@ -78,7 +78,9 @@ class Signals:
     - "llm-keys": (N, C), that layer's keys after RoPE, heads concatenated ("llm-text-keys": (T, C));
     - "llm-hidden": (N, D), the hidden states entering the cut layer, through the model's final norm
       ("llm-text-hidden": (T, D));
-    - "llm-embeds": (N, D), the LLM's input embeddings ("llm-text-embeds": (T, D)).
+    - "llm-embeds": (N, D), the LLM's input embeddings ("llm-text-embeds": (T, D));
+    - "llm-transition": (N,), TransPrune's token transition variation summed over the attention and
+      MLP of every layer from the one before the first cut to the one before this cut ("llm-text-transition": (T,)).
     """
 
     geometry: Geometry

@@ -37,6 +37,10 @@ CAPTIONS = {
     "text gives the image at the last pruning layer; a token goes only when this and its peak are both low.",
     "merged before the LLM": "AIM, before the LLM: the round of bipartite matching on the projected tokens in "
     "which each token was merged into a more alike partner (0: it reached the LLM, holding those merged into it).",
+    "TTV share": "TransPrune: how much the LLM's layers before the cut transformed each visual token (token "
+    "transition variation), as a share of the image's total; added to the prompt's attention share to rank.",
+    "IGA share": "TransPrune: the prompt's attention to each visual token at the cut layer, heads and text "
+    "tokens averaged, as a share of the image's total; added to the transition share to rank.",
     "diverse": "VisPruner: after the important half, the remaining tokens are chosen by removing "
     "near-duplicates round by round, so the second half covers what the first missed.",
 }

@@ -317,6 +317,8 @@ LLM_SIGNALS = {  # read inside the LLM, where a method cuts
     "llm-keys": "the attention keys of the visual and text tokens at the LLM layer that scores",
     "llm-hidden": "the LLM's hidden states of the visual and text tokens where it cuts",
     "llm-embeds": "the LLM's input embeddings of the visual and text tokens",
+    "llm-transition": "how much the LLM's attention and MLP layers change each visual token (its transition "
+    "variation), summed over the layers before the cut",
 }
 
 

@@ -307,7 +307,8 @@ def llm_signals(budget: int, alive=None, seed: int = 0, heads: int = 4, text: in
     for kind in ("keys", "hidden", "embeds"):
         maps[f"llm-{kind}"] = torch.randn(n, dim, generator=generator)
         maps[f"llm-text-{kind}"] = torch.randn(text, dim, generator=generator)
-    for name in ("llm-keys", "llm-hidden"):  # the input embeddings are read before any cut
+    maps["llm-transition"] = torch.rand(n, generator=generator)
+    for name in ("llm-keys", "llm-hidden", "llm-transition"):  # the input embeddings are read before any cut
         maps[name][~alive] = torch.nan
     maps["llm-attention"][:, :, ~alive] = torch.nan
     return Signals(g, budget, maps, alive)

@@ -1,14 +1,14 @@
-"""The methods of issue 10 (VTC-CLS, ToMe, TransPrune's TTV): each one's defining property on synthetic signals,
+"""The methods of issue 10 (VTC-CLS, ToMe, TransPrune's TTV, and TTV + IGA inside the LLM): each one's defining property on synthetic signals,
 answers checked by hand, then end to end on the tiny LLaVA-NeXT."""
 
 import math
 
 import pytest
 import torch
-from conftest import photo, run_seeing_embeds
+from conftest import photo, run_seeing_embeds, toy_geometry
 from test_methods import random_signals
 
-from explorer import ExplorerError, make, run
+from explorer import ExplorerError, Signals, make, run
 from explorer import visual as vis
 from explorer.methods.tome import bipartite_rounds
 from explorer.methods.transprune import transition_variation
@@ -193,3 +193,96 @@ def test_transprune_scores_the_feature_layer_transition_on_the_tiny_model(backen
     expected = transition_variation(signals["hidden@0"][real].float(), signals["hidden@1"][real].float())
     torch.testing.assert_close(result.selection.scores[real], expected)
     assert result.tokens["visual_kept"] == result.tokens["visual_budget"] == 468
+
+
+# --- TransPrune inside the LLM (TTV + IGA) --------------------------------------------------------
+
+
+def test_transprune_llm_adds_the_ttv_share_and_the_instruction_attention_share_by_hand():
+    # TTV: 3 for token 5, 1 for token 9 (shares 3/4, 1/4); the text gives 0.3 to token 9 and 0.1 to
+    # token 7 in both rows and heads (shares 3/4, 1/4). Scores: 9 -> 1/4 + 3/4 = 1, 5 -> 3/4, 7 -> 1/4
+    g = toy_geometry()
+    ttv, attention = torch.zeros(88), torch.zeros(2, 2, 88)
+    ttv[5], ttv[9] = 3.0, 1.0
+    attention[..., 9], attention[..., 7] = 0.3, 0.1
+    s = Signals(g, 2, {"llm-transition": ttv, "llm-attention": attention}, torch.ones(88, dtype=torch.bool))
+    selection = make("transprune-llm").select(s)
+    assert selection.keep.tolist() == [5, 9]
+    assert selection.scores[[9, 5, 7, 0]].tolist() == [1.0, 0.75, 0.25, 0.0]
+    assert selection.maps["TTV share"][5] == 0.75 and selection.maps["IGA share"][9] == 0.75
+    s = Signals(g, 3, s.maps, s.alive)
+    assert make("transprune-llm").select(s).keep.tolist() == [5, 7, 9]
+    alive = torch.ones(88, dtype=torch.bool)
+    alive[5] = False  # cut before: the shares are over the tokens still there
+    ttv[5], attention[..., 5] = math.nan, math.nan
+    s = Signals(g, 1, {"llm-transition": ttv, "llm-attention": attention}, alive)
+    assert make("transprune-llm").select(s).scores[9] == 1.0 + 0.75
+
+
+def test_transprune_llm_cuts_before_layers_7_9_12_rescaled_to_the_budget():
+    cuts = [(c.layer, c.score_layer, c.tokens) for c in make("transprune-llm").cuts(32, 576, 72)]
+    assert cuts == [(7, 7, 504), (9, 9, 360), (12, 12, 72)]  # 7/8, 5/8, 1/8 of 576
+    assert [(c.layer, c.tokens) for c in make("transprune-llm").cuts(4, 576, 72)] == [(1, 72)]
+    with pytest.raises(ExplorerError, match="transprune-llm: layers must be"):
+        make("transprune-llm", layers="7,9").cuts(32, 576, 72)
+
+
+def sublayers_seen(backend, inputs, layers: tuple[int, ...]) -> dict:
+    """What the attention and the MLP of the given LLM layers read and add, in one plain forward pass:
+    (layer, "attention" or "mlp") -> (input (L, D), output (L, D))."""
+    seen, handles = {}, []
+
+    def record(key):
+        def hook(module, args, kwargs, out):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            y = out[0] if isinstance(out, tuple) else out
+            seen[key] = (x[0].float(), y[0].float())
+
+        return hook
+
+    blocks = backend.model.model.language_model.layers
+    for layer in layers:
+        for name, part in (("attention", blocks[layer].self_attn), ("mlp", blocks[layer].mlp)):
+            handles.append(part.register_forward_hook(record((layer, name)), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            backend.model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def test_transprune_llm_transition_signal_equals_a_direct_computation(backend):
+    # cuts before layers 2 and 3 keeping everything: the signal sums layer 1 (the one before the first
+    # cut), then layers 1 and 2, attention and MLP each: TTV of input -> input + output
+    from test_llm_methods import inputs_of
+
+    prepared, inputs = inputs_of(backend, photo(336, 336, seed=7))
+    seen = sublayers_seen(backend, inputs, (1, 2))
+    ttv = {
+        layer: sum(transition_variation(x, x + y) for (at, _), (x, y) in seen.items() if at == layer)
+        for layer in (1, 2)
+    }
+    maps = {}
+
+    def keep_all(cut, signals, alive):
+        maps[cut] = signals
+        return alive.nonzero()[:, 0]
+
+    with torch.no_grad(), backend.pruning(prepared, [(2, 2), (3, 3)], ("llm-transition",), keep_all, True):
+        backend.model(**inputs)
+    image = (inputs["input_ids"][0] == backend.model.config.image_token_id).nonzero()[:, 0]
+    torch.testing.assert_close(maps[0]["llm-transition"], ttv[1][image])
+    torch.testing.assert_close(maps[1]["llm-transition"], (ttv[1] + ttv[2])[image])
+
+
+def test_transprune_llm_meets_the_budget_and_keeping_everything_is_the_unreduced_model(backend):
+    image = photo(640, 480, seed=5)
+    result = run(backend, image, PROMPT, "transprune-llm", 0.1, settings={"layers": "8,16,24"}, max_new_tokens=2)
+    assert [(c["layer"], c["kept"]) for c in result.tokens["llm_cuts"]] == [(1, 1638), (2, 1170), (3, 234)]
+    assert result.tokens["visual_kept"] == len(result.selection.keep) == 234
+    image = photo(336, 336, seed=5)
+    full = run(backend, image, PROMPT, "none", max_new_tokens=8)
+    assert run(backend, image, PROMPT, "transprune-llm", 1.0, max_new_tokens=8).answer_ids == full.answer_ids
+    assert "Differs from the paper" in vis.explain("transprune-llm") and "transition" in vis.explain("transprune-llm")

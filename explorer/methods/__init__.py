@@ -38,6 +38,7 @@ from .random import Random
 from .sparsevlm import SparseVLM
 from .tome import ToMe
 from .transprune import TransPrune
+from .transprune_llm import TransPruneLLM
 from .uniform import Uniform
 from .visionzip import VisionZip
 from .vispruner import VisPruner
@@ -65,6 +66,7 @@ METHODS = {
     "sparsevlm": SparseVLM,
     "mustdrop": MustDrop,
     "aim": AIM,
+    "transprune-llm": TransPruneLLM,
 }
 
 

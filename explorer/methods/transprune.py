@@ -17,7 +17,8 @@ Attention (the prompt's attention to the image), pruning progressively; here onl
 measured in the vision encoder on layer outputs (`hidden@` signals): a layer's attention and MLP
 count as one transition, "before" is the layer's input (the residual stream, not its normalised copy)
 and "after" is what the layer adds, and the softmax runs over the image's visual tokens, not the whole
-sequence. `transitions` counts the layers ending at the feature layer, 1 by default (the feature
+sequence (`transprune-llm` is the paper's own form, inside the LLM with both scores). `transitions`
+counts the layers ending at the feature layer, 1 by default (the feature
 layer alone, so that it runs on every model, the tiny test model included). The budget, newlines
 included, is split over the partitions in proportion to their sizes, newlines spread evenly.
 """
