@@ -18,6 +18,14 @@ with the keys of a merged token taken as the sum of its members' keys. It works 
 thumbnail and each crop), the budget split over them in proportion to their sizes, and newline
 tokens get only what the other partitions cannot hold (spread evenly); a merged token stays at the
 place of its B token in LLM order, where ToMe appends the merged tokens after the unmerged ones.
+Merging inside the blocks is left out because it does not fit the families cleanly: the budget
+counts the LLM's tokens, which each family makes from the encoder's patches after the encoder
+(LLaVA-NeXT unpads and adds newlines, OneVision resamples the grid bilinearly, SmolVLM folds 4x4
+patches, Qwen2-VL 2x2), so merges of patches inside the encoder cannot be made to leave exactly B
+tokens, and a group of patches is not a set of whole tokens on three of the five families; the Qwen
+ViT runs all patches as one sequence with per-patch rotary positions and window boundaries that a
+shortened sequence would have to carry, which layer hooks cannot do; and the vision stage
+(`Backend.encode`) has no place for a method to act during the encoder's forward pass.
 """
 
 from __future__ import annotations
