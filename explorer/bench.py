@@ -17,8 +17,6 @@ from .core import Budget
 from .methods import METHODS
 from .pipeline import OutOfMemory, run, run_batch
 
-COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
-
 TIMES = ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_s", "vision_s", "selection_s")
 DRIFT = ("logprob_diff", "kl", "first_divergence")  # on the unreduced run's answer, see fidelity.drift
 COLUMNS = ("model", "size", "batch", "method", "budget", "visual_kept", "visual_full", "visual_layer_mean", *TIMES)
@@ -44,77 +42,100 @@ def sweep(
     With `floor`, each row also gets the TTFT of `uniform` keeping as many tokens (its floor).
     `batch` > 1 runs that many copies of the image in one generate() call (no drift then).
 
-    `done` maps (method, budget as text, batch) to rows measured before, which are reused (the app's
-    cache); `progress(i, n, method, budget)` is called before each cell is measured."""
+    The cells take turns: every round runs each cell once, so a slow spell of the machine falls on all
+    of them alike; the first `warmup` rounds are not measured. `done` maps (method, budget as text,
+    batch) to rows measured before, which are reused (the app's cache); `progress(i, n, method,
+    budget)` is called before each run."""
     done = {} if done is None else done
     cells = [("none", Budget(fraction=1.0))] + [(m, b) for m in methods if m != "none" for b in budgets]
-    reference = {} if batch == 1 else None  # the unreduced answer and its log-probabilities
 
-    def cell(i: int, n: int, method: str, budget: Budget) -> dict:
-        key = (method, "-" if method == "none" else str(budget), batch)
-        if key not in done:
+    def key(method: str, budget: Budget) -> tuple:
+        return method, "-" if method == "none" else str(budget), batch
+
+    def under(row: dict) -> tuple | None:  # the floor's cell of a row, when it drops anything
+        k = row["visual_kept"]
+        return None if not floor or k is None or k == row["visual_full"] else ("uniform", Budget(tokens=k))
+
+    order = [cell for cell in cells if key(*cell) not in done]
+    floors = dict.fromkeys(under(done[key(*cell)]) for cell in cells if key(*cell) in done)  # of rows reused
+    order += [cell for cell in floors if cell and key(*cell) not in done]
+    results, failed = {cell: [] for cell in order}, {}
+    options = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    for round in range(warmup + repeats):
+        for i, (method, budget) in enumerate(order):  # round 0 appends the floors as it finds them
+            if (method, budget) in failed:
+                continue
             if progress:
-                progress(i, n, method, budget)
+                progress(round * len(order) + i, (warmup + repeats) * len(order), method, budget)
             try:
-                done[key] = measure(
-                    backend, image, prompt, method, budget, max_new_tokens, repeats, warmup, reference, batch
-                )
-            except OutOfMemory as error:  # a row that says so: the others still get measured
-                done[key] = dict.fromkeys(COLUMNS) | {"method": key[0], "budget": key[1], "batch": batch}
-                done[key]["answer"] = str(error)
-        return done[key]
-
-    rows = [cell(i, len(cells), method, budget) for i, (method, budget) in enumerate(cells)]
+                if batch == 1:
+                    result = run(backend, image, prompt, method, budget, **options)
+                else:
+                    result = run_batch(backend, [image] * batch, prompt, method, budget, **options)
+            except OutOfMemory as error:  # its row says so: the others still get measured
+                failed[method, budget] = str(error)
+                continue
+            if round >= warmup:
+                results[method, budget].append(result)
+            tokens = result.tokens if batch == 1 else result.tokens[0]
+            floor_cell = under(tokens)
+            if round == 0 and floor_cell and floor_cell not in results and key(*floor_cell) not in done:
+                order.append(floor_cell)
+                results[floor_cell] = []
+    for (method, budget), measured in results.items():
+        if (method, budget) in failed or not measured:
+            reason = failed.get((method, budget), "not measured")
+            done[key(method, budget)] = dict.fromkeys(COLUMNS) | {"method": method, "budget": key(method, budget)[1]}
+            done[key(method, budget)] |= {"batch": batch, "answer": reason}
+        else:
+            done[key(method, budget)] = _row(method, key(method, budget)[1], measured, batch)
+    rows = [done[key(*cell)] for cell in cells]
+    if batch == 1:
+        _drift(backend, image, prompt, rows, cells)
     for row in rows:
         row["ttft_ratio"] = _ratio(row["ttft_s"], rows[0]["ttft_s"])
         row["peak_ratio"] = _ratio(row["peak_bytes"], rows[0]["peak_bytes"])
         row["floor_ttft_s"] = row["over_floor"] = None
         if floor and row["visual_kept"] is not None:
-            k = row["visual_kept"]
-            under = rows[0] if k == row["visual_full"] else cell(len(cells), len(cells), "uniform", Budget(tokens=k))
-            row["floor_ttft_s"], row["over_floor"] = under["ttft_s"], _ratio(row["ttft_s"], under["ttft_s"])
+            base = rows[0] if under(row) is None else done[key(*under(row))]
+            row["floor_ttft_s"], row["over_floor"] = base["ttft_s"], _ratio(row["ttft_s"], base["ttft_s"])
     return rows
+
+
+def _row(method: str, budget: str, results: list, batch: int) -> dict:
+    """The row of one cell from its measured runs: medians, the TTFT's min and max, and the costs."""
+    tokens, answer = (
+        (results[0].tokens, results[0].answer) if batch == 1 else (results[0].tokens[0], results[0].answers[0])
+    )
+    row = {"batch": batch, "method": method, "budget": budget} | {k: tokens[k] for k in ("visual_kept", "visual_full")}
+    row["visual_layer_mean"] = statistics.mean(tokens["visual_per_layer"])
+    for name in TIMES:
+        values = [r.timing[name] for r in results if r.timing[name] is not None]
+        row[name] = statistics.median(values) if values else None
+    ttfts = [r.timing["ttft_s"] for r in results]
+    row["ttft_min_s"], row["ttft_max_s"], row["images_per_s"] = min(ttfts), max(ttfts), batch / row["total_s"]
+    row["peak_bytes"] = int(statistics.median(r.memory["peak_bytes"] for r in results))
+    row["prefill_tflops"], row["kv_bytes"] = results[0].cost["prefill_flops"] / 1e12, results[0].cost["kv_bytes"]
+    row |= dict.fromkeys(DRIFT) | {"answer": answer}
+    if batch == 1:
+        row["answer_ids"] = results[0].answer_ids  # the unreduced row's are what the others' drift is measured on
+    return row
+
+
+def _drift(backend, image, prompt, rows: list[dict], cells: list) -> None:
+    """Fill in each row's drift on the unreduced run's answer (rows[0]), where it is missing."""
+    reference = rows[0].get("answer_ids")
+    missing = [(row, cell) for row, cell in zip(rows, cells) if row["kl"] is None and row["ttft_s"] is not None]
+    if reference is None or not missing:
+        return
+    theirs = fidelity.logprobs(backend, image, prompt, reference)
+    for row, (method, budget) in missing:
+        mine = theirs if method == "none" else fidelity.logprobs(backend, image, prompt, reference, method, budget)
+        row |= {k: v for k, v in fidelity.drift(mine, theirs, reference).items() if k in DRIFT}
 
 
 def _ratio(a, b) -> float | None:
     return None if a is None or b is None else a / b
-
-
-def measure(backend, image, prompt, method, budget, max_new_tokens, repeats, warmup, reference=None, batch=1) -> dict:
-    """The row of one cell: medians of `repeats` runs after `warmup`, and the drift on the unreduced
-    answer in `reference` (filled by the first call, which must be the unreduced run; None: no drift)."""
-    options = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
-    if batch == 1:
-        results = [run(backend, image, prompt, method, budget, **options) for _ in range(warmup + repeats)][warmup:]
-        tokens, answer = results[0].tokens, results[0].answer
-    else:
-        images = [image] * batch
-        results = [run_batch(backend, images, prompt, method, budget, **options) for _ in range(warmup + repeats)]
-        results = results[warmup:]
-        tokens, answer = results[0].tokens[0], results[0].answers[0]
-    row = {"batch": batch, "method": method, "budget": str(budget) if method != "none" else "-"}
-    row |= {key: tokens[key] for key in ("visual_kept", "visual_full")}
-    row["visual_layer_mean"] = statistics.mean(tokens["visual_per_layer"])
-    for key in TIMES:
-        values = [r.timing[key] for r in results if r.timing[key] is not None]
-        row[key] = statistics.median(values) if values else None
-    row["ttft_min_s"], row["ttft_max_s"] = (
-        min(r.timing["ttft_s"] for r in results),
-        max(r.timing["ttft_s"] for r in results),
-    )
-    row["images_per_s"] = batch / row["total_s"]
-    row["peak_bytes"] = int(statistics.median(r.memory["peak_bytes"] for r in results))
-    row["prefill_tflops"], row["kv_bytes"] = results[0].cost["prefill_flops"] / 1e12, results[0].cost["kv_bytes"]
-    row |= dict.fromkeys(DRIFT)
-    if reference is not None:
-        if not reference:
-            answer_ids = results[0].answer_ids
-            reference.update(answer=answer_ids, logprobs=fidelity.logprobs(backend, image, prompt, answer_ids))
-        mine = fidelity.logprobs(backend, image, prompt, reference["answer"], method, budget)
-        drift = fidelity.drift(mine, reference["logprobs"], reference["answer"])
-        row |= {key: value for key, value in drift.items() if key in DRIFT}
-    row["answer"] = answer
-    return row
 
 
 PLOTS = {  # what a sweep can plot against the kept tokens: column -> axis title
@@ -155,6 +176,7 @@ def figure(rows: list[dict], column: str = "ttft_s"):
 
 def traces(rows: list[dict], column: str, legend: bool = True) -> list:
     """The lines of `figure`: one per method, and the floor's under the TTFT."""
+    import plotly.colors
     import plotly.graph_objects as go
 
     lines = []
@@ -164,7 +186,8 @@ def traces(rows: list[dict], column: str, legend: bool = True) -> list:
         )
         x, y = [r["visual_kept"] for r in mine], [r[column] for r in mine]
         text = [f"budget {r['budget']}" for r in mine]
-        line = dict(color=COLOURS[list(METHODS).index(method) % len(COLOURS)])  # a method's colour in every chart
+        colours = plotly.colors.qualitative.Dark24  # a method keeps its colour in every chart
+        line = dict(color=colours[list(METHODS).index(method) % len(colours)])
         lines.append(go.Scatter(x=x, y=y, name=method, text=text, line=line, legendgroup=method, showlegend=legend))
     floors = sorted({(r["visual_kept"], r["floor_ttft_s"]) for r in rows if r.get("floor_ttft_s") is not None})
     if column == "ttft_s" and floors:
@@ -194,7 +217,7 @@ def charts(groups: dict[str, list[dict]], columns=("ttft_s", "peak_bytes", "pref
                 figure.add_hline(y=reference[column], line_dash="dot", row=i, col=j)
             figure.update_xaxes(title_text=f"visual tokens kept (of {_full(rows)})", row=i, col=j)
     figure.update_annotations(font_size=11)
-    figure.update_layout(height=360 * len(groups) + 80, width=520 * len(columns), legend=dict(orientation="h", y=-0.08))
+    figure.update_layout(height=360 * len(groups) + 60, width=520 * len(columns) + 160, margin=dict(t=60, b=40))
     return figure
 
 
@@ -255,6 +278,6 @@ def table(rows: list[dict]) -> str:
 
 def write_csv(rows: list[dict], path: str) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
+        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

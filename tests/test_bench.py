@@ -274,3 +274,34 @@ def test_only_the_kept_tokens_reach_the_projector(name, method):
         lazy = built.kept_features(alone, selection)
     assert torch.equal(selection.keep, keep)
     torch.testing.assert_close(lazy[keep], stock[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_cells_take_turns_and_the_floor_joins_in_the_first_round(backend, monkeypatch):
+    """Each round runs every cell once (the floor as soon as a cell's kept count is known), so a slow
+    spell of the machine falls on all of them; the first `warmup` rounds are not measured."""
+    calls = []
+
+    def spy(backend, image, prompt, method, budget, **options):
+        calls.append((method, str(budget)))
+        return run(backend, image, prompt, method, budget, **options)
+
+    monkeypatch.setattr(bench, "run", spy)
+    rows = bench.sweep(
+        backend, photo(500, 300), "What?", ["cls", "random"], [Budget(fraction=0.2)], 2, 2, 1, floor=True
+    )
+    turn = [("none", "1"), ("cls", "0.2"), ("random", "0.2"), ("uniform", f"{rows[1]['visual_kept']} tokens")]
+    assert calls == turn * 3
+    assert rows[1]["ttft_min_s"] <= rows[1]["ttft_s"] <= rows[1]["ttft_max_s"]
+
+
+def test_cells_added_to_a_cached_sweep_drift_on_the_unreduced_answer(backend):
+    """The app reuses cells: a method swept later is still measured against the unreduced run's answer."""
+    image, budgets = photo(500, 300), [Budget(fraction=0.1)]
+    done = {}
+    bench.sweep(backend, image, "What?", ["cls"], budgets, 4, 1, 0, done)
+    later = bench.sweep(backend, image, "What?", ["cls", "random"], budgets, 4, 1, 0, done)
+    fresh = bench.sweep(backend, image, "What?", ["random"], budgets, 4, 1, 0)
+    assert later[2]["method"] == fresh[1]["method"] == "random"
+    assert (later[2]["kl"], later[2]["logprob_diff"]) == (fresh[1]["kl"], fresh[1]["logprob_diff"]) and fresh[1][
+        "kl"
+    ] > 0
