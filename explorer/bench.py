@@ -92,7 +92,8 @@ def sweep(
     rows = [done[key(*cell)] for cell in cells]
     if batch == 1:
         _drift(backend, image, prompt, rows, cells)
-    for row in rows:
+    floors = [done[key(*cell)] for cell in dict.fromkeys(under(row) for row in rows) if cell]
+    for row in rows + [row for row in floors if row not in rows]:  # the floors' own rows get their ratios too
         row["ttft_ratio"] = _ratio(row["ttft_s"], rows[0]["ttft_s"])
         row["peak_ratio"] = _ratio(row["peak_bytes"], rows[0]["peak_bytes"])
         row["floor_ttft_s"] = row["over_floor"] = None

@@ -215,7 +215,7 @@ def _bench(args) -> int:
     check_request(args.prompt, args.max_new_tokens, args.max_new_tokens)
     image = load_image(args.image)
     sizes = _sizes(args.sizes) if args.sizes else [image.size]
-    groups = {}  # "model WxH batch B" -> its rows
+    groups, measured = {}, []  # "model WxH batch B" -> its rows (for the charts); every row (for the CSV)
     for model in (args.model or "").split(",") if args.model else [None]:
         backend = _load(args, model)
         runs = methods or _runnable(backend)
@@ -223,17 +223,20 @@ def _bench(args) -> int:
             picture = image if (width, height) == image.size else image.resize((width, height))
             name = f"{backend.name} {width}x{height} batch {batch}"
             print(f"\n{name}", flush=True)
+            done = {}
             rows = bench.sweep(
                 backend, picture, args.prompt, runs, budgets, args.max_new_tokens, args.repeats, args.warmup,
-                batch=batch, floor=not args.no_floor,
+                done, batch=batch, floor=not args.no_floor,
             )  # fmt: skip
-            for row in rows:
+            floors = [row for (method, *_), row in done.items() if method == "uniform" and row not in rows]
+            for row in rows + floors:
                 row.update(model=backend.name, size=f"{width}x{height}")
-            print(bench.table(rows), flush=True)
+            print(bench.table(rows + floors), flush=True)  # the floors last, their budget a count of tokens
             groups[name] = rows
+            measured += rows + floors
         del backend
         _release()
-    bench.write_csv([row for rows in groups.values() for row in rows], args.csv)
+    bench.write_csv(measured, args.csv)
     print(f"\nwrote {args.csv}")
     charts = bench.charts(groups)
     charts.write_html(args.plot, include_plotlyjs=True)

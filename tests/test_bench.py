@@ -223,8 +223,13 @@ def test_bench_sweeps_sizes_and_batches_into_csv_html_and_png(capsys, tmp_path):
     assert code == 0
     rows = list(csv.DictReader(open(f"{out}.csv")))
     assert [(r["size"], r["batch"], r["method"]) for r in rows] == [
-        (size, batch, method) for size in ("336x336", "672x672") for batch in ("1", "2") for method in ("none", "hired")
+        (size, batch, method)
+        for size in ("336x336", "672x672")
+        for batch in ("1", "2")
+        for method in ("none", "hired", "uniform")  # the floor's own row last
     ]
+    hired, floor = rows[1], rows[2]
+    assert floor["budget"] == f"{hired['visual_kept']} tokens" and floor["ttft_s"] == hired["floor_ttft_s"]
     assert {r["visual_full"] for r in rows if r["size"] == "672x672"} == {"2928"}
     assert all(
         r["model"] == "tiny-llava-next" and float(r["floor_ttft_s"]) > 0 and float(r["kv_bytes"]) > 0 for r in rows

@@ -153,6 +153,8 @@ def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
         ("hired", "0.2", "468", 468),
         ("fastv", "1", "2340", 2340),
         ("fastv", "0.2", "468", (2 * 2340 + 2 * 468) / 4),  # layers 0-1 see all, 2-3 the kept ones
+        ("uniform", "2304 tokens", "2304", 2304),  # the floors: as many tokens, no selection work
+        ("uniform", "468 tokens", "468", 468),
     ]
     assert float(rows[0]["ttft_ratio"]) == 1.0 and all(float(r["ttft_s"]) > 0 for r in rows)
     # drift on the unreduced answer: none against itself is zero; random at 20% keeps only a fifth
