@@ -218,7 +218,10 @@ def charts(groups: dict[str, list[dict]], columns=("ttft_s", "peak_bytes", "pref
                 figure.add_hline(y=reference[column], line_dash="dot", row=i, col=j)
             figure.update_xaxes(title_text=f"visual tokens kept (of {_full(rows)})", row=i, col=j)
     figure.update_annotations(font_size=11)
-    figure.update_layout(height=360 * len(groups) + 60, width=520 * len(columns) + 160, margin=dict(t=60, b=40))
+    entries = sum(trace.showlegend is not False for trace in figure.data)  # the legend needs ~20 px each
+    height = max(360 * len(groups) + 60, 20 * entries + 100)
+    legend = dict(tracegroupgap=0, font=dict(size=11))  # every method is its own group: no gaps
+    figure.update_layout(height=height, width=520 * len(columns) + 160, margin=dict(t=60, b=40), legend=legend)
     return figure
 
 

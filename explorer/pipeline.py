@@ -107,7 +107,7 @@ def stream(
                 "total_s": now() - start,
                 "preprocess_s": preprocessed - start,
                 "vision_s": encoded - preprocessed + projected - selected,
-                "selection_s": record.seconds if record else selected - encoded,
+                "selection_s": selected - encoded + (record.seconds if record else 0.0),  # + the hooks' in the LLM
             }
             return Result(
                 model=backend.name,
