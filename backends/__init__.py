@@ -11,6 +11,7 @@ import urllib.parse
 from pathlib import Path
 
 import torch
+import transformers  # lazy: its model code loads on first use
 
 from . import llava, llava_next, llava_onevision, qwen2_vl, smolvlm
 from .base import ExplorerError, Geometry, Prepared, pick_device, pick_dtype, save_random
@@ -134,8 +135,8 @@ def _load(path: str, device, name: str, random_weights: bool, local_files_only: 
 def full_size(model: str, device: torch.device, dtype: torch.dtype | None = None):
     """The architecture of the Hub checkpoint `model` with random weights, built on `device` from the
     config stored in configs/ (layer sizes, heads, vocabulary, vision tower and image geometry of the
-    real one), with the processor and token ids of its family's tiny model: speed and memory are the real model's,
-    measured without downloading anything, and the answers are gibberish."""
+    real one), with the processor and token ids of its family's tiny model: speed and memory are the
+    real model's, measured without downloading anything, and the answers are gibberish."""
     if model not in FULL_SIZE:
         raise ExplorerError(f"no stored architecture for {model!r}; --random-weights builds: {', '.join(FULL_SIZE)}")
     config, processor = RANDOM[FULL_SIZE[model]](FULL_SIZE[model])
@@ -145,8 +146,6 @@ def full_size(model: str, device: torch.device, dtype: torch.dtype | None = None
     config = type(config).from_dict(stored | _token_ids(tiny))
     backend = BACKENDS[config.model_type]
     torch.manual_seed(0)
-    import transformers
-
     with torch.device(device):
         built = getattr(transformers, backend.model_class)._from_config(config, dtype=dtype or pick_dtype(device))
     return backend(built.eval(), processor, model, random_weights=True)

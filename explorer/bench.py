@@ -57,8 +57,8 @@ def sweep(
         return None if not floor or k is None or k == row["visual_full"] else ("uniform", Budget(tokens=k))
 
     order = [cell for cell in cells if key(*cell) not in done]
-    floors = dict.fromkeys(under(done[key(*cell)]) for cell in cells if key(*cell) in done)  # of rows reused
-    order += [cell for cell in floors if cell and key(*cell) not in done]
+    reused = dict.fromkeys(under(done[key(*cell)]) for cell in cells if key(*cell) in done)  # their floors
+    order += [cell for cell in reused if cell and key(*cell) not in done]
     results, failed = {cell: [] for cell in order}, {}
     options = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
     for round in range(warmup + repeats):
@@ -82,13 +82,13 @@ def sweep(
             if round == 0 and floor_cell and floor_cell not in results and key(*floor_cell) not in done:
                 order.append(floor_cell)
                 results[floor_cell] = []
-    for (method, budget), measured in results.items():
-        if (method, budget) in failed or not measured:
-            reason = failed.get((method, budget), "not measured")
-            done[key(method, budget)] = dict.fromkeys(COLUMNS) | {"method": method, "budget": key(method, budget)[1]}
-            done[key(method, budget)] |= {"batch": batch, "answer": reason}
+    for cell, measured in results.items():
+        method, budget, _ = key(*cell)
+        if cell in failed:  # a row with only the reason
+            done[key(*cell)] = dict.fromkeys(COLUMNS) | {"method": method, "budget": budget, "batch": batch}
+            done[key(*cell)]["answer"] = failed[cell]
         else:
-            done[key(method, budget)] = _row(method, key(method, budget)[1], measured, batch)
+            done[key(*cell)] = _row(method, budget, measured, batch)
     rows = [done[key(*cell)] for cell in cells]
     if batch == 1:
         _drift(backend, image, prompt, rows, cells)
