@@ -277,7 +277,7 @@ def strip(pieces: list[str], drift: dict) -> str:
         text = html.escape(piece).replace("\n", "⏎") or "·"
         spans.append(f'<span title="token {i}: KL {value:.4g}" style="background:{shade};{mark}">{text}</span>')
     return (
-        "<div style='font-family:monospace;line-height:1.8'>"
+        "<div style='font-family:monospace;line-height:1.8;overflow-wrap:anywhere'>"
         "<b>Full answer under the reduced model</b> (darker: more disagreement; bar: greedy choices part)<br>"
         + "".join(spans)
         + "</div>"
