@@ -113,8 +113,9 @@ class Explorer:
             LAYERS_CLS if b.cls_token else LAYERS_RECEIVED,
         )
 
-    def count(self, image, method: str, budget: float) -> str:
-        """What the budget slider means for this image, in tokens."""
+    def count(self, image, method: str, budget: float, *settings) -> str:
+        """What the budget slider means for this image, in tokens (`settings`: every method's controls,
+        as `explore` takes them; an adaptive method picks its own count)."""
         if not image:
             return "Upload an image to see how many visual tokens it makes."
         try:
@@ -124,6 +125,8 @@ class Explorer:
             return f"⚠️ {_named(str(error), image)}"
         if not getattr(METHODS[method], "budgeted", True):
             return f"All **{n}** visual tokens of this {width}x{height} image reach the LLM."
+        if any(m == method and f.name == "adaptive" and v for (m, f), v in zip(SETTINGS, settings)):
+            return f"Adaptive: {method} picks its own count of this {width}x{height} image's {n} visual tokens."
         kept = max(1, fraction_of(budget / 100, n))
         where = "remain after the pruning layer" if METHODS[method].stage == "llm" else "reach the LLM"
         return f"**{kept}** of {n} visual tokens ({budget:g}%) {where} for this {width}x{height} image."
@@ -532,8 +535,9 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
         inputs = [image, prompt, method, budget, compare, max_new_tokens, c["memo"], *controls]
         running = go.click(explore, inputs, [c[n] for n in OUTPUTS], api_name="explore", preprocess=False, **gpu)
         stop.click(None, cancels=running, api_name="stop")  # the run stops at its next token
-        for trigger in (image.change, method.change, budget.release):
-            trigger(explorer.count, [image, method, budget], count, api_name="count", preprocess=False)
+        adaptive = [box.change for (_, f), box in zip(SETTINGS, controls) if f.name == "adaptive"]
+        for trigger in (image.change, method.change, budget.release, *adaptive):
+            trigger(explorer.count, [image, method, budget, *controls], count, api_name="count", preprocess=False)
         method.change(shown_settings, method, [*controls, c["explanation"]], api_name="settings")
         for i in range(2):
             for picture in (c[f"overlay_{i}"], c[f"heat_{i}"]):

@@ -180,6 +180,9 @@ def test_the_budget_is_shown_in_tokens_for_the_image(explorer, backend, picture_
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
     assert explorer.count({"path": str(bad), "orig_name": "mine.png"}, "hired", 20).startswith("⚠️ mine.png ")
     assert "Upload an image" in explorer.count(None, "hired", 20)
+    adaptive = [(f.name == "adaptive" and m == "prumerge+") or f.default for m, f in app.SETTINGS]
+    assert explorer.count(picture_file, "prumerge+", 20, *adaptive).startswith("Adaptive: prumerge+ picks its own")
+    assert explorer.count(picture_file, "mustdrop", 20, *adaptive).startswith("**428** of")  # only prumerge+'s is on
 
 
 def test_clicking_a_patch_tells_its_partition_cell_score_and_fate(explorer, picture_file):
