@@ -216,7 +216,7 @@ def _bench(args) -> int:
     image = load_image(args.image)
     sizes = _sizes(args.sizes) if args.sizes else [image.size]
     groups, measured = {}, []  # "model WxH batch B" -> its rows (for the charts); every row (for the CSV)
-    for model in (args.model or "").split(",") if args.model else [None]:
+    for model in args.model.split(",") if args.model else [None]:  # None: the hardware's default
         backend = _load(args, model)
         runs = methods or _runnable(backend)
         for (width, height), batch in itertools.product(sizes, batches):
