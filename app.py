@@ -125,7 +125,7 @@ class Explorer:
             return f"⚠️ {_named(str(error), image)}"
         if not getattr(METHODS[method], "budgeted", True):
             return f"All **{n}** visual tokens of this {width}x{height} image reach the LLM."
-        if any(m == method and f.name == "adaptive" and v for (m, f), v in zip(SETTINGS, settings)):
+        if _chosen(method, settings).get("adaptive"):
             return f"Adaptive: {method} picks its own count of this {width}x{height} image's {n} visual tokens."
         kept = max(1, fraction_of(budget / 100, n))
         where = "remain after the pruning layer" if METHODS[method].stage == "llm" else "reach the LLM"
@@ -140,7 +140,7 @@ class Explorer:
                 raise ExplorerError("upload an image first, or pick an example")
             path = _path(image)
             picture = load_image(path)
-            chosen = {f.name: _typed(f, v) for (m, f), v in zip(SETTINGS, settings) if m == method}
+            chosen = _chosen(method, settings)
             n = int(max_new_tokens)
             key = (_digest(path), prompt, n)
             full, full_lp = memo.get(key, (None, None)) if compare else (None, None)
@@ -222,7 +222,7 @@ class Explorer:
             if not image:
                 raise ExplorerError("upload an image first, or pick an example")
             picture, n = load_image(_path(image)), int(max_new_tokens)
-            chosen = {f.name: _typed(f, v) for (m, f), v in zip(SETTINGS, settings) if m == method}
+            chosen = _chosen(method, settings)
             backend = self.backend()
             a = run(backend, picture, prompt, method, budget / 100, settings=chosen, max_new_tokens=n)
             b = run(backend, picture, prompt, other, budget / 100, max_new_tokens=n)
@@ -370,6 +370,11 @@ def _size(path: str) -> tuple[int, int]:
 
 def _digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _chosen(method: str, settings) -> dict:
+    """The settings of `method` among the values of every method's controls (in SETTINGS order)."""
+    return {f.name: _typed(f, v) for (m, f), v in zip(SETTINGS, settings) if m == method}
 
 
 def _typed(f: dataclasses.Field, value):

@@ -91,7 +91,7 @@ def stream(
         inside, hooks = llm_hooks(backend, prepared, method, chosen, b, selection)  # None, a no-op for vision methods
 
         def result(done: bool) -> Result:
-            start, preprocessed, encoded, selected, projected = clock
+            start, stages = clock[0], _stages(clock)
             current = inside.selection() if inside else selection
             keep = current.keep
             kept = torch.bincount(g.partition[keep.cpu()], minlength=len(g.names)).tolist()
@@ -105,9 +105,8 @@ def stream(
                 "prefill_s": prefill[1] - prefill[0] if len(prefill) == 2 else None,
                 "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None,
                 "total_s": now() - start,
-                "preprocess_s": preprocessed - start,
-                "vision_s": encoded - preprocessed + projected - selected,
-                "selection_s": selected - encoded + (record.seconds if record else 0.0),  # + the hooks' in the LLM
+                **stages,
+                "selection_s": stages["selection_s"] + (record.seconds if record else 0.0),  # + the hooks' in the LLM
             }
             return Result(
                 model=backend.name,
@@ -174,11 +173,11 @@ def run_batch(
     memory = PeakMemory(device)
     with _locks.setdefault(model, threading.Lock()), _out_of_memory(device):
         memory.reset()
-        start, vision, selecting, each, tokens = now(), 0.0, 0.0, [], []
+        start, stages, each, tokens = now(), [], [], []
         for picture, budget in zip(pictures, budgets):
             _, budget = _method(backend, method, settings, budget)
             clock, prepared, features, selection, b = _select(backend, picture, prompt, chosen, budget, max_new_tokens)
-            vision, selecting = vision + clock[2] - clock[1] + clock[4] - clock[3], selecting + clock[3] - clock[2]
+            stages.append(_stages(clock))
             each.append(backend.generate_inputs(prepared, features, selection.keep))
             kept = len(selection.keep)
             tokens.append(
@@ -199,13 +198,21 @@ def run_batch(
         "prefill_s": prefill[1] - prefill[0],
         "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None,  # per image
         "total_s": end - start,
-        "vision_s": vision,
-        "selection_s": selecting,
+        "vision_s": sum(s["vision_s"] for s in stages),
+        "selection_s": sum(s["selection_s"] for s in stages),
         "images_per_s": len(images) / (end - start),
     }
     each_row = _cost(backend, [inputs["input_ids"].shape[1]] * backend.depth)  # every row is padded to the longest
     cost = {key: len(images) * value for key, value in each_row.items()}
     return Batch(answers, tokens, timing, {"device": device.type, "peak_bytes": memory.peak()}, cost)
+
+
+def _stages(clock: list[float]) -> dict:
+    """Seconds of the stages before the LLM, from `_select`'s clock: preprocessing, the vision encoder
+    with the projector, and the selection."""
+    start, preprocessed, encoded, selected, projected = clock
+    vision = encoded - preprocessed + projected - selected
+    return {"preprocess_s": preprocessed - start, "vision_s": vision, "selection_s": selected - encoded}
 
 
 def _cost(backend, tokens: list[int]) -> dict:
