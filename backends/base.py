@@ -269,18 +269,24 @@ class Backend:
         raise NotImplementedError
 
     def encode(
-        self, prepared: Prepared, needs: tuple[str, ...], project: bool = True
+        self, prepared: Prepared, needs: tuple[str, ...], project: bool = True, merging=None
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Run the vision stage: (N, D) projected features in LLM order, and the signals asked for
         (see `explorer.Signals`): the (N,) rows on the CPU, the rest on the model's device. With
         `project=False` (families that `projects_kept`) only the encoder runs and the features are
-        None: `kept_features` projects the tokens kept, from the "hidden@feature" signal."""
+        None: `kept_features` projects the tokens kept, from the "hidden@feature" signal. With a
+        `merging` plan (`encoder_merge.Merging`, families that `projects_kept`) the encoder merges
+        tokens as it runs and gives only the signals of `merged`."""
+        if merging is not None:
+            if set(needs) - {"hidden@feature"}:
+                raise ExplorerError("a method that merges inside the vision encoder reads only what the merging gives")
+            return None, self.merged(prepared, merging)
         asked = {name: self.signal(name) for name in needs if name != "features"}  # name -> (kind, layer)
         wants: dict[int, set[str]] = {}
         for kind, layer in asked.values():
             wants.setdefault(layer, set()).add(kind)
         with self.hooks(prepared, wants) as captured:
-            features = self.image_features(prepared) if project else self.vision_tower(prepared)
+            features = self.image_features(prepared) if project else self.vision_tower(self.crops(prepared))
         signals = {"features": features} if "features" in needs else {}
         for name, (kind, layer) in asked.items():
             rows = self.tokens_of(prepared, captured[kind, layer], fold="concat" if kind == "hidden" else "mean")
@@ -300,9 +306,54 @@ class Backend:
         """(N, D) the projected visual tokens the LLM receives, in LLM order."""
         raise NotImplementedError
 
-    def vision_tower(self, prepared: Prepared) -> None:
-        """Run the vision encoder alone, for its hooks (families that `projects_kept`)."""
+    def crops(self, prepared: Prepared) -> torch.Tensor:
+        """(crops, 3, H, W) the images the vision encoder takes, one per crop (families that `projects_kept`)."""
         raise NotImplementedError
+
+    def vision_tower(self, pixels: torch.Tensor) -> None:
+        """Run the vision encoder alone on (crops, 3, H, W) pixels, for its hooks (families that `projects_kept`)."""
+        self.model.model.vision_tower(pixels)
+
+    def merged(self, prepared: Prepared, plan) -> dict[str, torch.Tensor]:
+        """The vision encoder run crop by crop, merging its tokens after every block up to the feature
+        layer until each partition is down to its budget (`encoder_merge.merging`; [CLS] and the
+        padding that unpadding removes are never merged). The signals, in LLM order:
+        - "hidden@feature": (N, C) the feature layer's output of the row that holds each token, merged;
+        - "merged into": (N,) the token (index into N) that began the row holding each token, NaN for newlines;
+        - "merged after": (N,) the block after which a token's own row was folded into another, NaN if never."""
+        from .encoder_merge import merging  # which imports this file
+
+        source = prepared.source  # (N,) rows of the flat encoder output, -1 for newlines
+        pixels = self.crops(prepared)  # (crops, 3, H, W)
+        side = self.model.config.vision_config.patch_size
+        patches = (pixels.shape[-2] // side) * (pixels.shape[-1] // side)  # T': patches per crop
+        first = 1 if self.cls_token else 0
+        flat = source[source >= 0].to(self.device)  # the rows that reach the LLM
+        hidden, into, after = [], [], []
+        for c in range(len(pixels)):
+            real = torch.zeros(patches, dtype=torch.bool, device=self.device)
+            real[flat[(flat // patches) == c] % patches] = True
+            mergeable = torch.cat([real.new_zeros(first), real])  # (T,)
+            members = (source >= 0) & (source // patches == c)  # (N,) its tokens (none: all padding)
+            budget = plan.budgets[int(prepared.geometry.partition[members][0])] if members.any() else 0
+            merges = max(int(real.sum()) - max(budget, 1), 0)
+            with merging(self.encoder, self.feature_layer, mergeable, merges, plan) as trace:
+                self.vision_tower(pixels[c : c + 1])
+            hidden.append(trace.output[trace.owner][first:])  # (T', C)
+            into.append(trace.origin[trace.owner][first:] - first + c * patches)  # (T',) rows of the flat output
+            after.append(trace.merged_after[first:])
+        token = torch.full((len(pixels) * patches,), -1, device=self.device)  # flat row -> index into N
+        token[flat] = (source >= 0).nonzero()[:, 0].to(self.device)
+        after = torch.cat(after).float()
+
+        def rows(values: torch.Tensor) -> torch.Tensor:  # (crops * T', ...) -> (N, ...) in LLM order
+            return self.tokens_of(prepared, values[None], "concat")
+
+        return {
+            "hidden@feature": rows(torch.cat(hidden)),
+            "merged into": rows(token[torch.cat(into)].float()).cpu(),
+            "merged after": rows(after.masked_fill(after < 0, math.nan)).cpu(),
+        }
 
     def newline(self) -> torch.Tensor | None:
         """(D,) the LLM input of a newline token, for families that have them."""

@@ -74,8 +74,8 @@ class Llava(Backend):
         out = self.model.model.get_image_features(pixel_values=prepared.inputs["pixel_values"], return_dict=True)
         return out.pooler_output[0]  # (N, D)
 
-    def vision_tower(self, prepared: Prepared) -> None:
-        self.model.model.vision_tower(prepared.inputs["pixel_values"])
+    def crops(self, prepared: Prepared) -> torch.Tensor:
+        return prepared.inputs["pixel_values"]  # (1, 3, 336, 336)
 
 
 RANDOM = {"tiny-llava-1.5": ((32, 3, 4, 64), (32, 4, 4, 64))}  # name -> (vision, text) as (hidden, layers, heads, mlp)

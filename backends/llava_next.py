@@ -62,9 +62,9 @@ class LlavaNext(Backend):
         )
         return out.pooler_output[0]  # (N, D)
 
-    def vision_tower(self, prepared: Prepared) -> None:
+    def crops(self, prepared: Prepared) -> torch.Tensor:
         crops = len(prepared.geometry.names) - 1  # the thumbnail and the crops: every partition but the newlines
-        self.model.model.vision_tower(prepared.inputs["pixel_values"][0, :crops])
+        return prepared.inputs["pixel_values"][0, :crops]
 
     def newline(self) -> torch.Tensor:
         return self.model.model.image_newline

@@ -9,8 +9,9 @@ from fractions import Fraction
 import torch
 
 from backends.base import ExplorerError, Geometry
+from backends.encoder_merge import Merging
 
-__all__ = ["Budget", "Cut", "ExplorerError", "Geometry", "Selection", "Signals", "fraction_of"]
+__all__ = ["Budget", "Cut", "ExplorerError", "Geometry", "Merging", "Selection", "Signals", "fraction_of"]
 
 
 def fraction_of(fraction: float, n: int) -> int:
@@ -60,7 +61,9 @@ class Signals:
     - "hidden@<layer>": the layer's output, (N, C), on the model's device; "hidden@feature" is what the
       projector turns into the LLM's input;
     and "features": the (N, D) projected features the LLM receives, newlines included, on the model's
-    device. A backend that cannot give a signal raises ExplorerError naming it.
+    device. A backend that cannot give a signal raises ExplorerError naming it. A method that merges
+    inside the encoder (`merging`) reads what that pass gives instead: "hidden@feature" with every
+    token carrying its merged row, "merged into" and "merged after" (see `Backend.merged`).
 
     Encoders without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL ViT) give, as
     community ports do, the attention each patch receives instead: "cls" is its mean over heads and

@@ -258,7 +258,8 @@ def _select(backend, picture, prompt, chosen, budget, max_new_tokens):
             )
         sync(device)
         clock.append(now())
-        features, maps = backend.encode(prepared, tuple(dict.fromkeys(needs)), project=not lazy)
+        merging = chosen.merging(g, b) if lazy and hasattr(chosen, "merging") else None  # inside the encoder
+        features, maps = backend.encode(prepared, tuple(dict.fromkeys(needs)), project=not lazy, merging=merging)
         sync(device)
         clock.append(now())
         if vision or first:

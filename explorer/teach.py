@@ -29,6 +29,9 @@ CAPTIONS = {
     "are the pivots, and the tokens kept are those least like the pivots.",
     "merge round": "ToMe: the round of bipartite matching in which each token was merged into a more alike "
     "partner (0: it was kept, and holds the tokens merged into it); early rounds merge the closest pairs.",
+    "merged after block": "ToMe in the vision tower: the encoder block after which each patch was merged into "
+    "a more alike one (blank: it reached the LLM, holding the patches merged into it); every block merges a "
+    "few, so each later block runs on fewer tokens.",
     "window similarity": "MustDrop, before the LLM: how alike the tokens of each 3x3 window are (mean cosine "
     "similarity of every pair, first vision layer); a window at least this alike becomes one token.",
     "key set": "MustDrop: the key set (bright), the tokens the [CLS] token attends to most in the last vision "

@@ -16,7 +16,7 @@ from explorer.cli import main
 
 ROOT = Path(__file__).parent.parent
 TINY = ["--model", "tiny-llava-next"]
-EVERY = "none random uniform pooling cls vtc-cls hired visionzip prumerge+ globalcom2 divprune vispruner tome transprune fastv pdrop dart sparsevlm mustdrop aim transprune-llm".split()
+EVERY = "none random uniform pooling cls vtc-cls hired visionzip prumerge+ globalcom2 divprune vispruner tome tome-vit transprune fastv pdrop dart sparsevlm mustdrop aim transprune-llm".split()
 
 
 @pytest.fixture(scope="module")

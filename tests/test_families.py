@@ -24,6 +24,13 @@ ROOT = Path(__file__).parent.parent
 FAMILIES = ["tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-llava-1.5"]
 PROMPT = "What is in this picture?"
 THUMBNAILED = {"tiny-llava-onevision", "tiny-smolvlm"}  # a thumbnail beside crops: HiRED and GlobalCom2 apply
+PATCH_TOKENS = {"tiny-llava-1.5"}  # every token one encoder patch, projected alone: tome-vit applies
+
+
+def cannot(name: str) -> set[str]:
+    """The methods that cannot run on the family of the tiny model `name`."""
+    thumbnail = set() if name in THUMBNAILED else {"hired", "globalcom2"}
+    return thumbnail | (set() if name in PATCH_TOKENS else {"tome-vit"})
 
 
 @functools.cache
@@ -238,8 +245,9 @@ def test_every_method_that_applies_meets_its_budget_end_to_end(family, budget):
     for method in METHODS:
         reason = unavailable(method, backend)
         if reason:
-            assert name not in THUMBNAILED and method in ("hired", "globalcom2") and "\n" not in reason
-            with pytest.raises(ExplorerError, match="needs a thumbnail"):
+            assert method in cannot(name) and "\n" not in reason
+            because = "one encoder patch" if method == "tome-vit" else "needs a thumbnail"
+            with pytest.raises(ExplorerError, match=because):
                 run(backend, image, PROMPT, method, budget, max_new_tokens=1)
             continue
         result = run(backend, image, PROMPT, method, budget, max_new_tokens=1)
@@ -280,10 +288,10 @@ def test_qwen_kept_tokens_keep_their_m_rope_positions(qwen):
 def test_methods_that_cannot_run_say_why_in_one_line(family):
     name, backend = family
     reasons = {m: unavailable(m, backend) for m in METHODS}
-    if name in THUMBNAILED:
-        assert not any(reasons.values())
-    else:
-        assert {m for m, r in reasons.items() if r} == {"hired", "globalcom2"}
+    assert {m for m, r in reasons.items() if r} == cannot(name)
+    if name not in PATCH_TOKENS:
+        assert backend.family in reasons["tome-vit"] and "projected on its own" in reasons["tome-vit"]
+    if name not in THUMBNAILED:
         assert backend.family in reasons["hired"] and "thumbnail" in reasons["hired"]
 
 
@@ -311,7 +319,7 @@ def test_the_app_offers_only_the_methods_that_run_and_says_why(family):
     assert method["value"] == ("hired" if name in THUMBNAILED else "cls") and set(swept["value"]) <= set(runs)
     assert ("no [CLS] token" in explanation) == (not backend.cls_token) == (layers == app.LAYERS_RECEIVED)
     status = explorer.status()
-    assert (status.count("not on this model") == 0) == (name in THUMBNAILED)
+    assert status.count("not on this model") == len(cannot(name))
     read, layer, *_ = explorer.layers(str(ROOT / "assets/rocket.jpg"), PROMPT)  # every layer's (received) attention
     assert read["maps"].shape[:2] == (backend.vision_layers, len(read["geometry"])) and layer["value"] >= 1
 

@@ -10,6 +10,7 @@ from conftest import toy_geometry
 from explorer import METHODS, Budget, ExplorerError, Signals, make
 from explorer.core import fraction_of
 from explorer.methods.common import allocate, lattice, top
+from explorer.methods.tome import bipartite_rounds
 
 # --- budget ---------------------------------------------------------------------------------------
 
@@ -108,7 +109,20 @@ def random_signals(budget: int, seed: int = 0) -> Signals:
     for name in sorted({name for method in vision for name in method.needs} - {"features"}):
         values = torch.rand(len(g), *SHAPES[name.split("@")[0]], generator=generator)
         maps[name] = values.masked_fill(newline.view(-1, *[1] * (values.dim() - 1)), math.nan)
-    return Signals(g, budget, maps)
+    return Signals(g, budget, maps | merged_in_encoder(g, budget, generator))
+
+
+def merged_in_encoder(g, budget: int, generator) -> dict:
+    """The signals an encoder that merges for tome-vit gives (see `Backend.merged`), made by merging
+    random keys of each partition down to its share of the budget."""
+    into, after = torch.full((len(g),), math.nan), torch.full((len(g),), math.nan)
+    for p, k in enumerate(make("tome-vit").merging(g, budget).budgets):
+        members = g.members(p)
+        if g.names[p] != "newline":
+            owner, when = bipartite_rounds(torch.randn(len(members), 4, generator=generator), max(k, 1))
+            into[members] = members[owner].float()
+            after[members] = torch.where(when > 0, when - 1.0, math.nan)
+    return {"merged into": into, "merged after": after}
 
 
 @pytest.mark.parametrize("name", [name for name, method in METHODS.items() if method.stage == "vision"])
@@ -236,7 +250,7 @@ def test_hired_teaches_its_content_map():
             "nope",
             {},
             "unknown method 'nope'; choose one of: none, random, uniform, pooling, cls, vtc-cls, hired, visionzip, prumerge+, "
-            "globalcom2, divprune, vispruner, tome, transprune",
+            "globalcom2, divprune, vispruner, tome, tome-vit, transprune",
         ),
         ("hired", {"alpha": 1.5}, "alpha must be between 0.0 and 1.0, got 1.5"),
         ("hired", {"alpha": math.nan}, "alpha must be between"),

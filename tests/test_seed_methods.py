@@ -140,7 +140,7 @@ def test_tome_merged_features_reach_the_llm_as_group_means(backend):
     torch.testing.assert_close(received, expected[keep])
 
 
-@pytest.mark.parametrize("method", ["vtc-cls", "tome", "transprune"])
+@pytest.mark.parametrize("method", ["vtc-cls", "tome", "tome-vit", "transprune"])
 def test_every_seed_method_is_explained_and_deterministic_end_to_end(backend, method):
     image = photo(640, 480, seed=5)
     first, second = (run(backend, image, PROMPT, method, 0.2, max_new_tokens=4) for _ in range(2))

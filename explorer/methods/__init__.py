@@ -3,8 +3,10 @@
 A method is a frozen dataclass whose fields are its settings (metadata: "help", and "range" for
 numbers); class attributes say its `stage` ("vision": before the LLM), the signals it `needs`
 (see `Signals`), optionally what it `requires` of the model ("thumbnail": a low-resolution view of
-the whole image beside high-resolution crops), and a one-line `summary`; `select(signals) ->
-Selection` does the work.
+the whole image beside high-resolution crops; "patch tokens": every visual token one encoder patch,
+projected on its own), and a one-line `summary`; `select(signals) -> Selection` does the work. A
+vision method that merges inside the encoder also has `merging(geometry, budget) -> Merging`, the
+plan the backend's encoder follows; its `select` then reads the signals that merging gives.
 
 A method of stage "llm" prunes inside the LLM: `cuts(depth, n, budget) -> list[Cut]` says before
 which layers it cuts and how many tokens each cut leaves (the last leaves the budget), its
@@ -37,6 +39,7 @@ from .prumerge import PruMergePlus
 from .random import Random
 from .sparsevlm import SparseVLM
 from .tome import ToMe
+from .tome_vit import ToMeViT
 from .transprune import TransPrune
 from .transprune_llm import TransPruneLLM
 from .uniform import Uniform
@@ -59,6 +62,7 @@ METHODS = {
     "divprune": DivPrune,
     "vispruner": VisPruner,
     "tome": ToMe,
+    "tome-vit": ToMeViT,
     "transprune": TransPrune,
     "fastv": FastV,
     "pdrop": PyramidDrop,
@@ -100,6 +104,12 @@ def unavailable(name: str, backend) -> str | None:
         return (
             f"{name} needs a thumbnail of the whole image beside high-resolution crops; "
             f"{backend.family} sees the image once, with no thumbnail"
+        )
+    if "patch tokens" in getattr(method, "requires", ()) and not backend.projects_kept:
+        return (
+            f"{name} merges patches inside the vision encoder, so it needs every visual token to be one "
+            f"encoder patch, projected on its own (LLaVA-NeXT, LLaVA-1.5); {backend.family} makes its tokens "
+            "from the patches after the encoder. tome merges after the encoder on every family"
         )
     for signal in method.needs if method.stage == "vision" else getattr(method, "vision_needs", ()):
         try:

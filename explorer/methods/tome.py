@@ -18,14 +18,10 @@ with the keys of a merged token taken as the sum of its members' keys. It works 
 thumbnail and each crop), the budget split over them in proportion to their sizes, and newline
 tokens get only what the other partitions cannot hold (spread evenly); a merged token stays at the
 place of its B token in LLM order, where ToMe appends the merged tokens after the unmerged ones.
-Merging inside the blocks is left out because it does not fit the families cleanly: the budget
-counts the LLM's tokens, which each family makes from the encoder's patches after the encoder
-(LLaVA-NeXT unpads and adds newlines, OneVision resamples the grid bilinearly, SmolVLM folds 4x4
-patches, Qwen2-VL 2x2), so merges of patches inside the encoder cannot be made to leave exactly B
-tokens, and a group of patches is not a set of whole tokens on three of the five families; the Qwen
-ViT runs all patches as one sequence with per-patch rotary positions and window boundaries that a
-shortened sequence would have to carry, which layer hooks cannot do; and the vision stage
-(`Backend.encode`) has no place for a method to act during the encoder's forward pass.
+Merging inside the blocks, as the paper does, is `tome-vit`; it runs on LLaVA-NeXT and LLaVA-1.5
+only, because on the other families the LLM's tokens are made from the encoder's patches after the
+encoder (OneVision resamples the grid, SmolVLM folds 4x4 patches and Qwen2-VL 2x2), so a group of
+merged patches is not a set of whole tokens there.
 """
 
 from __future__ import annotations
@@ -93,12 +89,8 @@ def bipartite_rounds(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     alive, round_ = torch.arange(n), 0
     while len(alive) > k:
         round_ += 1
-        a, b = alive[0::2], alive[1::2]  # dealt alternately, in raster order
-        similarity = F.normalize(metric[a], dim=-1) @ F.normalize(metric[b], dim=-1).T  # (|A|, |B|)
-        best, partner = similarity.max(1)  # (|A|,) each A token's most similar B token
-        r = min(len(alive) - k, len(a))
-        chosen = torch.argsort(best, descending=True, stable=True)[:r]  # the r best-matched A tokens
-        src, dst = a[chosen], b[partner[chosen]]
+        r = min(len(alive) - k, (len(alive) + 1) // 2)  # at most the A side
+        src, dst = (alive[i] for i in bipartite_match(metric[alive], r))
         metric.index_add_(0, dst, metric[src])
         remap = torch.arange(n)
         remap[src] = dst
@@ -106,6 +98,18 @@ def bipartite_rounds(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
         when[src] = round_
         alive = alive[~torch.isin(alive, src)]
     return owner, when
+
+
+def bipartite_match(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of bipartite soft matching on the rows of `metric` (M, d), dealt alternately into A
+    and B in their order: the r A rows most similar (cosine) to their best B row, and that row.
+    Returns (src, dst), (r,) each, indices into the M; r is at most the A side, ceil(M / 2)."""
+    a = torch.arange(0, len(metric), 2, device=metric.device)
+    b = torch.arange(1, len(metric), 2, device=metric.device)
+    similarity = F.normalize(metric[a], dim=-1) @ F.normalize(metric[b], dim=-1).T  # (|A|, |B|)
+    best, partner = similarity.max(1)  # (|A|,) each A row's most similar B row
+    chosen = torch.argsort(best, descending=True, stable=True)[:r]  # the r best-matched A rows
+    return a[chosen], b[partner[chosen]]
 
 
 def mean_of_group(groups: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""Token merging inside the vision tower: ToMe (Bolya, Fu, Dai, Zhang, Feichtenhofer and Hoffman,
+"Token Merging: Your ViT But Faster", ICLR 2023, arXiv 2210.09461, github.com/facebookresearch/ToMe).
+
+This is ToMe as the paper runs it: in every block of the vision encoder up to the feature layer, the
+patches are dealt alternately into two sides, A and B; every A patch finds its most similar B patch
+(cosine similarity of the block's attention keys, heads averaged), and the r best-matched A patches
+are merged into their partners. A merged token is the size-weighted mean of what it holds and the
+rest of the encoder runs on the shorter sequence, so it is faster; with proportional attention,
+every later block adds log(size) to the attention logits, so a token holding s patches counts as s
+keys. r is constant over the blocks (the merges a partition needs, spread evenly). [CLS] is never
+merged. Each token remembers the patches it holds (ToMe's `trace_source`): the overlay colours the
+groups, and the token reaches the LLM at the place of the patch it began as, so the grid order the
+family needs (LLaVA-NeXT's rows and newlines) is kept.
+
+Differs from the paper: a block merges after its MLP, where ToMe merges between its attention and
+its MLP (layer hooks can change what a block passes on, not what it does inside); the thumbnail and
+each crop run through the encoder one at a time, each merged down to its partition's share of the
+budget (split by size, newlines getting only what the crops cannot hold, as `tome`), where ToMe
+merges the same r in every image of a batch; the padding that LLaVA-NeXT's unpadding removes is
+never merged; and a block merges at most half its mergeable tokens per round, taking further rounds
+on the summed keys when its share is larger (shallow encoders, tiny budgets).
+
+It needs a family whose every visual token is one encoder patch projected on its own (LLaVA-NeXT,
+LLaVA-1.5): elsewhere the LLM's tokens are made from the patches after the encoder (OneVision
+resamples the grid, SmolVLM and Qwen2-VL fold several patches into one token), so a group of merged
+patches is not a set of whole tokens; `tome` merges after the encoder on every family. The time the
+matching takes is spent inside the encoder and counted there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..core import ExplorerError, Geometry, Merging, Selection, Signals
+from .common import patches_first, spread
+from .tome import bipartite_match
+
+
+@dataclass(frozen=True)
+class ToMeViT:
+    proportional: bool = field(
+        default=True,
+        metadata={"help": "proportional attention: later blocks count a token that holds s patches as s keys"},
+    )
+
+    stage: ClassVar[str] = "vision"
+    needs: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ("patch tokens",)
+    summary: ClassVar[str] = (
+        "ToMe in the vision tower: after every encoder block, merge the most alike patches (bipartite "
+        "matching), with proportional attention, until the budget"
+    )
+
+    def merging(self, g: Geometry, budget: int) -> Merging:
+        """What the backend's encoder does for this method (see `Backend.merged`)."""
+        return Merging(patches_first(g, budget), bipartite_match, constant, self.proportional)
+
+    def select(self, s: Signals) -> Selection:
+        g, n = s.geometry, len(s.geometry)
+        if "merged into" not in s.maps:  # the encoder ran without this method's merging: only for the whole budget
+            if s.budget < n:
+                raise ExplorerError(
+                    "tome-vit merges inside the vision encoder: its signals come from its `merging` plan"
+                )
+            return Selection(keep=torch.arange(n))
+        budgets = patches_first(g, s.budget)
+        into = s["merged into"]  # (N,) float, NaN for newlines
+        groups = into.nan_to_num(-1).long()  # (N,)
+        for p, (name, k) in enumerate(zip(g.names, budgets)):
+            if name == "newline":
+                kept = spread(g, p, k)
+                groups[kept] = kept
+            elif k == 0:  # the encoder left one token, which goes too
+                groups[g.members(p)] = -1
+        keep = (groups == torch.arange(n)).nonzero()[:, 0]  # (K,) sorted
+        after = s["merged after"]
+        blocks = after[~after.isnan()].long()
+        return Selection(
+            keep=keep,
+            groups=groups,
+            budgets=dict(zip(g.names, budgets)),
+            maps={"merged after block": after},
+            stats={"merged after each block": {f"block {b}": int(c) for b, c in enumerate(torch.bincount(blocks))}},
+        )
+
+
+def constant(merges: int, blocks: int) -> list[int]:
+    """ToMe's constant schedule: `merges` spread over `blocks` as evenly as whole numbers allow, the
+    later blocks taking one more."""
+    return [merges // blocks + (b >= blocks - merges % blocks) for b in range(blocks)]
