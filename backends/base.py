@@ -315,43 +315,47 @@ class Backend:
         self.model.model.vision_tower(pixels)
 
     def merged(self, prepared: Prepared, plan) -> dict[str, torch.Tensor]:
-        """The vision encoder run crop by crop, merging its tokens after every block up to the feature
-        layer until each partition is down to its budget (`encoder_merge.merging`; [CLS] and the
-        padding that unpadding removes are never merged). The signals, in LLM order:
+        """The vision encoder run with its tokens merged after every block up to the feature layer until
+        each partition is down to its budget (`encoder_merge.merging`; [CLS] and the padding that
+        unpadding removes are never merged); crops that merge alike (the same tokens, as many merges)
+        run side by side. The signals, in LLM order:
         - "hidden@feature": (N, C) the feature layer's output of the row that holds each token, merged;
         - "merged into": (N,) the token (index into N) that began the row holding each token, NaN for newlines;
         - "merged after": (N,) the block after which a token's own row was folded into another, NaN if never."""
         from .encoder_merge import merging  # which imports this file
 
-        source = prepared.source  # (N,) rows of the flat encoder output, -1 for newlines
+        source = prepared.source.to(self.device)  # (N,) rows of the flat encoder output, -1 for newlines
         pixels = self.crops(prepared)  # (crops, 3, H, W)
         side = self.model.config.vision_config.patch_size
         patches = (pixels.shape[-2] // side) * (pixels.shape[-1] // side)  # T': patches per crop
         first = 1 if self.cls_token else 0
-        flat = source[source >= 0].to(self.device)  # the rows that reach the LLM
-        hidden, into, after = [], [], []
-        for c in range(len(pixels)):
-            real = torch.zeros(patches, dtype=torch.bool, device=self.device)
-            real[flat[(flat // patches) == c] % patches] = True
-            mergeable = torch.cat([real.new_zeros(first), real])  # (T,)
+        flat = source[source >= 0]  # the rows that reach the LLM
+        mergeable = torch.zeros(len(pixels), first + patches, dtype=torch.bool, device=self.device)  # (crops, T)
+        mergeable[flat // patches, first + flat % patches] = True
+        partition = prepared.geometry.partition.to(self.device)
+        alike: dict[tuple, list[int]] = {}  # (merges, mergeable) -> the crops
+        for c, real in enumerate(mergeable):
             members = (source >= 0) & (source // patches == c)  # (N,) its tokens (none: all padding)
-            budget = plan.budgets[int(prepared.geometry.partition[members][0])] if members.any() else 0
+            budget = plan.budgets[int(partition[members][0])] if members.any() else 0
             merges = max(int(real.sum()) - max(budget, 1), 0)
-            with merging(self.encoder, self.feature_layer, mergeable, merges, plan) as trace:
-                self.vision_tower(pixels[c : c + 1])
-            hidden.append(trace.output[trace.owner][first:])  # (T', C)
-            into.append(trace.origin[trace.owner][first:] - first + c * patches)  # (T',) rows of the flat output
-            after.append(trace.merged_after[first:])
+            alike.setdefault((merges, tuple(real.tolist())), []).append(c)
+        traces = [None] * len(pixels)
+        for (merges, _), crops in alike.items():
+            with merging(self.encoder, self.feature_layer, mergeable[crops], merges, plan) as done:
+                self.vision_tower(pixels[crops])
+            for c, trace in zip(crops, done):
+                traces[c] = trace
+        into = torch.cat([t.origin[t.owner][first:] - first + c * patches for c, t in enumerate(traces)])  # flat rows
         token = torch.full((len(pixels) * patches,), -1, device=self.device)  # flat row -> index into N
-        token[flat] = (source >= 0).nonzero()[:, 0].to(self.device)
-        after = torch.cat(after).float()
+        token[flat] = (source >= 0).nonzero()[:, 0]
+        after = torch.cat([t.merged_after[first:] for t in traces]).float()
 
         def rows(values: torch.Tensor) -> torch.Tensor:  # (crops * T', ...) -> (N, ...) in LLM order
             return self.tokens_of(prepared, values[None], "concat")
 
         return {
-            "hidden@feature": rows(torch.cat(hidden)),
-            "merged into": rows(token[torch.cat(into)].float()).cpu(),
+            "hidden@feature": rows(torch.cat([t.output[t.owner][first:] for t in traces])),
+            "merged into": rows(token[into].float()).cpu(),
             "merged after": rows(after.masked_fill(after < 0, math.nan)).cpu(),
         }
 

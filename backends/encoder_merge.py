@@ -2,7 +2,8 @@
 
 Model-agnostic. It needs the encoder's layers, called as transformers 5 calls CLIP's,
 `layer(hidden_states, attention_mask, ...)`, each with `self_attn.k_proj`, and attention that adds a
-float `attention_mask` to its logits (eager or sdpa). One image (a batch of one crop) at a time:
+float `attention_mask` to its logits (eager or sdpa). A batch of crops that merge alike (as many
+tokens to merge and as many merges, so that they keep one length):
 
 - after each block up to `last`, the method's `match` pairs rows by the block's keys (heads
   averaged, ToMe's metric); each source row is folded into its destination as the size-weighted mean
@@ -40,11 +41,39 @@ class Merging:
 class Trace:
     """What merging did to one crop's tokens."""
 
+    mergeable: torch.Tensor  # (T_now,) bool: the rows that may still be merged, or merged into
     owner: torch.Tensor  # (T,) long: for each token that entered, the row that holds it now
     origin: torch.Tensor  # (T_now,) long: for each row, the token it started as (its own token)
     size: torch.Tensor  # (T_now,) float: how many tokens each row holds
-    merged_after: torch.Tensor  # (T,) long: the block after which a token's row was folded away, -1 never
+    merged_after: torch.Tensor  # (T,) long: the block after which a token's own row was folded away, -1 never
     output: torch.Tensor | None = None  # (T_last, C) float32: block `last`'s output, merged
+
+    @classmethod
+    def start(cls, mergeable: torch.Tensor) -> Trace:
+        n, device = len(mergeable), mergeable.device
+        every = torch.arange(n, device=device)
+        return cls(
+            mergeable.clone(), every, every.clone(), torch.ones(n, device=device), torch.full((n,), -1, device=device)
+        )
+
+    def merge(self, x: torch.Tensor, metric: torch.Tensor, merges: int, block: int, match: Callable) -> torch.Tensor:
+        """Fold `merges` of the rows of x (T_now, C) into others, matched on `metric` (T_now, d), in
+        rounds of at most half the mergeable rows; returns the (T_now - merges, C) rows left."""
+        dtype = x.dtype
+        while merges:
+            rows = self.mergeable.nonzero()[:, 0]  # (M,)
+            r = min(merges, len(rows) // 2)
+            src, dst = (rows[i.to(rows.device)] for i in match(metric[rows], r))
+            metric = metric.index_add(0, dst, metric[src])  # a further round matches on the sum of the keys
+            x, self.size, stay = fold(x, self.size, src, dst)
+            moved = torch.cumsum(stay, 0) - 1  # (T_now,) old row -> new row
+            row_of = torch.arange(len(stay), device=stay.device)
+            row_of[src] = dst
+            self.merged_after[self.origin[src]] = block
+            self.owner = moved[row_of[self.owner]]
+            self.origin, self.mergeable, metric = self.origin[stay], self.mergeable[stay], metric[stay]
+            merges -= r
+        return x.to(dtype)
 
 
 def fold(x: torch.Tensor, size: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
@@ -59,36 +88,30 @@ def fold(x: torch.Tensor, size: torch.Tensor, src: torch.Tensor, dst: torch.Tens
 
 @contextmanager
 def merging(layers: torch.nn.ModuleList, last: int, mergeable: torch.Tensor, merges: int, plan: Merging):
-    """Merge `merges` of one crop's tokens by the end of block `last` while the `with` block runs one
-    encoder pass over that crop; yields its `Trace`, filled during the pass.
+    """Merge `merges` of each crop's tokens by the end of block `last` while the `with` block runs one
+    encoder pass over a batch of crops; yields their `Trace`s, filled during the pass.
 
-    mergeable: (T,) bool over the tokens that enter ([CLS] and padding False: they are never merged,
-    nor merged into)."""
+    mergeable: (B, T) bool over the tokens that enter ([CLS] and padding False: they are never merged,
+    nor merged into), as many in every crop, so that the crops keep the same length."""
     attention = layers[0].self_attn
     if "flash" in str(getattr(attention.config, "_attn_implementation", "")):
         raise ExplorerError("merging inside the vision encoder needs sdpa or eager attention, which take its size bias")
-    if not 0 <= merges < max(int(mergeable.sum()), 1):
-        raise ExplorerError(f"cannot merge {merges} of {int(mergeable.sum())} tokens and keep one")
-    device = mergeable.device
-    n = len(mergeable)
-    trace = Trace(
-        owner=torch.arange(n, device=device),
-        origin=torch.arange(n, device=device),
-        size=torch.ones(n, device=device),
-        merged_after=torch.full((n,), -1, device=device),
-    )
-    state = {"mergeable": mergeable.clone(), "metric": None}
+    (count,) = mergeable.sum(1).unique().tolist()  # as many in every crop
+    if not 0 <= merges < max(count, 1):
+        raise ExplorerError(f"cannot merge {merges} of the {count} tokens of a crop and keep one")
+    traces = [Trace.start(m) for m in mergeable]
+    metrics: list[torch.Tensor] = []
     rounds = plan.schedule(merges, last + 1)
     assert sum(rounds) == merges and len(rounds) == last + 1, "the schedule must fold `merges` rows over the blocks"
 
-    def keys(module, args, k):  # k: (1, T_now, D)
-        state["metric"] = k[0].unflatten(-1, (attention.num_heads, attention.head_dim)).float().mean(1)  # (T_now, d)
+    def keys(module, args, k):  # k: (B, T_now, D)
+        metrics[:] = k.unflatten(-1, (attention.num_heads, attention.head_dim)).float().mean(2)  # B x (T_now, d)
 
     def before(block: int):
         def hook(module, args, kwargs):
-            if not plan.proportional or block == 0 or bool((trace.size == 1).all()):
+            if not plan.proportional or block == 0 or all(bool((t.size == 1).all()) for t in traces):
                 return None
-            bias = trace.size.log().to(args[0].dtype)[None, None, None, :]  # (1, 1, 1, T_now) added to the logits
+            bias = torch.stack([t.size.log() for t in traces]).to(args[0].dtype)[:, None, None, :]  # (B, 1, 1, T_now)
             if len(args) > 1:
                 return (args[0], bias, *args[2:]), kwargs
             return args, {**kwargs, "attention_mask": bias}
@@ -97,25 +120,13 @@ def merging(layers: torch.nn.ModuleList, last: int, mergeable: torch.Tensor, mer
 
     def after(block: int):
         def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output  # (1, T_now, C)
-            x, metric, left = hidden[0], state["metric"], rounds[block]
-            while left:
-                rows = state["mergeable"].nonzero()[:, 0]  # (M,)
-                r = min(left, len(rows) // 2)
-                src, dst = (rows[i.to(device)] for i in plan.match(metric[rows], r))
-                metric = metric.index_add(0, dst, metric[src])  # a further round matches on the sum of the keys
-                x, trace.size, stay = fold(x, trace.size, src, dst)
-                x, metric = x.to(hidden.dtype), metric[stay]
-                moved = torch.cumsum(stay, 0) - 1  # (T_now,) old row -> new row
-                rows_of = torch.arange(len(stay), device=device)
-                rows_of[src] = dst
-                trace.merged_after[trace.origin[src]] = block
-                trace.owner = moved[rows_of[trace.owner]]
-                trace.origin, state["mergeable"] = trace.origin[stay], state["mergeable"][stay]
-                left -= r
+            hidden = output[0] if isinstance(output, tuple) else output  # (B, T_now, C)
+            x = torch.stack(
+                [t.merge(h, m, rounds[block], block, plan.match) for t, h, m in zip(traces, hidden, metrics)]
+            )
             if block == last:
-                trace.output = x.float()
-            x = x[None]
+                for t, rows in zip(traces, x):
+                    t.output = rows.float()
             return (x, *output[1:]) if isinstance(output, tuple) else x
 
         return hook
@@ -127,7 +138,7 @@ def merging(layers: torch.nn.ModuleList, last: int, mergeable: torch.Tensor, mer
             if block <= last:
                 handles.append(layer.self_attn.k_proj.register_forward_hook(keys))
                 handles.append(layer.register_forward_hook(after(block)))
-        yield trace
+        yield traces
     finally:
         for handle in handles:
             handle.remove()

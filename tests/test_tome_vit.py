@@ -57,10 +57,10 @@ def encoder_pass(backend, pixels, merges: int, rounds: list[int], proportional: 
         layer.register_forward_hook(lambda m, a, out, i=i: raw.__setitem__(i, out[0].clone()))
         for i, layer in enumerate(layers)
     ]
-    mergeable = torch.ones(577, dtype=torch.bool)
-    mergeable[0] = False  # [CLS]
+    mergeable = torch.ones(1, 577, dtype=torch.bool)
+    mergeable[0, 0] = False  # [CLS]
     try:
-        with torch.no_grad(), merging(layers, last, mergeable, merges, plan) as trace:
+        with torch.no_grad(), merging(layers, last, mergeable, merges, plan) as (trace,):
             seen = [  # registered after: they see what the merging hands each block
                 layer.register_forward_pre_hook(
                     lambda m, args, i=i: received.__setitem__(i, (args[0][0].clone(), args[1]))
@@ -109,9 +109,9 @@ def test_merges_after_the_feature_block_fold_its_output_by_size(backend):
 
 
 def test_a_merge_plan_that_leaves_nothing_or_runs_flash_attention_is_refused(backend):
-    mergeable = torch.ones(5, dtype=torch.bool)
+    mergeable = torch.ones(1, 5, dtype=torch.bool)
     plan = Merging([], bipartite_match, constant)
-    with pytest.raises(ExplorerError, match="cannot merge 5 of 5 tokens"):
+    with pytest.raises(ExplorerError, match="cannot merge 5 of the 5 tokens of a crop"):
         with merging(backend.encoder, 1, mergeable, 5, plan):
             pass
     flash = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation="flash_attention_2"))
@@ -156,21 +156,25 @@ def test_the_llm_gets_each_groups_merged_row_which_all_its_patches_carry(backend
     assert len(groups[members].unique()) == 468 < len(members)
 
 
-def test_the_encoder_runs_each_crop_on_fewer_tokens_block_after_block(backend):
+@pytest.mark.parametrize("size, passes", [((672, 672), [5]), ((640, 480), [1, 2, 1, 1])])
+def test_the_encoder_runs_on_fewer_tokens_block_after_block_alike_crops_side_by_side(backend, size, passes):
+    """A square image's thumbnail and four crops have the same patches and budgets: one pass. At 4:3
+    the thumbnail passes alone, the top crops (padding above, 88 tokens each) together, and the
+    bottom crops (padding below) apart, since one keeps 88 tokens and the other 87."""
     lengths = []
     hooks = [
         layer.register_forward_pre_hook(lambda m, args, i=i: lengths.append((i, *args[0].shape[:2])))
         for i, layer in enumerate(backend.encoder)
     ]
     try:
-        run(backend, photo(640, 480, seed=5), PROMPT, "hired", 0.2, max_new_tokens=1)
+        run(backend, photo(*size, seed=5), PROMPT, "hired", 0.2, max_new_tokens=1)
         unmerged, lengths[:] = list(lengths), []
-        run(backend, photo(640, 480, seed=5), PROMPT, "tome-vit", 0.2, max_new_tokens=1)
+        run(backend, photo(*size, seed=5), PROMPT, "tome-vit", 0.2, max_new_tokens=1)
     finally:
         for hook in hooks:
             hook.remove()
     assert unmerged == [(0, 5, 577), (1, 5, 577), (2, 5, 577)]  # the thumbnail and four crops, side by side
-    assert [(block, crops) for block, crops, _ in lengths] == [(b, 1) for _ in range(5) for b in range(3)]
-    for crop in range(5):  # one at a time
-        tokens = [t for _, _, t in lengths[3 * crop : 3 * crop + 3]]
+    assert [(block, crops) for block, crops, _ in lengths] == [(b, n) for n in passes for b in range(3)]
+    for i in range(len(passes)):
+        tokens = [t for _, _, t in lengths[3 * i : 3 * i + 3]]
         assert tokens[0] == 577 > tokens[1] > tokens[2]

@@ -14,11 +14,12 @@ family needs (LLaVA-NeXT's rows and newlines) is kept.
 
 Differs from the paper: a block merges after its MLP, where ToMe merges between its attention and
 its MLP (layer hooks can change what a block passes on, not what it does inside); the thumbnail and
-each crop run through the encoder one at a time, each merged down to its partition's share of the
-budget (split by size, newlines getting only what the crops cannot hold, as `tome`), where ToMe
-merges the same r in every image of a batch; the padding that LLaVA-NeXT's unpadding removes is
-never merged; and a block merges at most half its mergeable tokens per round, taking further rounds
-on the summed keys when its share is larger (shallow encoders, tiny budgets).
+each crop are merged down to their partition's share of the budget (split by size, newlines getting
+only what the crops cannot hold, as `tome`), and since ToMe merges the same r in every image of a
+batch, only crops with the same patches and share run through the encoder side by side; the padding
+that LLaVA-NeXT's unpadding removes is never merged; and a block merges at most half its mergeable
+tokens per round, taking further rounds on the summed keys when its share is larger (shallow
+encoders, tiny budgets).
 
 It needs a family whose every visual token is one encoder patch projected on its own (LLaVA-NeXT,
 LLaVA-1.5): elsewhere the LLM's tokens are made from the patches after the encoder (OneVision
