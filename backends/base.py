@@ -462,9 +462,10 @@ class Backend:
         """The LLM's number of decoder layers."""
         return len(self.language_model.layers)
 
-    def pruning(self, prepared: Prepared, cuts, needs, choose, keep_positions: bool, positions=None):
+    def pruning(self, prepared: Prepared, cuts, needs, choose, keep_positions: bool, positions=None, compact_from=None):
         """Hooks that cut visual tokens inside the LLM while a `with` block runs; see `llm_prune.pruning`
-        (`positions`: see `llm_prune.Decoder`)."""
+        (`positions`: see `llm_prune.Decoder`; `compact_from`: the first layer whose cache is cut to the
+        last cut's tokens after the prefill)."""
         from .llm_prune import Decoder, pruning  # which imports this file
 
         lm = self.language_model
@@ -472,7 +473,7 @@ class Backend:
         decoder = Decoder(lm.layers, lm.rotary_emb, lm.norm, family.apply_rotary_pos_emb, positions)
         ids = prepared.inputs["input_ids"]  # (1, L)
         image = (ids[0] == self.image_token_id).nonzero()[:, 0]  # (N,)
-        return pruning(decoder, image, ids.shape[1], cuts, needs, choose, keep_positions)
+        return pruning(decoder, image, ids.shape[1], cuts, needs, choose, keep_positions, compact_from)
 
     def generate_inputs(self, prepared: Prepared, features: torch.Tensor, keep: torch.Tensor) -> dict:
         """generate() arguments for a prompt that holds only the kept visual tokens, in LLM order."""

@@ -13,6 +13,14 @@ layer of one forward pass. A cut before layer K works like this:
   positions are renumbered, the new token's position drops by the number of tokens cut before that
   layer (and cos/sin are recomputed for it); a materialised mask loses the columns of the cut tokens.
 
+With `compact_from` (MustDrop's decode stage), the first decode step after a prefill also cuts the KV
+caches of the layers from `compact_from` up to the last cut's layer down to the tokens left after the
+last cut (their keys and values index-selected; a key keeps the rotary position it was cached with,
+and the new tokens of a compacted layer keep the positions of that layer's cut group, so relative
+positions stay what they were); those layers' masks then lose the columns of every token cut. A
+compacted layer still reports the length it had (`get_seq_length`): the model sizes its masks and
+positions, and generate() its next input, from layer 0's cache, which must count every token seen.
+
 Kept tokens either keep their original positions (gaps where tokens went) or are renumbered: a token's
 new position is its original one minus the tokens dropped before it.
 
@@ -67,6 +75,7 @@ def pruning(
     needs: tuple[str, ...],
     choose: Callable,
     keep_positions: bool,
+    compact_from: int | None = None,
 ):
     """Cut visual tokens inside the LLM while the `with` block runs; yields a `Record`.
 
@@ -75,6 +84,8 @@ def pruning(
     the queries and keys of `score_layer`, which is `layer` or the one before.
     needs: the signals to compute (see `SIGNALS`); the text is the prompt after the last visual token.
     choose(cut, maps, alive) -> (K,) long, sorted indices into N of the tokens to keep, all alive.
+    compact_from: the first layer whose KV cache is cut down to the tokens left after the last cut once
+    the prefill is over (None: every layer keeps the cache its prefill filled); see the module's doc.
     """
     unknown = set(needs) - set(SIGNALS)
     if unknown:
@@ -86,7 +97,11 @@ def pruning(
                 f"cannot cut before layer {layer} scored at layer {score_layer} (layers 1..{len(decoder.layers) - 1})"
             )
         last = layer
-    pruner = _Pruner(decoder, image, prompt, cuts, needs, choose, keep_positions)
+    if compact_from is not None and not 0 <= compact_from < len(decoder.layers):
+        raise ExplorerError(
+            f"cannot compact the caches from layer {compact_from} (layers 0..{len(decoder.layers) - 1})"
+        )
+    pruner = _Pruner(decoder, image, prompt, cuts, needs, choose, keep_positions, compact_from)
     handles = []
     try:
         for index, layer in enumerate(decoder.layers):
@@ -101,13 +116,18 @@ def pruning(
 
 
 class _Pruner:
-    def __init__(self, decoder, image, prompt, cuts, needs, choose, keep_positions):
+    def __init__(self, decoder, image, prompt, cuts, needs, choose, keep_positions, compact_from=None):
         self.decoder, self.image, self.prompt, self.cuts = decoder, image, prompt, cuts
         self.needs, self.choose, self.keep_positions = needs, choose, keep_positions
+        # the layers whose caches are cut to the last cut's tokens after the prefill: compact_from up to
+        # the last cut's layer (those from it on hold only them already)
+        self.compacted_layers = range(cuts[-1][0])[compact_from:] if compact_from is not None else range(0)
+        self.compacted = False  # whether this prefill's caches have been cut
         self.text = torch.arange(int(image.max()) + 1, prompt, device=image.device)  # (T,) prompt after the image
         self.cut_at = {layer: s for s, (layer, _) in enumerate(cuts)}
         self.score_at = {score_layer: s for s, (_, score_layer) in enumerate(cuts)}
         self.busy = {*self.cut_at, *self.score_at, *([0] if "llm-embeds" in needs else [])}  # layers with work to do
+        self.decode_at = {*self.cut_at, *self.compacted_layers[:1]}  # layers where a decode step's view changes
         self.record = Record()
         self.rows: list[torch.Tensor] = []  # per cut: prompt positions left after it, for decode steps
 
@@ -122,8 +142,8 @@ class _Pruner:
                 hidden = self.prefill(layer, hidden, kwargs)
                 _sync(hidden)
                 self.record.seconds += time.perf_counter() - start
-            elif not self.full and layer in self.cut_at:
-                self.view = self.decode_view(self.cut_at[layer], hidden, kwargs)
+            elif not self.full and layer in self.decode_at:
+                self.view = self.decode_view(layer, hidden, kwargs)
             return (hidden, *args[1:]), {**kwargs, **self.view}
 
         return before
@@ -144,6 +164,30 @@ class _Pruner:
             self.maps: dict[str, torch.Tensor] = {}
             self.record.keeps, self.record.seconds, self.rows = [], 0.0, []
             self.ttv: torch.Tensor | None = None  # (L,) "llm-transition" summed so far, over the current sequence
+            self.compacted = False
+        elif not self.compacted:  # the first decode step after the prefill
+            self.compact(cache)
+            self.compacted = True
+
+    def held(self, layer: int) -> torch.Tensor:
+        """(L_l,) the prompt positions a layer's prefill left in its cache, sorted."""
+        s = sum(cut <= layer for cut, _ in self.cuts) - 1  # its cut group; -1 before the first cut
+        return self.rows[s] if s >= 0 else torch.arange(self.prompt, device=self.image.device)
+
+    def compact(self, cache) -> None:
+        """Cut the caches of the compacted layers down to the prompt positions left after the last cut,
+        `rows[-1]`; each keeps its keys' rotary positions and reports the length it had."""
+        from transformers.cache_utils import DynamicLayer
+
+        for layer in self.compacted_layers:
+            store = cache.layers[layer]
+            if type(store) is not DynamicLayer:  # not a sliding window's, nor a static cache
+                raise ExplorerError(f"cutting the KV caches after the prefill needs a dynamic cache, not {store!r}")
+            held = self.held(layer)
+            assert store.keys.shape[-2] == len(held), "a compacted layer's cache holds what its prefill left"
+            index = torch.searchsorted(held, self.rows[-1]).to(store.keys.device)
+            store.keys, store.values = store.keys[:, :, index], store.values[:, :, index]
+            store.get_seq_length = _reporting(store, len(held) - len(index))
 
     def prefill(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         if layer == 0 and "llm-embeds" in self.needs:
@@ -238,11 +282,12 @@ class _Pruner:
             view["attention_mask"] = _mask(kwargs["attention_mask"])[:, :, idx][..., idx]  # (1, 1, L', L')
         return view
 
-    def decode_view(self, s: int, hidden: torch.Tensor, kwargs: dict) -> dict:
-        """The keyword arguments of a decode step for the layers from cut s on."""
-        view = {}
-        if not self.keep_positions:
-            cut_before = self.prompt - len(self.rows[s])  # every cut token came before the new ones
+    def decode_view(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> dict:
+        """The keyword arguments of a decode step for the layers from this one to the next in `decode_at`:
+        the positions of the layer's cut group, the mask columns of what its cache holds."""
+        view, held = {}, self.held(layer)
+        if not self.keep_positions and len(held) < self.prompt:
+            cut_before = self.prompt - len(held)  # every cut token came before the new ones
             view["position_ids"] = self.place(kwargs["position_ids"], cut_before)
             rotary = self.rotary_positions(kwargs)
             view["position_embeddings"] = self.decoder.rotary(hidden, self.place(rotary, cut_before))
@@ -251,7 +296,8 @@ class _Pruner:
         if kwargs.get("attention_mask") is not None:  # (1, 1, q, kv): the prompt's kept columns, then the rest
             mask = _mask(kwargs["attention_mask"])
             generated = torch.arange(self.prompt, mask.shape[-1], device=mask.device)
-            view["attention_mask"] = mask[..., torch.cat([self.rows[s], generated])]
+            columns = self.rows[-1] if layer in self.compacted_layers else held
+            view["attention_mask"] = mask[..., torch.cat([columns.to(mask.device), generated])]
         return view
 
     def rotary_positions(self, kwargs: dict) -> torch.Tensor:
@@ -262,6 +308,12 @@ class _Pruner:
     def place(self, positions: torch.Tensor, cut_before) -> torch.Tensor:
         """Original positions, or renumbered: minus the number of tokens cut before each."""
         return positions if self.keep_positions else positions - cut_before
+
+
+def _reporting(store, dropped: int) -> Callable[[], int]:
+    """A compacted cache layer's `get_seq_length`: its length as if nothing had been cut from it."""
+    own = type(store).get_seq_length
+    return lambda: own(store) + dropped
 
 
 def _sync(x: torch.Tensor) -> None:
