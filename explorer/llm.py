@@ -35,8 +35,16 @@ class LlmStage:
             )
         assert layers == sorted(set(layers)) and tokens == sorted(tokens, reverse=True)
         assert tokens[-1] == budget or self.adaptive
+        # the first layer whose cache is cut to the last cut's tokens after the prefill (None: none is)
+        self.compact_from = method.compact_from(self.cuts) if hasattr(method, "compact_from") else None
         self.chosen: list[Selection] = []  # per cut, as the method returned it
         self.final: Selection | None = None
+
+    @property
+    def compacts(self) -> bool:
+        """Whether the caches may hold fewer tokens while decoding than the prefill left in them: the
+        method compacts them and its last cut may drop a token."""
+        return self.compact_from is not None and (self.adaptive or self.cuts[-1].tokens < len(self.entering))
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -111,15 +119,22 @@ class LlmStage:
         )
 
     def tokens(self) -> dict:
-        """visual_per_layer: the visual tokens each LLM layer sees; visual_layer_mean: their mean; llm_cuts;
-        visual_entering: the tokens that entered the LLM."""
+        """visual_per_layer: the visual tokens each LLM layer sees in the prefill; visual_layer_mean: their
+        mean; visual_cached_per_layer: the visual tokens each layer's KV cache holds while decoding (fewer
+        than it saw from `compact_from` to the last cut); llm_cuts; visual_entering: the tokens that
+        entered the LLM."""
         per_layer = [len(self.entering)] * self.depth
         kept = [len(s.keep) for s in self.chosen] if self.done else [c.tokens for c in self.cuts]
         for c, k in zip(self.cuts, kept):
             per_layer[c.layer :] = [k] * (self.depth - c.layer)
+        cached = list(per_layer)
+        if self.compact_from is not None:
+            last = self.cuts[-1].layer
+            cached[self.compact_from : last] = [kept[-1]] * len(range(self.compact_from, last))
         cuts = [{"layer": c.layer, "scored_at": c.score_layer, "kept": k} for c, k in zip(self.cuts, kept)]
         return {
             "visual_per_layer": per_layer,
+            "visual_cached_per_layer": cached,
             "visual_layer_mean": sum(per_layer) / self.depth,
             "llm_cuts": cuts,
             "visual_entering": len(self.entering),
@@ -136,4 +151,6 @@ def llm_hooks(backend, prepared, name: str, method, budget: int, before: Selecti
     if stage.reduced:  # the hooks find the visual tokens of the prompt the LLM really gets
         ids = prepared.inputs["input_ids"][:, backend.staying(prepared, stage.before.keep)]
         prepared = dataclasses.replace(prepared, inputs={**prepared.inputs, "input_ids": ids})
-    return stage, backend.pruning(prepared, stage.pairs, method.needs, stage.choose, method.keep_positions)
+    return stage, backend.pruning(
+        prepared, stage.pairs, method.needs, stage.choose, method.keep_positions, compact_from=stage.compact_from
+    )

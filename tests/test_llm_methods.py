@@ -19,6 +19,7 @@ from explorer.llm import LlmStage
 PROMPT = "What is shown in this image?"
 LLM = [name for name, method in METHODS.items() if method.stage == "llm"]
 CASES = [("fastv", {}), ("fastv", {"keep_positions": False}), ("pdrop", {}), ("dart", {}), ("sparsevlm", {})]
+CASES += [("mustdrop", {"compact_cache": False})]  # its decode stage off: every layer keeps what its prefill left
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,9 @@ def inputs_of(backend, image):
 def hooks(backend, prepared, name: str, budget: int, **settings):
     method = make(name, **settings)
     stage = LlmStage(name, method, prepared.geometry, budget, backend.depth)
-    return stage, backend.pruning(prepared, stage.pairs, method.needs, stage.choose, method.keep_positions)
+    return stage, backend.pruning(
+        prepared, stage.pairs, method.needs, stage.choose, method.keep_positions, compact_from=stage.compact_from
+    )
 
 
 def generate(backend, inputs, tokens: int):
@@ -93,9 +96,9 @@ def test_keeping_every_token_equals_the_unreduced_model_exactly(backend, unreduc
     assert everything.tokens["visual_kept"] == n and everything.tokens["visual_layer_mean"] == n
 
 
-RENUMBERED, PDROP, SPARSEVLM = CASES[1], CASES[2], CASES[4]
+RENUMBERED, PDROP, SPARSEVLM, MUSTDROP = CASES[1], CASES[2], CASES[4], CASES[5]
 MASKS = [(*case, "sdpa", False) for case in CASES]  # SDPA without a mask, the usual path
-MASKS += [(*case, "sdpa", True) for case in (RENUMBERED, PDROP, SPARSEVLM)]  # materialised masks, one or more cuts
+MASKS += [(*case, "sdpa", True) for case in (RENUMBERED, PDROP, SPARSEVLM, MUSTDROP)]  # materialised masks, 1+ cuts
 MASKS += [(*case, "eager", True) for case in (CASES[0], RENUMBERED, PDROP)]  # eager: a mask every time
 
 

@@ -245,7 +245,7 @@ def test_mustdrop_merged_windows_reach_the_llm_as_their_projected_mean(backend):
 
 def test_mustdrop_is_explained_and_shows_its_steps(backend):
     text = vis.explain("mustdrop")
-    assert "Differs from the paper" in text and "key set" in text and "decode-stage" in text
+    assert "Differs from the paper" in text and "key set" in text and "decode stage" in text
     assert "It acts before the language model and inside it" in text
     result = run(
         backend, photo(640, 480, seed=5), PROMPT, "mustdrop", 0.2, settings={"similarity": -1.0}, max_new_tokens=1

@@ -15,7 +15,10 @@ with the signals of that point (`Signals.alive` marks the tokens still in the se
 may also act before the LLM: `select_vision(signals) -> Selection`, on the vision signals it names in
 `vision_needs`, keeps (and may merge) tokens as a vision method does; only those enter the LLM, its
 cuts are counted from them, and the maps of that selection (e.g. a set never to drop) reach every
-cut's signals. An `adaptive` method keeps what its rule finds, at most each cut's count.
+cut's signals. An `adaptive` method keeps what its rule finds, at most each cut's count. A method
+whose decode works on a smaller cache than its prefill filled says from which layer on the caches are
+cut down to the last cut's tokens once the prefill is over: `compact_from(cuts) -> int | None`
+(MustDrop's decode stage; without it every layer keeps the cache its prefill filled).
 """
 
 from __future__ import annotations

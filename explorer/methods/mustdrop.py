@@ -15,6 +15,9 @@ tokens are ranked by max(share / global threshold, peak / individual threshold),
 exactly for the tokens the thresholds keep, and every cut keeps the key set and then the top of the
 rest, the counts falling geometrically from what enters the LLM to the budget B at the last cut;
 windows merge, most alike first, only while at least B tokens remain. Kept tokens are renumbered.
+Decoding (`compact_cache`): once the prefill is over, the KV caches of the layers from the first
+scoring layer (2) to the last cut are cut down to the final kept set, so every layer from there on
+attends, for each new token, to the text, the final kept visual tokens and the answer so far.
 
 Differs from the paper: the windows are merged after the encoder (their similarity is read from the
 first layer's output, the merge is the mean of the feature layer's outputs before the projector,
@@ -25,9 +28,12 @@ stays at its window's last cell in LLM order (the code moves merged tokens first
 score is its members' mean attention in the unmerged encoder; the key set is taken over all
 partitions at once, without newlines. `layers` are numbered as in a 32-layer LLM and scaled to the
 model's depth (as `sparsevlm`), stages on the same layer merge; the budget mode and its schedule are
-ours. The decode-stage step of the paper, which after the prefill cuts the KV caches of layers 2 to 14
-down to the final kept set, is left out: the hooks keep each layer's cache as the prefill left it, so
-those layers go on attending to the tokens they held then.
+ours. In the decode stage the cached keys are index-selected as they are, as the paper's code does:
+each keeps the rotary position it was cached with (renumbered for its layer's cut group, or not), and
+a new token takes, in each compacted layer, the position that layer's cut group gives it, so the
+distances between tokens are those of the prefill. The caches are cut at the first decode step, not
+at the end of the prefill, and the compacted layers are scaled to the model's depth like the cuts
+(the paper's code hard-codes 32 layers).
 """
 
 from __future__ import annotations
@@ -82,13 +88,20 @@ class MustDrop:
     keep_positions: bool = field(
         default=False, metadata={"help": "kept tokens keep their original positions (else they are renumbered)"}
     )
+    compact_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "after the prefill, cut the KV caches of the layers from the first drop on down to the final "
+            "kept set (the paper's decode stage)"
+        },
+    )
 
     stage: ClassVar[str] = "llm"
     vision_needs: ClassVar[tuple[str, ...]] = ("hidden@0", "cls@last", "hidden@feature")
     needs: ClassVar[tuple[str, ...]] = ("llm-attention",)
     summary: ClassVar[str] = (
         "MustDrop: merge alike 3x3 windows, fix a [CLS] key set, then drop by dual text attention after LLM "
-        "layers 2, 6, 10, 14 (budget, or adaptive thresholds)"
+        "layers 2, 6, 10, 14 (budget, or adaptive thresholds); decode on caches cut to the final set"
     )
 
     def select_vision(self, s: Signals) -> Selection:
@@ -143,6 +156,11 @@ class MustDrop:
         ]
         counts[-1] = n if self.adaptive else budget
         return [Cut(layer=layer + 1, score_layer=layer, tokens=k) for layer, k in zip(layers, counts)]
+
+    def compact_from(self, cuts: list[Cut]) -> int | None:
+        """The decode stage: from the first cut's scoring layer on (the paper's layer 2), the caches hold
+        only what the last cut keeps."""
+        return cuts[0].score_layer if self.compact_cache else None
 
     def select(self, s: Signals) -> Selection:
         attention = s["llm-attention"].float().mean(0)  # (T, N) heads averaged, NaN for tokens cut before
