@@ -147,7 +147,7 @@ PLOTS = {  # what a sweep can plot against the kept tokens: column -> axis title
     "decode_tokens_per_s": "decode (tokens/s)",
     "prefill_s": "prefill (s)",
     "prefill_tflops": "LLM prefill (TFLOPs, from the config)",
-    "kv_bytes": "KV cache after the prefill (bytes)",
+    "kv_bytes": "KV cache of the prompt while decoding (bytes)",
     "images_per_s": "images/s",
 }
 

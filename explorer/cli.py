@@ -194,7 +194,7 @@ def _summary(result) -> str:
             f"decode {f'{decode:.1f} tok/s' if decode else '-'} | total {timing['total_s']:.3f} s | selection {timing['selection_s'] * 1e3:.2f} ms",
             f"peak memory ({result.memory['device']}): {result.memory['peak_bytes'] / 2**20:.0f} MiB",
             f"computed from the config: LLM prefill {result.cost['prefill_flops'] / 1e12:.3g} TFLOPs, "
-            f"KV cache after it {result.cost['kv_bytes'] / 2**20:.1f} MiB",
+            f"the prompt's KV cache while decoding {result.cost['kv_bytes'] / 2**20:.1f} MiB",
         ]
     )
 

@@ -1,5 +1,6 @@
 """What the LLM's prefill costs on paper, from its config and the real token counts: FLOPs and the
-bytes of the KV cache it fills. The bench reports them beside the measured times, so a saving can be
+bytes of the KV cache the decode works on (the one the prefill fills, or less where a method cuts it
+after the prefill). The bench reports them beside the measured times, so a saving can be
 checked against what the token counts promise."""
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def prefill_flops(shape: Shape, tokens: list[int]) -> int:
 
 
 def kv_bytes(shape: Shape, tokens: list[int], itemsize: int) -> int:
-    """Bytes of the KV cache after the prefill: a key and a value of kv_heads x head_dim numbers of
+    """Bytes of the prompt's KV cache when layer l's cache holds tokens[l] tokens (after the prefill, or
+    once a method has cut the caches for decoding): a key and a value of kv_heads x head_dim numbers of
     `itemsize` bytes per token of each layer. Every generated token adds the same to every run."""
     assert len(tokens) == shape.layers, "one token count per LLM layer"
     return sum(tokens) * 2 * shape.kv_heads * shape.head_dim * itemsize

@@ -43,11 +43,11 @@ class Result:
     budget: Budget | None  # None when the method keeps everything
     answer: str
     answer_ids: tuple[int, ...]  # the generated token ids
-    tokens: dict  # visual_full, visual_budget, visual_kept, visual_per_layer, visual_layer_mean, llm_cuts, text,
-    # generated, by_partition
+    tokens: dict  # visual_full, visual_budget, visual_kept, visual_per_layer, visual_layer_mean,
+    # visual_cached_per_layer, llm_cuts, text, generated, by_partition
     timing: dict  # seconds: ttft_s, prefill_s, total_s, selection_s, ...; decode_tokens_per_s
     memory: dict  # device, peak_bytes
-    cost: dict  # prefill_flops, kv_bytes: computed from the LLM's config and the tokens per layer (`cost`)
+    cost: dict  # prefill_flops, kv_bytes: computed from the LLM's config and the tokens per layer (`_cost`)
     geometry: Geometry
     selection: Selection
     random_weights: bool
@@ -99,6 +99,7 @@ def stream(
             tokens = {"visual_full": len(g), "visual_budget": b, "visual_kept": len(keep), "text": prepared.text_tokens}
             tokens.update(visual_budget=None if adaptive else b, adaptive=adaptive)
             every = {"visual_per_layer": [len(keep)] * backend.depth, "visual_layer_mean": float(len(keep))}
+            every["visual_cached_per_layer"] = every["visual_per_layer"]
             tokens.update(inside.tokens() if inside else {**every, "llm_cuts": []})
             timing = {
                 "ttft_s": times[0] - start if times else None,
@@ -118,7 +119,11 @@ def stream(
                 tokens={**tokens, "generated": len(ids), "by_partition": by_partition},
                 timing=timing,
                 memory={"device": device.type, "peak_bytes": memory.peak()},
-                cost=_cost(backend, [prepared.text_tokens + v for v in tokens["visual_per_layer"]]),
+                cost=_cost(
+                    backend,
+                    [prepared.text_tokens + v for v in tokens["visual_per_layer"]],
+                    [prepared.text_tokens + v for v in tokens["visual_cached_per_layer"]],
+                ),
                 geometry=g,
                 selection=current,
                 random_weights=backend.random_weights,
@@ -141,7 +146,9 @@ class Batch:
     """One batched run: several images answered in one generate() call."""
 
     answers: list[str]
-    tokens: list[dict]  # per image: visual_full, visual_budget, visual_kept, visual_per_layer, text
+    tokens: list[
+        dict
+    ]  # per image: visual_full, visual_budget, visual_kept, visual_per_layer, visual_cached_per_layer, text
     timing: dict  # seconds: ttft_s, prefill_s, total_s, vision_s, selection_s; decode_tokens_per_s, images_per_s
     memory: dict  # device, peak_bytes
     cost: dict  # prefill_flops, kv_bytes of the whole batch, padding included
@@ -182,7 +189,8 @@ def run_batch(
             kept = len(selection.keep)
             tokens.append(
                 {"visual_full": len(prepared.geometry), "visual_budget": b, "visual_kept": kept}
-                | {"visual_per_layer": [kept] * backend.depth, "text": prepared.text_tokens}
+                | {"visual_per_layer": [kept] * backend.depth, "visual_cached_per_layer": [kept] * backend.depth}
+                | {"text": prepared.text_tokens}
             )
         inputs = backend.batch_inputs(each)
         stamps = TokenStream()
@@ -215,12 +223,14 @@ def _stages(clock: list[float]) -> dict:
     return {"preprocess_s": preprocessed - start, "vision_s": vision, "selection_s": selected - encoded}
 
 
-def _cost(backend, tokens: list[int]) -> dict:
-    """The prefill's FLOPs and KV-cache bytes when LLM layer l holds tokens[l] tokens (see `cost`)."""
+def _cost(backend, tokens: list[int], cached: list[int] | None = None) -> dict:
+    """The prefill's FLOPs when LLM layer l holds tokens[l] tokens, and the bytes of the prompt's KV cache
+    the decode works on, when layer l's cache holds cached[l] (the same unless the method cuts the caches
+    after the prefill; see `cost`)."""
     shape = Shape.of(backend.model.config)
     return {
         "prefill_flops": prefill_flops(shape, tokens),
-        "kv_bytes": kv_bytes(shape, tokens, backend.model.dtype.itemsize),
+        "kv_bytes": kv_bytes(shape, tokens if cached is None else cached, backend.model.dtype.itemsize),
     }
 
 

@@ -247,7 +247,7 @@ def metrics(reduced, full=None, drift: dict | None = None) -> list[list[str]]:
         ("selection (s)", lambda r: r.timing["selection_s"], "{:.4f}"),
         (f"peak memory ({reduced.memory['device']}, MiB)", lambda r: _mib(r.memory["peak_bytes"]), "{:.0f}"),
         ("LLM prefill (TFLOPs, computed)", lambda r: r.cost["prefill_flops"] / 1e12, "{:.3g}"),
-        ("KV cache after prefill (MiB, computed)", lambda r: _mib(r.cost["kv_bytes"]), "{:.1f}"),
+        ("KV cache of the prompt, decoding (MiB, computed)", lambda r: _mib(r.cost["kv_bytes"]), "{:.1f}"),
     ]
     table = []
     for what, get, form in rows:

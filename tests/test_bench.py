@@ -89,28 +89,42 @@ def test_prefill_flops_are_what_torch_counts(name, tmp_path):
         built.model.set_attn_implementation("sdpa")
 
 
-@pytest.mark.parametrize("method", ["none", "hired", "fastv"])
+@pytest.mark.parametrize("method", ["none", "hired", "fastv", "mustdrop"])
 def test_kv_bytes_are_those_of_the_cache_the_prefill_fills(backend, method):
-    """The cache of a real prefill, the llm-stage method's pruned one included, holds exactly the bytes
-    computed from the result's per-layer token counts."""
+    """The cache a real decode works on, the llm-stage method's pruned one included (MustDrop's cut
+    down to its final kept set after the prefill), holds in its prompt part exactly the bytes computed
+    from the result's per-layer token counts."""
     image, prompt = photo(500, 300), "What is it?"
     result = run(backend, image, prompt, method, 0.25, max_new_tokens=1)
-    chosen = make(method)
+    chosen, budget = make(method), result.tokens["visual_budget"]
     with torch.inference_mode():
         prepared = backend.prepare(image, prompt)
-        features, _ = backend.encode(prepared, ())
+        features, signals = backend.encode(prepared, getattr(chosen, "vision_needs", ()))
+        before = None
+        if hasattr(chosen, "select_vision"):  # MustDrop's step before the LLM: only its tokens enter
+            before = chosen.select_vision(Signals(prepared.geometry, budget, signals))
         keep = result.selection.keep if chosen.stage == "vision" else torch.arange(len(prepared.geometry))
-        _, hooks = llm_hooks(backend, prepared, method, chosen, result.tokens["visual_budget"] or len(keep))
+        keep = keep if before is None else before.keep
+        _, hooks = llm_hooks(backend, prepared, method, chosen, budget or len(keep), before)
         inputs = backend.generate_inputs(prepared, features, keep)
         with hooks:
-            cache = backend.model(**inputs, use_cache=True).past_key_values
-    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+            out = backend.model.generate(
+                **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True
+            )
+    held = sum(layer.keys[:, :, :-2].nbytes + layer.values[:, :, :-2].nbytes for layer in out.past_key_values.layers)
+    cached = [result.tokens["text"] + v for v in result.tokens["visual_cached_per_layer"]]
+    assert held == kv_bytes(Shape.of(backend.model.config), cached, 4) == result.cost["kv_bytes"]
     per_layer = [result.tokens["text"] + v for v in result.tokens["visual_per_layer"]]
-    assert held == kv_bytes(Shape.of(backend.model.config), per_layer, 4) == result.cost["kv_bytes"]
     assert result.cost["prefill_flops"] == prefill_flops(Shape.of(backend.model.config), per_layer)
     full, kept = result.tokens["visual_full"], result.tokens["visual_kept"]
     if method == "fastv":  # layers 0-1 hold every visual token, layers 2-3 the kept quarter
-        assert result.tokens["visual_per_layer"] == [full, full, kept, kept]
+        assert result.tokens["visual_per_layer"] == result.tokens["visual_cached_per_layer"] == [full, full, kept, kept]
+    if method == "mustdrop":  # cut before layers 1 and 2, compacted from layer 0: every cache holds the final set
+        entering, middle = result.tokens["visual_entering"], result.tokens["llm_cuts"][0]["kept"]
+        assert result.tokens["visual_per_layer"] == [entering, middle, kept, kept]
+        assert result.tokens["visual_cached_per_layer"] == [kept] * 4
+    if method in ("none", "hired"):
+        assert result.tokens["visual_cached_per_layer"] == result.tokens["visual_per_layer"] == [kept] * 4
 
 
 def test_uniform_keeps_evenly_spaced_tokens_without_signals(backend):

@@ -201,3 +201,18 @@ def test_keeping_every_token_with_compaction_is_the_unreduced_model(backend):
     everything = run(backend, image, PROMPT, "mustdrop", 1.0, settings={"layers": "8,16"}, max_new_tokens=8)
     assert everything.settings["compact_cache"] and everything.answer_ids == full.answer_ids
 
+
+def test_the_run_reports_what_the_caches_hold_while_decoding(backend):
+    image = photo(640, 480, seed=5)
+    on = run(backend, image, PROMPT, "mustdrop", 0.2, settings={"layers": "8,16"}, max_new_tokens=3)
+    off = run(
+        backend, image, PROMPT, "mustdrop", 0.2, settings={"layers": "8,16", "compact_cache": False}, max_new_tokens=3
+    )
+    entering, kept = on.tokens["visual_entering"], on.tokens["visual_kept"]
+    middle = on.tokens["llm_cuts"][0]["kept"]
+    assert on.tokens["visual_per_layer"] == off.tokens["visual_per_layer"] == [entering, entering, middle, kept]
+    assert on.tokens["visual_cached_per_layer"] == [entering, kept, kept, kept]
+    assert off.tokens["visual_cached_per_layer"] == off.tokens["visual_per_layer"]
+    assert on.cost["prefill_flops"] == off.cost["prefill_flops"] and on.cost["kv_bytes"] < off.cost["kv_bytes"]
+    assert on.answer_ids[0] == off.answer_ids[0]
+
