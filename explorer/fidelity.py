@@ -35,15 +35,40 @@ def logprobs(backend, image: str | Image.Image, prompt: str, answer_ids, method=
             after = positions[..., -1:] + torch.arange(1, answer.shape[1] + 1, device=positions.device)  # (rows, 1, T)
             inputs["position_ids"] = torch.cat([positions, after], -1)
         # a method working inside the LLM cuts there (after its own step before the LLM, if it has one)
-        _, hooks = llm_hooks(backend, prepared, method, chosen, b, selection)
+        stage, hooks = llm_hooks(backend, prepared, method, chosen, b, selection)
         with torch.inference_mode(), hooks:
-            logits = backend.model(
-                input_ids=torch.cat([ids, answer], 1),
-                attention_mask=torch.cat([mask, torch.ones_like(answer)], 1),
-                **inputs,
-            ).logits  # (1, P + T, V), fewer positions where visual tokens were cut inside the LLM
-    last = len(answer_ids)  # the logits at position i predict token i + 1
-    return logits[0, -last - 1 : -1].float().log_softmax(-1).cpu()
+            if stage is not None and stage.compacts:  # the answer is read on the caches cut after the prefill
+                logits = _on_compacted_caches(backend, ids, mask, answer, inputs)
+            else:
+                logits = backend.model(
+                    input_ids=torch.cat([ids, answer], 1),
+                    attention_mask=torch.cat([mask, torch.ones_like(answer)], 1),
+                    **inputs,
+                ).logits  # (1, P + T, V), fewer positions where visual tokens were cut inside the LLM
+                logits = logits[:, -answer.shape[1] - 1 : -1]  # the logits at position i predict token i + 1
+    return logits[0].float().log_softmax(-1).cpu()
+
+
+def _on_compacted_caches(backend, ids, mask, answer, inputs) -> torch.Tensor:
+    """(1, T, V) the logits of the prompt's last position and of the answer's but its last, for a method that cuts
+    the KV caches after the prefill (MustDrop's decode stage): the answer cannot be read in the prompt's
+    pass, since the layers it is cut from run before the last cut chooses, so the prompt goes first, with
+    a cache, and the answer (but its last token) then reads the compacted caches in one more pass."""
+    positions = inputs.pop("position_ids", None)  # (rows, 1, P + T) for Qwen2-VL
+    length, count = ids.shape[1], answer.shape[1]
+    prompt = {"position_ids": positions[..., :length]} if positions is not None else {}
+    out = backend.model(input_ids=ids, attention_mask=mask, **inputs, **prompt, use_cache=True)
+    if count == 1:
+        return out.logits[:, -1:]
+    rest = {"position_ids": positions[..., length : length + count - 1]} if positions is not None else {}
+    after = backend.model(
+        input_ids=answer[:, :-1],
+        attention_mask=torch.cat([mask, torch.ones_like(answer[:, :-1])], 1),
+        past_key_values=out.past_key_values,
+        use_cache=True,
+        **rest,
+    )
+    return torch.cat([out.logits[:, -1:], after.logits], 1)
 
 
 def drift(reduced: torch.Tensor, full: torch.Tensor, answer_ids) -> dict:

@@ -216,3 +216,17 @@ def test_the_run_reports_what_the_caches_hold_while_decoding(backend):
     assert on.cost["prefill_flops"] == off.cost["prefill_flops"] and on.cost["kv_bytes"] < off.cost["kv_bytes"]
     assert on.answer_ids[0] == off.answer_ids[0]
 
+
+def test_fidelity_reads_the_answer_on_the_compacted_caches(backend):
+    """Teacher forcing scores an answer as the compacting decode would generate it: its own greedy
+    choices, and the first token's distribution as without compaction (the same prefill)."""
+    from explorer.fidelity import logprobs
+
+    image, off = photo(400, 300, seed=6), {"compact_cache": False}
+    answer = run(backend, image, PROMPT, "mustdrop", 0.1, max_new_tokens=6).answer_ids
+    mine = logprobs(backend, image, PROMPT, answer, "mustdrop", 0.1)
+    assert mine.shape[0] == 6 and mine.argmax(-1).tolist() == list(answer)
+    uncompacted = logprobs(backend, image, PROMPT, answer, "mustdrop", 0.1, off)
+    torch.testing.assert_close(mine[0], uncompacted[0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(mine[1:], uncompacted[1:])
+
