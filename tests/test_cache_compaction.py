@@ -230,3 +230,15 @@ def test_fidelity_reads_the_answer_on_the_compacted_caches(backend):
     torch.testing.assert_close(mine[0], uncompacted[0], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(mine[1:], uncompacted[1:])
 
+
+def test_the_app_says_which_caches_hold_only_the_final_set(backend):
+    from explorer import teach
+
+    image = photo(640, 480, seed=5)
+    for settings, said in [({"layers": "8,16"}, True), ({"layers": "8,16", "compact_cache": False}, False)]:
+        result = run(backend, image, PROMPT, "mustdrop", 0.2, settings=settings, max_new_tokens=1)
+        captions = [caption for _, caption in teach.steps(image, result)]
+        final = [c for c in captions if c.startswith("What reaches the LLM's layers from layer 3 on: 468 of 2340")]
+        assert final and all(
+            ("while decoding, the KV caches from layer 1 on hold only these" in c) == said for c in final
+        )
