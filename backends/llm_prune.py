@@ -17,9 +17,9 @@ With `compact_from` (MustDrop's decode stage), the first decode step after a pre
 caches of the layers from `compact_from` up to the last cut's layer down to the tokens left after the
 last cut (their keys and values index-selected; a key keeps the rotary position it was cached with,
 and the new tokens of a compacted layer keep the positions of that layer's cut group, so relative
-positions stay what they were); those layers' masks then lose the columns of every token cut. A
-compacted layer still reports the length it had (`get_seq_length`): the model sizes its masks and
-positions, and generate() its next input, from layer 0's cache, which must count every token seen.
+positions stay what they were); those layers' masks then lose the columns of every token cut. Layer 0
+is never compacted: the model sizes its masks and positions, and generate() its next input, from
+layer 0's cache, which must count every token seen.
 
 Kept tokens either keep their original positions (gaps where tokens went) or are renumbered: a token's
 new position is its original one minus the tokens dropped before it.
@@ -97,9 +97,10 @@ def pruning(
                 f"cannot cut before layer {layer} scored at layer {score_layer} (layers 1..{len(decoder.layers) - 1})"
             )
         last = layer
-    if compact_from is not None and not 0 <= compact_from < len(decoder.layers):
+    if compact_from is not None and not 1 <= compact_from < len(decoder.layers):
         raise ExplorerError(
-            f"cannot compact the caches from layer {compact_from} (layers 0..{len(decoder.layers) - 1})"
+            f"cannot compact the caches from layer {compact_from}: layers 1..{len(decoder.layers) - 1} can be "
+            "(layer 0's cache must hold every token, the model reads the sequence's length from it)"
         )
     pruner = _Pruner(decoder, image, prompt, cuts, needs, choose, keep_positions, compact_from)
     handles = []
@@ -176,7 +177,7 @@ class _Pruner:
 
     def compact(self, cache) -> None:
         """Cut the caches of the compacted layers down to the prompt positions left after the last cut,
-        `rows[-1]`; each keeps its keys' rotary positions and reports the length it had."""
+        `rows[-1]`; each keeps its keys' rotary positions."""
         from transformers.cache_utils import DynamicLayer
 
         for layer in self.compacted_layers:
@@ -187,7 +188,6 @@ class _Pruner:
             assert store.keys.shape[-2] == len(held), "a compacted layer's cache holds what its prefill left"
             index = torch.searchsorted(held, self.rows[-1]).to(store.keys.device)
             store.keys, store.values = store.keys[:, :, index], store.values[:, :, index]
-            store.get_seq_length = _reporting(store, len(held) - len(index))
 
     def prefill(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         if layer == 0 and "llm-embeds" in self.needs:
@@ -308,12 +308,6 @@ class _Pruner:
     def place(self, positions: torch.Tensor, cut_before) -> torch.Tensor:
         """Original positions, or renumbered: minus the number of tokens cut before each."""
         return positions if self.keep_positions else positions - cut_before
-
-
-def _reporting(store, dropped: int) -> Callable[[], int]:
-    """A compacted cache layer's `get_seq_length`: its length as if nothing had been cut from it."""
-    own = type(store).get_seq_length
-    return lambda: own(store) + dropped
 
 
 def _sync(x: torch.Tensor) -> None:

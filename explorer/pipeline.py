@@ -146,9 +146,8 @@ class Batch:
     """One batched run: several images answered in one generate() call."""
 
     answers: list[str]
-    tokens: list[
-        dict
-    ]  # per image: visual_full, visual_budget, visual_kept, visual_per_layer, visual_cached_per_layer, text
+    # per image: visual_full, visual_budget, visual_kept, visual_per_layer, visual_cached_per_layer, text
+    tokens: list[dict]
     timing: dict  # seconds: ttft_s, prefill_s, total_s, vision_s, selection_s; decode_tokens_per_s, images_per_s
     memory: dict  # device, peak_bytes
     cost: dict  # prefill_flops, kv_bytes of the whole batch, padding included

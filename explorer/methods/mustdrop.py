@@ -159,8 +159,8 @@ class MustDrop:
 
     def compact_from(self, cuts: list[Cut]) -> int | None:
         """The decode stage: from the first cut's scoring layer on (the paper's layer 2), the caches hold
-        only what the last cut keeps."""
-        return cuts[0].score_layer if self.compact_cache else None
+        only what the last cut keeps; never layer 0's, from which the model reads the sequence's length."""
+        return max(cuts[0].score_layer, 1) if self.compact_cache else None
 
     def select(self, s: Signals) -> Selection:
         attention = s["llm-attention"].float().mean(0)  # (T, N) heads averaged, NaN for tokens cut before
