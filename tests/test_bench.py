@@ -119,10 +119,10 @@ def test_kv_bytes_are_those_of_the_cache_the_prefill_fills(backend, method):
     full, kept = result.tokens["visual_full"], result.tokens["visual_kept"]
     if method == "fastv":  # layers 0-1 hold every visual token, layers 2-3 the kept quarter
         assert result.tokens["visual_per_layer"] == result.tokens["visual_cached_per_layer"] == [full, full, kept, kept]
-    if method == "mustdrop":  # cut before layers 1 and 2, compacted from layer 0: every cache holds the final set
+    if method == "mustdrop":  # cut before layers 1 and 2, compacted from layer 1: layer 0 keeps all that entered
         entering, middle = result.tokens["visual_entering"], result.tokens["llm_cuts"][0]["kept"]
         assert result.tokens["visual_per_layer"] == [entering, middle, kept, kept]
-        assert result.tokens["visual_cached_per_layer"] == [kept] * 4
+        assert result.tokens["visual_cached_per_layer"] == [entering, kept, kept, kept]
     if method in ("none", "hired"):
         assert result.tokens["visual_cached_per_layer"] == result.tokens["visual_per_layer"] == [kept] * 4
 
