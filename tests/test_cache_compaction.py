@@ -8,11 +8,10 @@ import pytest
 import torch
 from conftest import photo
 from test_families import loaded
+from test_llm_methods import PROMPT, generate, hooks, inputs_of
 
-from explorer import make, run
-from explorer.llm import LlmStage
+from explorer import run
 
-PROMPT = "What is shown in this image?"
 # layers as in a 32-layer LLM; on the tiny 4-layer LLMs "2,6,10,14" cuts before layers 1 and 2, scored
 # at 0 and 1: layer 0 keeps its cache (the model reads the length from it), layer 1, cut before, is
 # compacted, layers 2 and 3 held only the kept tokens already; "8,16" cuts before 2 and 3, scored at 1
@@ -20,32 +19,12 @@ PROMPT = "What is shown in this image?"
 LAYERS = {"2,6,10,14": 1, "8,16": 1}
 
 
-def prompt_inputs(backend, image):
-    """The prompt with every visual token (the hooks cut inside the LLM), as generate() gets it."""
-    prepared = backend.prepare(image, PROMPT)
-    with torch.no_grad():
-        features, _ = backend.encode(prepared, ())
-    return prepared, backend.generate_inputs(prepared, features, torch.arange(len(prepared.geometry)))
-
-
 def decode(backend, prepared, inputs, tokens: int = 3, **settings):
     """generate() under MustDrop's hooks (inside the LLM only: no key set): the output, the stage and
     the kept tokens of each cut."""
-    method = make("mustdrop", **settings)
-    stage = LlmStage("mustdrop", method, prepared.geometry, len(prepared.geometry) // 5, backend.depth)
-    pruning = backend.pruning(
-        prepared, stage.pairs, method.needs, stage.choose, method.keep_positions, compact_from=stage.compact_from
-    )
+    stage, pruning = hooks(backend, prepared, "mustdrop", len(prepared.geometry) // 5, **settings)
     with torch.no_grad(), pruning as record:
-        out = backend.model.generate(
-            **inputs,
-            do_sample=False,
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=backend.tokenizer.pad_token_id,
-        )
+        out = generate(backend, inputs, tokens)
     return out, stage, list(record.keeps)
 
 
@@ -65,7 +44,7 @@ def qwen2():
 @pytest.mark.parametrize("keep_positions", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 def test_compacted_caches_are_the_prefills_at_the_final_kept_tokens(backend, layers, keep_positions, masked):
-    prepared, inputs = prompt_inputs(backend, photo(336, 336, seed=2))
+    prepared, inputs = inputs_of(backend, photo(336, 336, seed=2))
     inputs = hide_a_prompt_token(inputs) if masked else inputs
     settings = {"layers": layers, "keep_positions": keep_positions}
     on, stage, keeps = decode(backend, prepared, inputs, **settings)
@@ -161,7 +140,7 @@ def reference_logits(backend, prepared, inputs, new, keeps, stage, keep_position
 def test_decoding_on_compacted_caches_equals_a_rerun_that_hides_the_dropped_tokens(
     backend, layers, keep_positions, masked
 ):
-    prepared, inputs = prompt_inputs(backend, photo(336, 336, seed=3))
+    prepared, inputs = inputs_of(backend, photo(336, 336, seed=3))
     inputs = hide_a_prompt_token(inputs) if masked else inputs
     out, stage, keeps = decode(backend, prepared, inputs, 4, layers=layers, keep_positions=keep_positions)
     new = out.sequences[0, inputs["input_ids"].shape[1] :]
@@ -175,7 +154,7 @@ def test_decoding_on_compacted_caches_equals_a_rerun_that_hides_the_dropped_toke
 def test_qwen_decodes_on_compacted_caches_as_a_rerun_that_hides_the_dropped_tokens(qwen2, keep_positions):
     """Qwen2-VL: the compacted layers keep their M-RoPE numbering (renumbered on all three axes)."""
     backend = qwen2
-    prepared, inputs = prompt_inputs(backend, photo(448, 336, seed=6))
+    prepared, inputs = inputs_of(backend, photo(448, 336, seed=6))
     for layers, compact_from in LAYERS.items():
         out, stage, keeps = decode(backend, prepared, inputs, 3, layers=layers, keep_positions=keep_positions)
         assert stage.compact_from == compact_from
