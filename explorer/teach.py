@@ -31,7 +31,8 @@ CAPTIONS = {
     "partner (0: it was kept, and holds the tokens merged into it); early rounds merge the closest pairs.",
     "merged after block": "ToMe in the vision tower: the encoder block after which each patch was merged into "
     "a more alike one (blank: it reached the LLM, holding the patches merged into it); every block merges a "
-    "few, so each later block runs on fewer tokens.",
+    "few, so each later block runs on fewer tokens. The patches are dealt alternately to the two sides of the "
+    "matching, so in one block every other one (on a grid: every other column) can be merged away.",
     "window similarity": "MustDrop, before the LLM: how alike the tokens of each 3x3 window are (mean cosine "
     "similarity of every pair, first vision layer); a window at least this alike becomes one token.",
     "key set": "MustDrop: the key set (bright), the tokens the [CLS] token attends to most in the last vision "
