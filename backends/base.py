@@ -212,7 +212,9 @@ class Backend:
     default: str  # its real checkpoint on the Hub that the explorer suggests
     cls_token: bool = True  # whether the vision encoder has a [CLS] token
     thumbnail: bool = False  # whether a low-resolution view of the whole image comes beside high-resolution crops
-    projects_kept: bool = False  # whether `vision_tower` runs the encoder alone, so that only kept tokens are projected
+    # whether `vision_tower` runs the encoder alone, so that only kept tokens are projected (on images
+    # whose every token is one patch: `one_patch_each`)
+    projects_kept: bool = False
 
     encoder: torch.nn.ModuleList  # the vision encoder's layers
     feature_layer: int  # the layer whose output the LLM receives
@@ -306,6 +308,12 @@ class Backend:
         """(N, D) the projected visual tokens the LLM receives, in LLM order."""
         raise NotImplementedError
 
+    def one_patch_each(self, prepared: Prepared) -> bool:
+        """Whether every visual token of this image but the newlines is one encoder patch, which the
+        projector can take on its own (families that `projects_kept`; LLaVA-OneVision: unless it
+        resampled the grid)."""
+        return self.projects_kept
+
     def crops(self, prepared: Prepared) -> torch.Tensor:
         """(crops, 3, H, W) the images the vision encoder takes, one per crop (families that `projects_kept`)."""
         raise NotImplementedError
@@ -351,7 +359,7 @@ class Backend:
         after = torch.cat([t.merged_after[first:] for t in traces]).float()
 
         def rows(values: torch.Tensor) -> torch.Tensor:  # (crops * T', ...) -> (N, ...) in LLM order
-            return self.tokens_of(prepared, values[None], "concat")
+            return self.tokens_of(prepared, values.view(len(pixels), patches, *values.shape[1:]), "concat")
 
         return {
             "hidden@feature": rows(torch.cat([t.output[t.owner][first:] for t in traces])),

@@ -43,6 +43,7 @@ class LlavaOnevision(Backend):
     default = DEFAULT  # the real checkpoint
     thumbnail = True
     cls_token = False
+    projects_kept = True  # on images whose grid is not resampled
 
     def __init__(self, model, processor, name: str, random_weights: bool = False):
         super().__init__(model, processor, name, random_weights)
@@ -80,6 +81,17 @@ class LlavaOnevision(Backend):
             return packed
 
         return pack
+
+    def one_patch_each(self, prepared: Prepared) -> bool:
+        g = prepared.geometry
+        return bool((prepared.source[g.partition != g.names.index("newline")] >= 0).all())  # -1: resampled
+
+    def crops(self, prepared: Prepared) -> torch.Tensor:
+        crops = len(prepared.geometry.names) - 1  # the thumbnail and the crops: every partition but the newlines
+        return prepared.inputs["pixel_values"][0, :crops]
+
+    def newline(self) -> torch.Tensor:
+        return self.model.model.image_newline
 
     def image_features(self, prepared: Prepared) -> torch.Tensor:
         inputs = prepared.inputs

@@ -257,7 +257,13 @@ def _select(backend, picture, prompt, chosen, budget, max_new_tokens):
         vision = chosen.stage == "vision"  # else every visual token enters the LLM, to be cut inside
         first = getattr(chosen, "select_vision", None)  # an llm-stage method's own step before the LLM, if any
         # project only the tokens kept, when the family can and the method reads no projected features
-        lazy = vision and backend.projects_kept and b < len(g) and "features" not in chosen.needs
+        lazy = vision and backend.one_patch_each(prepared) and b < len(g) and "features" not in chosen.needs
+        if hasattr(chosen, "merging") and not lazy and b < len(g):
+            raise ExplorerError(
+                f"{backend.family} resamples the grid of an image this large, so its visual tokens are not one "
+                "encoder patch each and patches cannot be merged inside the encoder for them; try a smaller "
+                "image, or tome, which merges after the encoder"
+            )
         needs = (*(chosen.needs if vision else getattr(chosen, "vision_needs", ())), *(["hidden@feature"] * lazy))
         entering = b if vision else len(g)
         if prepared.text_tokens + entering + max_new_tokens > backend.max_positions:

@@ -255,11 +255,13 @@ def test_bench_sweeps_sizes_and_batches_into_csv_html_and_png(capsys, tmp_path):
     assert "tiny-llava-next 336x336 batch 2: time to first token" in open(f"{out}.html").read()
 
 
-NEXT, ONE_VIEW = "tiny-llava-next", "tiny-llava-1.5"  # HiRED needs a thumbnail, which LLaVA-1.5 lacks
+NEXT, ONE_VIEW, OV = "tiny-llava-next", "tiny-llava-1.5", "tiny-llava-onevision"  # LLaVA-1.5 has no thumbnail
 
 
 @pytest.mark.parametrize(
-    "name, method", [(NEXT, "cls"), (NEXT, "hired"), (NEXT, "visionzip"), (ONE_VIEW, "cls"), (ONE_VIEW, "visionzip")]
+    "name, method",
+    [(NEXT, "cls"), (NEXT, "hired"), (NEXT, "visionzip"), (ONE_VIEW, "cls"), (ONE_VIEW, "visionzip")]
+    + [(OV, "hired"), (OV, "visionzip")],
 )
 def test_only_the_kept_tokens_reach_the_projector(name, method):
     """Families whose tokens are single patches run the encoder alone and project only what is kept

@@ -24,7 +24,7 @@ ROOT = Path(__file__).parent.parent
 FAMILIES = ["tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-llava-1.5"]
 PROMPT = "What is in this picture?"
 THUMBNAILED = {"tiny-llava-onevision", "tiny-smolvlm"}  # a thumbnail beside crops: HiRED and GlobalCom2 apply
-PATCH_TOKENS = {"tiny-llava-1.5"}  # every token one encoder patch, projected alone: tome-vit applies
+PATCH_TOKENS = {"tiny-llava-1.5", "tiny-llava-onevision"}  # every token one patch (OneVision: unless resampled)
 
 
 def cannot(name: str) -> set[str]:

@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 from conftest import photo, run_seeing_embeds
+from test_families import loaded
 from test_seed_methods import tome_keys
 
 from backends.encoder_merge import Merging, fold, merging
@@ -138,8 +139,10 @@ def test_each_partition_keeps_its_share_and_groups_stay_inside_it(backend, budge
     assert torch.equal(after[shared].isnan(), (s.groups == torch.arange(len(g)))[shared])
 
 
-def test_the_llm_gets_each_groups_merged_row_which_all_its_patches_carry(backend):
-    image = photo(640, 480, seed=9)
+@pytest.mark.parametrize("name, kept", [("tiny-llava-next", 468), ("tiny-llava-onevision", 585)])
+def test_the_llm_gets_each_groups_merged_row_which_all_its_patches_carry(name, kept):
+    """On LLaVA-NeXT (CLIP, [CLS]) and LLaVA-OneVision (SigLIP, none) alike."""
+    backend, image = loaded(name), photo(640, 480, seed=9)
     result, embeds = run_seeing_embeds(backend, image, PROMPT, "tome-vit", 0.2)
     keep, groups = result.selection.keep, result.selection.groups
     prepared = backend.prepare(image, PROMPT)
@@ -149,11 +152,19 @@ def test_the_llm_gets_each_groups_merged_row_which_all_its_patches_carry(backend
         expected = backend.project(hidden[keep])  # (K, D)
     ids = prepared.inputs["input_ids"][0, backend.staying(prepared, keep)]
     received = embeds[0][ids == backend.model.config.image_token_id]
-    assert received.shape[0] == 468
+    assert received.shape[0] == kept == result.tokens["visual_budget"]
     torch.testing.assert_close(received, expected)
     members = (groups >= 0).nonzero()[:, 0]
     torch.testing.assert_close(hidden[members], hidden[groups[members]])
-    assert len(groups[members].unique()) == 468 < len(members)
+    assert len(groups[members].unique()) == kept < len(members)
+
+
+def test_onevision_refuses_an_image_whose_grid_it_resamples():
+    backend = loaded("tiny-llava-onevision")
+    assert backend.one_patch_each(backend.prepare(photo(1100, 800), PROMPT))  # 5567 tokens, one patch each
+    with pytest.raises(ExplorerError, match="resamples the grid of an image this large"):
+        run(backend, photo(1920, 1080), PROMPT, "tome-vit", 0.2, max_new_tokens=1)  # 7269 resampled tokens
+    assert run(backend, photo(1920, 1080), PROMPT, "tome", 0.2, max_new_tokens=1).tokens["visual_kept"] == 1453
 
 
 @pytest.mark.parametrize("size, passes", [((672, 672), [5]), ((640, 480), [1, 2, 1, 1])])

@@ -111,8 +111,8 @@ def unavailable(name: str, backend) -> str | None:
     if "patch tokens" in getattr(method, "requires", ()) and not backend.projects_kept:
         return (
             f"{name} merges patches inside the vision encoder, so it needs every visual token to be one "
-            f"encoder patch, projected on its own (LLaVA-NeXT, LLaVA-1.5); {backend.family} makes its tokens "
-            "from the patches after the encoder. tome merges after the encoder on every family"
+            f"encoder patch, projected on its own (LLaVA-NeXT, LLaVA-1.5, LLaVA-OneVision); {backend.family} "
+            "makes its tokens from the patches after the encoder. tome merges after the encoder on every family"
         )
     for signal in method.needs if method.stage == "vision" else getattr(method, "vision_needs", ()):
         try:

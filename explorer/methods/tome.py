@@ -18,10 +18,10 @@ with the keys of a merged token taken as the sum of its members' keys. It works 
 thumbnail and each crop), the budget split over them in proportion to their sizes, and newline
 tokens get only what the other partitions cannot hold (spread evenly); a merged token stays at the
 place of its B token in LLM order, where ToMe appends the merged tokens after the unmerged ones.
-Merging inside the blocks, as the paper does, is `tome-vit`; it runs on LLaVA-NeXT and LLaVA-1.5
-only, because on the other families the LLM's tokens are made from the encoder's patches after the
-encoder (OneVision resamples the grid, SmolVLM folds 4x4 patches and Qwen2-VL 2x2), so a group of
-merged patches is not a set of whole tokens there.
+Merging inside the blocks, as the paper does, is `tome-vit`; it runs on LLaVA-NeXT, LLaVA-1.5 and
+LLaVA-OneVision (unless it resamples the grid), because on the other families the LLM's tokens are
+made from the encoder's patches after the encoder (SmolVLM folds 4x4 patches and Qwen2-VL 2x2), so a
+group of merged patches is not a set of whole tokens there.
 """
 
 from __future__ import annotations

@@ -17,14 +17,16 @@ its MLP (layer hooks can change what a block passes on, not what it does inside)
 each crop are merged down to their partition's share of the budget (split by size, newlines getting
 only what the crops cannot hold, as `tome`), and since ToMe merges the same r in every image of a
 batch, only crops with the same patches and share run through the encoder side by side; the padding
-that LLaVA-NeXT's unpadding removes is never merged; and a block merges at most half its mergeable
+that unpadding removes (LLaVA-NeXT, OneVision) is never merged; and a block merges at most half its mergeable
 tokens per round, taking further rounds on the summed keys when its share is larger (shallow
 encoders, tiny budgets).
 
-It needs a family whose every visual token is one encoder patch projected on its own (LLaVA-NeXT,
-LLaVA-1.5): elsewhere the LLM's tokens are made from the patches after the encoder (OneVision
-resamples the grid, SmolVLM and Qwen2-VL fold several patches into one token), so a group of merged
-patches is not a set of whole tokens; `tome` merges after the encoder on every family. The time the
+It needs every visual token to be one encoder patch projected on its own: LLaVA-NeXT, LLaVA-1.5, and
+LLaVA-OneVision on images whose grid it does not resample (anyres_max_9 resamples grids of more than
+about nine crops, and then it is refused). Elsewhere the LLM's tokens are made from the patches
+after the encoder (SmolVLM and Qwen2-VL fold several patches into one token), so a group of merged
+patches is not a set of whole tokens; `tome` merges after the encoder on every family. [CLS] is
+protected where the encoder has one (CLIP); SigLIP has none, so every patch may merge. The time the
 matching takes is spent inside the encoder and counted there.
 """
 
