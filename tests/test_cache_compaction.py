@@ -196,12 +196,14 @@ def test_the_run_reports_what_the_caches_hold_while_decoding(backend):
     assert on.answer_ids[0] == off.answer_ids[0]
 
 
-def test_fidelity_reads_the_answer_on_the_compacted_caches(backend):
+@pytest.mark.parametrize("name", ["tiny-llava-next", "tiny-qwen2-vl"])
+def test_fidelity_reads_the_answer_on_the_compacted_caches(name):
     """Teacher forcing scores an answer as the compacting decode would generate it: its own greedy
-    choices, and the first token's distribution as without compaction (the same prefill)."""
+    choices, and the first token's distribution as without compaction (the same prefill); on Qwen2-VL
+    with its M-RoPE positions for the prompt and the answer."""
     from explorer.fidelity import logprobs
 
-    image, off = photo(400, 300, seed=6), {"compact_cache": False}
+    backend, image, off = loaded(name), photo(400, 300, seed=6), {"compact_cache": False}
     answer = run(backend, image, PROMPT, "mustdrop", 0.1, max_new_tokens=6).answer_ids
     mine = logprobs(backend, image, PROMPT, answer, "mustdrop", 0.1)
     assert mine.shape[0] == 6 and mine.argmax(-1).tolist() == list(answer)
