@@ -230,7 +230,7 @@ def _full(rows: list[dict]) -> int | None:
     return next((r["visual_full"] for r in rows if r["visual_full"] is not None), None)
 
 
-HEAD = ("method", "budget", "kept/full", "per layer", "TTFT s", "spread", "x full", "x floor", "prefill s")
+HEAD = ("method", "budget", "kept/full", "per layer", "TTFT s", "spread", "x full", "x floor", "vision s", "prefill s")
 HEAD += ("decode tok/s", "total s", "select ms", "TFLOPs", "KV MiB", "peak MiB", "x full", "img/s")
 HEAD += ("logp diff", "KL", "parts at")
 
@@ -256,6 +256,7 @@ def cells(rows: list[dict]) -> list[list[str]]:
             f"{r['ttft_max_s'] - r['ttft_min_s']:.3f}",
             text(r["ttft_ratio"], ".2f"),
             text(r.get("over_floor"), ".2f"),
+            f"{r['vision_s']:.3f}",
             f"{r['prefill_s']:.3f}",
             text(r["decode_tokens_per_s"], ".1f"),
             f"{r['total_s']:.3f}",
