@@ -7,10 +7,10 @@ patches are dealt alternately into two sides, A and B; every A patch finds its m
 are merged into their partners. A merged token is the size-weighted mean of what it holds and the
 rest of the encoder runs on the shorter sequence, so it is faster; with proportional attention,
 every later block adds log(size) to the attention logits, so a token holding s patches counts as s
-keys. r is constant over the blocks (the merges a partition needs, spread evenly). [CLS] is never
-merged. Each token remembers the patches it holds (ToMe's `trace_source`): the overlay colours the
-groups, and the token reaches the LLM at the place of the patch it began as, so the grid order the
-family needs (LLaVA-NeXT's rows and newlines) is kept.
+keys. r is constant over the blocks (the merges a partition needs, spread evenly). Each token
+remembers the patches it holds (ToMe's `trace_source`): the overlay colours the groups, and the
+token reaches the LLM at the place of the patch it began as, so the grid order the family needs
+(LLaVA-NeXT's rows and newlines) is kept.
 
 Differs from the paper: a block merges after its MLP, where ToMe merges between its attention and
 its MLP (layer hooks can change what a block passes on, not what it does inside); the thumbnail and
