@@ -368,8 +368,9 @@ class Backend:
         }
 
     def newline(self) -> torch.Tensor | None:
-        """(D,) the LLM input of a newline token, for families that have them."""
-        return None
+        """(D,) the LLM input of a newline token, for families that have them (LLaVA-NeXT's and
+        LLaVA-OneVision's `image_newline`), else None."""
+        return getattr(self.model.model, "image_newline", None)
 
     def tokens_of(self, prepared: Prepared, values: torch.Tensor, fold: str) -> torch.Tensor:
         """Per-patch values of the encoder, as `hooks` captured them, as (N, ...) rows in LLM order, NaN

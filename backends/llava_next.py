@@ -66,9 +66,6 @@ class LlavaNext(Backend):
         crops = len(prepared.geometry.names) - 1  # the thumbnail and the crops: every partition but the newlines
         return prepared.inputs["pixel_values"][0, :crops]
 
-    def newline(self) -> torch.Tensor:
-        return self.model.model.image_newline
-
 
 def modeling_llava_next():
     from transformers.models.llava_next import modeling_llava_next

@@ -90,9 +90,6 @@ class LlavaOnevision(Backend):
         crops = len(prepared.geometry.names) - 1  # the thumbnail and the crops: every partition but the newlines
         return prepared.inputs["pixel_values"][0, :crops]
 
-    def newline(self) -> torch.Tensor:
-        return self.model.model.image_newline
-
     def image_features(self, prepared: Prepared) -> torch.Tensor:
         inputs = prepared.inputs
         out = self.model.model.get_image_features(
