@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import gradio as gr
 import torch
@@ -48,9 +49,6 @@ EXAMPLES = [  # image, prompt
 UPLOAD_LIMIT = "20mb"  # refused by the server before anything is decoded
 MEMO = 2  # full runs kept per visitor (each with its (T, V) log-probabilities)
 SETTINGS = [(name, f) for name, cls in METHODS.items() for f in dataclasses.fields(cls)]  # every method's settings
-# what `Explorer.explore` updates, in the order the app wires them
-OUTPUTS = ("overlay_0", "overlay_1", "heat_0", "heat_1", "map_choice", "plot", "answer", "full_answer", "table")
-OUTPUTS += ("strip", "live", "explanation", "shown", "memo")
 TABLE = ["", "reduced", "full", "reduced / full"]
 LAYERS_CLS = (
     "The [CLS] token's attention to every patch, in any layer of the vision encoder, heads summed or one head. "
@@ -62,6 +60,45 @@ LAYERS_RECEIVED = (
     "or one head. Click a patch to see it layer by layer."
 )
 SWEEP = [*bench.HEAD, "answer"]
+
+
+def handler(function):
+    """What every handler of a user's request shares: a handler that takes `max_new_tokens` gets its prompt
+    and length checked, one that takes an `image` is refused without one, and an `ExplorerError` reaches
+    the page as one message that names the user's file, not the server's copy of it."""
+    signature = inspect.signature(function)
+
+    def checked(args, kwargs) -> None:
+        given = signature.bind(*args, **kwargs).arguments
+        if "max_new_tokens" in given:
+            check_request(given["prompt"], int(given["max_new_tokens"]))
+        if "image" in given and not given["image"]:
+            raise ExplorerError("upload an image first, or pick an example")
+
+    def image_of(args, kwargs):
+        return signature.bind(*args, **kwargs).arguments.get("image")
+
+    if inspect.isgeneratorfunction(function):
+
+        @functools.wraps(function)
+        def streaming(*args, **kwargs):
+            try:
+                checked(args, kwargs)
+                yield from function(*args, **kwargs)
+            except ExplorerError as error:
+                raise gr.Error(_named(str(error), image_of(args, kwargs))) from None
+
+        return streaming
+
+    @functools.wraps(function)
+    def answering(*args, **kwargs):
+        try:
+            checked(args, kwargs)
+            return function(*args, **kwargs)
+        except ExplorerError as error:
+            raise gr.Error(_named(str(error), image_of(args, kwargs))) from None
+
+    return answering
 
 
 class Explorer:
@@ -123,7 +160,7 @@ class Explorer:
             n = len(self.backend().layout([height, width])[0])
         except ExplorerError as error:
             return f"⚠️ {_named(str(error), image)}"
-        if not getattr(METHODS[method], "budgeted", True):
+        if not METHODS[method].budgeted:
             return f"All **{n}** visual tokens of this {width}x{height} image reach the LLM."
         if _chosen(method, settings).get("adaptive"):
             return f"Adaptive: {method} picks its own count of this {width}x{height} image's {n} visual tokens."
@@ -131,103 +168,88 @@ class Explorer:
         where = "remain after the pruning layer" if METHODS[method].stage == "llm" else "reach the LLM"
         return f"**{kept}** of {n} visual tokens ({budget:g}%) {where} for this {width}x{height} image."
 
+    @handler
     def explore(self, image, prompt, method, budget, compare, max_new_tokens, memo, *settings):
         """Run the method, then the full model unless it ran on this image and prompt before; yields
         {output name: value} as things change (the names are OUTPUTS)."""
-        try:
-            check_request(prompt, int(max_new_tokens))
-            if not image:
-                raise ExplorerError("upload an image first, or pick an example")
-            path = _path(image)
-            picture = load_image(path)
-            chosen = _chosen(method, settings)
-            n = int(max_new_tokens)
-            key = (_digest(path), prompt, n)
-            full, full_lp = memo.get(key, (None, None)) if compare else (None, None)
-            loading = "loading the model (once)… " if self._backend is None else ""
-            yield {"answer": "", "full_answer": full.answer if full else "", "live": f"{loading}running the method…"}
-            backend = self.backend()
+        path = _path(image)
+        picture = load_image(path)
+        chosen = _chosen(method, settings)
+        n = int(max_new_tokens)
+        key = (_digest(path), prompt, n)
+        full, full_lp = memo.get(key, (None, None)) if compare else (None, None)
+        loading = "loading the model (once)… " if self._backend is None else ""
+        yield {"answer": "", "full_answer": full.answer if full else "", "live": f"{loading}running the method…"}
+        backend = self.backend()
 
-            last = 0.0
-            for r in stream(backend, picture, prompt, method, budget / 100, chosen, n):
-                if r.done or time.monotonic() - last > 0.1:  # light updates: drawing now would slow the run
-                    last = time.monotonic()
-                    yield {"answer": r.answer, "table": vis.metrics(r, full), "live": _speed("reduced", r)}
-            reduced = r
-            pics, looks = pictures(picture, reduced)
-            shown = {"picture": picture, "result": reduced, "full": None, "drift": None}
-            yield {**restyled(pics, looks), "explanation": self.explain(method), "shown": shown}
-            drift, strip = None, ""
-            if compare:
-                if full is None:
-                    for full in stream(backend, picture, prompt, "none", 1.0, max_new_tokens=n):
-                        if full.done or time.monotonic() - last > 0.1:
-                            last = time.monotonic()
-                            table = vis.metrics(reduced, full)
-                            yield {"full_answer": full.answer, "table": table, "live": _speed("full", full)}
-                    full_lp = fidelity.logprobs(backend, picture, prompt, full.answer_ids)
-                    memo = dict(list({**memo, key: (full, full_lp)}.items())[-MEMO:])
-                # the full answer scored under the reduced model: one more forward pass, not timed
-                mine = fidelity.logprobs(backend, picture, prompt, full.answer_ids, method, budget / 100, chosen)
-                drift = fidelity.drift(mine, full_lp, full.answer_ids)
-                strip = vis.strip([backend.tokenizer.decode([t]) for t in full.answer_ids], drift)
-            yield {  # everything, so an API call's result is complete
-                **pics,
-                "answer": reduced.answer,
-                "full_answer": full.answer if full else "",
-                "strip": strip,
-                "table": vis.metrics(reduced, full, drift),
-                "live": _speed("reduced", reduced) + (f" · {_speed('full', full)}" if full else ""),
-                "explanation": self.explain(method),
-                "shown": {**shown, "full": full, "drift": drift},
-                "memo": memo,
-            }
-        except ExplorerError as error:
-            raise gr.Error(_named(str(error), image)) from None
+        last = 0.0
+        for r in stream(backend, picture, prompt, method, budget / 100, chosen, n):
+            if r.done or time.monotonic() - last > 0.1:  # light updates: drawing now would slow the run
+                last = time.monotonic()
+                yield {"answer": r.answer, "table": vis.metrics(r, full), "live": _speed("reduced", r)}
+        reduced = r
+        pics, looks = pictures(picture, reduced)
+        shown = {"picture": picture, "result": reduced, "full": None, "drift": None}
+        yield {**restyled(pics, looks), "explanation": self.explain(method), "shown": shown}
+        drift, strip = None, ""
+        if compare:
+            if full is None:
+                for full in stream(backend, picture, prompt, "none", 1.0, max_new_tokens=n):
+                    if full.done or time.monotonic() - last > 0.1:
+                        last = time.monotonic()
+                        table = vis.metrics(reduced, full)
+                        yield {"full_answer": full.answer, "table": table, "live": _speed("full", full)}
+                full_lp = fidelity.logprobs(backend, picture, prompt, full.answer_ids)
+                memo = dict(list({**memo, key: (full, full_lp)}.items())[-MEMO:])
+            # the full answer scored under the reduced model: one more forward pass, not timed
+            mine = fidelity.logprobs(backend, picture, prompt, full.answer_ids, method, budget / 100, chosen)
+            drift = fidelity.drift(mine, full_lp, full.answer_ids)
+            strip = vis.strip([backend.tokenizer.decode([t]) for t in full.answer_ids], drift)
+        yield {  # everything, so an API call's result is complete
+            **pics,
+            "answer": reduced.answer,
+            "full_answer": full.answer if full else "",
+            "strip": strip,
+            "table": vis.metrics(reduced, full, drift),
+            "live": _speed("reduced", reduced) + (f" · {_speed('full', full)}" if full else ""),
+            "explanation": self.explain(method),
+            "shown": {**shown, "full": full, "drift": drift},
+            "memo": memo,
+        }
 
+    @handler
     def sweep(self, image, prompt, methods, budgets, max_new_tokens, column, cache, progress=gr.Progress()):
         """Every chosen method at every budget on this image and prompt (one run each, fixed answer
         length), measured against the unreduced run and the floor (`uniform` keeping as many tokens,
         no selection work); cells run before for the same image, prompt and
         length are reused. Returns the chart, the table, the rows and the cache."""
-        try:
-            check_request(prompt, int(max_new_tokens))
-            if not image:
-                raise ExplorerError("upload an image first, or pick an example")
-            if not methods:
-                raise ExplorerError("pick at least one method to sweep")
-            fractions = _percents(budgets)
-            picture, n = load_image(_path(image)), int(max_new_tokens)
-            key = (_digest(_path(image)), prompt, n)
-            done = dict(cache.get(key, {}))
-            progress(0, desc="loading the model" if self._backend is None else "starting")
-            backend = self.backend()
+        if not methods:
+            raise ExplorerError("pick at least one method to sweep")
+        fractions = _percents(budgets)
+        picture, n = load_image(_path(image)), int(max_new_tokens)
+        key = (_digest(_path(image)), prompt, n)
+        done = dict(cache.get(key, {}))
+        progress(0, desc="loading the model" if self._backend is None else "starting")
+        backend = self.backend()
 
-            def step(i, total, method, budget):
-                progress(i / total, desc=f"{method} at {budget}" if method != "none" else "unreduced run")
+        def step(i, total, method, budget):
+            progress(i / total, desc=f"{method} at {budget}" if method != "none" else "unreduced run")
 
-            budgets = [Budget(fraction=f) for f in fractions]
-            rows = bench.sweep(backend, picture, prompt, methods, budgets, n, 1, 0, done, step, floor=True)
-            cache = {**{k: v for k, v in cache.items() if k != key}, key: done}
-            table = [line + [r["answer"]] for line, r in zip(bench.cells(rows), rows)]
-            return bench.figure(rows, column), table, rows, dict(list(cache.items())[-MEMO:])
-        except ExplorerError as error:
-            raise gr.Error(_named(str(error), image)) from None
+        budgets = [Budget(fraction=f) for f in fractions]
+        rows = bench.sweep(backend, picture, prompt, methods, budgets, n, 1, 0, done, step, floor=True)
+        cache = {**{k: v for k, v in cache.items() if k != key}, key: done}
+        table = [line + [r["answer"]] for line, r in zip(bench.cells(rows), rows)]
+        return bench.figure(rows, column), table, rows, dict(list(cache.items())[-MEMO:])
 
+    @handler
     def versus(self, image, prompt, method, other, budget, max_new_tokens, *settings):
         """The chosen method (A, with its settings) and another (B, its defaults) at the same budget:
         where they agree on the image, their numbers side by side, and their answers."""
-        try:
-            check_request(prompt, int(max_new_tokens))
-            if not image:
-                raise ExplorerError("upload an image first, or pick an example")
-            picture, n = load_image(_path(image)), int(max_new_tokens)
-            chosen = _chosen(method, settings)
-            backend = self.backend()
-            a = run(backend, picture, prompt, method, budget / 100, settings=chosen, max_new_tokens=n)
-            b = run(backend, picture, prompt, other, budget / 100, max_new_tokens=n)
-        except ExplorerError as error:
-            raise gr.Error(_named(str(error), image)) from None
+        picture, n = load_image(_path(image)), int(max_new_tokens)
+        chosen = _chosen(method, settings)
+        backend = self.backend()
+        a = run(backend, picture, prompt, method, budget / 100, settings=chosen, max_new_tokens=n)
+        b = run(backend, picture, prompt, other, budget / 100, max_new_tokens=n)
         out = []
         for name, tokens in list(vis.views(a.geometry).items())[:2]:
             drawn, counts = vis.agreement(picture, a.geometry, a.selection.keep, b.selection.keep, tokens)
@@ -236,15 +258,11 @@ class Explorer:
         out += [gr.update(value=None, visible=False)] * (2 - len(out))
         return *out, a.answer, b.answer, vis.metrics(a, b)
 
+    @handler
     def layers(self, image, prompt):
         """The [CLS] attention of every vision layer and head on this image (one encoder pass)."""
-        try:
-            if not image:
-                raise ExplorerError("upload an image first, or pick an example")
-            picture = load_image(_path(image))
-            geometry, maps = teach.layer_maps(self.backend(), picture, prompt or "Describe the image.")
-        except ExplorerError as error:
-            raise gr.Error(_named(str(error), image)) from None
+        picture = load_image(_path(image))
+        geometry, maps = teach.layer_maps(self.backend(), picture, prompt or "Describe the image.")
         heads = ["all heads, summed"] + [f"head {h}" for h in range(maps.shape[2])]
         read = {"picture": picture, "geometry": geometry, "maps": maps}
         layer = gr.update(maximum=len(maps) - 1, value=len(maps) - 1)
@@ -429,6 +447,87 @@ def _on_profile(view: int):
     return on_click
 
 
+class Inputs(NamedTuple):
+    """The left column: what a run is asked with."""
+
+    image: gr.Image
+    prompt: gr.Textbox
+    method: gr.Dropdown
+    budget: gr.Slider
+    count: gr.Markdown
+    controls: list  # one per method setting, in SETTINGS order
+    max_new_tokens: gr.Slider
+    compare: gr.Checkbox
+    go: gr.Button
+    stop: gr.Button
+
+
+class Layers(NamedTuple):
+    note: gr.Markdown
+    go: gr.Button
+    layer: gr.Slider
+    head: gr.Dropdown
+    views: list  # thumbnail, crops
+    profile: gr.Plot
+    profiled: gr.Markdown
+    read: gr.State
+
+
+class Versus(NamedTuple):
+    other: gr.Dropdown
+    go: gr.Button
+    views: list  # thumbnail, crops
+    answer_a: gr.Textbox
+    answer_b: gr.Textbox
+    table: gr.Dataframe
+
+
+class Sweep(NamedTuple):
+    methods: gr.CheckboxGroup
+    budgets: gr.Textbox
+    column: gr.Dropdown
+    go: gr.Button
+    plot: gr.Plot
+    rows: gr.Dataframe
+    measured: gr.State  # the rows behind the plot
+    cache: gr.State
+
+
+class Explored(NamedTuple):
+    """What a run updates, in the order the /explore API returns them (OUTPUTS); `Explorer.explore` names them."""
+
+    overlay_0: gr.Image
+    overlay_1: gr.Image
+    heat_0: gr.Image
+    heat_1: gr.Image
+    map_choice: gr.Radio
+    plot: gr.Plot
+    answer: gr.Textbox
+    full_answer: gr.Textbox
+    table: gr.Dataframe
+    strip: gr.HTML
+    live: gr.Markdown
+    explanation: gr.Markdown
+    shown: gr.State
+    memo: gr.State
+
+
+class Page(NamedTuple):
+    status: gr.Markdown
+    inputs: Inputs
+    explored: Explored
+    steps: gr.Gallery
+    layers: Layers
+    versus: Versus
+    sweep: Sweep
+    picked: gr.Markdown
+    export: gr.Button
+    exported: gr.File
+
+
+OUTPUTS = Explored._fields
+
+
 def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
     """The app's layout and wiring around one `Explorer`."""
     with gr.Blocks(title="Token-drop explorer", analytics_enabled=False) as demo:
@@ -439,149 +538,197 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
         status = gr.Markdown("⏳ loading the model…")
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(
-                    type="filepath", label="Image (upload, drop or paste)", sources=["upload", "clipboard"]
-                )
-                prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0][1], lines=2)
-                method = gr.Dropdown(
-                    [(f"{name}: {cls.summary}", name) for name, cls in METHODS.items()], value="hired", label="Method"
-                )
-                budget = gr.Slider(1, 100, value=20, step=1, label="Budget: % of the visual tokens")
-                count = gr.Markdown()
-                with gr.Accordion("Method settings", open=False):
-                    controls = [control(m, f, visible=m == "hired") for m, f in SETTINGS]
-                with gr.Accordion("Generation", open=False):
-                    max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
-                compare = gr.Checkbox(value=True, label="Compare with the full run (no reduction)")
-                with gr.Row():
-                    go = gr.Button("Run", variant="primary", scale=3)
-                    stop = gr.Button("Stop", scale=1)
-                gr.Examples([[str(ASSETS / f), p] for f, p in EXAMPLES], [image, prompt], label="Examples")
+                inputs = inputs_column()
             with gr.Column(scale=3):
-                c = {}
                 with gr.Tab("Kept vs dropped"):
-                    with gr.Row():
-                        c["overlay_0"] = gr.Image(label="thumbnail", format="png", interactive=False)
-                        c["overlay_1"] = gr.Image(label="crops", format="png", interactive=False)
+                    overlays = pair("thumbnail", "crops")
                 with gr.Tab("Scores"):
-                    c["map_choice"] = gr.Radio(["scores"], value="scores", label="Map")
-                    with gr.Row():
-                        c["heat_0"] = gr.Image(label="thumbnail: scores", format="png", interactive=False)
-                        c["heat_1"] = gr.Image(label="crops: scores", format="png", interactive=False)
+                    map_choice = gr.Radio(["scores"], value="scores", label="Map")
+                    heats = pair("thumbnail: scores", "crops: scores")
                 with gr.Tab("Budget"):
-                    c["plot"] = gr.Plot(label="How the budget was spent")
+                    plot = gr.Plot(label="How the budget was spent")
                 with gr.Tab("Steps"):
-                    gr.Markdown("What the method saw and did, stage by stage, on the last run.")
-                    steps = gr.Gallery(label="Steps", columns=2, height="auto", object_fit="contain")
+                    steps = steps_tab()
                 with gr.Tab("Layers"):
-                    layers_note = gr.Markdown(LAYERS_CLS)
-                    with gr.Row():
-                        read_go = gr.Button("Read every layer of this image")
-                        layer = gr.Slider(0, 1, value=0, step=1, label="Vision layer")
-                        head = gr.Dropdown(["all heads, summed"], value="all heads, summed", label="Heads")
-                    with gr.Row():
-                        layer_views = [
-                            gr.Image(label=v, format="png", interactive=False) for v in ("thumbnail", "crops")
-                        ]
-                    with gr.Row():
-                        profile = gr.Plot(label="The clicked patch, layer by layer")
-                        profiled = gr.Markdown()
+                    layers = layers_tab()
                 with gr.Tab("Two methods"):
-                    gr.Markdown(
-                        "The method picked on the left (A) against another (B) at the same budget. Kept by both: "
-                        "untouched; only by A: blue; only by B: orange; by neither: dimmed."
-                    )
-                    with gr.Row():
-                        other = gr.Dropdown(list(METHODS), value="cls", label="Method B (default settings)")
-                        versus_go = gr.Button("Compare")
-                    with gr.Row():
-                        both = [gr.Image(label=v, format="png", interactive=False) for v in ("thumbnail", "crops")]
-                    with gr.Row():
-                        answer_a = gr.Textbox(label="Answer A", lines=3, interactive=False)
-                        answer_b = gr.Textbox(label="Answer B", lines=3, interactive=False)
-                    versus_table = gr.Dataframe(headers=["", "A", "B", "A / B"], interactive=False, wrap=True)
+                    versus = versus_tab()
                 with gr.Tab("Sweep"):
-                    with gr.Row():
-                        swept = gr.CheckboxGroup(list(METHODS)[1:], value=["cls", "hired", "random"], label="Methods")
-                        budgets = gr.Textbox("100,60,40,20,10,5", label="Budgets (%)")
-                    with gr.Row():
-                        column = gr.Dropdown([(t, k) for k, t in bench.PLOTS.items()], value="ttft_s", label="Plot")
-                        sweep_go = gr.Button("Run the sweep")
-                    sweep_plot = gr.Plot(label="Against the visual tokens kept")
-                    sweep_rows = gr.Dataframe(headers=SWEEP, interactive=False, wrap=True)
+                    sweep = sweep_tab()
                 picked = gr.Markdown("Click a patch on a picture to see its partition, cell, score and fate.")
-                with gr.Row():
-                    c["answer"] = gr.Textbox(label="Reduced answer", lines=5, interactive=False)
-                    c["full_answer"] = gr.Textbox(label="Full answer", lines=5, interactive=False)
-                c["strip"] = gr.HTML()
-                c["live"] = gr.Markdown()
-                c["table"] = gr.Dataframe(headers=TABLE, interactive=False, wrap=True)
-                c["explanation"] = gr.Markdown(vis.explain("hired"))
+                answers = answers_block()
                 with gr.Row():
                     export = gr.Button("Download report", scale=1)
                     exported = gr.File(label="Report (HTML) and result (JSON)", file_count="multiple", scale=3)
-        c["shown"], c["memo"] = gr.State(), gr.State({})
-
-        def explore(*args):
-            for changes in explorer.explore(*args):
-                yield tuple(changes.get(name, gr.skip()) for name in OUTPUTS)
-
-        # named parameters for API callers: client.predict(image=..., method="cls", budget=10, api_name="/explore")
-        names = ["image", "prompt", "method", "budget", "compare", "max_new_tokens", "memo"]
-        names += [f"{m}_{f.name}".replace("+", "_plus").replace("-", "_") for m, f in SETTINGS]
-        keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        explore.__signature__ = inspect.Signature([inspect.Parameter(n, keyword) for n in names])
-        explore = GPU(explore, duration=gpu_seconds)  # on ZeroGPU it runs in a GPU worker process
-
-        def shown_settings(chosen):
-            return [gr.update(visible=m == chosen) for m, _ in SETTINGS] + [explorer.explain(chosen)]
-
-        gpu = dict(concurrency_id="gpu", concurrency_limit=1)
-        inputs = [image, prompt, method, budget, compare, max_new_tokens, c["memo"], *controls]
-        running = go.click(explore, inputs, [c[n] for n in OUTPUTS], api_name="explore", preprocess=False, **gpu)
-        stop.click(None, cancels=running, api_name="stop")  # the run stops at its next token
-        adaptive = [box.change for (_, f), box in zip(SETTINGS, controls) if f.name == "adaptive"]
-        for trigger in (image.change, method.change, budget.release, *adaptive):
-            trigger(explorer.count, [image, method, budget, *controls], count, api_name="count", preprocess=False)
-        method.change(shown_settings, method, [*controls, c["explanation"]], api_name="settings")
-        for i in range(2):
-            for picture in (c[f"overlay_{i}"], c[f"heat_{i}"]):
-                picture.select(_on_click(explorer, i), c["shown"], picked, api_name=f"click_{i}")
-        c["map_choice"].change(
-            lambda which, shown: tuple(explorer.remap(which, shown).get(f"heat_{i}", gr.skip()) for i in range(2)),
-            [c["map_choice"], c["shown"]],
-            [c["heat_0"], c["heat_1"]],
-            api_name="map",
-        )
-        export.click(explorer.report, c["shown"], exported, api_name="report")
-        versus = GPU(explorer.versus, duration=gpu_seconds)
-        versus_inputs = [image, prompt, method, other, budget, max_new_tokens, *controls]
-        versus_outputs = [*both, answer_a, answer_b, versus_table]
-        versus_go.click(versus, versus_inputs, versus_outputs, api_name="versus", preprocess=False, **gpu)
-        running.success(
-            lambda shown: teach.steps(shown["picture"], shown["result"]) if shown else [],
-            c["shown"],
-            steps,
-            api_name="steps",
-        )
-        read = gr.State()
-        layers = GPU(explorer.layers, duration=60)
-        read_go.click(
-            layers, [image, prompt], [read, layer, head, *layer_views], api_name="layers", preprocess=False, **gpu
-        )
-        for control_ in (layer, head):
-            control_.change(layer_pictures, [read, layer, head], layer_views, api_name="layer")
-        for i, picture in enumerate(layer_views):
-            picture.select(_on_profile(i), [read, head], [profile, profiled], api_name=f"profile_{i}")
-        rows, cache = gr.State([]), gr.State({})
-        sweep = GPU(explorer.sweep, duration=sweep_seconds)
-        sweep_inputs = [image, prompt, swept, budgets, max_new_tokens, column, cache]
-        sweep_go.click(sweep, sweep_inputs, [sweep_plot, sweep_rows, rows, cache], api_name="sweep", **gpu)
-        column.change(lambda c, r: bench.figure(r, c) if r else None, [column, rows], sweep_plot, api_name="replot")
-        demo.load(explorer.status, None, status, api_name="status")
-        fitted = [method, other, swept, c["explanation"], layers_note]
-        demo.load(explorer.for_model, None, fitted, api_name="for_model")
+        explored = Explored(*overlays, *heats, map_choice, plot, *answers, gr.State(), gr.State({}))
+        wire(explorer, demo, Page(status, inputs, explored, steps, layers, versus, sweep, picked, export, exported))
     return demo.queue(default_concurrency_limit=1, max_size=queue_size)  # a full queue answers "try again"
+
+
+def inputs_column() -> Inputs:
+    image = gr.Image(type="filepath", label="Image (upload, drop or paste)", sources=["upload", "clipboard"])
+    prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0][1], lines=2)
+    method = gr.Dropdown(
+        [(f"{name}: {cls.summary}", name) for name, cls in METHODS.items()], value="hired", label="Method"
+    )
+    budget = gr.Slider(1, 100, value=20, step=1, label="Budget: % of the visual tokens")
+    count = gr.Markdown()
+    with gr.Accordion("Method settings", open=False):
+        controls = [control(m, f, visible=m == "hired") for m, f in SETTINGS]
+    with gr.Accordion("Generation", open=False):
+        max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
+    compare = gr.Checkbox(value=True, label="Compare with the full run (no reduction)")
+    with gr.Row():
+        go = gr.Button("Run", variant="primary", scale=3)
+        stop = gr.Button("Stop", scale=1)
+    gr.Examples([[str(ASSETS / f), p] for f, p in EXAMPLES], [image, prompt], label="Examples")
+    return Inputs(image, prompt, method, budget, count, controls, max_new_tokens, compare, go, stop)
+
+
+def pair(*labels: str) -> list[gr.Image]:
+    """Two pictures side by side: the thumbnail's and the crops'."""
+    with gr.Row():
+        return [gr.Image(label=label, format="png", interactive=False) for label in labels]
+
+
+def steps_tab() -> gr.Gallery:
+    gr.Markdown("What the method saw and did, stage by stage, on the last run.")
+    return gr.Gallery(label="Steps", columns=2, height="auto", object_fit="contain")
+
+
+def layers_tab() -> Layers:
+    note = gr.Markdown(LAYERS_CLS)
+    with gr.Row():
+        go = gr.Button("Read every layer of this image")
+        layer = gr.Slider(0, 1, value=0, step=1, label="Vision layer")
+        head = gr.Dropdown(["all heads, summed"], value="all heads, summed", label="Heads")
+    views = pair("thumbnail", "crops")
+    with gr.Row():
+        profile = gr.Plot(label="The clicked patch, layer by layer")
+        profiled = gr.Markdown()
+    return Layers(note, go, layer, head, views, profile, profiled, gr.State())
+
+
+def versus_tab() -> Versus:
+    gr.Markdown(
+        "The method picked on the left (A) against another (B) at the same budget. Kept by both: "
+        "untouched; only by A: blue; only by B: orange; by neither: dimmed."
+    )
+    with gr.Row():
+        other = gr.Dropdown(list(METHODS), value="cls", label="Method B (default settings)")
+        go = gr.Button("Compare")
+    views = pair("thumbnail", "crops")
+    with gr.Row():
+        answer_a = gr.Textbox(label="Answer A", lines=3, interactive=False)
+        answer_b = gr.Textbox(label="Answer B", lines=3, interactive=False)
+    table = gr.Dataframe(headers=["", "A", "B", "A / B"], interactive=False, wrap=True)
+    return Versus(other, go, views, answer_a, answer_b, table)
+
+
+def sweep_tab() -> Sweep:
+    with gr.Row():
+        methods = gr.CheckboxGroup(list(METHODS)[1:], value=["cls", "hired", "random"], label="Methods")
+        budgets = gr.Textbox("100,60,40,20,10,5", label="Budgets (%)")
+    with gr.Row():
+        column = gr.Dropdown([(t, k) for k, t in bench.PLOTS.items()], value="ttft_s", label="Plot")
+        go = gr.Button("Run the sweep")
+    plot = gr.Plot(label="Against the visual tokens kept")
+    rows = gr.Dataframe(headers=SWEEP, interactive=False, wrap=True)
+    return Sweep(methods, budgets, column, go, plot, rows, gr.State([]), gr.State({}))
+
+
+def answers_block() -> tuple:
+    """The answers, the drift strip, the live line, the table of numbers and the method in words."""
+    with gr.Row():
+        answer = gr.Textbox(label="Reduced answer", lines=5, interactive=False)
+        full_answer = gr.Textbox(label="Full answer", lines=5, interactive=False)
+    strip, live = gr.HTML(), gr.Markdown()
+    table = gr.Dataframe(headers=TABLE, interactive=False, wrap=True)
+    return answer, full_answer, table, strip, live, gr.Markdown(vis.explain("hired"))
+
+
+GPU_QUEUE = dict(concurrency_id="gpu", concurrency_limit=1)  # one model, one request on it at a time
+
+
+def wire(explorer: Explorer, demo: gr.Blocks, page: Page) -> None:
+    """Every event of the page, each with an api_name."""
+    inputs, explored = page.inputs, page.explored
+    running = wire_explore(explorer, page)
+    inputs.stop.click(None, cancels=running, api_name="stop")  # the run stops at its next token
+    adaptive = [box.change for (_, f), box in zip(SETTINGS, inputs.controls) if f.name == "adaptive"]
+    counted = [inputs.image, inputs.method, inputs.budget, *inputs.controls]
+    for trigger in (inputs.image.change, inputs.method.change, inputs.budget.release, *adaptive):
+        trigger(explorer.count, counted, inputs.count, api_name="count", preprocess=False)
+
+    def shown_settings(chosen):
+        return [gr.update(visible=m == chosen) for m, _ in SETTINGS] + [explorer.explain(chosen)]
+
+    inputs.method.change(shown_settings, inputs.method, [*inputs.controls, explored.explanation], api_name="settings")
+    for i, view in enumerate([(explored.overlay_0, explored.heat_0), (explored.overlay_1, explored.heat_1)]):
+        for picture in view:
+            picture.select(_on_click(explorer, i), explored.shown, page.picked, api_name=f"click_{i}")
+    explored.map_choice.change(
+        lambda which, shown: tuple(explorer.remap(which, shown).get(f"heat_{i}", gr.skip()) for i in range(2)),
+        [explored.map_choice, explored.shown],
+        [explored.heat_0, explored.heat_1],
+        api_name="map",
+    )
+    page.export.click(explorer.report, explored.shown, page.exported, api_name="report")
+    running.success(
+        lambda shown: teach.steps(shown["picture"], shown["result"]) if shown else [],
+        explored.shown,
+        page.steps,
+        api_name="steps",
+    )
+    wire_layers(explorer, inputs, page.layers)
+    wire_versus(explorer, inputs, page.versus)
+    wire_sweep(explorer, inputs, page.sweep)
+    demo.load(explorer.status, None, page.status, api_name="status")
+    fitted = [inputs.method, page.versus.other, page.sweep.methods, explored.explanation, page.layers.note]
+    demo.load(explorer.for_model, None, fitted, api_name="for_model")
+
+
+def wire_explore(explorer: Explorer, page: Page):
+    """Run: the method, then the full model; returns the event, for Stop to cancel."""
+
+    def explore(*args):
+        for changes in explorer.explore(*args):
+            yield tuple(changes.get(name, gr.skip()) for name in OUTPUTS)
+
+    # named parameters for API callers: client.predict(image=..., method="cls", budget=10, api_name="/explore")
+    names = ["image", "prompt", "method", "budget", "compare", "max_new_tokens", "memo"]
+    names += [f"{m}_{f.name}".replace("+", "_plus").replace("-", "_") for m, f in SETTINGS]
+    keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    explore.__signature__ = inspect.Signature([inspect.Parameter(n, keyword) for n in names])
+    explore = GPU(explore, duration=gpu_seconds)  # on ZeroGPU it runs in a GPU worker process
+    i, e = page.inputs, page.explored
+    asked = [i.image, i.prompt, i.method, i.budget, i.compare, i.max_new_tokens, e.memo, *i.controls]
+    return i.go.click(explore, asked, list(e), api_name="explore", preprocess=False, **GPU_QUEUE)
+
+
+def wire_layers(explorer: Explorer, inputs: Inputs, tab: Layers) -> None:
+    layers = GPU(explorer.layers, duration=60)
+    outputs = [tab.read, tab.layer, tab.head, *tab.views]
+    tab.go.click(layers, [inputs.image, inputs.prompt], outputs, api_name="layers", preprocess=False, **GPU_QUEUE)
+    for control_ in (tab.layer, tab.head):
+        control_.change(layer_pictures, [tab.read, tab.layer, tab.head], tab.views, api_name="layer")
+    for i, picture in enumerate(tab.views):
+        picture.select(_on_profile(i), [tab.read, tab.head], [tab.profile, tab.profiled], api_name=f"profile_{i}")
+
+
+def wire_versus(explorer: Explorer, inputs: Inputs, tab: Versus) -> None:
+    versus = GPU(explorer.versus, duration=gpu_seconds)
+    asked = [inputs.image, inputs.prompt, inputs.method, tab.other, inputs.budget, inputs.max_new_tokens]
+    outputs = [*tab.views, tab.answer_a, tab.answer_b, tab.table]
+    tab.go.click(versus, [*asked, *inputs.controls], outputs, api_name="versus", preprocess=False, **GPU_QUEUE)
+
+
+def wire_sweep(explorer: Explorer, inputs: Inputs, tab: Sweep) -> None:
+    sweep = GPU(explorer.sweep, duration=sweep_seconds)
+    asked = [inputs.image, inputs.prompt, tab.methods, tab.budgets, inputs.max_new_tokens, tab.column, tab.cache]
+    tab.go.click(sweep, asked, [tab.plot, tab.rows, tab.measured, tab.cache], api_name="sweep", **GPU_QUEUE)
+    redraw = lambda column, rows: bench.figure(rows, column) if rows else None  # noqa: E731
+    tab.column.change(redraw, [tab.column, tab.measured], tab.plot, api_name="replot")
 
 
 def main(argv: list[str] | None = None) -> None:

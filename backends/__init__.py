@@ -11,10 +11,11 @@ import urllib.parse
 from pathlib import Path
 
 import torch
-import transformers  # lazy: its model code loads on first use
 
-from . import llava, llava_next, llava_onevision, qwen2_vl, smolvlm
-from .base import ExplorerError, Geometry, Prepared, pick_device, pick_dtype, save_random
+from . import llava, llava_next, llava_onevision, qwen2_vl, random_models, smolvlm
+from .base import pick_device, pick_dtype
+from .errors import ExplorerError
+from .geometry import Geometry, Prepared
 
 FAMILIES = (llava_next, llava_onevision, qwen2_vl, smolvlm, llava)  # one file each
 BACKENDS = {
@@ -139,27 +140,18 @@ def full_size(model: str, device: torch.device, dtype: torch.dtype | None = None
     real model's, measured without downloading anything, and the answers are gibberish."""
     if model not in FULL_SIZE:
         raise ExplorerError(f"no stored architecture for {model!r}; --random-weights builds: {', '.join(FULL_SIZE)}")
-    config, processor = RANDOM[FULL_SIZE[model]](FULL_SIZE[model])
+    tiny, processor = RANDOM[FULL_SIZE[model]](FULL_SIZE[model])
     stored = json.loads((CONFIGS / f"{model.replace('/', '--')}.json").read_text())
-    tiny = config.to_dict()
-    stored["text_config"] |= _token_ids(tiny["text_config"])  # the tiny tokenizer's ids
-    config = type(config).from_dict(stored | _token_ids(tiny))
-    backend = BACKENDS[config.model_type]
-    torch.manual_seed(0)
-    with torch.device(device):
-        built = getattr(transformers, backend.model_class)._from_config(config, dtype=dtype or pick_dtype(device))
-    return backend(built.eval(), processor, model, random_weights=True)
-
-
-def _token_ids(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k.endswith(("_token_id", "_token_index"))}
+    backend = BACKENDS[tiny.model_type]
+    built = random_models.full_size(backend.model_class, tiny, stored, device, dtype or pick_dtype(device))
+    return backend(built, processor, model, random_weights=True)
 
 
 @functools.cache
 def _random_checkpoint(name: str) -> tempfile.TemporaryDirectory:
     folder = tempfile.TemporaryDirectory(prefix=f"{name}-")  # kept by the cache, removed at exit
     config, processor = RANDOM[name](name)
-    save_random(BACKENDS[config.model_type].model_class, config, processor, Path(folder.name))
+    random_models.save_random(BACKENDS[config.model_type].model_class, config, processor, Path(folder.name))
     return folder
 
 

@@ -18,13 +18,15 @@ each row holds, as ToMe's rounds after the encoder do.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from .base import ExplorerError
+from .errors import ExplorerError
+from .signals import HIDDEN_FEATURE, MERGED_AFTER, MERGED_INTO
 
 
 @dataclass(frozen=True)
@@ -142,3 +144,54 @@ def merging(layers: torch.nn.ModuleList, last: int, mergeable: torch.Tensor, mer
     finally:
         for handle in handles:
             handle.remove()
+
+
+def merged(backend, prepared, plan: Merging) -> dict[str, torch.Tensor]:
+    """The backend's vision encoder run with its tokens merged after every block up to the feature layer
+    until each partition is down to its budget ([CLS] and the padding that unpadding removes are never
+    merged); crops that merge alike (the same tokens, as many merges) run side by side. The signals, in
+    LLM order:
+    - HIDDEN_FEATURE: (N, C) the feature layer's output of the row that holds each token, merged;
+    - MERGED_INTO: (N,) the token (index into N) that began the row holding each token, NaN for newlines;
+    - MERGED_AFTER: (N,) the block after which a token's own row was folded into another, NaN if never."""
+    device = backend.device
+    source = prepared.source.to(device)  # (N,) rows of the flat encoder output, -1 for newlines
+    pixels = backend.crops(prepared)  # (crops, 3, H, W)
+    side = backend.model.config.vision_config.patch_size
+    patches = (pixels.shape[-2] // side) * (pixels.shape[-1] // side)  # T': patches per crop
+    first = 1 if backend.cls_token else 0
+    flat = source[source >= 0]  # the rows that reach the LLM
+    mergeable = torch.zeros(len(pixels), first + patches, dtype=torch.bool, device=device)  # (crops, T)
+    mergeable[flat // patches, first + flat % patches] = True
+    traces = [None] * len(pixels)
+    for (merges, _), crops in _alike(prepared, plan, source, mergeable, patches).items():
+        with merging(backend.encoder, backend.feature_layer, mergeable[crops], merges, plan) as done:
+            backend.vision_tower(pixels[crops])
+        for c, trace in zip(crops, done):
+            traces[c] = trace
+    into = torch.cat([t.origin[t.owner][first:] - first + c * patches for c, t in enumerate(traces)])  # flat rows
+    token = torch.full((len(pixels) * patches,), -1, device=device)  # flat row -> index into N
+    token[flat] = (source >= 0).nonzero()[:, 0]
+    after = torch.cat([t.merged_after[first:] for t in traces]).float()
+
+    def rows(values: torch.Tensor) -> torch.Tensor:  # (crops * T', ...) -> (N, ...) in LLM order
+        return backend.tokens_of(prepared, values.view(len(pixels), patches, *values.shape[1:]), "concat")
+
+    return {
+        HIDDEN_FEATURE: rows(torch.cat([t.output[t.owner][first:] for t in traces])),
+        MERGED_INTO: rows(token[into].float()).cpu(),
+        MERGED_AFTER: rows(after.masked_fill(after < 0, math.nan)).cpu(),
+    }
+
+
+def _alike(prepared, plan: Merging, source, mergeable, patches: int) -> dict[tuple, list[int]]:
+    """The crops that merge alike, by (merges, which tokens are mergeable): each crop merges down to its
+    partition's budget (at least one token left)."""
+    partition = prepared.geometry.partition.to(source.device)
+    alike: dict[tuple, list[int]] = {}
+    for c, real in enumerate(mergeable):
+        members = (source >= 0) & (source // patches == c)  # (N,) its tokens (none: all padding)
+        budget = plan.budgets[int(partition[members][0])] if members.any() else 0
+        merges = max(int(real.sum()) - max(budget, 1), 0)
+        alike.setdefault((merges, tuple(real.tolist())), []).append(c)
+    return alike

@@ -13,16 +13,10 @@ import numpy as np
 import torch
 import transformers
 
-from .base import (
-    VICUNA,
-    Backend,
-    ExplorerError,
-    Geometry,
-    Prepared,
-    llama_tokenizer,
-    text_config,
-    token_ids,
-)
+from .base import Backend
+from .errors import ExplorerError
+from .geometry import Geometry, Prepared
+from .random_models import VICUNA, llama_tokenizer, text_config, token_ids, vision_config
 
 DEFAULT = "llava-hf/llava-1.5-7b-hf"
 
@@ -96,18 +90,9 @@ def random_parts(name: str):
         num_additional_image_tokens=1,
         chat_template=VICUNA,
     )
-    hidden, layers, heads, mlp = vision
     config = LlavaConfig(
         text_config=text_config(tokenizer, text, model_type="llama"),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            image_size=336,
-            patch_size=14,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=mlp,
-        ),
+        vision_config=vision_config("clip_vision_model", vision, image_size=336, patch_size=14),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",

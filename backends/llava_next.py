@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import (
-    VICUNA,
-    Backend,
-    ExplorerError,
-    Prepared,
-    anyres_layout,
-    llama_tokenizer,
-    text_config,
-    token_ids,
-)
+from .base import Backend
+from .errors import ExplorerError
+from .geometry import Prepared, anyres_layout
+from .random_models import VICUNA, llama_tokenizer, text_config, token_ids, vision_config
 
 DEFAULT = "llava-hf/llava-v1.6-vicuna-7b-hf"  # the HiRED paper's model
 
@@ -100,18 +94,9 @@ def random_parts(name: str):
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    v_hidden, v_layers, v_heads, v_mlp = vision
     config = LlavaNextConfig(
         text_config=text_config(tokenizer, text, model_type="llama"),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            image_size=336,
-            patch_size=14,
-            hidden_size=v_hidden,
-            num_hidden_layers=v_layers,
-            num_attention_heads=v_heads,
-            intermediate_size=v_mlp,
-        ),
+        vision_config=vision_config("clip_vision_model", vision, image_size=336, patch_size=14),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=PINPOINTS,
         vision_feature_layer=-2,

@@ -10,7 +10,7 @@ holds its centre. Geometry is read off the model's own `pack_image_features`, so
 downsampled grid exactly.
 
 SigLIP has no [CLS] token: the "cls" signals are the attention each patch receives (see
-`base.attention_maps`). Signals of resampled tokens are resampled the same way, by the model's own
+`signals.attention_maps`). Signals of resampled tokens are resampled the same way, by the model's own
 packing code, so they line up with the features; merging methods mix those resampled encoder outputs
 before the projector.
 """
@@ -21,17 +21,10 @@ import math
 
 import torch
 
-from .base import (
-    Backend,
-    ExplorerError,
-    Prepared,
-    anyres_layout,
-    build_tokenizer,
-    image_only,
-    image_only_processor,
-    text_config,
-    token_ids,
-)
+from .base import Backend, image_only, image_only_processor
+from .errors import ExplorerError
+from .geometry import Prepared, anyres_layout
+from .random_models import build_tokenizer, text_config, token_ids, vision_config
 
 DEFAULT = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"  # 7B: llava-hf/llava-onevision-qwen2-7b-ov-hf
 
@@ -149,18 +142,10 @@ def random_parts(name: str):
         chat_template=CHATML,
         vision_aspect_ratio="anyres_max_9",
     )
-    hidden, layers, heads, mlp = vision
     config = LlavaOnevisionConfig(
         text_config=text_config(tokenizer, text, model_type="qwen2"),
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            image_size=384,
-            patch_size=14,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=mlp,
-            vision_use_head=False,
+        vision_config=vision_config(
+            "siglip_vision_model", vision, image_size=384, patch_size=14, vision_use_head=False
         ),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),

@@ -38,10 +38,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .base import ExplorerError
-
-# keys, hidden, embeds, transition also as "llm-text-..."
-SIGNALS = ("llm-attention", "llm-keys", "llm-hidden", "llm-embeds", "llm-transition")
+from .errors import ExplorerError
+from .signals import LLM, LLM_ATTENTION, LLM_EMBEDS, LLM_HIDDEN, LLM_KEYS, LLM_TRANSITION, text_of
 
 
 @dataclass(frozen=True)
@@ -82,14 +80,14 @@ def pruning(
     image: (N,) long, the prompt positions of the visual tokens in LLM order; prompt: its length L.
     cuts: (layer, score_layer) pairs, layers increasing: tokens are cut before `layer`, and scored from
     the queries and keys of `score_layer`, which is `layer` or the one before.
-    needs: the signals to compute (see `SIGNALS`); the text is the prompt after the last visual token.
+    needs: the signals to compute (see `signals.LLM`); the text is the prompt after the last visual token.
     choose(cut, maps, alive) -> (K,) long, sorted indices into N of the tokens to keep, all alive.
     compact_from: the first layer whose KV cache is cut down to the tokens left after the last cut once
     the prefill is over (None: every layer keeps the cache its prefill filled); see the module's doc.
     """
-    unknown = set(needs) - set(SIGNALS)
+    unknown = set(needs) - set(LLM)
     if unknown:
-        raise ExplorerError(f"signals {sorted(unknown)} cannot be read inside the LLM; it gives {', '.join(SIGNALS)}")
+        raise ExplorerError(f"signals {sorted(unknown)} cannot be read inside the LLM; it gives {', '.join(LLM)}")
     last = 0
     for layer, score_layer in cuts:
         if not (last <= score_layer <= layer and layer - 1 <= score_layer and 1 <= layer < len(decoder.layers)):
@@ -107,7 +105,7 @@ def pruning(
     try:
         for index, layer in enumerate(decoder.layers):
             handles.append(layer.register_forward_pre_hook(pruner.hook(index), with_kwargs=True))
-            if "llm-transition" in needs:
+            if LLM_TRANSITION in needs:
                 for part in (layer.self_attn, layer.mlp):
                     handles.append(part.register_forward_hook(pruner.transition(index), with_kwargs=True))
         yield pruner.record
@@ -127,7 +125,7 @@ class _Pruner:
         self.text = torch.arange(int(image.max()) + 1, prompt, device=image.device)  # (T,) prompt after the image
         self.cut_at = {layer: s for s, (layer, _) in enumerate(cuts)}
         self.score_at = {score_layer: s for s, (_, score_layer) in enumerate(cuts)}
-        self.busy = {*self.cut_at, *self.score_at, *([0] if "llm-embeds" in needs else [])}  # layers with work to do
+        self.busy = {*self.cut_at, *self.score_at, *([0] if LLM_EMBEDS in needs else [])}  # layers with work to do
         self.decode_at = {*self.cut_at, *self.compacted_layers[:1]}  # layers where a decode step's view changes
         self.record = Record()
         self.rows: list[torch.Tensor] = []  # per cut: prompt positions left after it, for decode steps
@@ -190,8 +188,8 @@ class _Pruner:
             store.keys, store.values = store.keys[:, :, index], store.values[:, :, index]
 
     def prefill(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        if layer == 0 and "llm-embeds" in self.needs:
-            self.maps.update(self.split("embeds", hidden[0]))
+        if layer == 0 and LLM_EMBEDS in self.needs:
+            self.maps.update(self.split(LLM_EMBEDS, hidden[0]))
         s = self.cut_at.get(layer)
         if s is not None:
             if self.cuts[s][1] == layer:
@@ -202,12 +200,12 @@ class _Pruner:
             self.score(layer, hidden, {**kwargs, **self.view})
         return hidden
 
-    def split(self, kind: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x (L, C) over the current sequence -> "llm-<kind>" (N, C), NaN rows for cut tokens, and
-        "llm-text-<kind>" (T, C)."""
+    def split(self, name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x (L, C) over the current sequence -> the signal `name` (N, C), NaN rows for cut tokens, and
+        its text counterpart (T, C)."""
         visual = x.new_full((len(self.image), x.shape[-1]), torch.nan)
         visual[self.alive] = x[torch.searchsorted(self.index, self.image[self.alive])]
-        return {f"llm-{kind}": visual, f"llm-text-{kind}": x[torch.searchsorted(self.index, self.text)]}
+        return {name: visual, text_of(name): x[torch.searchsorted(self.index, self.text)]}
 
     def score(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> None:
         """The signals read from this layer's queries and keys, recomputed as the layer computes them."""
@@ -219,9 +217,9 @@ class _Pruner:
         cos, sin = kwargs["position_embeddings"]  # (1, L, d) each
         k = attn.k_proj(x).view(1, length, -1, d).transpose(1, 2)  # (1, H_kv, L, d)
         k = self.decoder.rope(k, k, cos, sin)[1]
-        if "llm-keys" in self.needs:
-            self.maps.update(self.split("keys", k[0].transpose(0, 1).reshape(length, -1)))  # (L, H_kv * d)
-        if "llm-attention" in self.needs:
+        if LLM_KEYS in self.needs:
+            self.maps.update(self.split(LLM_KEYS, k[0].transpose(0, 1).reshape(length, -1)))  # (L, H_kv * d)
+        if LLM_ATTENTION in self.needs:
             q = attn.q_proj(x[:, rows]).view(1, len(rows), -1, d).transpose(1, 2)  # (1, H, T, d)
             q = self.decoder.rope(q, q, cos[:, rows], sin[:, rows])[0]
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (1, H, L, d): grouped-query heads
@@ -230,7 +228,7 @@ class _Pruner:
             a = torch.softmax(logits.masked_fill(future, -torch.inf), dim=-1)[0]  # (H, T, L)
             visual = a.new_full((*a.shape[:2], len(self.image)), torch.nan)  # (H, T, N)
             visual[:, :, self.alive] = a[:, :, torch.searchsorted(self.index, self.image[self.alive])]
-            self.maps["llm-attention"] = visual
+            self.maps[LLM_ATTENTION] = visual
 
     def transition(self, layer: int):
         """A forward hook on a layer's attention or MLP that adds its token transition variation to
@@ -249,10 +247,10 @@ class _Pruner:
         return after
 
     def cut(self, s: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        if "llm-hidden" in self.needs:
-            self.maps.update(self.split("hidden", self.decoder.norm(hidden)[0]))
-        if "llm-transition" in self.needs:
-            self.maps.update({name: m[:, 0] for name, m in self.split("transition", self.ttv[:, None]).items()})
+        if LLM_HIDDEN in self.needs:
+            self.maps.update(self.split(LLM_HIDDEN, self.decoder.norm(hidden)[0]))
+        if LLM_TRANSITION in self.needs:
+            self.maps.update({name: m[:, 0] for name, m in self.split(LLM_TRANSITION, self.ttv[:, None]).items()})
         keep = self.choose(s, dict(self.maps), self.alive.clone()).to(hidden.device)  # (K,) indices into N
         alive = torch.zeros_like(self.alive)
         alive[keep] = True

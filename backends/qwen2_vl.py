@@ -16,7 +16,7 @@ that cut inside the LLM keep those positions too, or, renumbering, move a kept t
 axes by the number of tokens cut before it.
 
 The Qwen ViT has no [CLS] token: the "cls" signals are the attention each patch receives (see
-`base.attention_maps`) within the patches it attends to (the whole image; in Qwen2.5-VL's windowed
+`signals.attention_maps`) within the patches it attends to (the whole image; in Qwen2.5-VL's windowed
 layers, its window), averaged over the 4 patches of a token, as the LightCompress port does; keys
 (before the rotary embedding) too are averaged, and "hidden" holds a token's 4 patches side by side,
 as the merger takes them. Qwen2.5-VL runs its layers on patches reordered by window; the signals are
@@ -31,19 +31,11 @@ from contextlib import contextmanager
 import torch
 import transformers
 
-from .base import (
-    ATTENTION,
-    Backend,
-    ExplorerError,
-    Geometry,
-    Prepared,
-    attention_maps,
-    build_tokenizer,
-    image_only,
-    image_only_processor,
-    text_config,
-    token_ids,
-)
+from .base import Backend, image_only, image_only_processor
+from .errors import ExplorerError
+from .geometry import Geometry, Prepared
+from .random_models import build_tokenizer, text_config, token_ids
+from .signals import ATTENTION, HIDDEN, KEYS, attention_maps
 
 DEFAULT = "Qwen/Qwen2-VL-2B-Instruct"
 DEFAULT_25 = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -136,8 +128,8 @@ class Qwen2VL(Backend):
 
             def hook(module, args, qkv):  # qkv: (P, 3 * D)
                 q, k, _ = qkv.unflatten(-1, (3, attn.num_heads, -1)).unbind(1)  # (P, h, d) each
-                if "keys" in kinds:
-                    out["keys", layer] = k.float()
+                if KEYS in kinds:
+                    out[KEYS, layer] = k.float()
                 if not kinds & set(ATTENTION):
                     return
                 bounds, (cos, sin) = segments.pop(layer)
@@ -152,7 +144,7 @@ class Qwen2VL(Backend):
 
         def on_output(layer):
             def hook(module, args, hidden):  # hidden: (P, C)
-                out["hidden", layer] = hidden.float()
+                out[HIDDEN, layer] = hidden.float()
 
             return hook
 
@@ -162,9 +154,9 @@ class Qwen2VL(Backend):
                 block = self.encoder[layer]
                 if kinds & set(ATTENTION):
                     handles.append(block.attn.register_forward_pre_hook(before(layer), with_kwargs=True))
-                if kinds & {*ATTENTION, "keys"}:
+                if kinds & {*ATTENTION, KEYS}:
                     handles.append(block.attn.qkv.register_forward_hook(on_qkv(layer, kinds)))
-                if "hidden" in kinds:
+                if HIDDEN in kinds:
                     handles.append(block.register_forward_hook(on_output(layer)))
             yield out
         finally:

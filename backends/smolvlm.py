@@ -9,7 +9,7 @@ markers, newlines) are not visual tokens. Each token is an 8x8 cell of its tile,
 which 16 patches a token folds is read off the model's own `pixel_shuffle`, run on patch indices.
 
 SigLIP has no [CLS] token: the "cls" signals are the attention each patch receives (see
-`base.attention_maps`), averaged over the 16 patches of a token, as the LightCompress port averages
+`signals.attention_maps`), averaged over the 16 patches of a token, as the LightCompress port averages
 folded patches; keys too are averaged, and "hidden" holds a token's 16 patches side by side, as the
 projector takes them (the encoder's final norm, then the linear projection, is the projector here).
 """
@@ -18,16 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import (
-    Backend,
-    Geometry,
-    Prepared,
-    build_tokenizer,
-    image_only,
-    image_only_processor,
-    text_config,
-    token_ids,
-)
+from .base import Backend, image_only, image_only_processor
+from .geometry import Geometry, Prepared
+from .random_models import build_tokenizer, text_config, token_ids, vision_config
 
 DEFAULT = "HuggingFaceTB/SmolVLM-256M-Instruct"  # the smallest; the default without a GPU
 
@@ -156,18 +149,9 @@ def random_parts(name: str):
         image_seq_len=64,
         chat_template=CHAT_TEMPLATE,
     )
-    hidden, layers, heads, mlp = vision
     config = SmolVLMConfig(
         text_config=text_config(tokenizer, text, model_type="llama"),
-        vision_config=dict(
-            model_type="smolvlm_vision",
-            image_size=512,
-            patch_size=16,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=mlp,
-        ),
+        vision_config=vision_config("smolvlm_vision", vision, image_size=512, patch_size=16),
         scale_factor=4,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         **token_ids(tokenizer),

@@ -10,7 +10,9 @@ bytes are computed from the LLM's config and the real token counts (`Result.cost
 from __future__ import annotations
 
 import csv
+import functools
 import statistics
+from dataclasses import dataclass
 
 from . import fidelity
 from .core import Budget
@@ -48,59 +50,88 @@ def sweep(
     budget)` is called before each run."""
     done = {} if done is None else done
     cells = [("none", Budget(fraction=1.0))] + [(m, b) for m in methods if m != "none" for b in budgets]
-
-    def key(method: str, budget: Budget) -> tuple:
-        return method, "-" if method == "none" else str(budget), batch
-
-    def under(row: dict) -> tuple | None:  # the floor's cell of a row, when it drops anything
-        k = row["visual_kept"]
-        return None if not floor or k is None or k == row["visual_full"] else ("uniform", Budget(tokens=k))
-
-    order = [cell for cell in cells if key(*cell) not in done]
-    reused = dict.fromkeys(under(done[key(*cell)]) for cell in cells if key(*cell) in done)  # their floors
-    order += [cell for cell in reused if cell and key(*cell) not in done]
-    results, failed = {cell: [] for cell in order}, {}
+    grid = _Grid(batch, floor)
+    order = [cell for cell in cells if grid.key(*cell) not in done]
+    reused = dict.fromkeys(grid.under(done[grid.key(*cell)]) for cell in cells if grid.key(*cell) in done)  # floors
+    order += [cell for cell in reused if cell and grid.key(*cell) not in done]
     options = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
-    for round in range(warmup + repeats):
+    measure = functools.partial(_one, backend, image, prompt, batch, options)
+    results, failed = _rounds(grid, order, done, warmup + repeats, warmup, measure, progress)
+    for cell, measured in results.items():
+        method, budget, _ = grid.key(*cell)
+        if cell in failed:  # a row with only the reason
+            done[grid.key(*cell)] = dict.fromkeys(COLUMNS) | {"method": method, "budget": budget, "batch": batch}
+            done[grid.key(*cell)]["answer"] = failed[cell]
+        else:
+            done[grid.key(*cell)] = _row(method, budget, measured, batch)
+    rows = [done[grid.key(*cell)] for cell in cells]
+    if batch == 1:
+        _drift(backend, image, prompt, rows, cells)
+    _ratios(grid, rows, done)
+    return rows
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """How a sweep names its cells and finds their floors."""
+
+    batch: int
+    floor: bool
+
+    def key(self, method: str, budget: Budget) -> tuple:
+        """A cell's key in `done`: (method, budget as text, batch)."""
+        return method, "-" if method == "none" else str(budget), self.batch
+
+    def under(self, row: dict) -> tuple | None:
+        """The floor's cell of a row, when it drops anything."""
+        k = row["visual_kept"]
+        return None if not self.floor or k is None or k == row["visual_full"] else ("uniform", Budget(tokens=k))
+
+
+def _one(backend, image, prompt: str, batch: int, options: dict, method: str, budget: Budget):
+    """One measured run of a cell: a `Result`, or a `Batch` of copies of the image."""
+    if batch == 1:
+        return run(backend, image, prompt, method, budget, **options)
+    return run_batch(backend, [image] * batch, prompt, method, budget, **options)
+
+
+def _rounds(grid: _Grid, order: list, done: dict, rounds: int, warmup: int, measure, progress):
+    """Every cell of `order` measured once a round, the first `warmup` rounds unmeasured; the floors found
+    in round 0 are appended to `order`. Returns each cell's measured results, and the cells that ran out
+    of memory with the reason."""
+    results, failed = {cell: [] for cell in order}, {}
+    for round in range(rounds):
         for i, (method, budget) in enumerate(order):  # round 0 appends the floors as it finds them
             if (method, budget) in failed:
                 continue
             if progress:
-                progress(round * len(order) + i, (warmup + repeats) * len(order), method, budget)
+                progress(round * len(order) + i, rounds * len(order), method, budget)
             try:
-                if batch == 1:
-                    result = run(backend, image, prompt, method, budget, **options)
-                else:
-                    result = run_batch(backend, [image] * batch, prompt, method, budget, **options)
+                result = measure(method, budget)
             except OutOfMemory as error:  # its row says so: the others still get measured
                 failed[method, budget] = str(error)
                 continue
             if round >= warmup:
                 results[method, budget].append(result)
-            tokens = result.tokens if batch == 1 else result.tokens[0]
-            floor_cell = under(tokens)
-            if round == 0 and floor_cell and floor_cell not in results and key(*floor_cell) not in done:
+            tokens = result.tokens if grid.batch == 1 else result.tokens[0]
+            floor_cell = grid.under(tokens)
+            if round == 0 and floor_cell and floor_cell not in results and grid.key(*floor_cell) not in done:
                 order.append(floor_cell)
                 results[floor_cell] = []
-    for cell, measured in results.items():
-        method, budget, _ = key(*cell)
-        if cell in failed:  # a row with only the reason
-            done[key(*cell)] = dict.fromkeys(COLUMNS) | {"method": method, "budget": budget, "batch": batch}
-            done[key(*cell)]["answer"] = failed[cell]
-        else:
-            done[key(*cell)] = _row(method, budget, measured, batch)
-    rows = [done[key(*cell)] for cell in cells]
-    if batch == 1:
-        _drift(backend, image, prompt, rows, cells)
-    floors = [done[key(*cell)] for cell in dict.fromkeys(under(row) for row in rows) if cell]
-    for row in rows + [row for row in floors if row not in rows]:  # the floors' own rows get their ratios too
+    return results, failed
+
+
+def _ratios(grid: _Grid, rows: list[dict], done: dict) -> None:
+    """Each row's TTFT and peak memory over the unreduced run's (rows[0]), and its TTFT over its floor's;
+    the floors' own rows get theirs too."""
+    floors = [done[grid.key(*cell)] for cell in dict.fromkeys(grid.under(row) for row in rows) if cell]
+    for row in rows + [row for row in floors if row not in rows]:
         row["ttft_ratio"] = _ratio(row["ttft_s"], rows[0]["ttft_s"])
         row["peak_ratio"] = _ratio(row["peak_bytes"], rows[0]["peak_bytes"])
         row["floor_ttft_s"] = row["over_floor"] = None
-        if floor and row["visual_kept"] is not None:
-            base = rows[0] if under(row) is None else done[key(*under(row))]
+        if grid.floor and row["visual_kept"] is not None:
+            base = rows[0] if grid.under(row) is None else done[grid.key(*grid.under(row))]
             row["floor_ttft_s"], row["over_floor"] = base["ttft_s"], _ratio(row["ttft_s"], base["ttft_s"])
-    return rows
 
 
 def _row(method: str, budget: str, results: list, batch: int) -> dict:

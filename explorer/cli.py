@@ -21,7 +21,30 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m explorer", description="See what visual-token reduction keeps and saves."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _run_parser(commands)
+    commands.add_parser("methods", help="list the reduction methods")
+    models = commands.add_parser(
+        "models", help="the model families: default checkpoints, visual tokens per image, methods that run"
+    )
+    models.add_argument(
+        "--sizes", default="336x336,672x672,1024x768,1920x1080", help="image sizes WIDTHxHEIGHT, comma-separated"
+    )
+    _bench_parser(commands)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "methods":
+            return _methods()
+        if args.command == "models":
+            return _models(args.sizes)
+        if args.command == "run":
+            return _run(args)
+        return _bench(args)
+    except ExplorerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
+
+def _run_parser(commands) -> None:
     run = commands.add_parser("run", help="answer one prompt about one image with one method and budget")
     _model_args(run)
     run.add_argument("--prompt", required=True)
@@ -37,14 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         "--fidelity", action="store_true", help="also run the full model and score its answer under the reduced one"
     )
 
-    commands.add_parser("methods", help="list the reduction methods")
-    models = commands.add_parser(
-        "models", help="the model families: default checkpoints, visual tokens per image, methods that run"
-    )
-    models.add_argument(
-        "--sizes", default="336x336,672x672,1024x768,1920x1080", help="image sizes WIDTHxHEIGHT, comma-separated"
-    )
 
+def _bench_parser(commands) -> None:
     sweep = commands.add_parser(
         "bench", help="time methods x budgets against the unreduced run and the floor, per model, size and batch"
     )
@@ -67,19 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         help="chart of TTFT, peak memory and FLOPs against tokens kept (default: bench.html); a PNG is written "
         "beside it when kaleido can find Chrome or Chromium",
     )
-
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "methods":
-            return _methods()
-        if args.command == "models":
-            return _models(args.sizes)
-        if args.command == "run":
-            return _run(args)
-        return _bench(args)
-    except ExplorerError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
 
 
 def _model_args(parser: argparse.ArgumentParser, several: bool = False) -> None:

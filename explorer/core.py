@@ -1,17 +1,47 @@
-"""The contracts between backends, methods and the pipeline: budget, signals, selection."""
+"""The contracts between backends, methods and the pipeline: budget, signals, selection, method."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import ClassVar
 
 import torch
 
-from backends.base import ExplorerError, Geometry
 from backends.encoder_merge import Merging
+from backends.errors import ExplorerError
+from backends.geometry import Geometry
+from backends.signals import (  # the names of the signals methods read
+    CLS,
+    CLS_0,
+    CLS_FEATURE,
+    CLS_LAST,
+    CLS_LOGITS_LAST,
+    CLS_ONEHEAD_LAST,
+    FEATURE,
+    FEATURES,
+    HIDDEN,
+    HIDDEN_0,
+    HIDDEN_FEATURE,
+    KEYS_FEATURE,
+    KEYS_LAST,
+    LLM_ATTENTION,
+    LLM_EMBEDS,
+    LLM_HIDDEN,
+    LLM_KEYS,
+    LLM_TRANSITION,
+    MERGED_AFTER,
+    MERGED_INTO,
+    at,
+    text_of,
+)
 
-__all__ = ["Budget", "Cut", "ExplorerError", "Geometry", "Merging", "Selection", "Signals", "fraction_of"]
+__all__ = ["Budget", "Cut", "ExplorerError", "Geometry", "Merging", "Method", "Selection", "Signals", "fraction_of"]
+__all__ += ["CLS", "CLS_0", "CLS_FEATURE", "CLS_LAST", "CLS_LOGITS_LAST", "CLS_ONEHEAD_LAST", "FEATURE", "FEATURES"]
+__all__ += ["HIDDEN", "HIDDEN_0", "HIDDEN_FEATURE", "KEYS_FEATURE", "KEYS_LAST", "LLM_ATTENTION", "LLM_EMBEDS"]
+__all__ += ["LLM_HIDDEN", "LLM_KEYS", "LLM_TRANSITION", "MERGED_AFTER", "MERGED_INTO", "at", "text_of"]
 
 
 def fraction_of(fraction: float, n: int) -> int:
@@ -121,3 +151,52 @@ class Selection:
     budgets: dict[str, int] = field(default_factory=dict)  # partition name -> its budget
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # intermediate (N,) maps worth teaching
     stats: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. {"content count": {"crop 0,0": 12}}
+
+
+class Method:
+    """A reduction method: one file each in `explorer.methods`, all listed there.
+
+    A method is a frozen dataclass subclassing this one, whose fields are its settings (metadata:
+    "help", and "range" for numbers); class attributes say its `stage` ("vision": before the LLM), the
+    signals it `needs` (see `Signals`), optionally what it `requires` of the model ("thumbnail": a
+    low-resolution view of the whole image beside high-resolution crops; "patch tokens": every visual
+    token one encoder patch, projected on its own), and a one-line `summary`; `select(signals) ->
+    Selection` does the work. A vision method that merges inside the encoder also has `merging(geometry,
+    budget) -> Merging`, the plan the backend's encoder follows; its `select` then reads the signals that
+    merging gives. A method that keeps every token whatever the budget is not `budgeted`.
+
+    A method of stage "llm" prunes inside the LLM: `cuts(depth, n, budget) -> list[Cut]` says before
+    which layers it cuts and how many tokens each cut leaves (the last leaves the budget), its
+    `keep_positions` setting whether kept tokens keep their positions, and `select` is called at each cut
+    with the signals of that point (`Signals.alive` marks the tokens still in the sequence). Such a method
+    may also act before the LLM: `select_vision(signals) -> Selection`, on the vision signals it names in
+    `vision_needs`, keeps (and may merge) tokens as a vision method does; only those enter the LLM, its
+    cuts are counted from them, and the maps of that selection (e.g. a set never to drop) reach every
+    cut's signals. An `adaptive` method keeps what its rule finds, at most each cut's count. A method
+    whose decode works on a smaller cache than its prefill filled says from which layer on the caches are
+    cut down to the last cut's tokens once the prefill is over: `compact_from(cuts) -> int | None`
+    (MustDrop's decode stage; without it every layer keeps the cache its prefill filled).
+
+    Every attribute below but `summary` has its default here; a method overrides only what it uses.
+    """
+
+    stage: ClassVar[str] = "vision"  # "vision": before the LLM; "llm": inside it
+    summary: ClassVar[str]  # one line, for pickers and `python -m explorer methods`
+    needs: ClassVar[tuple[str, ...]] = ()  # the signals `select` reads
+    requires: ClassVar[tuple[str, ...]] = ()  # "thumbnail", "patch tokens"
+    budgeted: ClassVar[bool] = True  # False: it keeps every token whatever the budget
+    vision_needs: ClassVar[tuple[str, ...]] = ()  # the vision signals `select_vision` reads
+    adaptive: bool = False  # it picks its own count (a setting where a method offers it)
+    keep_positions: bool = True  # stage "llm": kept tokens keep their positions (a setting of those methods)
+    select_vision: Callable[[Signals], Selection] | None = None  # stage "llm": a step before the LLM
+    merging: Callable[[Geometry, int], Merging] | None = None  # merging inside the vision encoder
+    compact_from: Callable[[list[Cut]], int | None] | None = None  # stage "llm": caches cut after the prefill
+
+    def select(self, s: Signals) -> Selection:
+        """The tokens to keep (stage "llm": at this cut)."""
+        raise NotImplementedError
+
+    def cuts(self, depth: int, n: int, budget: int) -> list[Cut]:
+        """Stage "llm": before which of the LLM's `depth` layers it cuts and how many of the `n` visual
+        tokens each cut leaves, the last `budget`."""
+        raise NotImplementedError

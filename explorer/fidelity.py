@@ -9,25 +9,23 @@ and the first token where the two models' greedy choices part. No sampling, no s
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from .images import load_image
 from .llm import llm_hooks
-from .pipeline import _locks, _method, _out_of_memory, _select
+from .pipeline import exclusive, method_for, select
 
 
 def logprobs(backend, image: str | Image.Image, prompt: str, answer_ids, method="none", budget=1.0, settings=None):
     """(T, V) float32 log-probabilities of the next token at each of the T answer positions, under
     the model as `method` at `budget` reduces it."""
-    chosen, budget = _method(backend, method, settings, budget)
+    chosen, budget = method_for(backend, method, settings, budget)
     picture = load_image(image)
-    with _locks.setdefault(backend.model, threading.Lock()), _out_of_memory(backend.device):
-        _, prepared, features, selection, b = _select(backend, picture, prompt, chosen, budget, len(answer_ids))
-        inputs = backend.generate_inputs(prepared, features, selection.keep)
+    with exclusive(backend):
+        selected = select(backend, picture, prompt, chosen, budget, len(answer_ids))
+        inputs = backend.generate_inputs(selected.prepared, selected.features, selected.selection.keep)
         ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")  # (1, P)
         answer = torch.tensor([list(answer_ids)], dtype=ids.dtype, device=ids.device)  # (1, T)
         if "position_ids" in inputs:  # Qwen2-VL's M-RoPE: the answer goes on one position a token, as in generate()
@@ -35,7 +33,7 @@ def logprobs(backend, image: str | Image.Image, prompt: str, answer_ids, method=
             after = positions[..., -1:] + torch.arange(1, answer.shape[1] + 1, device=positions.device)  # (rows, 1, T)
             inputs["position_ids"] = torch.cat([positions, after], -1)
         # a method working inside the LLM cuts there (after its own step before the LLM, if it has one)
-        stage, hooks = llm_hooks(backend, prepared, method, chosen, b, selection)
+        stage, hooks = llm_hooks(backend, selected.prepared, method, chosen, selected.budget, selected.selection)
         with torch.inference_mode(), hooks:
             if stage is not None and stage.compacts:  # the answer is read on the caches cut after the prefill
                 logits = _on_compacted_caches(backend, ids, mask, answer, inputs)

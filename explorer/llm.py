@@ -13,19 +13,23 @@ from contextlib import nullcontext
 
 import torch
 
-from .core import ExplorerError, Geometry, Selection, Signals
+from backends.signals import LLM_ATTENTION, TEXT
+
+from .core import ExplorerError, Geometry, Method, Selection, Signals
 
 
 class LlmStage:
     """One run of an llm-stage method: `choose` is called by the hooks at every cut, in order."""
 
-    def __init__(self, name: str, method, geometry: Geometry, budget: int, depth: int, before: Selection | None = None):
+    def __init__(
+        self, name: str, method: Method, geometry: Geometry, budget: int, depth: int, before: Selection | None = None
+    ):
         self.method, self.geometry, self.depth = method, geometry, depth
         n = len(geometry)
         self.before = before  # what the method's vision step chose, if it has one
         self.entering = torch.arange(n) if before is None else before.keep.cpu()  # (K,) into N: what enters the LLM
         self.reduced = len(self.entering) < n
-        self.adaptive = getattr(method, "adaptive", False)  # it keeps as many as its rule finds, at most each count
+        self.adaptive = method.adaptive  # it keeps as many as its rule finds, at most each count
         self.cuts = method.cuts(depth, len(self.entering), budget)
         layers, tokens = [c.layer for c in self.cuts], [c.tokens for c in self.cuts]
         if not layers or not all(1 <= layer < depth for layer in layers):
@@ -36,7 +40,7 @@ class LlmStage:
         assert layers == sorted(set(layers)) and tokens == sorted(tokens, reverse=True)
         assert tokens[-1] == budget or self.adaptive
         # the first layer whose cache is cut to the last cut's tokens after the prefill (None: none is)
-        self.compact_from = method.compact_from(self.cuts) if hasattr(method, "compact_from") else None
+        self.compact_from = method.compact_from(self.cuts) if method.compact_from is not None else None
         self.chosen: list[Selection] = []  # per cut, as the method returned it
         self.final: Selection | None = None
 
@@ -71,10 +75,10 @@ class LlmStage:
     def widen(self, name: str, values: torch.Tensor) -> torch.Tensor:
         """A signal over the K tokens that entered the LLM as one over the N tokens of the image: NaN
         (False for `alive`) for the tokens gone before it; the text signals as they are."""
-        if name.startswith("llm-text-"):
+        if name.startswith(TEXT):
             return values
         entering = self.entering.to(values.device)
-        if name == "llm-attention":  # (H, T, K): the visual tokens on the last axis
+        if name == LLM_ATTENTION:  # (H, T, K): the visual tokens on the last axis
             wide = values.new_full((*values.shape[:-1], len(self.geometry)), torch.nan)
             wide[..., entering] = values
             return wide

@@ -20,19 +20,52 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NotRequired, TypedDict
 
 import torch
 from PIL import Image
 
-from .core import Budget, ExplorerError, Geometry, Selection, Signals
+from backends.geometry import Prepared
+from backends.signals import FEATURES, HIDDEN_FEATURE
+
+from .core import Budget, ExplorerError, Geometry, Method, Selection, Signals
 from .cost import Shape, kv_bytes, prefill_flops
 from .images import load_image
-from .llm import llm_hooks
+from .llm import LlmStage, llm_hooks
 from .measure import PeakMemory, TokenStream, first_forward, now, sync
 from .methods import make, unavailable
 
 MAX_PROMPT_CHARS = 20_000  # far beyond any model's context; refused before tokenizing
 _locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> lock: one run at a time per model
+
+
+class Tokens(TypedDict):
+    """A run's token counts, as `--json` prints them."""
+
+    visual_full: int  # N: the image's visual tokens, unreduced
+    visual_budget: int | None  # B; None when the method picks its own count or keeps everything
+    visual_kept: int  # what reached the LLM (inside the LLM: what is left after the last cut)
+    text: int  # prompt tokens that are not visual tokens
+    adaptive: bool
+    visual_per_layer: list[int]  # visual tokens each LLM layer sees in the prefill
+    visual_layer_mean: float
+    visual_cached_per_layer: list[int]  # visual tokens each layer's KV cache holds while decoding
+    llm_cuts: list[dict]  # inside the LLM: {layer, scored_at, kept} per cut
+    visual_entering: NotRequired[int]  # inside the LLM: the visual tokens that entered it
+    generated: int
+    by_partition: list[dict]  # {name, full, kept} per partition
+
+
+class Timing(TypedDict):
+    """A run's times in seconds (`decode_tokens_per_s` a rate), as `--json` prints them."""
+
+    ttft_s: float | None
+    prefill_s: float | None
+    decode_tokens_per_s: float | None
+    total_s: float
+    preprocess_s: float
+    vision_s: float
+    selection_s: float
 
 
 @dataclass(frozen=True)
@@ -43,11 +76,10 @@ class Result:
     budget: Budget | None  # None when the method keeps everything
     answer: str
     answer_ids: tuple[int, ...]  # the generated token ids
-    tokens: dict  # visual_full, visual_budget, visual_kept, visual_per_layer, visual_layer_mean,
-    # visual_cached_per_layer, llm_cuts, text, generated, by_partition
-    timing: dict  # seconds: ttft_s, prefill_s, total_s, selection_s, ...; decode_tokens_per_s
+    tokens: Tokens
+    timing: Timing
     memory: dict  # device, peak_bytes
-    cost: dict  # prefill_flops, kv_bytes: computed from the LLM's config and the tokens per layer (`_cost`)
+    cost: dict  # prefill_flops, kv_bytes: computed from the LLM's config and the tokens per layer (`costs`)
     geometry: Geometry
     selection: Selection
     random_weights: bool
@@ -57,6 +89,26 @@ class Result:
         budget = None if self.budget is None else self.budget.fraction or self.budget.tokens
         fields = ("model", "method", "settings", "answer", "random_weights", "tokens", "timing", "memory", "cost")
         return {"budget": budget, **{name: getattr(self, name) for name in fields}}
+
+
+@dataclass(frozen=True)
+class Selected:
+    """What the stages before the LLM made of one image and prompt (`select`)."""
+
+    prepared: Prepared
+    # (N, D) the projected visual tokens in LLM order (merged where the method merges); when only the kept
+    # tokens were projected, only their rows are filled
+    features: torch.Tensor
+    selection: Selection  # for an llm-stage method: what its step before the LLM kept, else every token
+    budget: int  # B: visual tokens to keep (N when the method keeps everything or picks its own count)
+    clock: tuple[float, ...]  # when it started, and when preprocessing, encoding, selection, projection ended
+
+    def stages(self) -> dict:
+        """Seconds of the stages before the LLM: preprocessing, the vision encoder with the projector,
+        and the selection."""
+        start, preprocessed, encoded, selected, projected = self.clock
+        vision = encoded - preprocessed + projected - selected
+        return {"preprocess_s": preprocessed - start, "vision_s": vision, "selection_s": selected - encoded}
 
 
 def run(backend, image, prompt: str, method: str = "hired", budget: Budget | float = 0.2, **options) -> Result:
@@ -75,70 +127,94 @@ def stream(
     min_new_tokens: int = 0,
     timeout_s: float = 300.0,  # longest wait for the next token before the run is stopped
 ) -> Iterator[Result]:
-    chosen, budget = _method(backend, method, settings, budget)
-    adaptive = getattr(chosen, "adaptive", False)
+    chosen, budget = method_for(backend, method, settings, budget)
     check_request(prompt, max_new_tokens, min_new_tokens, timeout_s)
     picture = load_image(image)
-    device, model, tokenizer = backend.device, backend.model, backend.tokenizer
-    memory = PeakMemory(device)
+    model, tokenizer = backend.model, backend.tokenizer
+    memory = PeakMemory(backend.device)
     ids: list[int] = []  # generated so far
     times: list[float] = []  # when each arrived
 
-    with _locks.setdefault(model, threading.Lock()), _out_of_memory(device):
+    with exclusive(backend):
         memory.reset()
-        clock, prepared, features, selection, b = _select(backend, picture, prompt, chosen, budget, max_new_tokens)
-        g, keep = prepared.geometry, selection.keep
-        inside, hooks = llm_hooks(backend, prepared, method, chosen, b, selection)  # None, a no-op for vision methods
-
-        def result(done: bool) -> Result:
-            start, stages = clock[0], _stages(clock)
-            current = inside.selection() if inside else selection
-            keep = current.keep
-            kept = torch.bincount(g.partition[keep.cpu()], minlength=len(g.names)).tolist()
-            by_partition = [{"name": n, "full": f, "kept": k} for n, f, k in zip(g.names, g.sizes(), kept)]
-            tokens = {"visual_full": len(g), "visual_budget": b, "visual_kept": len(keep), "text": prepared.text_tokens}
-            tokens.update(visual_budget=None if adaptive else b, adaptive=adaptive)
-            every = {"visual_per_layer": [len(keep)] * backend.depth, "visual_layer_mean": float(len(keep))}
-            every["visual_cached_per_layer"] = every["visual_per_layer"]
-            tokens.update(inside.tokens() if inside else {**every, "llm_cuts": []})
-            timing = {
-                "ttft_s": times[0] - start if times else None,
-                "prefill_s": prefill[1] - prefill[0] if len(prefill) == 2 else None,
-                "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None,
-                "total_s": now() - start,
-                **stages,
-                "selection_s": stages["selection_s"] + (record.seconds if record else 0.0),  # + the hooks' in the LLM
-            }
-            return Result(
-                model=backend.name,
-                method=method,
-                settings=dataclasses.asdict(chosen),
-                budget=budget,
-                answer=tokenizer.decode(ids, skip_special_tokens=True),
-                answer_ids=tuple(ids),
-                tokens={**tokens, "generated": len(ids), "by_partition": by_partition},
-                timing=timing,
-                memory={"device": device.type, "peak_bytes": memory.peak()},
-                cost=_cost(
-                    backend,
-                    [prepared.text_tokens + v for v in tokens["visual_per_layer"]],
-                    [prepared.text_tokens + v for v in tokens["visual_cached_per_layer"]],
-                ),
-                geometry=g,
-                selection=current,
-                random_weights=backend.random_weights,
-                done=done,
-            )
-
-        inputs = backend.generate_inputs(prepared, features, keep)
+        selected = select(backend, picture, prompt, chosen, budget, max_new_tokens)
+        inside, hooks = llm_hooks(backend, selected.prepared, method, chosen, selected.budget, selected.selection)
+        inputs = backend.generate_inputs(selected.prepared, selected.features, selected.selection.keep)
         options = dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
-        with first_forward(model, device) as prefill, hooks as record:  # record: what the hooks did, or None
-            for _ in _generate(
-                model, {**inputs, **options, "pad_token_id": tokenizer.pad_token_id}, timeout_s, ids, times
-            ):
+        kwargs = {**inputs, **options, "pad_token_id": tokenizer.pad_token_id}
+        with first_forward(model, backend.device) as prefill, hooks as record:  # record: what the hooks did, or None
+            for _ in _generate(model, kwargs, timeout_s, ids, times):
                 if not inside or inside.done:  # an llm-stage method has chosen once the prefill is over
-                    yield result(done=False)
-        yield result(done=True)
+                    yield result(backend, method, chosen, budget, selected, inside, record, prefill, ids, times, memory)
+        yield result(backend, method, chosen, budget, selected, inside, record, prefill, ids, times, memory, done=True)
+
+
+def result(
+    backend,
+    method: str,
+    chosen: Method,
+    budget: Budget | None,
+    selected: Selected,
+    inside: LlmStage | None,
+    record,
+    prefill: list[float],
+    ids: list[int],
+    times: list[float],
+    memory: PeakMemory,
+    done: bool = False,
+) -> Result:
+    """The `Result` of a run so far: `inside` the llm-stage method's run (None for others), `record` what its
+    hooks did, `prefill` the start and end of the prefill, `ids` the tokens generated and `times` when."""
+    selection = inside.selection() if inside else selected.selection
+    tokens = _tokens(backend, selected, selection, chosen.adaptive, inside, len(ids))
+    stages = selected.stages()
+    timing: Timing = {
+        "ttft_s": times[0] - selected.clock[0] if times else None,
+        "prefill_s": prefill[1] - prefill[0] if len(prefill) == 2 else None,
+        "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None,
+        "total_s": now() - selected.clock[0],
+        **stages,
+        "selection_s": stages["selection_s"] + (record.seconds if record else 0.0),  # + the hooks' in the LLM
+    }
+    text = selected.prepared.text_tokens
+    return Result(
+        model=backend.name,
+        method=method,
+        settings=dataclasses.asdict(chosen),
+        budget=budget,
+        answer=backend.tokenizer.decode(ids, skip_special_tokens=True),
+        answer_ids=tuple(ids),
+        tokens=tokens,
+        timing=timing,
+        memory={"device": backend.device.type, "peak_bytes": memory.peak()},
+        cost=costs(
+            backend,
+            [text + v for v in tokens["visual_per_layer"]],
+            [text + v for v in tokens["visual_cached_per_layer"]],
+        ),
+        geometry=selected.prepared.geometry,
+        selection=selection,
+        random_weights=backend.random_weights,
+        done=done,
+    )
+
+
+def _tokens(backend, selected: Selected, selection: Selection, adaptive: bool, inside, generated: int) -> Tokens:
+    """The token counts of a run whose LLM keeps `selection`'s tokens (after its last cut, for `inside`)."""
+    g, keep, b = selected.prepared.geometry, selection.keep, selected.budget
+    kept = torch.bincount(g.partition[keep.cpu()], minlength=len(g.names)).tolist()
+    by_partition = [{"name": n, "full": f, "kept": k} for n, f, k in zip(g.names, g.sizes(), kept)]
+    tokens = {
+        "visual_full": len(g),
+        "visual_budget": b,
+        "visual_kept": len(keep),
+        "text": selected.prepared.text_tokens,
+    }
+    tokens.update(visual_budget=None if adaptive else b, adaptive=adaptive)
+    every = {"visual_per_layer": [len(keep)] * backend.depth, "visual_layer_mean": float(len(keep))}
+    every["visual_cached_per_layer"] = every["visual_per_layer"]
+    tokens.update(inside.tokens() if inside else {**every, "llm_cuts": []})
+    return {**tokens, "generated": generated, "by_partition": by_partition}
 
 
 @dataclass(frozen=True)
@@ -170,26 +246,26 @@ def run_batch(
     budgets = budgets if isinstance(budgets, list) else [budgets] * len(images)
     if not images or len(budgets) != len(images):
         raise ExplorerError(f"a batch needs one budget per image: got {len(images)} images and {len(budgets)} budgets")
-    chosen, _ = _method(backend, method, settings, budgets[0])
+    chosen, _ = method_for(backend, method, settings, budgets[0])
     if chosen.stage != "vision":
         raise ExplorerError(f"{method} prunes inside the LLM, which runs one image at a time, not in batches")
     check_request(prompt, max_new_tokens, min_new_tokens)
     pictures = [load_image(image) for image in images]
     device, model, tokenizer = backend.device, backend.model, backend.tokenizer
     memory = PeakMemory(device)
-    with _locks.setdefault(model, threading.Lock()), _out_of_memory(device):
+    with exclusive(backend):
         memory.reset()
         start, stages, each, tokens = now(), [], [], []
         for picture, budget in zip(pictures, budgets):
-            _, budget = _method(backend, method, settings, budget)
-            clock, prepared, features, selection, b = _select(backend, picture, prompt, chosen, budget, max_new_tokens)
-            stages.append(_stages(clock))
-            each.append(backend.generate_inputs(prepared, features, selection.keep))
-            kept = len(selection.keep)
+            _, budget = method_for(backend, method, settings, budget)
+            selected = select(backend, picture, prompt, chosen, budget, max_new_tokens)
+            stages.append(selected.stages())
+            each.append(backend.generate_inputs(selected.prepared, selected.features, selected.selection.keep))
+            kept = len(selected.selection.keep)
             tokens.append(
-                {"visual_full": len(prepared.geometry), "visual_budget": b, "visual_kept": kept}
+                {"visual_full": len(selected.prepared.geometry), "visual_budget": selected.budget, "visual_kept": kept}
                 | {"visual_per_layer": [kept] * backend.depth, "visual_cached_per_layer": [kept] * backend.depth}
-                | {"text": prepared.text_tokens}
+                | {"text": selected.prepared.text_tokens}
             )
         inputs = backend.batch_inputs(each)
         stamps = TokenStream()
@@ -209,20 +285,12 @@ def run_batch(
         "selection_s": sum(s["selection_s"] for s in stages),
         "images_per_s": len(images) / (end - start),
     }
-    each_row = _cost(backend, [inputs["input_ids"].shape[1]] * backend.depth)  # every row is padded to the longest
+    each_row = costs(backend, [inputs["input_ids"].shape[1]] * backend.depth)  # every row is padded to the longest
     cost = {key: len(images) * value for key, value in each_row.items()}
     return Batch(answers, tokens, timing, {"device": device.type, "peak_bytes": memory.peak()}, cost)
 
 
-def _stages(clock: list[float]) -> dict:
-    """Seconds of the stages before the LLM, from `_select`'s clock: preprocessing, the vision encoder
-    with the projector, and the selection."""
-    start, preprocessed, encoded, selected, projected = clock
-    vision = encoded - preprocessed + projected - selected
-    return {"preprocess_s": preprocessed - start, "vision_s": vision, "selection_s": selected - encoded}
-
-
-def _cost(backend, tokens: list[int], cached: list[int] | None = None) -> dict:
+def costs(backend, tokens: list[int], cached: list[int] | None = None) -> dict:
     """The prefill's FLOPs when LLM layer l holds tokens[l] tokens, and the bytes of the prompt's KV cache
     the decode works on, when layer l's cache holds cached[l] (the same unless the method cuts the caches
     after the prefill; see `cost`)."""
@@ -233,21 +301,19 @@ def _cost(backend, tokens: list[int], cached: list[int] | None = None) -> dict:
     }
 
 
-def _method(backend, name: str, settings: dict | None, budget: Budget | float):
+def method_for(backend, name: str, settings: dict | None, budget: Budget | float) -> tuple[Method, Budget | None]:
     """The method with its settings, and its budget: None when it keeps everything or picks its own count.
     A method that cannot run on the backend's model is refused, with the reason."""
     chosen = make(name, **(settings or {}))
     if reason := unavailable(name, backend):
         raise ExplorerError(reason)
-    adaptive = getattr(chosen, "adaptive", False)  # it picks its own count: there is no budget to meet
     budget = budget if isinstance(budget, Budget) else Budget(fraction=budget)
-    return chosen, budget if getattr(chosen, "budgeted", True) and not adaptive else None
+    return chosen, budget if chosen.budgeted and not chosen.adaptive else None  # adaptive: no budget to meet
 
 
-def _select(backend, picture, prompt, chosen, budget, max_new_tokens):
-    """Preprocess, vision stage, selection; the clock marks the start and the end of each stage:
-    preprocessed, encoded, selected, projected (the projector on the kept tokens, when that is how the
-    family runs; else it ran with the encoder)."""
+def select(backend, picture, prompt: str, chosen: Method, budget: Budget | None, max_new_tokens: int) -> Selected:
+    """Preprocess, vision stage, selection, and the projector on the kept tokens when that is how the
+    family runs (else it ran with the encoder), each stage timed."""
     device = backend.device
     clock = [now()]
     with torch.inference_mode():
@@ -255,32 +321,24 @@ def _select(backend, picture, prompt, chosen, budget, max_new_tokens):
         g = prepared.geometry
         b = budget.resolve(len(g)) if budget else len(g)
         vision = chosen.stage == "vision"  # else every visual token enters the LLM, to be cut inside
-        first = getattr(chosen, "select_vision", None)  # an llm-stage method's own step before the LLM, if any
         # project only the tokens kept, when the family can and the method reads no projected features
-        lazy = vision and backend.one_patch_each(prepared) and b < len(g) and "features" not in chosen.needs
-        if hasattr(chosen, "merging") and not lazy and b < len(g):
+        lazy = vision and backend.one_patch_each(prepared) and b < len(g) and FEATURES not in chosen.needs
+        if chosen.merging is not None and not lazy and b < len(g):
             raise ExplorerError(
                 f"{backend.family} resamples the grid of an image this large, so its visual tokens are not one "
                 "encoder patch each and patches cannot be merged inside the encoder for them; try a smaller "
                 "image, or tome, which merges after the encoder"
             )
-        needs = (*(chosen.needs if vision else getattr(chosen, "vision_needs", ())), *(["hidden@feature"] * lazy))
-        entering = b if vision else len(g)
-        if prepared.text_tokens + entering + max_new_tokens > backend.max_positions:
-            raise ExplorerError(
-                f"prompt ({prepared.text_tokens} tokens) + {entering} visual tokens + {max_new_tokens} new tokens "
-                f"exceeds the model's {backend.max_positions} positions; shorten the prompt or the budget"
-            )
+        _check_length(backend, prepared, b if vision else len(g), max_new_tokens)
+        needs = (*(chosen.needs if vision else chosen.vision_needs), *([HIDDEN_FEATURE] * lazy))
         sync(device)
         clock.append(now())
-        merging = chosen.merging(g, b) if lazy and hasattr(chosen, "merging") else None  # inside the encoder
+        merging = chosen.merging(g, b) if lazy and chosen.merging is not None else None  # inside the encoder
         features, maps = backend.encode(prepared, tuple(dict.fromkeys(needs)), project=not lazy, merging=merging)
         sync(device)
         clock.append(now())
-        if vision or first:
-            selection = (chosen.select if vision else first)(Signals(g, b, maps))
-        else:
-            selection = Selection(keep=torch.arange(len(g)))
+        first = chosen.select if vision else chosen.select_vision  # an llm-stage method's own step, if any
+        selection = first(Signals(g, b, maps)) if first is not None else Selection(keep=torch.arange(len(g)))
         if selection.weights is not None and not lazy:  # merging: the backend builds what each kept token carries
             features = backend.merge(features, maps, selection)
         sync(device)
@@ -291,7 +349,29 @@ def _select(backend, picture, prompt, chosen, budget, max_new_tokens):
         clock.append(now())
     keep = selection.keep
     assert keep.dim() == 1 and (keep.diff() > 0).all() and 0 <= keep.min() and keep.max() < len(g), "bad keep"
-    return clock, prepared, features, selection, b
+    return Selected(prepared, features, selection, b, tuple(clock))
+
+
+def _check_length(backend, prepared: Prepared, entering: int, max_new_tokens: int) -> None:
+    """Refuse a prompt whose visual tokens entering the LLM and answer would not fit the model's positions."""
+    if prepared.text_tokens + entering + max_new_tokens > backend.max_positions:
+        raise ExplorerError(
+            f"prompt ({prepared.text_tokens} tokens) + {entering} visual tokens + {max_new_tokens} new tokens "
+            f"exceeds the model's {backend.max_positions} positions; shorten the prompt or the budget"
+        )
+
+
+def model_lock(model) -> threading.Lock:
+    """The lock that lets one run at a time use `model`."""
+    return _locks.setdefault(model, threading.Lock())
+
+
+@contextmanager
+def exclusive(backend):
+    """The backend's model for this run alone; a device out-of-memory error becomes `OutOfMemory`, after
+    the memory is given back."""
+    with model_lock(backend.model), _out_of_memory(backend.device):
+        yield
 
 
 def _generate(model, kwargs: dict, timeout_s: float, ids: list[int], times: list[float]) -> Iterator[None]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw
 
+from backends.signals import CLS_HEADS, at
+
 from . import visual as vis
 from .core import ExplorerError, Geometry
 from .images import load_image
@@ -54,7 +56,7 @@ def steps(picture: Image.Image, result) -> list[tuple[Image.Image, str]]:
     """The run's stages drawn on the image, each with a caption: the method's intermediate maps,
     where its budget went, the scores it ranked by, its merge groups and what reached the LLM."""
     g, selection, method = result.geometry, result.selection, METHODS[result.method]
-    if not getattr(method, "budgeted", True):
+    if not method.budgeted:
         return [(picture, "No reduction: every visual token reaches the LLM, so there are no steps to show.")]
     views = vis.views(g)
     shown = []
@@ -128,8 +130,9 @@ def layer_maps(backend, image, prompt: str = "Describe the image.") -> tuple[Geo
     prepared = backend.prepare(load_image(image), prompt)
     layers = backend.vision_layers
     with torch.inference_mode():
-        _, signals = backend.encode(prepared, tuple(f"cls-heads@{layer}" for layer in range(layers)))
-    return prepared.geometry, torch.stack([signals[f"cls-heads@{layer}"].float().cpu() for layer in range(layers)])
+        names = [at(CLS_HEADS, layer) for layer in range(layers)]
+        _, signals = backend.encode(prepared, tuple(names))
+    return prepared.geometry, torch.stack([signals[name].float().cpu() for name in names])
 
 
 def layer_picture(picture, g: Geometry, maps: torch.Tensor, layer: int, head: int | None, tokens) -> Image.Image:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from backends import signals
+
 from .core import Geometry, Selection
 from .methods import METHODS
 
@@ -304,35 +306,38 @@ STAGES = {
 
 
 SIGNALS = {  # what each kind of signal is, in plain words (see `explorer.Signals`)
-    "cls": "the [CLS] token's attention to each patch",
-    "cls-onehead": "the [CLS] token's attention to each patch, with the heads joined into one",
-    "cls-logits": "the [CLS] token's attention scores for each patch, before the softmax",
-    "keys": "the attention keys of each patch",
-    "hidden": "the vision encoder's output for each patch",
+    signals.CLS: "the [CLS] token's attention to each patch",
+    signals.CLS_ONEHEAD: "the [CLS] token's attention to each patch, with the heads joined into one",
+    signals.CLS_LOGITS: "the [CLS] token's attention scores for each patch, before the softmax",
+    signals.KEYS: "the attention keys of each patch",
+    signals.HIDDEN: "the vision encoder's output for each patch",
 }
 
 
 LLM_SIGNALS = {  # read inside the LLM, where a method cuts
-    "llm-attention": "the attention of the prompt's text to each visual token, at the LLM layer that scores",
-    "llm-keys": "the attention keys of the visual and text tokens at the LLM layer that scores",
-    "llm-hidden": "the LLM's hidden states of the visual and text tokens where it cuts",
-    "llm-embeds": "the LLM's input embeddings of the visual and text tokens",
-    "llm-transition": "how much the LLM's attention and MLP layers change each visual token (its transition "
-    "variation), summed over the layers before the cut",
+    signals.LLM_ATTENTION: "the attention of the prompt's text to each visual token, at the LLM layer that scores",
+    signals.LLM_KEYS: "the attention keys of the visual and text tokens at the LLM layer that scores",
+    signals.LLM_HIDDEN: "the LLM's hidden states of the visual and text tokens where it cuts",
+    signals.LLM_EMBEDS: "the LLM's input embeddings of the visual and text tokens",
+    signals.LLM_TRANSITION: "how much the LLM's attention and MLP layers change each visual token (its "
+    "transition variation), summed over the layers before the cut",
 }
 
 
 def signal_name(signal: str) -> str:
     kind, _, layer = signal.partition("@")
-    where = {"feature": "the feature layer (whose output the LLM receives)", "last": "the last vision layer"}
+    where = {
+        signals.FEATURE: "the feature layer (whose output the LLM receives)",
+        signals.LAST: "the last vision layer",
+    }
     if kind in SIGNALS:
-        if layer.startswith("feature-"):
+        if layer.startswith(f"{signals.FEATURE}-"):
             return f"{SIGNALS[kind]} {layer[8:]} layer(s) below the feature layer"
         return f"{SIGNALS[kind]} at {where.get(layer, f'vision layer {layer}')}"
-    return {"features": "the projected features the LLM receives", **LLM_SIGNALS}.get(signal, signal)
+    return {signals.FEATURES: "the projected features the LLM receives", **LLM_SIGNALS}.get(signal, signal)
 
 
-NO_CLS = (  # what stands in for [CLS] attention on encoders without a [CLS] token (see `backends.base`)
+NO_CLS = (  # what stands in for [CLS] attention on encoders without a [CLS] token (see `backends.signals`)
     "the [CLS] attention above is, as community ports of these methods do, the attention each patch receives: "
     "averaged over heads and over the patches attending to it (and over the patches a token folds together)"
 )
@@ -346,17 +351,17 @@ def explain(method: str, cls_token: bool | None = None) -> str:
     paragraphs = doc.split("\n\n")
     text = [f"**{cls.summary}**", " ".join(paragraphs[0].split())]
     text += ["\n".join(p for p in paragraphs[1:] if not p.startswith(("Differs", "Without a [CLS]")))]
-    needs = (*getattr(cls, "vision_needs", ()), *cls.needs)  # a two-step method reads both stages' signals
+    needs = (*cls.vision_needs, *cls.needs)  # a two-step method reads both stages' signals
     if needs:
         text.append("It reads " + "; ".join(signal_name(s) for s in needs) + ".")
-    if any(s.startswith("cls") for s in needs) and cls_token is not True:
+    if any(s.startswith(signals.CLS) for s in needs) and cls_token is not True:
         text.append(
             f"This model's vision encoder has no [CLS] token, so {NO_CLS}."
             if cls_token is False
             else f"On vision encoders without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL "
             f"ViT), {NO_CLS}."
         )
-    if getattr(cls, "budgeted", True):
-        text.append(STAGES.get("both" if hasattr(cls, "select_vision") else cls.stage, ""))
+    if cls.budgeted:
+        text.append(STAGES.get("both" if cls.select_vision is not None else cls.stage, ""))
     text += [" ".join(p.split()) for p in paragraphs if p.startswith("Differs")]
     return "\n\n".join(t for t in text if t)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import backends
-from backends.base import Geometry
+from backends.geometry import Geometry
 
 
 @pytest.fixture(scope="session")

@@ -99,9 +99,9 @@ def test_kv_bytes_are_those_of_the_cache_the_prefill_fills(backend, method):
     chosen, budget = make(method), result.tokens["visual_budget"]
     with torch.inference_mode():
         prepared = backend.prepare(image, prompt)
-        features, signals = backend.encode(prepared, getattr(chosen, "vision_needs", ()))
+        features, signals = backend.encode(prepared, chosen.vision_needs)
         before = None
-        if hasattr(chosen, "select_vision"):  # MustDrop's step before the LLM: only its tokens enter
+        if chosen.select_vision is not None:  # MustDrop's step before the LLM: only its tokens enter
             before = chosen.select_vision(Signals(prepared.geometry, budget, signals))
         keep = result.selection.keep if chosen.stage == "vision" else torch.arange(len(prepared.geometry))
         keep = keep if before is None else before.keep

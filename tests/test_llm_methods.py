@@ -238,7 +238,9 @@ def test_stream_reports_the_cut_after_the_prefill(backend, name):
     assert final.tokens["visual_layer_mean"] == sum(visual) / depth
     if len(cuts) > 1:  # every cut's scores, by the layer that scored
         assert {f"layer {c['scored_at']}" for c in cuts} <= set(final.selection.maps)
-    assert 0 < final.timing["selection_s"] < final.timing["prefill_s"] < final.timing["ttft_s"]
+    assert 0 < final.timing["selection_s"] and final.timing["prefill_s"] < final.timing["ttft_s"]
+    if make(name).select_vision is None:  # the hooks' work is inside the prefill (a step before the LLM is not)
+        assert final.timing["selection_s"] < final.timing["prefill_s"]
     scores = final.selection.scores
     alive_at_last_cut = cuts[-2]["kept"] if len(cuts) > 1 else entering
     assert scores.shape == (n,) and int(scores.isfinite().sum()) == alive_at_last_cut

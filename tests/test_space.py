@@ -18,7 +18,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from explorer.pipeline import _locks
+from explorer.pipeline import model_lock
 
 ROOT = Path(__file__).parent.parent
 COFFEE = str(ROOT / "assets" / "coffee.jpg")
@@ -167,7 +167,7 @@ def test_cancelling_a_run_stops_generation(served, explorer):
         stopped = len(steps)
         time.sleep(1.0)
         assert len(steps) == stopped < 512  # no token after the cancel took effect
-        assert not _locks[model].locked()  # the model is free for the next visitor
+        assert not model_lock(model).locked()  # the model is free for the next visitor
     finally:
         hook.remove()
         client.close()

@@ -10,7 +10,7 @@ from conftest import photo, run_seeing_embeds
 from test_families import loaded
 from test_seed_methods import tome_keys
 
-from backends.encoder_merge import Merging, fold, merging
+from backends.encoder_merge import Merging, fold, merged, merging
 from explorer import Budget, ExplorerError, make, run
 from explorer.methods.tome import bipartite_match
 from explorer.methods.tome_vit import constant
@@ -148,7 +148,7 @@ def test_the_llm_gets_each_groups_merged_row_which_all_its_patches_carry(name, k
     prepared = backend.prepare(image, PROMPT)
     with torch.no_grad():
         plan = make("tome-vit").merging(prepared.geometry, result.tokens["visual_budget"])
-        hidden = backend.merged(prepared, plan)["hidden@feature"]  # (N, C)
+        hidden = merged(backend, prepared, plan)["hidden@feature"]  # (N, C)
         expected = backend.project(hidden[keep])  # (K, D)
     ids = prepared.inputs["input_ids"][0, backend.staying(prepared, keep)]
     received = embeds[0][ids == backend.model.config.image_token_id]

@@ -1,32 +1,11 @@
-"""Reduction methods: one file each, all listed here.
-
-A method is a frozen dataclass whose fields are its settings (metadata: "help", and "range" for
-numbers); class attributes say its `stage` ("vision": before the LLM), the signals it `needs`
-(see `Signals`), optionally what it `requires` of the model ("thumbnail": a low-resolution view of
-the whole image beside high-resolution crops; "patch tokens": every visual token one encoder patch,
-projected on its own), and a one-line `summary`; `select(signals) -> Selection` does the work. A
-vision method that merges inside the encoder also has `merging(geometry, budget) -> Merging`, the
-plan the backend's encoder follows; its `select` then reads the signals that merging gives.
-
-A method of stage "llm" prunes inside the LLM: `cuts(depth, n, budget) -> list[Cut]` says before
-which layers it cuts and how many tokens each cut leaves (the last leaves the budget), its
-`keep_positions` setting whether kept tokens keep their positions, and `select` is called at each cut
-with the signals of that point (`Signals.alive` marks the tokens still in the sequence). Such a method
-may also act before the LLM: `select_vision(signals) -> Selection`, on the vision signals it names in
-`vision_needs`, keeps (and may merge) tokens as a vision method does; only those enter the LLM, its
-cuts are counted from them, and the maps of that selection (e.g. a set never to drop) reach every
-cut's signals. An `adaptive` method keeps what its rule finds, at most each cut's count. A method
-whose decode works on a smaller cache than its prefill filled says from which layer on the caches are
-cut down to the last cut's tokens once the prefill is over: `compact_from(cuts) -> int | None`
-(MustDrop's decode stage; without it every layer keeps the cache its prefill filled).
-"""
+"""Reduction methods: one file each, all listed here (`METHODS`). What a method is: `explorer.core.Method`."""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
 
-from ..core import ExplorerError
+from ..core import FEATURES, ExplorerError
 from .aim import AIM
 from .cls import CLS
 from .dart import DART
@@ -103,20 +82,20 @@ def _is(value, kind: type) -> bool:
 def unavailable(name: str, backend) -> str | None:
     """Why the method `name` cannot run on the backend's model, in one line; None when it can."""
     method = METHODS[name]
-    if "thumbnail" in getattr(method, "requires", ()) and not backend.thumbnail:
+    if "thumbnail" in method.requires and not backend.thumbnail:
         return (
             f"{name} needs a thumbnail of the whole image beside high-resolution crops; "
             f"{backend.family} sees the image once, with no thumbnail"
         )
-    if "patch tokens" in getattr(method, "requires", ()) and not backend.projects_kept:
+    if "patch tokens" in method.requires and not backend.projects_kept:
         return (
             f"{name} merges patches inside the vision encoder, so it needs every visual token to be one "
             f"encoder patch, projected on its own (LLaVA-NeXT, LLaVA-1.5, LLaVA-OneVision); {backend.family} "
             "makes its tokens from the patches after the encoder. tome merges after the encoder on every family"
         )
-    for signal in method.needs if method.stage == "vision" else getattr(method, "vision_needs", ()):
+    for signal in method.needs if method.stage == "vision" else method.vision_needs:
         try:
-            if signal != "features":
+            if signal != FEATURES:
                 backend.signal(signal)
         except ExplorerError as error:
             return f"{name} cannot run on {backend.family}: {error}"

@@ -36,7 +36,7 @@ from typing import ClassVar
 
 import torch
 
-from ..core import Cut, ExplorerError, Selection, Signals
+from ..core import FEATURES, HIDDEN_FEATURE, LLM_ATTENTION, Cut, ExplorerError, Method, Selection, Signals
 from .common import top
 from .tome import merge_by_partition
 
@@ -44,7 +44,7 @@ PAPER_DEPTH = 28  # the LLM the layer numbers are counted in
 
 
 @dataclass(frozen=True)
-class AIM:
+class AIM(Method):
     split: float = field(
         default=0.5,
         metadata={
@@ -67,8 +67,8 @@ class AIM:
     )
 
     stage: ClassVar[str] = "llm"
-    vision_needs: ClassVar[tuple[str, ...]] = ("features", "hidden@feature")
-    needs: ClassVar[tuple[str, ...]] = ("llm-attention",)
+    vision_needs: ClassVar[tuple[str, ...]] = (FEATURES, HIDDEN_FEATURE)
+    needs: ClassVar[tuple[str, ...]] = (LLM_ATTENTION,)
     summary: ClassVar[str] = (
         "AIM: merge alike projected tokens before the LLM, then prune by attention importance on a linear "
         "schedule over LLM layers 14-21 of 28"
@@ -80,7 +80,7 @@ class AIM:
 
     def select_vision(self, s: Signals) -> Selection:
         """Before the LLM: bipartite soft matching on the projected tokens, per partition, down to M."""
-        merged = merge_by_partition(s.geometry, s["features"], self.entering(len(s.geometry), s.budget))
+        merged = merge_by_partition(s.geometry, s[FEATURES], self.entering(len(s.geometry), s.budget))
         return dataclasses.replace(merged, maps={"merged before the LLM": merged.maps["merge round"]})
 
     def cuts(self, depth: int, n: int, budget: int) -> list[Cut]:
@@ -94,7 +94,7 @@ class AIM:
         return [Cut(layer=layer + 1, score_layer=layer, tokens=k) for layer, k in cuts.items()]
 
     def select(self, s: Signals) -> Selection:
-        scores = importance(s["llm-attention"], self.temperature)  # (N,) NaN for tokens cut before
+        scores = importance(s[LLM_ATTENTION], self.temperature)  # (N,) NaN for tokens cut before
         keep = top(scores, s.alive.nonzero()[:, 0], s.budget)
         return Selection(keep=keep.sort().values, scores=scores)
 

@@ -21,18 +21,17 @@ from typing import ClassVar
 
 import torch
 
-from ..core import Selection, Signals
+from ..core import CLS_FEATURE, Method, Selection, Signals
 from .common import by_size, spread, top
 
 
 @dataclass(frozen=True)
-class CLS:
-    stage: ClassVar[str] = "vision"
-    needs: ClassVar[tuple[str, ...]] = ("cls@feature",)
+class CLS(Method):
+    needs: ClassVar[tuple[str, ...]] = (CLS_FEATURE,)
     summary: ClassVar[str] = "FasterVLM: top tokens by [CLS] attention of the feature layer, in every crop"
 
     def select(self, s: Signals) -> Selection:
-        g, scores = s.geometry, s["cls@feature"]
+        g, scores = s.geometry, s[CLS_FEATURE]
         budgets = by_size(g, s.budget)
         keep = [
             spread(g, p, k) if name == "newline" else top(scores, g.members(p), k)

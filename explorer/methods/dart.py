@@ -22,12 +22,12 @@ from typing import ClassVar
 
 import torch
 
-from ..core import Cut, Selection, Signals
+from ..core import LLM_HIDDEN, LLM_KEYS, Cut, Method, Selection, Signals, text_of
 from .common import top
 
 
 @dataclass(frozen=True)
-class DART:
+class DART(Method):
     layer: int = field(
         default=2, metadata={"help": "K: the first LLM layer that sees only the kept tokens", "range": (1, 100)}
     )
@@ -38,7 +38,7 @@ class DART:
     )
 
     stage: ClassVar[str] = "llm"
-    needs: ClassVar[tuple[str, ...]] = ("llm-keys", "llm-hidden")
+    needs: ClassVar[tuple[str, ...]] = (LLM_KEYS, LLM_HIDDEN)
     summary: ClassVar[str] = "DART: before LLM layer K, keep the tokens least similar to a few key-norm pivots"
 
     def cuts(self, depth: int, n: int, budget: int) -> list[Cut]:
@@ -46,11 +46,11 @@ class DART:
 
     def select(self, s: Signals) -> Selection:
         alive = s.alive.nonzero()[:, 0]  # (M,)
-        norm, text_norm = s["llm-keys"].abs().sum(1), s["llm-text-keys"].abs().sum(1)  # (N,), (T,) L1 norms
+        norm, text_norm = s[LLM_KEYS].abs().sum(1), s[text_of(LLM_KEYS)].abs().sum(1)  # (N,), (T,) L1 norms
         image = top(norm, alive, min(self.image_pivots, s.budget))
         text = top(text_norm, torch.arange(len(text_norm), device=alive.device), self.text_pivots)
-        hidden = torch.nn.functional.normalize(s["llm-hidden"].float(), dim=-1)  # (N, D) unit rows, NaN where cut
-        pivots = torch.cat([hidden[image], torch.nn.functional.normalize(s["llm-text-hidden"][text].float(), dim=-1)])
+        hidden = torch.nn.functional.normalize(s[LLM_HIDDEN].float(), dim=-1)  # (N, D) unit rows, NaN where cut
+        pivots = torch.cat([hidden[image], torch.nn.functional.normalize(s[text_of(LLM_HIDDEN)][text].float(), dim=-1)])
 
         left, kept = s.budget - len(image), [image]
         candidates = alive[~torch.isin(alive, image)]

@@ -21,17 +21,16 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..core import Selection, Signals
+from ..core import FEATURES, Method, Selection, Signals
 
 
 @dataclass(frozen=True)
-class DivPrune:
-    stage: ClassVar[str] = "vision"
-    needs: ClassVar[tuple[str, ...]] = ("features",)
+class DivPrune(Method):
+    needs: ClassVar[tuple[str, ...]] = (FEATURES,)
     summary: ClassVar[str] = "DivPrune: the most diverse tokens, greedy max-min cosine distance over the image"
 
     def select(self, s: Signals) -> Selection:
-        picked, distance = max_min_diverse(s["features"], s.budget)  # (B,) in the order picked, (N,)
+        picked, distance = max_min_diverse(s[FEATURES], s.budget)  # (B,) in the order picked, (N,)
         early = torch.full((len(s.geometry),), torch.nan)
         early[picked] = 1 - torch.arange(len(picked), dtype=torch.float) / len(picked)  # 1 for the first
         return Selection(keep=picked.sort().values, maps={"picked early": early, "distance to kept": distance})

@@ -16,12 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..core import Cut, Selection, Signals
+from ..core import LLM_ATTENTION, Cut, Method, Selection, Signals
 from .common import top
 
 
 @dataclass(frozen=True)
-class FastV:
+class FastV(Method):
     layer: int = field(
         default=2, metadata={"help": "K: the first LLM layer that sees only the kept tokens", "range": (1, 100)}
     )
@@ -30,7 +30,7 @@ class FastV:
     )
 
     stage: ClassVar[str] = "llm"
-    needs: ClassVar[tuple[str, ...]] = ("llm-attention",)
+    needs: ClassVar[tuple[str, ...]] = (LLM_ATTENTION,)
     summary: ClassVar[str] = "FastV: before LLM layer K, keep the tokens the last prompt token attends to most"
 
     def cuts(self, depth: int, n: int, budget: int) -> list[Cut]:
@@ -42,6 +42,6 @@ class FastV:
 
 def by_last_token(s: Signals) -> Selection:
     """The tokens still in the sequence that the last prompt token attends to most, heads averaged."""
-    scores = s["llm-attention"][:, -1].mean(0)  # (N,) NaN for tokens cut before
+    scores = s[LLM_ATTENTION][:, -1].mean(0)  # (N,) NaN for tokens cut before
     keep = top(scores, s.alive.nonzero()[:, 0], s.budget)
     return Selection(keep=keep.sort().values, scores=scores)

@@ -33,24 +33,23 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..core import Geometry, Selection, Signals
+from ..core import CLS_LOGITS_LAST, Geometry, Method, Selection, Signals
 from .common import allocate, located, spread, top
 
 
 @dataclass(frozen=True)
-class GlobalCom2:
+class GlobalCom2(Method):
     temperature: float = field(
         default=10.0,
         metadata={"help": "softmax temperature that turns crop importance into retention", "range": (1.0, 100.0)},
     )
 
-    stage: ClassVar[str] = "vision"
     requires: ClassVar[tuple[str, ...]] = ("thumbnail",)
-    needs: ClassVar[tuple[str, ...]] = ("cls-logits@last",)
+    needs: ClassVar[tuple[str, ...]] = (CLS_LOGITS_LAST,)
     summary: ClassVar[str] = "GlobalCom2: the thumbnail's attention sets each crop's share and guides its top tokens"
 
     def select(self, s: Signals) -> Selection:
-        g, attention = s.geometry, s["cls-logits@last"]
+        g, attention = s.geometry, s[CLS_LOGITS_LAST]
         thumbnail, crops = g.thumbnail, g.crops
         base = g.members(thumbnail)  # (N_base,) in raster order
         newline = [p for p, name in enumerate(g.names) if name == "newline"]

@@ -30,12 +30,12 @@ from typing import ClassVar
 
 import torch
 
-from ..core import Geometry, Selection, Signals, fraction_of
+from ..core import CLS_0, CLS_FEATURE, Geometry, Method, Selection, Signals, fraction_of
 from .common import allocate, located, top
 
 
 @dataclass(frozen=True)
-class HiRED:
+class HiRED(Method):
     alpha: float = field(
         default=0.5,
         metadata={"help": "thumbnail's share of the budget; 1 - alpha of its tokens mark content", "range": (0.0, 1.0)},
@@ -44,25 +44,24 @@ class HiRED:
         default=False, metadata={"help": "count content in row stripes of the thumbnail, as the official code"}
     )
 
-    stage: ClassVar[str] = "vision"
     requires: ClassVar[tuple[str, ...]] = ("thumbnail",)
-    needs: ClassVar[tuple[str, ...]] = ("cls@0", "cls@feature")
+    needs: ClassVar[tuple[str, ...]] = (CLS_0, CLS_FEATURE)
     summary: ClassVar[str] = "HiRED: thumbnail share alpha, crop budgets by layer-0 content, top [CLS] tokens"
 
     def select(self, s: Signals) -> Selection:
         g = s.geometry
         base = g.members(g.thumbnail)  # (N_base,) in raster order
         crops = g.crops
-        content = top(s["cls@0"], base, fraction_of(1 - Fraction(str(self.alpha)), len(base)))
+        content = top(s[CLS_0], base, fraction_of(1 - Fraction(str(self.alpha)), len(base)))
         counts = self.content_counts(g, crops, base, content)
         b_base = min(fraction_of(self.alpha, s.budget), len(base))
         shares = allocate(s.budget - b_base, counts, [len(g.members(p)) for p in crops])
         b_base = min(len(base), s.budget - sum(shares))  # what the crops cannot hold goes back
 
-        feature = s["cls@feature"]
+        feature = s[CLS_FEATURE]
         keep = [top(feature, base, b_base)] + [top(feature, g.members(p), k) for p, k in zip(crops, shares)]
         content_map = torch.full((len(g),), math.nan)
-        content_map[base] = s["cls@0"][base]
+        content_map[base] = s[CLS_0][base]
         chosen = torch.full((len(g),), math.nan)  # 1 for the content tokens, 0 for the rest of the thumbnail
         chosen[base] = 0.0
         chosen[content] = 1.0

@@ -46,13 +46,24 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..core import Cut, ExplorerError, Geometry, Selection, Signals
+from ..core import (
+    CLS_LAST,
+    HIDDEN_0,
+    HIDDEN_FEATURE,
+    LLM_ATTENTION,
+    Cut,
+    ExplorerError,
+    Geometry,
+    Method,
+    Selection,
+    Signals,
+)
 from .common import top
 from .tome import mean_of_group
 
 
 @dataclass(frozen=True)
-class MustDrop:
+class MustDrop(Method):
     adaptive: bool = field(
         default=False,
         metadata={"help": "adaptive: keep what the similarity and attention thresholds keep, as many as that is"},
@@ -97,8 +108,8 @@ class MustDrop:
     )
 
     stage: ClassVar[str] = "llm"
-    vision_needs: ClassVar[tuple[str, ...]] = ("hidden@0", "cls@last", "hidden@feature")
-    needs: ClassVar[tuple[str, ...]] = ("llm-attention",)
+    vision_needs: ClassVar[tuple[str, ...]] = (HIDDEN_0, CLS_LAST, HIDDEN_FEATURE)
+    needs: ClassVar[tuple[str, ...]] = (LLM_ATTENTION,)
     summary: ClassVar[str] = (
         "MustDrop: merge alike 3x3 windows, fix a [CLS] key set, then drop by dual text attention after LLM "
         "layers 2, 6, 10, 14 (budget, or adaptive thresholds); decode on caches cut to the final set"
@@ -107,7 +118,7 @@ class MustDrop:
     def select_vision(self, s: Signals) -> Selection:
         """Before the LLM: merge alike windows, choose the key set."""
         g, n = s.geometry, len(s.geometry)
-        hidden, cls = s["hidden@0"].float().cpu(), s["cls@last"].float().cpu()  # (N, C), (N,)
+        hidden, cls = s[HIDDEN_0].float().cpu(), s[CLS_LAST].float().cpu()  # (N, C), (N,)
         tiles = torch.cat([windows(g, p, self.window) for p, name in enumerate(g.names) if name != "newline"])
         similarity = window_similarity(hidden, tiles)  # (W,)
         alike = torch.argsort(similarity, descending=True, stable=True)
@@ -163,7 +174,7 @@ class MustDrop:
         return max(cuts[0].score_layer, 1) if self.compact_cache else None
 
     def select(self, s: Signals) -> Selection:
-        attention = s["llm-attention"].float().mean(0)  # (T, N) heads averaged, NaN for tokens cut before
+        attention = s[LLM_ATTENTION].float().mean(0)  # (T, N) heads averaged, NaN for tokens cut before
         total = attention.sum(0)  # (N,) global: all the text's attention to each token
         share = total / total.nansum()
         peak = attention.max(0).values  # (N,) individual: the most one text token gives it

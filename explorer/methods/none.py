@@ -7,13 +7,11 @@ from typing import ClassVar
 
 import torch
 
-from ..core import Selection, Signals
+from ..core import Method, Selection, Signals
 
 
 @dataclass(frozen=True)
-class NoReduction:
-    stage: ClassVar[str] = "vision"
-    needs: ClassVar[tuple[str, ...]] = ()
+class NoReduction(Method):
     budgeted: ClassVar[bool] = False  # keeps everything whatever the budget
     summary: ClassVar[str] = "keep every visual token (the reference run)"
 

@@ -19,12 +19,12 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..core import Cut, Selection, Signals
+from ..core import LLM_ATTENTION, Cut, Method, Selection, Signals
 from .fastv import by_last_token
 
 
 @dataclass(frozen=True)
-class PyramidDrop:
+class PyramidDrop(Method):
     stages: int = field(default=3, metadata={"help": "S: how many times tokens are dropped", "range": (1, 8)})
     ratio: float = field(
         default=0.5, metadata={"help": "lambda: the share of tokens each stage keeps", "range": (0.05, 1.0)}
@@ -34,7 +34,7 @@ class PyramidDrop:
     )
 
     stage: ClassVar[str] = "llm"
-    needs: ClassVar[tuple[str, ...]] = ("llm-attention",)
+    needs: ClassVar[tuple[str, ...]] = (LLM_ATTENTION,)
     summary: ClassVar[str] = "PyramidDrop: at S equally spaced LLM layers, keep a lambda share by last-token attention"
 
     def cuts(self, depth: int, n: int, budget: int) -> list[Cut]:

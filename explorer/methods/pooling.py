@@ -13,14 +13,12 @@ from typing import ClassVar
 
 import torch
 
-from ..core import Selection, Signals
+from ..core import Method, Selection, Signals
 from .common import by_size, spread
 
 
 @dataclass(frozen=True)
-class Pooling:
-    stage: ClassVar[str] = "vision"
-    needs: ClassVar[tuple[str, ...]] = ()
+class Pooling(Method):
     summary: ClassVar[str] = "evenly spaced tokens in every crop, in proportion to its size (baseline)"
 
     def select(self, s: Signals) -> Selection:

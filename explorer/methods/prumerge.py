@@ -37,12 +37,12 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..core import Selection, Signals, fraction_of
+from ..core import CLS_ONEHEAD_LAST, HIDDEN_FEATURE, KEYS_LAST, Method, Selection, Signals, fraction_of
 from .common import merge_weights, patches_first, spread, top
 
 
 @dataclass(frozen=True)
-class PruMergePlus:
+class PruMergePlus(Method):
     adaptive: bool = field(
         default=False, metadata={"help": "keep the attention outliers and spatial tokens, as many as they are"}
     )
@@ -55,13 +55,12 @@ class PruMergePlus:
         metadata={"help": "dropped tokens each kept token absorbs, most key-similar first", "range": (0, 4096)},
     )
 
-    stage: ClassVar[str] = "vision"
-    needs: ClassVar[tuple[str, ...]] = ("cls-onehead@last", "keys@last", "hidden@feature")
+    needs: ClassVar[tuple[str, ...]] = (CLS_ONEHEAD_LAST, KEYS_LAST, HIDDEN_FEATURE)
     summary: ClassVar[str] = "PruMerge+: [CLS] attention outliers + spatial tokens, each absorbing similar dropped ones"
 
     def select(self, s: Signals) -> Selection:
-        g, attention = s.geometry, s["cls-onehead@last"]
-        keys = F.normalize(s["keys@last"].flatten(1), dim=-1)  # (N, D), heads joined
+        g, attention = s.geometry, s[CLS_ONEHEAD_LAST]
+        keys = F.normalize(s[KEYS_LAST].flatten(1), dim=-1)  # (N, D), heads joined
         budgets = None if self.adaptive else patches_first(g, s.budget)
         groups = torch.full((len(g),), -1)  # (N,)
         nothing = torch.empty(0, dtype=torch.long)

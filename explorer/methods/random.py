@@ -11,17 +11,15 @@ from typing import ClassVar
 
 import torch
 
-from ..core import Selection, Signals
+from ..core import Method, Selection, Signals
 
 
 @dataclass(frozen=True)
-class Random:
+class Random(Method):
     seed: int = field(
         default=0, metadata={"help": "random seed: the same seed keeps the same tokens", "range": (0, 2**31 - 1)}
     )
 
-    stage: ClassVar[str] = "vision"
-    needs: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = "a seeded, uniformly random subset of the visual tokens (baseline)"
 
     def select(self, s: Signals) -> Selection:

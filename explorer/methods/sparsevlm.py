@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from ..core import Cut, ExplorerError, Selection, Signals
+from ..core import LLM_ATTENTION, LLM_EMBEDS, Cut, ExplorerError, Method, Selection, Signals, text_of
 from .common import top
 
 PAPER_N = 576  # LLaVA-1.5's visual tokens, which the schedules below are counted in
@@ -32,7 +32,7 @@ SCHEDULES = [[300, 200, 118], [238, 108, 60], [246, 54, 28], [66, 34, 20]]  # v2
 
 
 @dataclass(frozen=True)
-class SparseVLM:
+class SparseVLM(Method):
     layers: str = field(default="2,6,15", metadata={"help": "rating layers, numbered as in a 32-layer LLM"})
     heads: int = field(
         default=14, metadata={"help": "attention heads averaged (those that see the image most)", "range": (1, 128)}
@@ -42,7 +42,7 @@ class SparseVLM:
     )
 
     stage: ClassVar[str] = "llm"
-    needs: ClassVar[tuple[str, ...]] = ("llm-attention", "llm-embeds")
+    needs: ClassVar[tuple[str, ...]] = (LLM_ATTENTION, LLM_EMBEDS)
     summary: ClassVar[str] = "SparseVLM: at LLM layers 2, 6, 15, keep the tokens that text raters attend to most"
 
     def cuts(self, depth: int, n: int, budget: int) -> list[Cut]:
@@ -62,11 +62,11 @@ class SparseVLM:
         return [Cut(layer=layer + 1, score_layer=layer, tokens=k) for layer, k in cuts.items()]
 
     def select(self, s: Signals) -> Selection:
-        visual, text = s["llm-embeds"].float(), s["llm-text-embeds"].float()  # (N, D), (T, D) before any cut
+        visual, text = s[LLM_EMBEDS].float(), s[text_of(LLM_EMBEDS)].float()  # (N, D), (T, D) before any cut
         relevance = torch.softmax(visual @ text.T, dim=1).mean(0)  # (T,)
         raters = relevance > relevance.mean()
         raters = raters if raters.any() else torch.ones_like(raters)
-        attention = s["llm-attention"][:, raters]  # (H, R, N), NaN columns for tokens cut before
+        attention = s[LLM_ATTENTION][:, raters]  # (H, R, N), NaN columns for tokens cut before
         heads = attention.nansum((1, 2)).argsort(descending=True, stable=True)[: self.heads]
         scores = attention[heads].mean((0, 1))  # (N,)
         keep = top(scores, s.alive.nonzero()[:, 0], s.budget)

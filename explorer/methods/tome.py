@@ -33,18 +33,17 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..core import Geometry, Selection, Signals
+from ..core import HIDDEN_FEATURE, KEYS_FEATURE, Geometry, Method, Selection, Signals
 from .common import patches_first, spread
 
 
 @dataclass(frozen=True)
-class ToMe:
-    stage: ClassVar[str] = "vision"
-    needs: ClassVar[tuple[str, ...]] = ("keys@feature", "hidden@feature")
+class ToMe(Method):
+    needs: ClassVar[tuple[str, ...]] = (KEYS_FEATURE, HIDDEN_FEATURE)
     summary: ClassVar[str] = "ToMe: bipartite soft matching merges the most alike tokens, per crop, until the budget"
 
     def select(self, s: Signals) -> Selection:
-        return merge_by_partition(s.geometry, s["keys@feature"].mean(1), s.budget)  # keys: heads averaged
+        return merge_by_partition(s.geometry, s[KEYS_FEATURE].mean(1), s.budget)  # keys: heads averaged
 
 
 def merge_by_partition(g: Geometry, metric: torch.Tensor, budget: int) -> Selection:

@@ -37,20 +37,18 @@ from typing import ClassVar
 
 import torch
 
-from ..core import ExplorerError, Geometry, Merging, Selection, Signals
+from ..core import MERGED_AFTER, MERGED_INTO, ExplorerError, Geometry, Merging, Method, Selection, Signals
 from .common import patches_first, spread
 from .tome import bipartite_match
 
 
 @dataclass(frozen=True)
-class ToMeViT:
+class ToMeViT(Method):
     proportional: bool = field(
         default=True,
         metadata={"help": "proportional attention: later blocks count a token that holds s patches as s keys"},
     )
 
-    stage: ClassVar[str] = "vision"
-    needs: ClassVar[tuple[str, ...]] = ()
     requires: ClassVar[tuple[str, ...]] = ("patch tokens",)
     summary: ClassVar[str] = (
         "ToMe in the vision tower: after every encoder block, merge the most alike patches (bipartite "
@@ -63,14 +61,14 @@ class ToMeViT:
 
     def select(self, s: Signals) -> Selection:
         g, n = s.geometry, len(s.geometry)
-        if "merged into" not in s.maps:  # the encoder ran without this method's merging: only for the whole budget
+        if MERGED_INTO not in s.maps:  # the encoder ran without this method's merging: only for the whole budget
             if s.budget < n:
                 raise ExplorerError(
                     "tome-vit merges inside the vision encoder: its signals come from its `merging` plan"
                 )
             return Selection(keep=torch.arange(n))
         budgets = patches_first(g, s.budget)
-        into = s["merged into"]  # (N,) float, NaN for newlines
+        into = s[MERGED_INTO]  # (N,) float, NaN for newlines
         groups = into.nan_to_num(-1).long()  # (N,)
         for p, (name, k) in enumerate(zip(g.names, budgets)):
             if name == "newline":
@@ -79,7 +77,7 @@ class ToMeViT:
             elif k == 0:  # the encoder left one token, which goes too
                 groups[g.members(p)] = -1
         keep = (groups == torch.arange(n)).nonzero()[:, 0]  # (K,) sorted
-        after = s["merged after"]
+        after = s[MERGED_AFTER]
         blocks = after[~after.isnan()].long()
         return Selection(
             keep=keep,

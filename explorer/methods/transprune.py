@@ -32,13 +32,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..core import Selection, Signals
+from ..core import FEATURE, HIDDEN, HIDDEN_FEATURE, Method, Selection, Signals, at
 from .common import by_size, spread, top
 
 
 def hidden_range(transitions: int) -> tuple[str, ...]:
     """The hidden@ signals bounding `transitions` layers that end at the feature layer, lowest first."""
-    return tuple(f"hidden@feature-{k}" for k in range(transitions, 0, -1)) + ("hidden@feature",)
+    return tuple(at(HIDDEN, f"{FEATURE}-{k}") for k in range(transitions, 0, -1)) + (HIDDEN_FEATURE,)
 
 
 def transition_variation(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def transition_variation(before: torch.Tensor, after: torch.Tensor) -> torch.Ten
 
 
 @dataclass(frozen=True)
-class TransPrune:
+class TransPrune(Method):
     transitions: int = field(
         default=1,
         metadata={
@@ -60,7 +60,6 @@ class TransPrune:
         },
     )
 
-    stage: ClassVar[str] = "vision"
     needs: ClassVar[tuple[str, ...]] = hidden_range(1)  # for these settings; an instance names its own
     summary: ClassVar[str] = "TransPrune (TTV): top tokens by how much the vision layers change them, per crop"
 

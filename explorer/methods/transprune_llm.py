@@ -28,12 +28,12 @@ from typing import ClassVar
 
 import torch
 
-from ..core import Cut, ExplorerError, Selection, Signals
+from ..core import LLM_ATTENTION, LLM_TRANSITION, Cut, ExplorerError, Method, Selection, Signals
 from .common import top
 
 
 @dataclass(frozen=True)
-class TransPruneLLM:
+class TransPruneLLM(Method):
     layers: str = field(
         default="7,9,12", metadata={"help": "LLM layers before which tokens are cut, as in a 32-layer LLM"}
     )
@@ -46,7 +46,7 @@ class TransPruneLLM:
     )
 
     stage: ClassVar[str] = "llm"
-    needs: ClassVar[tuple[str, ...]] = ("llm-attention", "llm-transition")
+    needs: ClassVar[tuple[str, ...]] = (LLM_ATTENTION, LLM_TRANSITION)
     summary: ClassVar[str] = (
         "TransPrune (TTV + IGA): before LLM layers 7, 9, 12, keep the tokens the layers transform most plus "
         "those the prompt attends to"
@@ -82,6 +82,6 @@ class TransPruneLLM:
 def combined_parts(s: Signals) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) each: the TTV and the instruction-guided attention of the visual tokens, each divided by
     its sum over the tokens still there."""
-    ttv = s["llm-transition"].float()
-    iga = s["llm-attention"].float().mean((0, 1))  # heads and text tokens averaged
+    ttv = s[LLM_TRANSITION].float()
+    iga = s[LLM_ATTENTION].float().mean((0, 1))  # heads and text tokens averaged
     return ttv / ttv.nansum(), iga / iga.nansum()

@@ -14,13 +14,11 @@ from typing import ClassVar
 
 import torch
 
-from ..core import Selection, Signals
+from ..core import Method, Selection, Signals
 
 
 @dataclass(frozen=True)
-class Uniform:
-    stage: ClassVar[str] = "vision"
-    needs: ClassVar[tuple[str, ...]] = ()
+class Uniform(Method):
     summary: ClassVar[str] = "k tokens evenly spaced in LLM order, no scores (the floor bench measures against)"
 
     def select(self, s: Signals) -> Selection:

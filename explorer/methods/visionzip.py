@@ -30,24 +30,23 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..core import Selection, Signals, fraction_of
+from ..core import CLS_FEATURE, HIDDEN_FEATURE, KEYS_FEATURE, Method, Selection, Signals, fraction_of
 from .common import merge_weights, patches_first, spread, top
 
 
 @dataclass(frozen=True)
-class VisionZip:
+class VisionZip(Method):
     contextual: float = field(
         default=0.15625,
         metadata={"help": "share of each partition's tokens that are merged contextual tokens", "range": (0.0, 1.0)},
     )
 
-    stage: ClassVar[str] = "vision"
-    needs: ClassVar[tuple[str, ...]] = ("cls@feature", "keys@feature", "hidden@feature")
+    needs: ClassVar[tuple[str, ...]] = (CLS_FEATURE, KEYS_FEATURE, HIDDEN_FEATURE)
     summary: ClassVar[str] = "VisionZip: top [CLS] tokens + contextual tokens merged by key similarity, per crop"
 
     def select(self, s: Signals) -> Selection:
-        g, scores = s.geometry, s["cls@feature"]
-        keys = F.normalize(s["keys@feature"].mean(1), dim=-1)  # (N, head_dim), heads averaged
+        g, scores = s.geometry, s[CLS_FEATURE]
+        keys = F.normalize(s[KEYS_FEATURE].mean(1), dim=-1)  # (N, head_dim), heads averaged
         budgets = patches_first(g, s.budget)
         groups = torch.full((len(g),), -1)  # (N,)
         contextual = torch.zeros(len(g))  # (N,) 1 for the targets, a map worth showing

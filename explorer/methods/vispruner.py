@@ -27,12 +27,12 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..core import Selection, Signals, fraction_of
+from ..core import CLS_FEATURE, HIDDEN_FEATURE, Method, Selection, Signals, fraction_of
 from .common import by_size, spread, top
 
 
 @dataclass(frozen=True)
-class VisPruner:
+class VisPruner(Method):
     important: float = field(
         default=0.5,
         metadata={
@@ -41,13 +41,12 @@ class VisPruner:
         },
     )
 
-    stage: ClassVar[str] = "vision"
-    needs: ClassVar[tuple[str, ...]] = ("cls@feature", "hidden@feature")
+    needs: ClassVar[tuple[str, ...]] = (CLS_FEATURE, HIDDEN_FEATURE)
     summary: ClassVar[str] = "VisPruner: top [CLS] tokens, then duplicates removed from the rest, in every crop"
 
     def select(self, s: Signals) -> Selection:
-        g, scores = s.geometry, s["cls@feature"]
-        x = F.normalize(s["hidden@feature"], dim=-1)  # (N, C)
+        g, scores = s.geometry, s[CLS_FEATURE]
+        x = F.normalize(s[HIDDEN_FEATURE], dim=-1)  # (N, C)
         budgets = by_size(g, s.budget)
         keep, diverse = [], torch.zeros(len(g))
         for p, (name, k) in enumerate(zip(g.names, budgets)):

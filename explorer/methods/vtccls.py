@@ -28,17 +28,17 @@ from typing import ClassVar
 
 import torch
 
-from ..core import Selection, Signals
+from ..core import CLS, CLS_FEATURE, FEATURE, Method, Selection, Signals, at
 from .common import by_size, spread, top
 
 
 def layer_range(layers: int) -> tuple[str, ...]:
     """The cls@ signals of `layers` vision layers ending at the feature layer, lowest first."""
-    return tuple(f"cls@feature-{k}" for k in range(layers - 1, 0, -1)) + ("cls@feature",)
+    return tuple(at(CLS, f"{FEATURE}-{k}") for k in range(layers - 1, 0, -1)) + (CLS_FEATURE,)
 
 
 @dataclass(frozen=True)
-class VTCCLS:
+class VTCCLS(Method):
     layers: int = field(
         default=2,
         metadata={
@@ -47,7 +47,6 @@ class VTCCLS:
         },
     )
 
-    stage: ClassVar[str] = "vision"
     needs: ClassVar[tuple[str, ...]] = layer_range(2)  # for these settings; an instance names its own
     summary: ClassVar[str] = "VTC-CLS: top tokens by [CLS] attention summed over several vision layers, per crop"
 
