@@ -62,8 +62,9 @@ class Backend:
     @classmethod
     def load(cls, path: str, device: torch.device, name: str, random_weights=False, **hub) -> Backend:
         processor = cls.load_processor(path, **hub)
-        # accelerate spreads the model over the GPUs, then CPU, when it does not fit one device
-        placement = {"device_map": "auto"} if device.type == "cuda" else {}
+        # accelerate spreads the model over the GPUs, then CPU, when it does not fit one device; a GPU named
+        # by its index (one process per GPU, as under `accelerate launch`) gets the whole model
+        placement = {"device_map": "auto"} if device.type == "cuda" and device.index is None else {}
         model = getattr(transformers, cls.model_class).from_pretrained(
             path, dtype=pick_dtype(device), **placement, **hub
         )
@@ -85,13 +86,16 @@ class Backend:
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
-    def prepare(self, image, prompt: str) -> Prepared:
-        """Chat template + processor on one PIL image, and the geometry of its visual tokens."""
+    def chat(self, prompt: str) -> str:
+        """The prompt in the model's chat template: one user turn, the image and then the text."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         if self.processor.chat_template:
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        else:
-            text = f"{self.processor.image_token}\n{prompt}"
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return f"{self.processor.image_token}\n{prompt}"
+
+    def prepare(self, image, prompt: str) -> Prepared:
+        """Chat template + processor on one PIL image, and the geometry of its visual tokens."""
+        text = self.chat(prompt)
         inputs = self.processor(images=image, text=text, return_tensors="pt", **self.image_options()).to(self.device)
         geometry, source = self.layout([image.height, image.width])
         n_image = int((inputs["input_ids"] == self.image_token_id).sum())

@@ -1,8 +1,9 @@
-"""python -m explorer run | methods | bench"""
+"""python -m explorer run | methods | models | bench | eval"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sizes", default="336x336,672x672,1024x768,1920x1080", help="image sizes WIDTHxHEIGHT, comma-separated"
     )
     _bench_parser(commands)
+    _eval_parser(commands)
     args = parser.parse_args(argv)
     try:
         if args.command == "methods":
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             return _models(args.sizes)
         if args.command == "run":
             return _run(args)
+        if args.command == "eval":
+            return _eval(args)
         return _bench(args)
     except ExplorerError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -83,6 +87,31 @@ def _bench_parser(commands) -> None:
         default="bench.html",
         help="chart of TTFT, peak memory and FLOPs against tokens kept (default: bench.html); a PNG is written "
         "beside it when kaleido can find Chrome or Chromium",
+    )
+
+
+def _eval_parser(commands) -> None:
+    grid = commands.add_parser(
+        "eval",
+        help="accuracy at a budget: methods x budgets on lmms-eval tasks or a local folder (see docs/EVAL.md)",
+    )
+    grid.add_argument("--model", required=True, help="Hub id, local folder or a random-weight tiny-* model")
+    what = grid.add_mutually_exclusive_group(required=True)
+    what.add_argument("--tasks", help="lmms-eval tasks, comma-separated, e.g. textvqa_val,pope,gqa")
+    what.add_argument("--dataset", help="a folder with data.jsonl: id, image, question, answers (one a line)")
+    grid.add_argument("--methods", default="hired", help="comma-separated (default: hired); none runs anyway")
+    amount = grid.add_mutually_exclusive_group()
+    amount.add_argument("--budgets", default="0.2,0.1,0.05", help="fractions, comma-separated (default 0.2,0.1,0.05)")
+    amount.add_argument("--tokens", help="numbers of visual tokens, comma-separated, instead of fractions")
+    grid.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a setting, for every method that has it"
+    )
+    grid.add_argument("--max-new-tokens", type=int, help="instead of each task's own answer length")
+    grid.add_argument("--limit", type=int, help="at most this many questions per task")
+    grid.add_argument("--output", default="eval", help="folder for the results; a cell already there is reused")
+    grid.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when there is one)")
+    grid.add_argument(
+        "--random-weights", action="store_true", help="--model's architecture with random weights (see bench)"
     )
 
 
@@ -251,6 +280,52 @@ def _bench(args) -> int:
     except Exception as error:  # kaleido missing, or no Chrome for it to drive
         print(f"wrote {args.plot}; no PNG ({_first_line(error)}: pip install kaleido, and Chrome or Chromium)")
     return 0
+
+
+def _eval(args) -> int:
+    """The grid of `python -m explorer eval` (explorer/evaluate.py), checked before lmms-eval is imported."""
+    methods = [m for m in args.methods.split(",") if m]
+    settings = _grid_settings(methods, args.set)
+    try:
+        budgets = (
+            [Budget(tokens=int(t)) for t in args.tokens.split(",") if t]
+            if args.tokens
+            else [Budget(fraction=float(b)) for b in args.budgets.split(",") if b]
+        )
+    except ValueError:
+        got = args.tokens or args.budgets
+        raise ExplorerError(f"--budgets takes fractions and --tokens whole numbers, got {got!r}") from None
+    if not budgets and any(m != "none" for m in methods):
+        raise ExplorerError("give at least one budget")
+    if args.limit is not None and args.limit < 1 or args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ExplorerError("--limit and --max-new-tokens must be at least 1")
+    if args.max_new_tokens is not None:
+        check_request("-", args.max_new_tokens)
+    from . import evaluate  # lmms-eval: seconds to import, so only now
+
+    evaluate.logs_to_stderr()
+    _quiet()
+    tasks = tuple(t for t in (args.tasks or "").split(",") if t)
+    grid = evaluate.Grid(
+        args.model, evaluate.cells(methods, budgets, settings), Path(args.output), tasks, args.dataset,
+        args.limit, args.max_new_tokens, args.device, args.random_weights,
+    )  # fmt: skip
+    evaluate.run(grid)
+    return 0
+
+
+def _grid_settings(methods: list[str], pairs: list[str]) -> dict[str, dict]:
+    """--set KEY=VALUE pairs for every method of the grid that has KEY, each read as that method's type."""
+    for name in methods:
+        make(name)
+    if bad := [pair for pair in pairs if "=" not in pair]:
+        raise ExplorerError(f"--set takes KEY=VALUE, got {bad[0]!r}")
+    keys = [pair.partition("=")[0] for pair in pairs]
+    fields = {m: {f.name for f in dataclasses.fields(METHODS[m])} for m in methods}
+    unused = [key for key in keys if not any(key in names for names in fields.values())]
+    if unused:
+        raise ExplorerError(f"no method of {', '.join(methods)} has the setting {', '.join(unused)}")
+    return {m: _settings(m, [p for p, k in zip(pairs, keys) if k in fields[m]]) for m in methods}
 
 
 def _runnable(backend) -> list[str]:
