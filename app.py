@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 import backends
-from explorer import METHODS, Budget, ExplorerError, bench, fidelity, load_image, report, run, stream, teach
+from explorer import METHODS, Budget, ExplorerError, accuracy, bench, fidelity, load_image, report, run, stream, teach
 from explorer import visual as vis
 from explorer.core import fraction_of
 from explorer.methods import unavailable
@@ -493,6 +493,16 @@ class Sweep(NamedTuple):
     cache: gr.State
 
 
+class Accuracy(NamedTuple):
+    folder: str | None  # --eval-dir: where `python -m explorer eval` wrote its summaries (server side only)
+    found: gr.Dropdown
+    upload: gr.File
+    x: gr.Dropdown
+    plot: gr.Plot
+    table: gr.Dataframe
+    rows: gr.State  # the rows behind the plot
+
+
 class Explored(NamedTuple):
     """What a run updates, in the order the /explore API returns them (OUTPUTS); `Explorer.explore` names them."""
 
@@ -520,6 +530,7 @@ class Page(NamedTuple):
     layers: Layers
     versus: Versus
     sweep: Sweep
+    accuracy: Accuracy
     picked: gr.Markdown
     export: gr.Button
     exported: gr.File
@@ -528,8 +539,8 @@ class Page(NamedTuple):
 OUTPUTS = Explored._fields
 
 
-def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
-    """The app's layout and wiring around one `Explorer`."""
+def build(explorer: Explorer, queue_size: int = 32, eval_dir: str | None = None) -> gr.Blocks:
+    """The app's layout and wiring around one `Explorer`; `eval_dir`: summaries for the Accuracy tab."""
     with gr.Blocks(title="Token-drop explorer", analytics_enabled=False) as demo:
         gr.Markdown(
             "# Token-drop explorer\nSee which visual tokens a reduction method keeps in a high-resolution "
@@ -555,13 +566,16 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
                     versus = versus_tab()
                 with gr.Tab("Sweep"):
                     sweep = sweep_tab()
+                with gr.Tab("Accuracy"):
+                    accuracy_ = accuracy_tab(eval_dir)
                 picked = gr.Markdown("Click a patch on a picture to see its partition, cell, score and fate.")
                 answers = answers_block()
                 with gr.Row():
                     export = gr.Button("Download report", scale=1)
                     exported = gr.File(label="Report (HTML) and result (JSON)", file_count="multiple", scale=3)
         explored = Explored(*overlays, *heats, map_choice, plot, *answers, gr.State(), gr.State({}))
-        wire(explorer, demo, Page(status, inputs, explored, steps, layers, versus, sweep, picked, export, exported))
+        page = Page(status, inputs, explored, steps, layers, versus, sweep, accuracy_, picked, export, exported)
+        wire(explorer, demo, page)
     return demo.queue(default_concurrency_limit=1, max_size=queue_size)  # a full queue answers "try again"
 
 
@@ -637,6 +651,37 @@ def sweep_tab() -> Sweep:
     return Sweep(methods, budgets, column, go, plot, rows, gr.State([]), gr.State({}))
 
 
+def accuracy_tab(eval_dir: str | None) -> Accuracy:
+    gr.Markdown(
+        "Accuracy on a benchmark against the visual tokens kept, a line per method, the unreduced model dotted: "
+        "the `summary.json` of `python -m explorer eval` (see docs/EVAL.md)."
+    )
+    found = summaries(eval_dir)
+    with gr.Row():
+        picked = gr.Dropdown(found, value=found[0] if found else None, label=f"In {eval_dir}", visible=bool(eval_dir))
+        upload = gr.File(label="Or upload a summary.json", file_types=[".json"], type="filepath")
+        x = gr.Dropdown([(t, k) for k, t in accuracy.AXES.items()], value="visual_kept_mean", label="Against")
+    plot = gr.Plot(label="Accuracy against the visual tokens kept")
+    table = gr.Dataframe(headers=accuracy.HEADERS, interactive=False, wrap=True)
+    return Accuracy(eval_dir, picked, upload, x, plot, table, gr.State([]))
+
+
+def summaries(eval_dir: str | None) -> list[str]:
+    """Every summary.json under `eval_dir`, as paths relative to it."""
+    if not eval_dir or not Path(eval_dir).is_dir():
+        return []
+    return sorted(str(path.relative_to(eval_dir)) for path in Path(eval_dir).rglob("summary.json"))
+
+
+@handler
+def shown_summary(path: str | None, x: str) -> tuple:
+    """The chart, the table and the rows of a summary.json (None: nothing to show)."""
+    if not path:
+        return None, [], []
+    rows = accuracy.read(path)
+    return accuracy.figure(rows, x), accuracy.cells(rows), rows
+
+
 def answers_block() -> tuple:
     """The answers, the drift strip, the live line, the table of numbers and the method in words."""
     with gr.Row():
@@ -683,6 +728,7 @@ def wire(explorer: Explorer, demo: gr.Blocks, page: Page) -> None:
     wire_layers(explorer, inputs, page.layers)
     wire_versus(explorer, inputs, page.versus)
     wire_sweep(explorer, inputs, page.sweep)
+    wire_accuracy(demo, page.accuracy)
     demo.load(explorer.status, None, page.status, api_name="status")
     fitted = [inputs.method, page.versus.other, page.sweep.methods, explored.explanation, page.layers.note]
     demo.load(explorer.for_model, None, fitted, api_name="for_model")
@@ -731,6 +777,23 @@ def wire_sweep(explorer: Explorer, inputs: Inputs, tab: Sweep) -> None:
     tab.column.change(redraw, [tab.column, tab.measured], tab.plot, api_name="replot")
 
 
+def wire_accuracy(demo: gr.Blocks, tab: Accuracy) -> None:
+    def found(name: str | None, x: str):  # a name from the list, never a path a visitor makes up
+        known = summaries(tab.folder)
+        return shown_summary(str(Path(tab.folder) / name) if name in known else None, x)
+
+    shown = [tab.plot, tab.table, tab.rows]
+    tab.found.change(found, [tab.found, tab.x], shown, api_name="accuracy")
+    tab.upload.upload(shown_summary, [tab.upload, tab.x], shown, api_name="accuracy_upload")
+    tab.x.change(
+        lambda x, rows: accuracy.figure(rows, x) if rows else None,
+        [tab.x, tab.rows],
+        tab.plot,
+        api_name="accuracy_axis",
+    )
+    demo.load(found, [tab.found, tab.x], shown, api_name="accuracy_first")
+
+
 def main(argv: list[str] | None = None) -> None:
     env = os.environ.get
     parser = argparse.ArgumentParser(description="The token-drop explorer app.")
@@ -747,6 +810,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--queue", type=int, default=32, help="requests that may wait; more are told to try again")
+    parser.add_argument(
+        "--eval-dir", default=env("EXPLORER_EVAL_DIR"), help="a folder of `python -m explorer eval` results to show"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     zero_gpu = env("SPACES_ZERO_GPU", "").lower() in ("1", "true")
@@ -757,12 +823,12 @@ def main(argv: list[str] | None = None) -> None:
         explorer.backend()
     else:  # start loading before the first visitor comes
         threading.Thread(target=explorer.status, daemon=True).start()
-    serve(explorer, args.queue, server_name=args.host, server_port=args.port)
+    serve(explorer, args.queue, args.eval_dir, server_name=args.host, server_port=args.port)
 
 
-def serve(explorer: Explorer, queue_size: int = 32, **launch) -> tuple[gr.Blocks, str]:
+def serve(explorer: Explorer, queue_size: int = 32, eval_dir: str | None = None, **launch) -> tuple[gr.Blocks, str]:
     """Build the app and start serving it, uploads over UPLOAD_LIMIT refused; returns it and its URL."""
-    demo = build(explorer, queue_size)
+    demo = build(explorer, queue_size, eval_dir)
     _, url, _ = demo.launch(max_file_size=UPLOAD_LIMIT, **launch)
     return demo, url
 

@@ -94,7 +94,7 @@ def run(grid: Grid) -> list[dict]:
     for cell in grid.cells:
         model.configure(cell.method, cell.budget, cell.settings)  # a method this model cannot run fails now
     for i, cell in enumerate(c for c in grid.cells if c.name in left):
-        _evaluate(model, grid, cell, source, f"[{i + 1}/{len(left)}] {cell.method} {cell.number:g}")
+        evaluate_cell(model, grid, cell, source, f"[{i + 1}/{len(left)}] {cell.method} {cell.number:g}")
     if state.process_index != 0:
         return []
     rows = [row for cell in grid.cells for row in _marked(grid, cell)["rows"]]
@@ -127,7 +127,7 @@ class Tasks:
         return [localdata.LocalTask(self.dataset)] if self.dataset else list(self.names)
 
 
-def _evaluate(model: ExplorerModel, grid: Grid, cell: Cell, source: Tasks, label: str) -> None:
+def evaluate_cell(model: ExplorerModel, grid: Grid, cell: Cell, source: Tasks, label: str) -> None:
     """One cell: lmms-eval's evaluation, then (first process) its files and, last, its mark."""
     folder = grid.output / cell.name
     if model.rank == 0 and folder.exists():

@@ -304,3 +304,31 @@ def test_the_library_and_the_app_import_no_lmms_eval():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_app_shows_a_summary_from_its_eval_dir_or_an_upload(evaluated, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    import app
+
+    assert app.summaries(str(evaluated)) == ["summary.json"]
+    explorer = app.Explorer("tiny-llava-next", "cpu", warm_up=False)
+    demo, url = app.serve(explorer, eval_dir=str(evaluated), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        rows = accuracy.read(evaluated / "summary.json")
+        plot, table = client.predict("summary.json", "visual_layer_mean", api_name="/accuracy")
+        assert [row[:6] for row in table["data"]] == [[r[c] for c in accuracy.COLUMNS[:6]] for r in rows]
+        figure = json.loads(plot["plot"])
+        assert [trace["name"] for trace in figure["data"]] == ["none (unreduced)", "hired", "fastv"]
+        assert figure["data"][2]["x"] == [r["visual_layer_mean"] for r in rows if r["method"] == "fastv"][::-1]
+        uploaded = client.predict(
+            handle_file(str(evaluated / "summary.json")), "visual_kept_mean", api_name="/accuracy_upload"
+        )
+        assert uploaded[1]["data"] == table["data"]
+        (tmp_path / "bad.json").write_text('{"rows": []}')
+        with pytest.raises(AppError, match="bad.json is not a summary.json"):
+            client.predict(handle_file(str(tmp_path / "bad.json")), "visual_kept_mean", api_name="/accuracy_upload")
+    finally:
+        demo.close()
