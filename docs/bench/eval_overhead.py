@@ -7,19 +7,23 @@ The example set (assets/eval), copied `--copies` times, is answered by each meth
 round after round: by `explorer.run` on each question in a loop (the pipeline's own run), and by one cell
 of the evaluation grid (`evaluate.evaluate_cell`: lmms-eval builds the requests, the lmms-eval model answers
 them through the same pipeline, lmms-eval scores and aggregates them, and the cell's files are written).
-Prints the median seconds per question of each and the evaluation's overhead over the pipeline. The first
-round is a warm-up and is not counted.
+Prints the median seconds per question of each, wall-clock and CPU (this process's and its children's, all
+threads: less disturbed by other work on a shared machine), and the evaluation's overhead over the
+pipeline. The first round is a warm-up and is not counted. `--threads` sets torch's threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from explorer import evaluate, localdata, run
 from explorer.core import Budget
@@ -37,6 +41,12 @@ def copies(folder: Path, count: int) -> list[dict]:
     return localdata.read(folder)
 
 
+def clock() -> tuple[float, float]:
+    """Wall-clock seconds, and CPU seconds of this process (every thread) and of its children."""
+    cpu = os.times()
+    return time.perf_counter(), cpu.user + cpu.system + cpu.children_user + cpu.children_system
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="small-llava-next")
@@ -45,14 +55,20 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     evaluate.logs_to_stderr()
     work = Path(tempfile.mkdtemp(prefix="eval-overhead-"))
     docs = copies(work / "set", args.copies)
     model = ExplorerModel(args.model, device="cpu")
-    print(f"{args.model}, {len(docs)} questions, {args.max_new_tokens} new tokens at most, {args.repeats} rounds")
-    print("| method | pipeline s/question | eval s/question | overhead | tokens generated (pipeline, eval) |")
-    print("|---|---|---|---|---|")
+    print(f"{args.model}, {len(docs)} questions, {args.max_new_tokens} new tokens at most, {args.repeats} rounds, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(
+        "| method | pipeline s/question | eval s/question | overhead | pipeline CPU s | eval CPU s | overhead (CPU) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
         budget = None if method == "none" else Budget(fraction=args.budget)
         cell = evaluate.Cell(method, budget)
@@ -60,25 +76,26 @@ def main() -> None:
             args.model, (cell,), work / "out", dataset=str(work / "set"), max_new_tokens=args.max_new_tokens
         )
         source = evaluate.Tasks(grid)
-        pipeline, evaluation, generated = [], [], [0, 0]
+        times, generated = [], [0, 0]  # per round: (pipeline, eval) wall and CPU seconds per question
         for round_ in range(args.repeats + 1):
-            start = time.perf_counter()
+            start = clock()
             for doc in docs:
                 image = str(work / "set" / doc["image"])
                 result = run(
                     model.backend, image, doc["question"], method, budget or 1.0, max_new_tokens=args.max_new_tokens
                 )
                 generated[0] += result.tokens["generated"]
-            middle = time.perf_counter()
+            middle = clock()
             evaluate.evaluate_cell(model, grid, cell, source, f"{method} round {round_}")
-            end = time.perf_counter()
+            end = clock()
             generated[1] += sum(record["generated"] for record in model.records)
             if round_:  # the first round warms up
-                pipeline.append((middle - start) / len(docs))
-                evaluation.append((end - middle) / len(docs))
-        mine, theirs = statistics.median(pipeline), statistics.median(evaluation)
+                times.append([(b - a) / len(docs) for a, b in [*zip(start, middle), *zip(middle, end)]])
+        wall, cpu, eval_wall, eval_cpu = (statistics.median(t[i] for t in times) for i in (0, 1, 2, 3))
+        assert generated[0] == generated[1], generated  # the same answers, as long
         print(
-            f"| {method} | {mine:.4f} | {theirs:.4f} | {theirs / mine - 1:+.1%} | {generated[0]}, {generated[1]} |",
+            f"| {method} | {wall:.4f} | {eval_wall:.4f} | {eval_wall / wall - 1:+.1%} | {cpu:.4f} | {eval_cpu:.4f} "
+            f"| {eval_cpu / cpu - 1:+.1%} |",
             flush=True,
         )
     shutil.rmtree(work)
