@@ -98,8 +98,13 @@ def figure(rows: list[dict], x: str = "visual_kept_mean"):
                 chart.add_trace(_trace(go, line, method, _colour(j), x, i == 0), **where)
         chart.update_xaxes(title_text=AXES[x], **where)
         chart.update_yaxes(title_text=metric, **where)
-    chart.update_layout(height=380 * count + 80, width=560 * columns + 180, margin=dict(t=60, b=40))
+    chart.update_layout(height=380 * count + 80, margin=dict(t=60, b=40))  # as wide as where it is shown
     return chart
+
+
+def width(rows: list[dict]) -> int:
+    """Pixels across for the chart of these rows as a picture: two charts a row at most."""
+    return 560 * min(2, len({(r["task"], r["metric"]) for r in rows})) + 180
 
 
 def _trace(go, rows: list[dict], name: str, colour: str, x: str, legend: bool):

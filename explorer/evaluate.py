@@ -265,7 +265,7 @@ def _write(rows: list[dict], output: Path) -> None:
     html, png = output / "summary.html", output / "summary.png"
     chart.write_html(html, include_plotlyjs=True)
     try:
-        chart.write_image(png)
+        chart.write_image(png, width=accuracy.width(rows))
         drawn = f", {html} and {png}"
     except Exception as error:  # kaleido missing, or no Chrome for it to drive
         drawn = f" and {html}; no PNG ({str(error).strip().splitlines()[0] if str(error).strip() else error!r})"
