@@ -26,6 +26,7 @@ BACKENDS = {
         qwen2_vl.Qwen2VL,
         qwen2_vl.Qwen25VL,
         smolvlm.SmolVLM,
+        smolvlm.SmolVLM2,
         llava.Llava,
     )
 }  # config.model_type -> backend

@@ -113,6 +113,7 @@ def test_models_tabulates_every_family_on_its_random_weight_model(capsys):
         "`tiny-qwen2-vl`": ["576", "1222"],
         "`tiny-qwen2.5-vl`": ["576", "1222"],
         "`tiny-smolvlm`": ["1088", "832"],
+        "`tiny-idefics3`": ["1088", "832"],
         "`tiny-llava-1.5`": ["576", "576"],
     }
     assert "| Qwen2-VL | `Qwen/Qwen2-VL-2B-Instruct` |" in out and "`hired`, `globalcom2` |" in out
@@ -239,7 +240,7 @@ def test_unreadable_files_and_folders_through_the_cli(capsys, image, tmp_path):
         (["--model", str(tmp_path)], "has no config.json"),
         (
             ["--model", str(tmp_path / "llama")],
-            "is a 'llama' checkpoint; the explorer runs llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, smolvlm, "
+            "is a 'llama' checkpoint; the explorer runs llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, idefics3, smolvlm, "
             "llava checkpoints",
         ),
     ]
