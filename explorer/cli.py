@@ -91,7 +91,8 @@ def _model_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
         "--model",
         help="Hub id, local folder or a random-weight tiny-* model such as tiny-llava-next (default: for the "
         "hardware: LLaVA-NeXT 7B on a GPU with 20 GiB free, LLaVA-OneVision 0.5B on a smaller one, SmolVLM-256M "
-        "without a GPU)" + ("; several, comma-separated, are measured one after another" if several else ""),
+        "without a GPU; without network, when that default is not in the Hugging Face cache, its family's tiny-* "
+        "model)" + ("; several, comma-separated, are measured one after another" if several else ""),
     )
     parser.add_argument("--image", required=True)
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when there is one)")
@@ -138,8 +139,10 @@ def _load(args, model: str | None = None):
     import backends  # imports transformers: only once the arguments are known to be good
 
     _quiet()
-    model = model or args.model or backends.default_model(args.device)
-    return backends.load(model, args.device, args.random_weights)
+    choice = backends.choose(model or args.model, args.device, args.random_weights)
+    if choice.reason:
+        print(f"notice: {choice.reason}", file=sys.stderr)
+    return backends.load(choice.model, args.device, args.random_weights)
 
 
 def _run(args) -> int:

@@ -6,6 +6,7 @@ the published processor counts, and builds the prompt in the published chat form
 
 import functools
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -150,3 +151,26 @@ def test_smolvlm_pads_with_its_tokenizer_though_its_config_names_a_pad_outside_t
     backend.model.generation_config.eos_token_id = first[0]  # the first answer ends at once, the other goes on
     batch = run_batch(backend, images, PROMPT, "none", 1.0, max_new_tokens=3, min_new_tokens=0)
     assert batch.answers[0] == backend.tokenizer.decode(first[0]) and len(batch.answers[1]) > len(batch.answers[0])
+
+
+def test_the_cpu_default_once_in_the_cache_is_chosen_and_loads_by_its_hub_id_offline(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    default = "HuggingFaceTB/SmolVLM-256M-Instruct"
+    repo = tmp_path / "models--HuggingFaceTB--SmolVLM-256M-Instruct"
+    shutil.copytree(built("HuggingFaceTB--SmolVLM-256M-Instruct"), repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert backends.choose(None, "cpu") == backends.Choice(default)  # no reason: nothing replaces it
+    backend = backends.load(default, "cpu")
+    assert type(backend) is backends.BACKENDS["idefics3"] and backend.name == default and not backend.random_weights
+
+
+def test_each_default_falls_back_to_a_tiny_model_of_its_own_model_type():
+    defaults = {backends.default_model("cpu")}
+    defaults |= {backends.default_model("cuda", free_bytes=gib * 2**30) for gib in (8, 80)}
+    assert set(backends.OFFLINE) == defaults
+    for default, tiny in backends.OFFLINE.items():
+        config, _ = backends.RANDOM[tiny](tiny)
+        assert config.model_type == build.published(default.replace("/", "--"))["model_type"], default
