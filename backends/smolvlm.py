@@ -125,8 +125,8 @@ class SmolVLM2(SmolVLM):
 
 
 RANDOM = {  # name -> (vision, text): hidden, layers, heads, mlp
-    "tiny-smolvlm": ((32, 3, 4, 64), (32, 4, 4, 64)),  # SmolVLM2 (model type smolvlm)
     "tiny-idefics3": ((32, 3, 4, 64), (32, 4, 4, 64)),  # SmolVLM-256M-Instruct (model type idefics3)
+    "tiny-smolvlm": ((32, 3, 4, 64), (32, 4, 4, 64)),  # SmolVLM2 (model type smolvlm)
 }
 TILE, PATCH, SCALE = 512, 16, 4  # SmolVLM-256M-Instruct's tiles, patches and pixel shuffle
 CHAT_TEMPLATE = (  # SmolVLM-256M-Instruct's

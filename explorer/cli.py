@@ -118,13 +118,15 @@ def _models(sizes: str) -> int:
     import backends
 
     _quiet()
-    columns = ["family", "default checkpoint", "random-weight model", *(f"tokens at {w}x{h}" for w, h in shapes)]
+    columns = ["family", "model type", "default checkpoint", "random-weight model"]
+    columns += [f"tokens at {w}x{h}" for w, h in shapes]
     print("| " + " | ".join([*columns, "methods that cannot run"]) + " |\n|" + "---|" * (len(columns) + 1))
     for preset in (name for name in backends.RANDOM if name.startswith("tiny-")):
         backend = backends.load(preset, "cpu")
         counts = [str(len(backend.layout([h, w])[0])) for w, h in shapes]
         cannot = ", ".join(f"`{m}`" for m in METHODS if unavailable(m, backend)) or "none"
-        print("| " + " | ".join([backend.family, f"`{backend.default}`", f"`{preset}`", *counts, cannot]) + " |")
+        names = [backend.family, f"`{backend.model_type}`", f"`{backend.default}`", f"`{preset}`"]
+        print("| " + " | ".join([*names, *counts, cannot]) + " |")
     return 0
 
 

@@ -107,7 +107,7 @@ def test_models_tabulates_every_family_on_its_random_weight_model(capsys):
     code, out, _ = cli(capsys, "models", "--sizes", "672x672,1920x1080")
     assert code == 0
     rows = [line.split(" | ") for line in out.splitlines()[2:]]
-    assert {row[2]: row[3:5] for row in rows} == {
+    assert {row[3]: row[4:6] for row in rows} == {
         "`tiny-llava-next`": ["2928", "1948"],
         "`tiny-llava-onevision`": ["3699", "7269"],
         "`tiny-qwen2-vl`": ["576", "1222"],
@@ -116,7 +116,7 @@ def test_models_tabulates_every_family_on_its_random_weight_model(capsys):
         "`tiny-idefics3`": ["1088", "832"],
         "`tiny-llava-1.5`": ["576", "576"],
     }
-    assert "| Qwen2-VL | `Qwen/Qwen2-VL-2B-Instruct` |" in out and "`hired`, `globalcom2` |" in out
+    assert "| Qwen2-VL | `qwen2_vl` | `Qwen/Qwen2-VL-2B-Instruct` |" in out and "`hired`, `globalcom2` |" in out
     assert cli(capsys, "models", "--sizes", "672")[0] == 2
 
 

@@ -31,6 +31,7 @@ QWEN = (
     f"<|vision_start|><|image_pad|><|vision_end|>{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
 )
 SMOLVLM = f"<|im_start|>User:<image>{PROMPT}<end_of_utterance>\nAssistant:"
+IDEFICS3_PROMPT = f"<|begin_of_text|>User:<image>{PROMPT}<end_of_utterance>\nAssistant:"
 # Visual tokens at two image sizes (width x height), by each checkpoint's published processor rule:
 # LLaVA-NeXT (336-px crops, 24x24 patches, pinpoints 336x672, 672x336, 672x672, 1008x336, 336x1008):
 #   1024x768 fits best in 672x672 (scaled by 0.65625 to 672x504, the least waste), 2x2 crops = a 48x48
@@ -52,6 +53,9 @@ SMOL_256M = {(1024, 768): 832, (1024, 1024): 1088}
 # SmolVLM-Instruct (longer side to 1536 px, 384-px tiles, (384/14)^2 / 3^2 = 81 tokens a tile):
 #   1024x768 -> 1536x1152 = 4x3 tiles + 1 = 13 * 81 = 1053; 1024x1024 -> 1536x1536 = 17 * 81 = 1377.
 SMOL_INSTRUCT = {(1024, 768): 1053, (1024, 1024): 1377}
+# Idefics3-8B (longer side to 1456 px, 364-px tiles, (364/14)^2 / 2^2 = 169 tokens a tile): 1024x768
+#   -> 1456x1092 = 4x3 tiles + 1 = 13 * 169 = 2197; 1024x1024 -> 1456x1456 = 17 * 169 = 2873.
+IDEFICS3 = {(1024, 768): 2197, (1024, 1024): 2873}
 # LLaVA-1.5: the central 336x336 crop, (336/14)^2 = 576 tokens at any size.
 LLAVA = {(1024, 768): 576, (336, 336): 576}
 PUBLISHED = {  # mirror -> (prompt, visual tokens by size)
@@ -66,6 +70,7 @@ PUBLISHED = {  # mirror -> (prompt, visual tokens by size)
     "HuggingFaceTB--SmolVLM-256M-Instruct": (SMOLVLM, SMOL_256M),
     "HuggingFaceTB--SmolVLM2-256M-Video-Instruct": (SMOLVLM, SMOL_256M),
     "HuggingFaceTB--SmolVLM-Instruct": (SMOLVLM, SMOL_INSTRUCT),
+    "HuggingFaceM4--Idefics3-8B-Llama3": (IDEFICS3_PROMPT, IDEFICS3),
 }
 FOLDERS: dict[str, tempfile.TemporaryDirectory] = {}  # kept until the tests end
 
