@@ -23,7 +23,7 @@ from explorer import run, run_batch
 ROOT = Path(__file__).parent.parent
 PROMPT = "What is shown in this image?"
 # The published chat templates rendered for one user turn [image, PROMPT] with add_generation_prompt
-# (/work/notes/published/SUMMARY.md's "prompt" rows); the processor then expands the image marker.
+# (each mirror's chat template, whose source its SOURCES.md gives); the processor then expands the image marker.
 VICUNA = f"USER: <image>\n{PROMPT} ASSISTANT:"
 CHATML = f"<|im_start|>user\n<image>\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
 QWEN = (
