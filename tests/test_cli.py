@@ -79,7 +79,8 @@ def test_run_streams_the_answer_then_a_summary(capsys, image):
     )
     assert code == 0 and err == ""
     assert "hired (alpha=0.25, paper_code=True), budget 300 tokens" in out
-    assert "visual tokens kept 300 of 2340 (base 75/576" in out and "newline 0/36" in out
+    # the official code's shares: int(0.25 * 300) = 75 for the thumbnail, each crop's share of 225 floored
+    assert "visual tokens kept 297 of 2340 (base 75/576" in out and "newline 0/36" in out
     assert "first token" in out and "peak memory (cpu)" in out and "random weights" in out
 
 
@@ -99,7 +100,7 @@ def test_methods_lists_every_method_with_its_settings(capsys):
     assert code == 0
     assert [line.split()[0] for line in out.splitlines()] == EVERY
     assert "[alpha=0.5, paper_code=False]" in out and "FasterVLM" in out
-    assert "[adaptive=False, spatial=0.75, neighbours=32]" in out and "[contextual=0.15625]" in out
+    assert "[adaptive=False, spatial=0.75, neighbours=32]" in out and "[contextual=0.15625, paper_code=False]" in out
     assert "fastv      FastV: before LLM layer K" in out and "[layer=2, keep_positions=True]" in out
 
 
@@ -115,7 +116,7 @@ def test_models_tabulates_every_family_on_its_random_weight_model(capsys):
         "`tiny-smolvlm`": ["1088", "832"],
         "`tiny-llava-1.5`": ["576", "576"],
     }
-    assert "| Qwen2-VL | `Qwen/Qwen2-VL-2B-Instruct` |" in out and "`hired`, `globalcom2` |" in out
+    assert "| Qwen2-VL | `Qwen/Qwen2-VL-2B-Instruct` |" in out and "| `globalcom2`, `tome-vit` |" in out
     assert cli(capsys, "models", "--sizes", "672")[0] == 2
 
 

@@ -23,13 +23,13 @@ from explorer.methods import METHODS, unavailable
 ROOT = Path(__file__).parent.parent
 FAMILIES = ["tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-llava-1.5"]
 PROMPT = "What is in this picture?"
-THUMBNAILED = {"tiny-llava-onevision", "tiny-smolvlm"}  # a thumbnail beside crops: HiRED and GlobalCom2 apply
+THUMBNAILED = {"tiny-llava-onevision", "tiny-smolvlm"}  # a thumbnail beside crops: GlobalCom2 applies
 PATCH_TOKENS = {"tiny-llava-1.5", "tiny-llava-onevision"}  # every token one patch (OneVision: unless resampled)
 
 
 def cannot(name: str) -> set[str]:
     """The methods that cannot run on the family of the tiny model `name`."""
-    thumbnail = set() if name in THUMBNAILED else {"hired", "globalcom2"}
+    thumbnail = set() if name in THUMBNAILED else {"globalcom2"}
     return thumbnail | (set() if name in PATCH_TOKENS else {"tome-vit"})
 
 
@@ -292,7 +292,7 @@ def test_methods_that_cannot_run_say_why_in_one_line(family):
     if name not in PATCH_TOKENS:
         assert backend.family in reasons["tome-vit"] and "projected on its own" in reasons["tome-vit"]
     if name not in THUMBNAILED:
-        assert backend.family in reasons["hired"] and "thumbnail" in reasons["hired"]
+        assert backend.family in reasons["globalcom2"] and "thumbnail" in reasons["globalcom2"]
 
 
 def test_fidelity_scores_the_answer_as_generate_made_it(family):
@@ -316,7 +316,7 @@ def test_the_app_offers_only_the_methods_that_run_and_says_why(family):
     method, other, swept, explanation, layers = explorer.for_model()
     runs = [m for m in METHODS if not unavailable(m, backend)]
     assert [value for _, value in method["choices"]] == other["choices"] == runs
-    assert method["value"] == ("hired" if name in THUMBNAILED else "cls") and set(swept["value"]) <= set(runs)
+    assert method["value"] == "hired" and set(swept["value"]) <= set(runs)  # HiRED runs on every family
     assert ("no [CLS] token" in explanation) == (not backend.cls_token) == (layers == app.LAYERS_RECEIVED)
     status = explorer.status()
     assert status.count("not on this model") == len(cannot(name))

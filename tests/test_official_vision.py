@@ -15,7 +15,7 @@ import torch
 from conftest import photo
 from transformers.image_processing_utils import select_best_resolution
 
-from explorer import Signals, make
+from explorer import Budget, Signals, make
 from explorer.core import CLS_0, CLS_FEATURE, FEATURES, HIDDEN_FEATURE, KEYS_FEATURE, ROWS, padded
 
 PROMPT = "What is shown in this image?"
@@ -285,3 +285,90 @@ def test_divprune_paper_code_keeps_what_the_official_code_keeps(image, ratio):
     picks = divprune_picks(features, ratio)
     selection = make("divprune", paper_code=True).select(Signals(g, len(picks), maps))
     assert selection.keep.tolist() == sorted(set(picks))  # the code feeds a repeated pick twice, here once
+
+
+# --- every vision method's "Differs from the paper" line, on the example it quotes -----------------
+
+
+@pytest.fixture(scope="module")
+def square(backend):
+    """A square image's geometry on LLaVA-NeXT (the 7B's crops, patch and pinpoints: 2928 tokens) and its signals."""
+    prepared = backend.prepare(photo(672, 672, seed=6), PROMPT)
+    with torch.no_grad():
+        _, maps = backend.encode(prepared, (*NEEDS, "cls-logits@last", "cls-onehead@last", "keys@last"))
+    return prepared.geometry, maps
+
+
+def budgets(selection, g) -> list[int]:
+    return [selection.budgets[name] for name in g.names]
+
+
+def test_hired_takes_585_of_2928_tokens_at_0_2_where_the_code_takes_576(square):
+    g, maps = square
+    assert len(g) == 2928 and Budget(fraction=0.2).resolve(len(g)) == 585
+    assert len(make("hired").select(Signals(g, 585, maps)).keep) == 585  # met exactly, on real tokens
+    assert int(0.2 * 576 * 5) == 576  # the code's total at its rate 0.2, modeling_llava_next.py L538
+    official = make("hired", paper_code=True).select(Signals(g, 576, maps))
+    assert budgets(official, g)[0] == 288 and len(official.keep) == sum(budgets(official, g)) <= 576
+
+
+def test_cls_splits_145_by_size_where_the_code_keeps_29_per_crop(square):
+    g, maps = square
+    assert budgets(make("cls").select(Signals(g, 145, maps)), g) == [29, 29, 29, 28, 28, 2]
+    assert 29 * 5 == 145  # FasterVLM's README, LLaVA-NeXT at 95% reduction
+
+
+def test_vtc_cls_ranges_on_clip_l_from_layer_16_or_all_23_layers():
+    from backends.signals import parse
+
+    def layers(n: int) -> list[int]:  # CLIP-L: 24 layers, the feature layer 22
+        return [parse(name, "CLIP-L", 24, 22)[1] for name in make("vtc-cls", layers=n).needs]
+
+    assert layers(7) == list(range(16, 23)) and layers(23) == list(range(23)) and layers(2) == [21, 22]
+    assert make("vtc-cls").layers == 2
+
+
+def test_visionzip_spends_64_on_54_patches_and_10_contextual_where_the_code_spends_one_on_cls(square):
+    g, maps = square
+    ours = make("visionzip").select(Signals(g, 320, maps))  # 64 per partition, no newline
+    official = make("visionzip", paper_code=True).select(Signals(g, 320, maps))  # 64 per crop
+    for selection, dominant in ((ours, 54), (official, 53)):
+        for p in range(len(g.names) - 1):
+            kept = selection.keep[g.partition[selection.keep] == p]
+            targets = int(selection.maps["contextual"][kept].sum())
+            assert (len(kept) - targets, targets) == (dominant, 10)
+    assert budgets(ours, g)[-1] == 0 == budgets(official, g)[-1]
+    everything = make("visionzip").select(Signals(g, len(g), maps))  # newlines get what the crops cannot hold
+    assert len(everything.keep) == len(g)
+
+
+def test_vispruner_splits_160_by_size_where_the_code_keeps_32_per_crop(square):
+    g, maps = square
+    assert budgets(make("vispruner").select(Signals(g, 160, maps)), g) == [32, 32, 31, 31, 31, 3]
+    official = make("vispruner", paper_code=True).select(Signals(g, 160, maps))
+    assert budgets(official, g) == [32] * 5 + [0] and len(official.keep) == 160  # "32 * 5 = 160", no newline
+
+
+def test_divprune_floors_0_1_of_576_to_57_where_the_code_rounds_to_58():
+    assert Budget(fraction=0.1).resolve(576) == 57 and int(round(0.1 * 576)) == 58
+
+
+def test_globalcom2_gives_the_newlines_what_they_need_at_most_half_the_budget(square):
+    g, maps = square
+    assert budgets(make("globalcom2").select(Signals(g, 20, maps)), g)[-1] == 10  # half of 20
+    assert budgets(make("globalcom2").select(Signals(g, 585, maps)), g)[-1] == 48  # all 48 rows
+
+
+def test_prumerge_keeps_a_partitions_top_token_when_it_has_no_outlier():
+    from explorer.core import Geometry
+
+    g = Geometry(("image",), torch.zeros(12, dtype=torch.long), torch.zeros(12, 2), torch.zeros(12, 4), (1, 1))
+    keys = torch.randn(12, 2, 3, generator=torch.Generator().manual_seed(0))
+    attention = torch.linspace(1.0, 0.5, 12)  # no value above Q3 + 1.5 IQR: the code would divide by 0
+    flat = Signals(g, 12, {"cls-onehead@last": attention, "keys@last": keys, "hidden@feature": torch.ones(12, 4)})
+    selection = make("prumerge+", adaptive=True).select(flat)
+    assert selection.stats["outliers"] == {"image": 1} and 0 in selection.keep.tolist()  # its top token
+
+
+def test_transprune_reads_the_feature_layer_alone_by_default():
+    assert make("transprune").needs == ("hidden@feature-1", "hidden@feature")  # its input and its output
