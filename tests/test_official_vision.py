@@ -15,7 +15,7 @@ import torch
 from conftest import photo
 from transformers.image_processing_utils import select_best_resolution
 
-from explorer import Budget, Signals, make
+from explorer import Budget, ExplorerError, Signals, make, run
 from explorer.core import CLS_0, CLS_FEATURE, FEATURES, HIDDEN_FEATURE, KEYS_FEATURE, ROWS, padded
 
 PROMPT = "What is shown in this image?"
@@ -372,3 +372,39 @@ def test_prumerge_keeps_a_partitions_top_token_when_it_has_no_outlier():
 
 def test_transprune_reads_the_feature_layer_alone_by_default():
     assert make("transprune").needs == ("hidden@feature-1", "hidden@feature")  # its input and its output
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, tokens", [("hired", 460), ("visionzip", 256), ("vispruner", 128), ("divprune", 214)])
+def test_paper_code_runs_end_to_end_and_the_llm_gets_the_kept_tokens(backend, method, tokens):
+    image = photo(1000, 300, seed=5)  # a 1x3 grid with padding
+    embeds = []
+    hook = backend.model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: embeds.append(kwargs["inputs_embeds"][0]), with_kwargs=True
+    )
+    try:
+        result = run(
+            backend, image, PROMPT, method, Budget(tokens=tokens), settings={"paper_code": True}, max_new_tokens=1
+        )
+    finally:
+        hook.remove()
+    assert result.settings["paper_code"] is True and result.tokens["visual_budget"] == tokens
+    assert 0 < result.tokens["visual_kept"] == len(result.selection.keep) <= tokens
+    assert embeds[0].shape[0] == result.tokens["text"] + result.tokens["visual_kept"]  # the LLM's sequence
+
+
+def test_paper_code_on_a_model_whose_tokens_fold_several_patches_is_one_clear_message():
+    from test_families import loaded
+
+    with pytest.raises(ExplorerError, match="Qwen2-VL makes the visual tokens of this image from several"):
+        run(
+            loaded("tiny-qwen2-vl"),
+            photo(300, 200),
+            PROMPT,
+            "vispruner",
+            0.2,
+            settings={"paper_code": True},
+            max_new_tokens=1,
+        )
