@@ -18,8 +18,9 @@ code's total budget: the thumbnail keeps its top min(int(alpha * B), 576) tokens
 raster order is cut into one run of rows per crop, and crop i gets int(c_i / sum(c) * (B - B_base)) of
 the rest, c_i the content tokens in its run, remainders lost (equal shares when every c_i is zero,
 where the code divides by zero); each crop keeps its top tokens among all 576 positions of its padded
-crop, and the picks that fall on padding are dropped when the grid is unpadded, so fewer than B
-tokens reach the LLM when the image needs padding (`stats["padding picked"]` counts them). The code
+crop (torch's topk, as the code, so equal scores fall as it leaves them), and the picks that fall on
+padding are dropped when the grid is unpadded, so fewer than B tokens reach the LLM when the image
+needs padding (`stats["padding picked"]` counts them). The code
 sets B = int(rate * 576 * (1 + crops)), padding counted and newlines not: 576 at its rate 0.2 on a
 2x2 grid, so give that count as the budget (`--tokens 576`) to run what the paper ran.
 
@@ -83,20 +84,9 @@ class HiRED(Method):
             return Selection(keep=keep.sort().values, scores=s[CLS_FEATURE], budgets={g.names[0]: len(keep)})
         base = g.members(g.thumbnail)  # (N_base,) in raster order
         crops = g.crops
-        n_content = (
-            int(len(base) * (1 - self.alpha))
-            if self.paper_code
-            else fraction_of(1 - Fraction(str(self.alpha)), len(base))
-        )
-        if self.paper_code:  # torch's topk, as the code: equal scores fall as it leaves them
-            content = base[s[CLS_0][base].topk(n_content).indices]
-        else:
-            content = top(s[CLS_0], base, n_content)
+        content = self.content_tokens(s, base)
         counts = self.content_counts(g, crops, base, content)
-        if self.paper_code:
-            keep, budgets, stats = self.official(s, counts)
-        else:
-            keep, budgets, stats = self.ours(s, counts)
+        keep, budgets, stats = (self.official if self.paper_code else self.ours)(s, counts)
         content_map = torch.full((len(g),), math.nan)
         content_map[base] = s[CLS_0][base]
         chosen = torch.full((len(g),), math.nan)  # 1 for the content tokens, 0 for the rest of the thumbnail
@@ -109,6 +99,13 @@ class HiRED(Method):
             maps={"content": content_map, "content top": chosen},
             stats={"content count": {g.names[p]: c for p, c in zip(crops, counts)}} | stats,
         )
+
+    def content_tokens(self, s: Signals, base: torch.Tensor) -> torch.Tensor:
+        """The thumbnail's top floor((1 - alpha) * N_base) tokens by layer-0 attention; with paper_code, as
+        the code: int(N_base * (1 - alpha)) of them by torch's topk (equal scores fall as it leaves them)."""
+        if self.paper_code:
+            return base[s[CLS_0][base].topk(int(len(base) * (1 - self.alpha))).indices]
+        return top(s[CLS_0], base, fraction_of(1 - Fraction(str(self.alpha)), len(base)))
 
     def ours(self, s: Signals, counts: list[int]) -> tuple[torch.Tensor, dict, dict]:
         """The kept tokens, the budgets and no stats: the budget met exactly on the real tokens."""

@@ -16,7 +16,8 @@ partitions cannot hold (so a budget of N keeps everything).
 llava_arch.py): every crop the encoder saw, the thumbnail included, gets the same T = B // (1 + crops)
 (the remainder unspent), C = floor(contextual * T) of them contextual; [CLS] is one of its T - C
 dominant tokens, so T - C - 1 patches are dominant; and each crop is ranked, split into targets and
-merged over all 576 positions of its padded crop, padding included. The code never unpads, so it
+merged over all 576 positions of its padded crop, padding included (with torch's topk, as the code).
+The code never unpads, so it
 feeds the LLM every crop's [CLS] and the picks on padding too, and no newline; llava-hf's LLM has
 no place for those, so only the picks on real tokens are kept here, fewer than B
 (`stats["padding picked"]` counts the rest), and a target's mean leaves out the padding that joined

@@ -12,7 +12,7 @@ In every partition, of its share T of the budget:
 `paper_code=True` follows the official code on LLaVA-NeXT (llava/model/llava_arch.py): every crop
 the encoder saw, the thumbnail included, gets the same T = B // (1 + crops) (the remainder unspent),
 int(important * T) of them important, and is ranked and thinned over all 576 positions of its padded
-crop, padding included. The code's unpadding branch is never reached (it strips "_unpad" from the
+crop, padding included (with torch's unstable sort, as the code). The code's unpadding branch is never reached (it strips "_unpad" from the
 merge type first), so it feeds the LLM its picks on padding too, and no newline; llava-hf's LLM has
 no place for padding, so only the picks on real tokens are kept here, fewer than B
 (`stats["padding picked"]` counts the rest). The paper's "32 * 5 = 160" on a 2x2 grid is B = 160
