@@ -153,8 +153,10 @@ def test_hired_on_llava_1_5_is_the_official_top_k_by_feature_layer_cls_attention
     g = Geometry(("image",), torch.zeros(576, dtype=torch.long), torch.zeros(576, 2), torch.zeros(576, 4), (1, 1))
     scores = torch.rand(576, generator=torch.Generator().manual_seed(0))
     for alpha in (0.5, 0.1):
-        selection = make("hired", alpha=alpha).select(Signals(g, int(576 * 0.2), {CLS_FEATURE: scores, CLS_0: scores}))
+        signals = Signals(g, int(576 * 0.2), {CLS_FEATURE: scores, CLS_0: scores})
+        selection = make("hired", alpha=alpha).select(signals)
         assert selection.keep.tolist() == scores.topk(115).indices.sort().values.tolist()
+        assert torch.equal(selection.keep, make("cls").select(signals).keep)  # the same as FasterVLM there
 
 
 # --- VisionZip: dvlab-research/VisionZip 3151f6d, visionzip/clip_encoder.py and visionzip/llava_arch.py
