@@ -37,6 +37,12 @@ def layer_mean(cuts: list[Cut], n: int, depth: int) -> float:
 def plan(method: Method, depth: int, n: int, budget: int, name: str = "") -> list[Cut]:
     """The cuts of an llm-stage method when `n` visual tokens enter the LLM, for its budget B (a layer
     mean, unless it counts B after its cuts or picks its own count)."""
+    layers = [c.layer for c in method.cuts(depth, n, budget)]
+    if not layers or not all(1 <= layer < depth for layer in layers):
+        raise ExplorerError(
+            f"{name}: cannot cut before layer(s) {layers}: the LLM has {depth} layers, so the cuts must "
+            f"fall on layers 1 to {depth - 1}"
+        )
     if method.budget_after_cuts or method.adaptive:
         return method.cuts(depth, n, budget)
     if method.mean_cuts is not None:
@@ -92,11 +98,7 @@ class LlmStage:
         self.adaptive = method.adaptive  # it keeps as many as its rule finds, at most each count
         self.cuts = plan(method, depth, len(self.entering), budget, name)
         layers, tokens = [c.layer for c in self.cuts], [c.tokens for c in self.cuts]
-        if not layers or not all(1 <= layer < depth for layer in layers):
-            raise ExplorerError(
-                f"{name}: cannot cut before layer(s) {layers}: the LLM has {depth} layers, so the cuts must "
-                f"fall on layers 1 to {depth - 1}"
-            )
+        assert all(1 <= layer < depth for layer in layers)
         assert layers == sorted(set(layers)) and tokens == sorted(tokens, reverse=True)
         assert 1 <= tokens[-1] <= len(self.entering) and tokens[0] <= len(self.entering)
         if method.budget_after_cuts and not self.adaptive:  # else B is the layer mean, met as near as counts allow

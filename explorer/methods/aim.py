@@ -18,9 +18,9 @@ the M tokens have entered, the last count is the largest that keeps it so: B = 1
 191.9). With `budget_after_cuts`, b = B. Kept tokens keep their original positions.
 
 Differs from the paper: the paper merges to a fixed share (25% in its code) and prunes to no visual
-token at all by layer 21; here the budget sets both counts. The merge works
-per partition (thumbnail, each crop, as the paper merges per frame), newlines only getting what the
-other partitions cannot hold, and a merged token is the mean of the feature layer's encoder outputs
+token at all by layer 21; here the budget sets both counts. The merge works per partition
+(thumbnail, each crop, as the paper merges per frame), newlines only getting what the other
+partitions cannot hold, and a merged token is the mean of the feature layer's encoder outputs
 of its members before the projector (`Selection.weights`), where the paper averages projected
 tokens; merged tokens keep their place in LLM order (the code moves them after the unmerged ones).
 The importance is one step of the PageRank iteration (the paper runs 5 over the whole attention

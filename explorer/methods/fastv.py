@@ -10,19 +10,22 @@ most B (`budget_after_cuts`: R = B).
 
 Two decodes. By default the kept set is fixed after the prefill, as in the official KV-cache code
 (src/FastV/lmms-eval/fastv_kvcache.py L119-131, behind the README's lmms-eval table, and the Hugging
-Face port with use_cache=True). The paper's accuracy numbers (its K and R ablation, the README's
-"original fastv method") come from the attention-mask mode without a KV cache
-(src/transformers/src/transformers/models/llama/modeling_llama.py L763-808, run by
-inference_ocrvqa.py, whose output file is
-named "nocache"): every generated token reruns the whole sequence, ranks the image tokens by its own
-attention at layer K-1 and hides the others from layer K on, from every token. `rerank` runs that
-mode: slow (no cache, each token a full pass); the tokens are removed rather than masked, which gives
-the same logits (the masked tokens are read by no one). For a one-token answer the two agree.
+Face port with use_cache=True). The paper's accuracy runs (its K and R ablation; what the README calls
+"the original fastv method") use the attention-mask mode (src/transformers/src/transformers/models/
+llama/modeling_llama.py L763-808, run by inference_ocrvqa.py, whose output file is named "nocache"):
+every pass ranks the image tokens by its last token's attention at layer K-1 and hides the others from
+layer K on, so without a cache every generated token reruns the whole sequence and chooses again, for
+every token. `rerank` runs that: slow (each token a full pass; the result's `cost` still counts the
+prefill's FLOPs and the cache it would fill, and its kept set is the last pass's). The tokens are
+removed rather than masked, which gives the same logits, since nothing reads a masked token. For a
+one-token answer the two decodes agree.
 
-Differs from the paper: the budget is, by default, the mean visual tokens per LLM layer, as DART's
-and PyramidDrop's papers configure FastV for their "retain 192 tokens" rows; the paper and its
-scripts give R, the count kept: on a 32-layer LLM with K = 2, B = 192 of 576 keeps R = 166 tokens
-from layer 2 on, a mean of 191.6. The paper's text averages the attention of all tokens; its code,
+Differs from the paper: the budget is, by default, the mean visual tokens per LLM layer, as the
+papers that compare methods inside the LLM count FastV's rows (SparseVLMs issue #12: K = 2 keeping 144
+counts as (2 * 576 + 30 * 144) / 32 = 171 tokens); the paper and its scripts give R, the count kept.
+On a 32-layer LLM with K = 2, B = 192 of 576 keeps R = 166 tokens from layer 2 on, a mean of 191.6.
+By default the kept set is fixed after the prefill, where the paper's accuracy runs choose again at
+every generated token (`rerank`). The paper's text averages the attention of all tokens; its code,
 and this file, use the last prompt token only. The official scripts give a system prompt one token
 too long (--fast-v-sys-length 36 for 35 tokens, FastV issue #16), so their first image token is
 always kept and the first text token is ranked with the image; here exactly the N visual tokens are

@@ -14,8 +14,9 @@ prefill the answer is decoded from. Every layer of that prefill sees the B kept 
 the mean visual tokens per LLM layer.
 
 The filter layer is numbered as in a 32-layer LLM and scaled to the model's depth: layer l becomes
-floor(l depth / 32). The paper filters at layer 13 of LLaMA-3.1-8B-Instruct's 32 (the default here)
-and 19 of Mistral-Nemo's 40, which is 15 of 32 (needle_eval.py L28-31).
+the nearest whole layer to l depth / 32 (0-based, as in the code). The paper filters at layer 13 of
+LLaMA-3.1-8B-Instruct's 32 (the default here: 13 on 32 layers, 10 on 24, 11 on 28) and at 19 of
+Mistral-Nemo-Instruct's 40, which `layer` = 15 gives (needle_eval.py L28-31).
 
 Differs from the paper: the paper ranks every prompt token, text included, and keeps the top 1024;
 here the budget counts only visual tokens and the text is always kept (the average over 5 tokens
@@ -28,6 +29,7 @@ here in fp32, ties to the lower index.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -53,7 +55,7 @@ class GemFilter(Method):
     )
 
     def early_layer(self, depth: int) -> int:
-        return min(depth - 1, self.layer * depth // 32)
+        return min(depth - 1, math.floor(self.layer * depth / 32 + 0.5))
 
     def select(self, s: Signals) -> Selection:
         logits = s[LLM_LOGITS].float().sum(0)  # (L,) heads summed

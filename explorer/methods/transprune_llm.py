@@ -19,9 +19,8 @@ cuts keep that mean at most B: on a 32-layer LLM, B = 192 of 576 keeps 301/215/4
 and B = 237 the official 504/360/72 (a mean of 236.25). With `budget_after_cuts`, b = B.
 
 Differs from the paper: the counts are rescaled to the budget (the paper keeps its shares of N);
-`layers` are numbered as in a 32-layer LLM
-and scaled to the model's depth (layer l becomes max(1, floor(l * depth / 32))), stages that fall on
-the same layer merge. TTV's accumulation starts at the layer before the first cut, as the code's
+`layers` are numbered as in a 32-layer LLM and scaled to the model's depth (layer l becomes max(1,
+floor(l * depth / 32))), stages that fall on the same layer merge. TTV's accumulation starts at the layer before the first cut, as the code's
 (layers 7 to 12, counted from 1) does for its default cuts, whatever the cuts.
 """
 
