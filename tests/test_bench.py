@@ -214,7 +214,7 @@ def test_a_cell_that_runs_out_of_memory_says_so_and_the_others_are_measured(back
     assert "out of memory on cpu" in bench.table(rows).splitlines()[1]
     chart = bench.charts({"batch 2": rows})  # TTFT (cls and its floor), memory and FLOPs (cls)
     assert [t.name for t in chart.data] == ["cls", "floor (k tokens, no selection)", "cls", "cls"]
-    assert chart.layout.xaxis.title.text == f"visual tokens kept (of {cls['visual_full']})"
+    assert chart.layout.xaxis.title.text == f"visual tokens per LLM layer, mean (of {cls['visual_full']})"
 
 
 def test_bench_sweeps_sizes_and_batches_into_csv_html_and_png(capsys, tmp_path):

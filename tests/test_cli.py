@@ -205,9 +205,10 @@ def test_bench_runs_every_method_by_default(capsys, image, tmp_path):
     measured = [m for m in EVERY if m != "uniform"]  # the floor, measured with each cell unless --no-floor
     assert [r["method"] for r in rows] == measured
     assert [line.split()[0] for line in out.splitlines()[3 : 3 + len(measured)]] == measured
-    inside = [r for r in rows[1:] if make(r["method"]).stage == "llm"]  # 234 as a layer mean is too few for them
+    inside = [r for r in rows[1:] if make(r["method"]).stage == "llm"]  # 234 as a layer mean
     assert all(r["visual_kept"] == "234" for r in rows[1:] if r not in inside)
-    assert inside and all("per LLM layer on average is less than" in r["answer"] for r in inside)
+    missed = [r for r in inside if "per LLM layer on average is less than" in r["answer"]]  # too few for them
+    assert missed and all(float(r["visual_layer_mean"]) <= 234 for r in inside if r not in missed)
 
 
 def test_run_labels_an_adaptive_count(capsys, image):

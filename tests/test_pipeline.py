@@ -117,7 +117,7 @@ def test_every_run_removes_its_hooks(backend):
         after = {"budget_after_cuts": True} if METHODS[method].stage == "llm" else {}  # 0.1 as a layer mean is
         run(backend, image, PROMPT, method, 0.1, settings=after, max_new_tokens=2)  # too little for 4 layers
         assert hook_count(backend.model) == before
-    with pytest.raises(ExplorerError, match="fastv: a budget of 187 visual tokens per LLM layer"):
+    with pytest.raises(ExplorerError, match="fastv: a budget of 175 visual tokens per LLM layer"):
         run(backend, image, PROMPT, "fastv", 0.1, max_new_tokens=2)
     assert hook_count(backend.model) == before
     assert run(backend, image, PROMPT, "none", max_new_tokens=12).answer_ids == reference
