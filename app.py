@@ -32,9 +32,23 @@ import torch
 from PIL import Image
 
 import backends
-from explorer import METHODS, Budget, ExplorerError, accuracy, bench, fidelity, load_image, report, run, stream, teach
+from explorer import (
+    METHODS,
+    Budget,
+    ExplorerError,
+    accuracy,
+    bench,
+    fidelity,
+    load_image,
+    make,
+    report,
+    run,
+    stream,
+    teach,
+)
 from explorer import visual as vis
 from explorer.core import fraction_of
+from explorer.llm import least_mean
 from explorer.methods import unavailable
 from explorer.pipeline import check_request
 
@@ -164,11 +178,23 @@ class Explorer:
             return f"⚠️ {_named(str(error), image)}"
         if not METHODS[method].budgeted:
             return f"All **{n}** visual tokens of this {width}x{height} image reach the LLM."
-        if _chosen(method, settings).get("adaptive"):
+        chosen = _chosen(method, settings)
+        if chosen.get("adaptive"):
             return f"Adaptive: {method} picks its own count of this {width}x{height} image's {n} visual tokens."
         kept = max(1, fraction_of(budget / 100, n))
-        where = "remain after the pruning layer" if METHODS[method].stage == "llm" else "reach the LLM"
-        return f"**{kept}** of {n} visual tokens ({budget:g}%) {where} for this {width}x{height} image."
+        if METHODS[method].stage == "vision":
+            return f"**{kept}** of {n} visual tokens ({budget:g}%) reach the LLM for this {width}x{height} image."
+        if chosen.get("budget_after_cuts"):
+            return f"**{kept}** of {n} visual tokens ({budget:g}%) remain after the last cut for this {width}x{height} image."
+        said = (
+            f"**{kept}** of {n} visual tokens ({budget:g}%) per LLM layer on average for this {width}x{height} "
+            f"image: the layers before {method}'s first cut see all {n}, later ones fewer."
+        )
+        try:
+            least = least_mean(make(method, **chosen), self.backend().depth, n)
+        except ExplorerError as error:
+            return f"{said} ⚠️ {error}"
+        return said if kept >= least else f"{said} ⚠️ {method} cannot go below {least:.0f} on average here."
 
     @handler
     def explore(self, image, prompt, method, budget, compare, max_new_tokens, memo, *settings):
@@ -695,6 +721,7 @@ def answers_block() -> tuple:
 
 
 GPU_QUEUE = dict(concurrency_id="gpu", concurrency_limit=1)  # one model, one request on it at a time
+COUNTED_SETTINGS = ("adaptive", "budget_after_cuts")  # settings that change what the budget means
 
 
 def wire(explorer: Explorer, demo: gr.Blocks, page: Page) -> None:
@@ -702,9 +729,9 @@ def wire(explorer: Explorer, demo: gr.Blocks, page: Page) -> None:
     inputs, explored = page.inputs, page.explored
     running = wire_explore(explorer, page)
     inputs.stop.click(None, cancels=running, api_name="stop")  # the run stops at its next token
-    adaptive = [box.change for (_, f), box in zip(SETTINGS, inputs.controls) if f.name == "adaptive"]
+    recount = [box.change for (_, f), box in zip(SETTINGS, inputs.controls) if f.name in COUNTED_SETTINGS]
     counted = [inputs.image, inputs.method, inputs.budget, *inputs.controls]
-    for trigger in (inputs.image.change, inputs.method.change, inputs.budget.release, *adaptive):
+    for trigger in (inputs.image.change, inputs.method.change, inputs.budget.release, *recount):
         trigger(explorer.count, counted, inputs.count, api_name="count", preprocess=False)
 
     def shown_settings(chosen):

@@ -16,8 +16,8 @@ import transformers  # lazy: its model code loads on first use, not when this fi
 from .encoder_merge import merged
 from .errors import ExplorerError
 from .geometry import Geometry, Prepared
-from .llm_prune import Decoder, pruning
-from .signals import FEATURES, HIDDEN, HIDDEN_FEATURE, encoder_signals, parse
+from .llm_prune import Decoder, early_pass, pruning
+from .signals import FEATURES, HIDDEN, HIDDEN_FEATURE, PADDED, ROWS, encoder_signals, parse
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -123,14 +123,26 @@ class Backend:
             if set(needs) - {HIDDEN_FEATURE}:
                 raise ExplorerError("a method that merges inside the vision encoder reads only what the merging gives")
             return None, merged(self, prepared, merging)
-        asked = {name: self.signal(name) for name in needs if name != FEATURES}  # name -> (kind, layer)
+        asked = {name: self.signal(name) for name in needs if name not in (FEATURES, ROWS)}  # name -> (kind, layer)
+        grid = [name for name in needs if name == ROWS or name.startswith(PADDED)]
+        if grid and not self.one_patch_each(prepared):
+            raise ExplorerError(
+                f"{self.family} makes the visual tokens of this image from several encoder patches each, so it "
+                f"cannot give {grid[0]!r} (every encoder position of every crop, as the official LLaVA code "
+                "ranks them); try LLaVA-NeXT or LLaVA-1.5"
+            )
         wants: dict[int, set[str]] = {}
         for kind, layer in asked.values():
             wants.setdefault(layer, set()).add(kind)
         with self.hooks(prepared, wants) as captured:
             features = self.image_features(prepared) if project else self.vision_tower(self.crops(prepared))
         signals = {FEATURES: features} if FEATURES in needs else {}
+        signals |= {ROWS: prepared.source} if ROWS in needs else {}
         for name, (kind, layer) in asked.items():
+            if name.startswith(PADDED):  # (crops, T', ...) as captured, padding included
+                rows = captured[kind, layer]
+                signals[name] = rows.cpu() if rows.dim() == 2 else rows
+                continue
             rows = self.tokens_of(prepared, captured[kind, layer], fold="concat" if kind == HIDDEN else "mean")
             signals[name] = rows.cpu() if rows.dim() == 1 else rows
         return features, signals
@@ -186,7 +198,7 @@ class Backend:
 
     def signal(self, name: str) -> tuple[str, int]:
         """(kind, layer) of a vision signal name such as cls@0, keys@feature or hidden@last."""
-        return parse(name, self.family, len(self.encoder), self.feature_layer)
+        return parse(name.removeprefix(PADDED), self.family, len(self.encoder), self.feature_layer)
 
     def merge(self, features: torch.Tensor, signals: dict[str, torch.Tensor], selection) -> torch.Tensor:
         """(N, D) features in which every kept token that absorbs others carries the projection of
@@ -247,16 +259,25 @@ class Backend:
         """The LLM's number of decoder layers."""
         return len(self.language_model.layers)
 
-    def pruning(self, prepared: Prepared, cuts, needs, choose, keep_positions: bool, positions=None, compact_from=None):
-        """Hooks that cut visual tokens inside the LLM while a `with` block runs; see `llm_prune.pruning`
-        (`positions`: see `llm_prune.Decoder`; `compact_from`: the first layer whose cache is cut to the
-        last cut's tokens after the prefill)."""
+    def decoder(self, positions=None) -> Decoder:
+        """What the LLM's hooks need of its decoder (`positions`: see `llm_prune.Decoder`)."""
         lm = self.language_model
         family = importlib.import_module(type(lm).__module__)  # its modeling file, loaded already
-        decoder = Decoder(lm.layers, lm.rotary_emb, lm.norm, family.apply_rotary_pos_emb, positions)
+        return Decoder(lm.layers, lm.rotary_emb, lm.norm, family.apply_rotary_pos_emb, positions)
+
+    def pruning(self, prepared: Prepared, cuts, needs, choose, keep_positions: bool, positions=None, **options):
+        """Hooks that cut visual tokens inside the LLM while a `with` block runs; see `llm_prune.pruning`
+        (`positions`: see `llm_prune.Decoder`; `options`: compact_from, rerank)."""
         ids = prepared.inputs["input_ids"]  # (1, L)
         image = (ids[0] == self.image_token_id).nonzero()[:, 0]  # (N,)
-        return pruning(decoder, image, ids.shape[1], cuts, needs, choose, keep_positions, compact_from)
+        return pruning(self.decoder(positions), image, ids.shape[1], cuts, needs, choose, keep_positions, **options)
+
+    def early_pass(self, prepared: Prepared, features: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
+        """The LLM run on the whole prompt, every visual token in, until its decoder layer `layer`: the
+        signals a method reads there (`llm_prune.early_pass`)."""
+        inputs = self.generate_inputs(prepared, features, torch.arange(len(prepared.geometry)))
+        image = (prepared.inputs["input_ids"][0] == self.image_token_id).nonzero()[:, 0]  # (N,)
+        return early_pass(self.decoder(), image, layer, lambda: self.model(**inputs, use_cache=False))
 
     def generate_inputs(self, prepared: Prepared, features: torch.Tensor, keep: torch.Tensor) -> dict:
         """generate() arguments for a prompt that holds only the kept visual tokens, in LLM order."""

@@ -31,7 +31,7 @@ from backends.signals import FEATURES, HIDDEN_FEATURE
 from .core import Budget, ExplorerError, Geometry, Method, Selection, Signals
 from .cost import Shape, kv_bytes, prefill_flops
 from .images import load_image
-from .llm import LlmStage, llm_hooks
+from .llm import LlmStage, last_count, llm_hooks
 from .measure import PeakMemory, TokenStream, first_forward, now, sync
 from .methods import make, unavailable
 
@@ -142,6 +142,8 @@ def stream(
         inputs = backend.generate_inputs(selected.prepared, selected.features, selected.selection.keep)
         options = dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
         kwargs = {**inputs, **options, "pad_token_id": tokenizer.pad_token_id}
+        if chosen.rerank:  # no KV cache: every generated token reruns the whole sequence, and the method chooses again
+            kwargs["use_cache"] = False
         with first_forward(model, backend.device) as prefill, hooks as record:  # record: what the hooks did, or None
             for _ in _generate(model, kwargs, timeout_s, ids, times):
                 if not inside or inside.done:  # an llm-stage method has chosen once the prefill is over
@@ -329,7 +331,7 @@ def select(backend, picture, prompt: str, chosen: Method, budget: Budget | None,
                 "encoder patch each and patches cannot be merged inside the encoder for them; try a smaller "
                 "image, or tome, which merges after the encoder"
             )
-        _check_length(backend, prepared, b if vision else len(g), max_new_tokens)
+        _check_length(backend, prepared, b if vision and chosen.early_layer is None else len(g), max_new_tokens)
         needs = (*(chosen.needs if vision else chosen.vision_needs), *([HIDDEN_FEATURE] * lazy))
         sync(device)
         clock.append(now())
@@ -337,8 +339,11 @@ def select(backend, picture, prompt: str, chosen: Method, budget: Budget | None,
         features, maps = backend.encode(prepared, tuple(dict.fromkeys(needs)), project=not lazy, merging=merging)
         sync(device)
         clock.append(now())
+        if chosen.early_layer is not None:  # a first pass through the LLM's first layers, the method's own time
+            maps |= backend.early_pass(prepared, features, chosen.early_layer(backend.depth))
         first = chosen.select if vision else chosen.select_vision  # an llm-stage method's own step, if any
-        selection = first(Signals(g, b, maps)) if first is not None else Selection(keep=torch.arange(len(g)))
+        step = b if vision or budget is None else vision_step_budget(chosen, backend.depth, len(g), b)
+        selection = first(Signals(g, step, maps)) if first is not None else Selection(keep=torch.arange(len(g)))
         if selection.weights is not None and not lazy:  # merging: the backend builds what each kept token carries
             features = backend.merge(features, maps, selection)
         sync(device)
@@ -350,6 +355,15 @@ def select(backend, picture, prompt: str, chosen: Method, budget: Budget | None,
     keep = selection.keep
     assert keep.dim() == 1 and (keep.diff() > 0).all() and 0 <= keep.min() and keep.max() < len(g), "bad keep"
     return Selected(prepared, features, selection, b, tuple(clock))
+
+
+def vision_step_budget(chosen: Method, depth: int, n: int, budget: int) -> int:
+    """The budget an llm-stage method's step before the LLM works to: what its last cut would leave
+    (B itself when B counts after the cuts; for a layer mean B, the count whose cuts meet it when its step
+    leaves `chosen.entering` of the n tokens, or 1 when none does and `llm.LlmStage` will say why)."""
+    if chosen.budget_after_cuts:
+        return budget
+    return last_count(chosen, depth, n, budget) or 1
 
 
 def _check_length(backend, prepared: Prepared, entering: int, max_new_tokens: int) -> None:

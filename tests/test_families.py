@@ -31,13 +31,13 @@ FAMILIES = [
 ]
 SMOLVLM = {"tiny-smolvlm", "tiny-idefics3"}  # SmolVLM2 (model type smolvlm) and SmolVLM-256M (idefics3)
 PROMPT = "What is in this picture?"
-THUMBNAILED = {"tiny-llava-onevision", *SMOLVLM}  # a thumbnail beside crops: HiRED and GlobalCom2 apply
+THUMBNAILED = {"tiny-llava-onevision", *SMOLVLM}  # a thumbnail beside crops: GlobalCom2 applies
 PATCH_TOKENS = {"tiny-llava-1.5", "tiny-llava-onevision"}  # every token one patch (OneVision: unless resampled)
 
 
 def cannot(name: str) -> set[str]:
     """The methods that cannot run on the family of the tiny model `name`."""
-    thumbnail = set() if name in THUMBNAILED else {"hired", "globalcom2"}
+    thumbnail = set() if name in THUMBNAILED else {"globalcom2"}
     return thumbnail | (set() if name in PATCH_TOKENS else {"tome-vit"})
 
 
@@ -261,7 +261,8 @@ def test_every_method_that_applies_meets_its_budget_end_to_end(family, budget):
             with pytest.raises(ExplorerError, match=because):
                 run(backend, image, PROMPT, method, budget, max_new_tokens=1)
             continue
-        result = run(backend, image, PROMPT, method, budget, max_new_tokens=1)
+        after = {"budget_after_cuts": True} if METHODS[method].stage == "llm" else {}  # not a layer mean here
+        result = run(backend, image, PROMPT, method, budget, settings=after, max_new_tokens=1)
         t, g = result.tokens, result.geometry
         b = (budget if isinstance(budget, Budget) else Budget(fraction=budget)).resolve(len(g))
         newlines = g.sizes()[g.names.index("newline")] if "newline" in g.names else 0
@@ -303,7 +304,7 @@ def test_methods_that_cannot_run_say_why_in_one_line(family):
     if name not in PATCH_TOKENS:
         assert backend.family in reasons["tome-vit"] and "projected on its own" in reasons["tome-vit"]
     if name not in THUMBNAILED:
-        assert backend.family in reasons["hired"] and "thumbnail" in reasons["hired"]
+        assert backend.family in reasons["globalcom2"] and "thumbnail" in reasons["globalcom2"]
 
 
 def test_fidelity_scores_the_answer_as_generate_made_it(family):
@@ -327,7 +328,7 @@ def test_the_app_offers_only_the_methods_that_run_and_says_why(family):
     method, other, swept, explanation, layers = explorer.for_model()
     runs = [m for m in METHODS if not unavailable(m, backend)]
     assert [value for _, value in method["choices"]] == other["choices"] == runs
-    assert method["value"] == ("hired" if name in THUMBNAILED else "cls") and set(swept["value"]) <= set(runs)
+    assert method["value"] == "hired" and set(swept["value"]) <= set(runs)  # HiRED runs on every family
     assert ("no [CLS] token" in explanation) == (not backend.cls_token) == (layers == app.LAYERS_RECEIVED)
     status = explorer.status()
     assert status.count("not on this model") == len(cannot(name))
@@ -352,7 +353,7 @@ def test_qwen_cut_inside_the_llm_decodes_as_a_rerun_and_renumbers_all_three_axes
     with torch.inference_mode():
         features, _ = backend.encode(prepared, ())
     inputs = backend.generate_inputs(prepared, features, torch.arange(n))
-    method = make("fastv", keep_positions=keep_positions)
+    method = make("fastv", keep_positions=keep_positions, budget_after_cuts=True)
     stage = LlmStage("fastv", method, prepared.geometry, n // 4, backend.depth)
     layer = stage.cuts[0].layer
     cos_seen = []
