@@ -111,6 +111,7 @@ class Explorer:
         self.model, self.device, self.warm_up = model, device, warm_up
         self._lock = threading.Lock()
         self._backend = None
+        self._paths: dict[str, str] = {}  # image key -> its file, for the last images previewed
         # the preview's vision passes; on ZeroGPU each runs in a GPU worker and hands its signals back on the
         # CPU (the worker's memory is gone after the call): only the picture and the signal names travel
         on_gpu = GPU(lambda picture, needs: vision_pass(self.backend(), picture, needs).cpu(), duration=30)
@@ -178,16 +179,15 @@ class Explorer:
         where = "remain after the pruning layer" if METHODS[method].stage == "llm" else "reach the LLM"
         return f"**{kept}** of {n} visual tokens ({budget:g}%) {where} for this {width}x{height} image."
 
-    def preview(self, image, method: str, budget: float, page: dict | None, *settings):
+    def preview(self, image, method: str, budget: float, busy: bool | None, *settings):
         """The live picture: what `method` keeps of the image at `budget` (%), from the cached vision pass
-        and without any LLM run (`explorer.preview`). `page`: what the page's picture holds, {"key": the
-        image it has, "busy": whether its last preview found the model busy}. Returns the picture (with
-        the image when the page does not have it yet; its "text" is the line "K of N visual tokens kept"),
-        the count and the new `page`. A bad input is said in the count, not in a pop-up, since this runs
-        on every step."""
+        and without any LLM run (`explorer.preview`). Returns the picture's value (its "text" is the line
+        "K of N visual tokens kept"; the page asks for the image itself once, `scene`), the count, and
+        whether the model was busy with a run (`busy` is the last preview's). A bad input is said in the
+        count, not in a pop-up, since this runs on every step."""
         count = self.count(image, method, budget, *settings)
         if not image:
-            return gr.HTML(value=None, scene=None), count, {}
+            return None, count, False
         try:
             path = _path(image)
             key = self._key(path)
@@ -195,22 +195,33 @@ class Explorer:
                 self.backend(), _picture(path), method, budget / 100, _chosen(method, settings), self.cache, key
             )
         except ExplorerError as error:
-            return gr.skip(), f"{count}\n\n⚠️ {_named(str(error), image)}", page
+            return gr.skip(), f"{count}\n\n⚠️ {_named(str(error), image)}", busy
         value = draw.value(key, shown.geometry, shown.selection, shown.line, shown.note, shown.pending)
-        now = {"key": key, "busy": shown.busy}
-        if (page or {}).get("key") == key:
-            return value, count, now
-        return gr.HTML(value=value, scene=draw.scene(_picture(path), shown.geometry, key)), count, now
+        return value, count, shown.busy
 
-    def refresh(self, image, method: str, budget: float, page: dict | None, *settings):
+    def scene(self, key: str) -> dict | None:
+        """The image `key` names and where its visual tokens sit, for the page's picture (None when the
+        key is not one of the last images previewed)."""
+        path = self._paths.get(key)
+        if path is None:
+            return None
+        picture = _picture(path)
+        seen, _ = self.cache.get(self.backend(), picture, (), key)  # the geometry: no model work
+        return draw.scene(picture, seen.geometry, key)
+
+    def refresh(self, image, method: str, budget: float, busy: bool | None, *settings):
         """After a run: the preview again, if the last one found the model busy with a run."""
-        if not (page or {}).get("busy"):
+        if not busy:
             return (gr.skip(),) * 3
-        return self.preview(image, method, budget, page, *settings)
+        return self.preview(image, method, budget, busy, *settings)
 
     def _key(self, path: str) -> str:
-        """Names an image for this model: the picture's scene, its cached vision passes."""
-        return f"{self.model} {_digest(path)}"
+        """Names an image for this model (its cached vision passes, the page's scene), and remembers its file."""
+        key = f"{self.model} {_digest(path)}"
+        self._paths[key] = path
+        while len(self._paths) > 64:
+            self._paths.pop(next(iter(self._paths)))
+        return key
 
     @handler
     def animate(self, image, method: str, frames: float, *settings) -> tuple[str, str]:
@@ -570,8 +581,8 @@ class Sweep(NamedTuple):
 class Picture(NamedTuple):
     """The live picture: what the method keeps at the budget, redrawn as it moves, with no LLM run."""
 
-    viewer: gr.HTML  # the zoomable picture (assets/viewer): a scene per image, a value per change
-    page: gr.State  # what the page's picture holds: {"key": its image, "busy": its last preview found the model busy}
+    viewer: gr.HTML  # the zoomable picture (assets/viewer): a value per change, the image's scene asked once
+    busy: gr.State  # whether the last preview found the model busy with a run
     overlays: list  # the last run's pictures as PNG files (thumbnail, crops), in an accordion
 
 
@@ -635,7 +646,7 @@ def build(explorer: Explorer, queue_size: int = 32) -> gr.Blocks:
                 inputs.budget.render()  # right above the picture, also when the columns stack
                 inputs.count.render()
                 with gr.Tab("Kept vs dropped"):
-                    picture = picture_tab()
+                    picture = picture_tab(explorer)
                 with gr.Tab("Scores"):
                     map_choice = gr.Radio(["scores"], value="scores", label="Map")
                     heats = pair("thumbnail: scores", "crops: scores")
@@ -689,12 +700,15 @@ def pair(*labels: str) -> list[gr.Image]:
         return [gr.Image(label=label, format="png", interactive=False) for label in labels]
 
 
-def picture_tab() -> Picture:
+def picture_tab(explorer: Explorer) -> Picture:
+    def scene(key: str) -> dict | None:  # what the page's picture asks for once per image: `server.scene(key)`
+        return explorer.scene(key)
+
     html = dict(html_template=VIEWER["html"], css_template=VIEWER["css"], js_on_load=VIEWER["js"])
-    viewer = gr.HTML(None, **html, apply_default_css=False, scene=None, elem_id="picture")
+    viewer = gr.HTML(None, **html, apply_default_css=False, server_functions=[scene], elem_id="picture")
     with gr.Accordion("The last run's pictures (full resolution; click a patch)", open=False):
         overlays = pair("thumbnail", "crops")
-    return Picture(viewer, gr.State({}), overlays)
+    return Picture(viewer, gr.State(False), overlays)
 
 
 def steps_tab() -> gr.HTML:
@@ -794,7 +808,6 @@ def wire(explorer: Explorer, demo: gr.Blocks, page: Page) -> None:
         explored.shown,
         page.steps,
         api_name="steps",
-        api_visibility="undocumented",  # its pictures are too big for the browser's record of runs
     )
     wire_layers(explorer, inputs, page.layers)
     wire_versus(explorer, inputs, page.versus)
@@ -828,8 +841,7 @@ def named(function, *names: str) -> None:
     function.__signature__ = inspect.Signature([inspect.Parameter(n, keyword) for n in names])
 
 
-# live events: the last change wins, no spinner over the picture, their own queue (never behind a run), and
-# kept out of the browser's record of runs, which would cost ~150 ms a step (they stay callable by name)
+# live events: the last change wins, no spinner over the picture, their own queue (never behind a run)
 LIVE = dict(trigger_mode="always_last", show_progress="hidden", concurrency_id="live", concurrency_limit=8)
 
 
@@ -843,11 +855,11 @@ def wire_preview(explorer: Explorer, inputs: Inputs, picture: Picture, running) 
     def refresh(*args):
         return explorer.refresh(*args)
 
-    named(live, "image", "method", "budget", "page")
-    asked = [inputs.image, inputs.method, inputs.budget, picture.page, *inputs.controls]
-    outputs = [picture.viewer, inputs.count, picture.page]
+    named(live, "image", "method", "budget", "busy")
+    asked = [inputs.image, inputs.method, inputs.budget, picture.busy, *inputs.controls]
+    outputs = [picture.viewer, inputs.count, picture.busy]
     changes = [inputs.image.change, inputs.method.change, inputs.budget.change, *(c.change for c in inputs.controls)]
-    options = dict(preprocess=False, api_visibility="undocumented", **LIVE)
+    options = dict(preprocess=False, **LIVE)
     gr.on(changes, live, asked, outputs, api_name="preview", **options)
     running.then(refresh, asked, outputs, api_name="refresh", **options)
 
@@ -913,9 +925,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve(explorer: Explorer, queue_size: int = 32, **launch) -> tuple[gr.Blocks, str]:
-    """Build the app and start serving it, uploads over UPLOAD_LIMIT refused; returns it and its URL."""
+    """Build the app and start serving it, uploads over UPLOAD_LIMIT refused; returns it and its URL. The
+    browser keeps no record of runs: writing every preview step's outputs to its storage would cost
+    ~150 ms a step (measured), and a run's pictures fill the storage quota."""
     demo = build(explorer, queue_size)
-    _, url, _ = demo.launch(max_file_size=UPLOAD_LIMIT, **launch)
+    _, url, _ = demo.launch(max_file_size=UPLOAD_LIMIT, run_history=False, **launch)
     return demo, url
 
 

@@ -96,10 +96,10 @@ def dimmed(pixels: np.ndarray) -> np.ndarray:
 
 
 def hatch(shape: tuple[int, int]) -> np.ndarray:
-    """(H, W) bool: the pixels on the diagonal hatch lines, one line every `hatch_step` pixels, a quarter as wide."""
+    """(H, W) bool: the pixels on the diagonal hatch lines, one line every `hatch_step` pixels, a third as wide."""
     every = hatch_step(shape)
     y, x = np.ogrid[: shape[0], : shape[1]]
-    return (x + y) % every < max(2, every // 4)
+    return (x + y) % every < max(2, every // 3)
 
 
 def hatch_step(shape: tuple[int, int]) -> int:

@@ -1,22 +1,30 @@
-// The kept-vs-dropped picture, drawn on a canvas from `props.scene` (the photo and where every visual
-// token sits, sent once per image) and `props.value` (the kept set, merge groups and scores, sent on
-// every change): see explorer/viewer.py. Gradio's gr.HTML runs this once, with `element`, `props`
-// and `watch`. The style is explorer/visual.py's: dropped patches grey at `dim` of their brightness
-// and hatched, merged ones tinted with their group's colour, a line on the dropped side of kept ones.
+// The kept-vs-dropped picture, drawn on a canvas from `props.value` (the kept set, merge groups and
+// scores, sent on every change) and the scene of its image (the photo and where every visual token
+// sits), which it asks the server for once per image, `server.scene(key)`: see explorer/viewer.py.
+// Gradio's gr.HTML runs this once, with `element`, `props`, `server` and `watch`. The style is
+// explorer/visual.py's: dropped patches grey at `dim` of their brightness and hatched, merged ones
+// tinted with their group's colour, a line on the dropped side of kept ones.
 const $ = (selector) => element.querySelector(selector);
 const view = $('.tdx-view'), canvas = $('.tdx-canvas'), ctx = canvas.getContext('2d');
 const count = $('.tdx-count'), tip = $('.tdx-tip'), note = $('.tdx-note'), banner = $('.tdx-banner');
 const empty = $('.tdx-empty'), scale = $('.tdx-scale');
 const HATCH = 'rgb(190,190,190)', KEPT = 'rgb(255,212,0)';
 const INFERNO = [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]];
-let S = null, V = null, current = 0, mode = 'kept', z = {k: 1, x: 0, y: 0}, draws = 0;
+let S = null, V = null, current = 0, mode = 'kept', z = {k: 1, x: 0, y: 0}, draws = 0, asked = null;
 
 const bytes = (b64) => Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
 const typed = (b64, T) => (b64 ? new T(bytes(b64).buffer) : null);
 
-function scene(s) {  // the scene's arrays and pictures, decoded once per image
-  if (!s) return null;
-  if (S && S.key === s.key) return S;
+function load(key) {  // ask the server for the scene of the value's image, once
+  if (asked === key) return;
+  asked = key;
+  server.scene(key).then((s) => {
+    if (!s) asked = null;  // not known (any more): ask again on the next change
+    else if (s.key === asked) { S = scene(s); z = {k: 1, x: 0, y: 0}; place(); }
+  });
+}
+
+function scene(s) {  // the scene's arrays and pictures, decoded
   const d = {key: s.key, n: s.n, names: s.names, width: s.width, height: s.height, ready: false,
     partition: typed(s.partition, Uint16Array), cells: typed(s.cells, Uint16Array), boxes: typed(s.boxes, Int16Array)};
   d.views = s.views.map((v) => {
@@ -64,7 +72,7 @@ function recoloured(photo, f) {  // the photo in grey, each pixel's brightness l
 function hatch(every) {  // one tile of the diagonal lines across dropped patches
   const c = document.createElement('canvas');
   c.width = c.height = every;
-  const g = c.getContext('2d'), wide = Math.max(2, Math.floor(every / 4));
+  const g = c.getContext('2d'), wide = Math.max(2, Math.floor(every / 3));
   g.fillStyle = HATCH;
   for (let y = 0; y < every; y++) for (let x = 0; x < every; x++) if ((x + y) % every < wide) g.fillRect(x, y, 1, 1);
   return c;
@@ -145,9 +153,10 @@ function labels(vw) {  // each panel outlined, and labelled in the band above it
 }
 
 function draw() {
-  S = scene(props.scene);
-  empty.hidden = !!S;
-  if (!S) { count.textContent = ''; note.textContent = ''; canvas.width = 0; return; }
+  const v = props.value;
+  empty.hidden = !!(v && v.key);
+  if (!v || !v.key) { S = null; count.textContent = ''; note.textContent = ''; canvas.width = 0; return; }
+  if (!S || S.key !== v.key) { load(v.key); return; }  // drawn when its scene has come
   if (!S.ready) return;
   current = Math.min(current, S.views.length - 1);
   const vw = S.views[current];
@@ -249,6 +258,6 @@ function hover(e) {  // the token under the pointer, worded as visual.describe w
   tip.textContent = 'No visual token there.';
 }
 
-watch(['value', 'scene'], draw);
+watch('value', draw);
 draw();
 place();
