@@ -112,6 +112,7 @@ class Explorer:
         self._lock = threading.Lock()
         self._backend = None
         self._paths: dict[str, str] = {}  # image key -> its file, for the last images previewed
+        self._sizes: dict[tuple[int, int], int] = {}  # (width, height) -> visual tokens
         # the preview's vision passes; on ZeroGPU each runs in a GPU worker and hands its signals back on the
         # CPU (the worker's memory is gone after the call): only the picture and the signal names travel
         on_gpu = GPU(lambda picture, needs: vision_pass(self.backend(), picture, needs).cpu(), duration=30)
@@ -168,7 +169,7 @@ class Explorer:
             return "Upload an image to see how many visual tokens it makes."
         try:
             width, height = _size(_path(image))
-            n = len(self.backend().layout([height, width])[0])
+            n = self._tokens(width, height)
         except ExplorerError as error:
             return f"⚠️ {_named(str(error), image)}"
         if not METHODS[method].budgeted:
@@ -214,6 +215,12 @@ class Explorer:
         if not busy:
             return (gr.skip(),) * 3
         return self.preview(image, method, budget, busy, *settings)
+
+    def _tokens(self, width: int, height: int) -> int:
+        """The visual tokens of an image this size (its geometry takes tens of ms: asked once per size)."""
+        if (width, height) not in self._sizes:
+            self._sizes[(width, height)] = len(self.backend().layout([height, width])[0])
+        return self._sizes[(width, height)]
 
     def _key(self, path: str) -> str:
         """Names an image for this model (its cached vision passes, the page's scene), and remembers its file."""
@@ -706,7 +713,7 @@ def picture_tab(explorer: Explorer) -> Picture:
 
     html = dict(html_template=VIEWER["html"], css_template=VIEWER["css"], js_on_load=VIEWER["js"])
     viewer = gr.HTML(None, **html, apply_default_css=False, server_functions=[scene], elem_id="picture")
-    with gr.Accordion("The last run's pictures (full resolution; click a patch)", open=False):
+    with gr.Accordion("Full-resolution pictures (PNG; click a patch)", open=False):
         overlays = pair("thumbnail", "crops")
     return Picture(viewer, gr.State(False), overlays)
 

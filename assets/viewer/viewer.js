@@ -188,7 +188,7 @@ function buttons() {  // one button per view, and which view and mode are on
     box.replaceChildren(...S.views.map((v, i) => {
       const b = document.createElement('button');
       b.type = 'button'; b.textContent = v.name;
-      b.onclick = () => { current = i; z = {k: 1, x: 0, y: 0}; place(); draw(); };
+      b.onclick = () => { current = i; z = {k: 1, x: 0, y: 0}; tip.textContent = ''; place(); draw(); };
       return b;
     }));
   }
