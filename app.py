@@ -113,13 +113,18 @@ class Explorer:
         self._backend = None
         self._paths: dict[str, str] = {}  # image key -> its file, for the last images previewed
         self._sizes: dict[tuple[int, int], int] = {}  # (width, height) -> visual tokens
+
         # the preview's vision passes; on ZeroGPU each runs in a GPU worker and hands its signals back on the
         # CPU (the worker's memory is gone after the call): only the picture and the signal names travel
-        on_gpu = GPU(lambda picture, needs: vision_pass(self.backend(), picture, needs).cpu(), duration=30)
+        @functools.partial(GPU, duration=30)
+        def on_gpu(picture, needs):
+            return vision_pass(self.backend(), picture, needs).cpu()
+
+        def in_a_worker(backend, picture, needs, wait_s):
+            return on_gpu(picture, needs)
+
         zero = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
-        self.cache = VisionCache(
-            compute=(lambda _, picture, needs, __: on_gpu(picture, needs)) if zero else vision_pass
-        )
+        self.cache = VisionCache(compute=in_a_worker if zero else vision_pass)
 
     def backend(self):
         with self._lock:
@@ -751,7 +756,7 @@ def layers_tab() -> Layers:
 def versus_tab() -> Versus:
     gr.Markdown(
         "The method picked on the left (A) against another (B) at the same budget. Kept by both: "
-        "untouched; only by A: blue; only by B: orange; by neither: dimmed."
+        "untouched; only by A: blue; only by B: orange; by neither: greyed and darkened."
     )
     with gr.Row():
         other = gr.Dropdown(list(METHODS), value="cls", label="Method B (default settings)")
@@ -873,7 +878,7 @@ def wire_preview(explorer: Explorer, inputs: Inputs, picture: Picture, running) 
 
 def wire_animate(explorer: Explorer, inputs: Inputs, tab: Animate) -> None:
     asked = [inputs.image, inputs.method, tab.frames, *inputs.controls]
-    options = {**LIVE, "show_progress": "full", "concurrency_limit": 2}
+    options = {**LIVE, "show_progress": "full", "concurrency_id": "animation", "concurrency_limit": 2}
     tab.go.click(explorer.animate, asked, [tab.shown, tab.file], api_name="animate", preprocess=False, **options)
 
 

@@ -144,7 +144,19 @@ def use_the_picture(page):
     page.locator("#picture").get_by_role("button", name="kept / dropped").click()
     page.locator("#picture").get_by_role("button", name="crops").click()
     page.get_by_role("button", name="zoom in").click()
-    expect(page.locator("#picture [data-zoom]")).to_have_attribute("data-zoom", "1.500")
+    zoom = page.locator("#picture [data-zoom]")
+    expect(zoom).to_have_attribute("data-zoom", "1.500")
+    canvas = page.locator("#picture canvas")
+    moved = canvas.evaluate("c => c.style.transform")
+    page.mouse.move(box["x"] + 100, box["y"] + 100)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 160, box["y"] + 130, steps=5)
+    page.mouse.up()
+    assert canvas.evaluate("c => c.style.transform") != moved  # dragged: panned
+    line, before = page.locator("#picture .tdx-count"), page.locator("#picture .tdx-count").text_content()
+    page.get_by_label(f"range slider for {BUDGET}").press("ArrowRight")
+    expect(line).not_to_have_text(before)
+    expect(zoom).to_have_attribute("data-zoom", "1.500")  # the zoom stays while the budget moves
     page.get_by_role("button", name="fit the picture").click()
 
 

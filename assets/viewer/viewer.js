@@ -172,7 +172,7 @@ function draw() {
   labels(vw);
   scale.hidden = !scores;
   count.textContent = V ? V.text : '';
-  note.textContent = V ? V.note : '';
+  note.textContent = V && !V.pending ? V.note : '';  // a pending note is on the picture
   banner.hidden = !(V && V.pending);
   banner.textContent = V && V.pending ? V.note : '';
   buttons();
@@ -197,7 +197,12 @@ function buttons() {  // one button per view, and which view and mode are on
 }
 element.querySelectorAll('.tdx-modes button').forEach((b) => { b.onclick = () => { mode = b.dataset.mode; draw(); }; });
 
-function place() { canvas.style.transform = `translate(${z.x}px, ${z.y}px) scale(${z.k})`; element.dataset.zoom = z.k.toFixed(3); }
+function place() {
+  canvas.style.transform = `translate(${z.x}px, ${z.y}px) scale(${z.k})`;
+  element.dataset.zoom = z.k.toFixed(3);
+  view.style.touchAction = z.k > 1 ? 'none' : 'pan-y';  // unzoomed, a finger on the picture still scrolls the page
+  view.style.cursor = z.k > 1 ? 'grab' : 'crosshair';
+}
 function zoomAt(factor, cx, cy) {  // keep the point under (cx, cy), in view pixels, where it is
   const k = Math.min(16, Math.max(1, z.k * factor));
   z.x = cx - (cx - z.x) * k / z.k; z.y = cy - (cy - z.y) * k / z.k; z.k = k;
@@ -221,13 +226,17 @@ view.addEventListener('keydown', (e) => {
 });
 const pointers = new Map();
 let pinch = null;
-view.addEventListener('pointerdown', (e) => { view.setPointerCapture(e.pointerId); pointers.set(e.pointerId, [e.clientX, e.clientY]); });
+view.addEventListener('pointerdown', (e) => {
+  view.setPointerCapture(e.pointerId);
+  pointers.set(e.pointerId, [e.clientX, e.clientY]);
+  hover(e);  // a tap tells the patch too
+});
 const lift = (e) => { pointers.delete(e.pointerId); pinch = null; };
 view.addEventListener('pointerup', lift);
 view.addEventListener('pointercancel', lift);
 view.addEventListener('pointermove', (e) => {
   const last = pointers.get(e.pointerId);
-  if (last && pointers.size === 1) { z.x += e.clientX - last[0]; z.y += e.clientY - last[1]; place(); }
+  if (last && pointers.size === 1 && z.k > 1) { z.x += e.clientX - last[0]; z.y += e.clientY - last[1]; place(); }
   if (last) pointers.set(e.pointerId, [e.clientX, e.clientY]);
   if (pointers.size === 2) {
     const [a, b] = [...pointers.values()], d = Math.hypot(a[0] - b[0], a[1] - b[1]), r = view.getBoundingClientRect();
