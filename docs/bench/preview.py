@@ -9,7 +9,9 @@ called with gradio_client, one call at a time, as a page would: /explore with th
 (the full run off, `--max-new-tokens` tokens) `--runs` times, then for each method /preview once (the
 first on this image, with the vision pass unless an earlier method's pass holds its signals) and
 `--steps` more times at other budgets. The times are wall-clock seconds around `predict`, so they
-include the HTTP round trip, the queue and Gradio's processing. Prints a Markdown table.
+include the HTTP round trip, the queue and Gradio's processing; "handler" is the same steps timed in
+this process around `Explorer.preview` alone, and "/status" the round trip of an endpoint that does
+no work. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -57,10 +59,16 @@ def measure(model: str, device: str | None, image: Path, methods: list[str], arg
         budgets = [(7 + 13 * i) % 95 + 5 for i in range(args.steps)]  # 5..99%, spread out, none twice in a row
         for method in methods:
             first, (value, _) = timed(client, image=file, method=method, budget=20, api_name="/preview")
-            steps = []
+            steps, handler = [], []
             for budget in budgets:
                 seconds, (value, _) = timed(client, image=file, method=method, budget=budget, api_name="/preview")
                 steps.append(seconds)
+            settings = [f.default for _, f in app.SETTINGS]
+            for budget in budgets:
+                start = time.perf_counter()
+                explorer.preview({"path": str(image)}, method, budget, False, *settings)
+                handler.append(time.perf_counter() - start)
+            status = [timed(client, api_name="/status")[0] for _ in budgets]
             rows.append(
                 {
                     "model": model,
@@ -71,6 +79,8 @@ def measure(model: str, device: str | None, image: Path, methods: list[str], arg
                     "median_ms": 1000 * statistics.median(steps),
                     "max_ms": 1000 * max(steps),
                     "ratio": statistics.median(steps) / explore,
+                    "handler_ms": 1000 * statistics.median(handler),
+                    "status_ms": 1000 * statistics.median(status),
                 }
             )
         return rows
@@ -92,13 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     methods = args.methods.split(",")
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, {args.device}; image {Path(args.image).name}")
     print("| model | visual tokens | method | /explore (s) | first /preview (s) | /preview after it, median (ms) "
-          "| max (ms) | median / explore |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          "| max (ms) | median / explore | handler, median (ms) | /status, median (ms) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
         for r in measure(model, args.device, Path(args.image), methods, args):
             print(
                 f"| {r['model']} | {r['tokens']} | {r['method']} | {r['explore_s']:.2f} | {r['first_s']:.2f} "
-                f"| {r['median_ms']:.0f} | {r['max_ms']:.0f} | {r['ratio']:.3f} |",
+                f"| {r['median_ms']:.0f} | {r['max_ms']:.0f} | {r['ratio']:.3f} | {r['handler_ms']:.0f} "
+                f"| {r['status_ms']:.0f} |",
                 flush=True,
             )
 
