@@ -121,7 +121,7 @@ class Explorer:
             return vision_pass(self.backend(), picture, needs).cpu()
 
         def in_a_worker(backend, picture, needs, wait_s):
-            return on_gpu(picture, needs)
+            return on_gpu(picture, needs) if needs else vision_pass(backend, picture, needs)  # geometry: no GPU
 
         zero = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
         self.cache = VisionCache(compute=in_a_worker if zero else vision_pass)

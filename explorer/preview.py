@@ -97,11 +97,14 @@ class VisionCache:
         key = (id(backend.model), image or digest(picture), tuple(needs))
         if (hit := self._cached(key)) is not None:
             return hit, True
-        with self._computing:
-            if (hit := self._cached(key)) is not None:
-                return hit, True
-            seen = self.compute(backend, picture, tuple(needs), wait_s)
-            self.passes += bool(needs)
+        if not needs:  # the geometry alone: no model work, nothing to wait for
+            seen = self.compute(backend, picture, (), wait_s)
+        else:
+            with self._computing:
+                if (hit := self._cached(key)) is not None:
+                    return hit, True
+                seen = self.compute(backend, picture, tuple(needs), wait_s)
+                self.passes += 1
         with self._lock:
             self._seen[key] = seen
             self._free()
