@@ -49,6 +49,7 @@ EXAMPLES = [  # image, prompt
     ("rocket.jpg", "What is standing on the launch pad?"),
 ]
 UPLOAD_LIMIT = "20mb"  # refused by the server before anything is decoded
+CSS = "#examples th { white-space: normal; }"  # the examples' headers wrap, so the table fits a phone
 MEMO = 2  # full runs kept per visitor (each with its (T, V) log-probabilities)
 SETTINGS = [(name, f) for name, cls in METHODS.items() for f in dataclasses.fields(cls)]  # every method's settings
 TABLE = ["", "reduced", "full", "reduced / full"]
@@ -702,7 +703,7 @@ def inputs_column() -> Inputs:
     with gr.Row():
         go = gr.Button("Run", variant="primary", scale=3)
         stop = gr.Button("Stop", scale=1)
-    gr.Examples([[str(ASSETS / f), p] for f, p in EXAMPLES], [image, prompt], label="Examples")
+    gr.Examples([[str(ASSETS / f), p] for f, p in EXAMPLES], [image, prompt], label="Examples", elem_id="examples")
     return Inputs(image, prompt, method, budget, count, controls, max_new_tokens, compare, go, stop)
 
 
@@ -941,7 +942,7 @@ def serve(explorer: Explorer, queue_size: int = 32, **launch) -> tuple[gr.Blocks
     browser keeps no record of runs: writing every preview step's outputs to its storage would cost
     ~150 ms a step (measured), and a run's pictures fill the storage quota."""
     demo = build(explorer, queue_size)
-    _, url, _ = demo.launch(max_file_size=UPLOAD_LIMIT, run_history=False, **launch)
+    _, url, _ = demo.launch(max_file_size=UPLOAD_LIMIT, run_history=False, css=CSS, **launch)
     return demo, url
 
 

@@ -167,12 +167,19 @@ def on_a_phone(page):
     slider.scroll_into_view_if_needed()
     page.wait_for_timeout(500)
     assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+    assert page.evaluate(SCROLLING_SIDEWAYS) == []  # no box on the page hides part of itself sideways either
     gap = page.locator("#picture canvas").bounding_box()["y"] - slider.bounding_box()["y"]
     assert 0 < gap < 400, gap  # slider and picture fit on one screen
     width = page.locator("#picture canvas").bounding_box()["width"]
     assert 300 < width <= 400
     page.evaluate("y => window.scrollBy(0, y)", slider.bounding_box()["y"] - 60)
     page.screenshot(path=ARTIFACTS / "preview-400.png")
+
+
+SCROLLING_SIDEWAYS = """() => [...document.querySelectorAll('*')]
+    .filter(e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowX) && e.clientWidth > 10)
+    .filter(e => e.scrollWidth > e.clientWidth + 1)
+    .map(e => e.className.toString())"""
 
 
 def see_the_results(page):
