@@ -108,8 +108,9 @@ def handler(function):
 class Explorer:
     """What the app serves: one model, loaded on first use and shared by every visitor."""
 
-    def __init__(self, model: str, device: str | None = None, warm_up: bool = True):
+    def __init__(self, model: str, device: str | None = None, warm_up: bool = True, notice: str = ""):
         self.model, self.device, self.warm_up = model, device, warm_up
+        self.notice = notice  # why this model and not the one the operator would expect (`backends.choose`)
         self._lock = threading.Lock()
         self._backend = None
         self._paths: dict[str, str] = {}  # image key -> its file, for the last images previewed
@@ -144,6 +145,7 @@ class Explorer:
             return f"⚠️ **{self.model} could not be loaded.** {error}"
         note = " · **random weights**: answers are gibberish; token counts, overlays and costs are real"
         line = f"**Model**: {b.name} ({b.family}) on {b.device}" + (note if b.random_weights else "")
+        line += f"\n\n⚠️ {self.notice}" if self.notice else ""
         reasons = [reason for name in METHODS if (reason := unavailable(name, b))]
         return line + "".join(f"\n- not on this model: {reason}" for reason in reasons)
 
@@ -916,7 +918,8 @@ def main(argv: list[str] | None = None) -> None:
         default=env("EXPLORER_MODEL"),
         help="Hub id, local folder, or a random-weight tiny-* model such as tiny-llava-next; visitors cannot change "
         "it (default: $EXPLORER_MODEL, else for the hardware: LLaVA-NeXT 7B on a GPU with 20 GiB free, "
-        f"LLaVA-OneVision 0.5B on a smaller one, SmolVLM-256M without a GPU; on ZeroGPU {backends.DEFAULT_MODEL})",
+        f"LLaVA-OneVision 0.5B on a smaller one, SmolVLM-256M without a GPU; on ZeroGPU {backends.DEFAULT_MODEL}; "
+        "without network, when that default is not in the Hugging Face cache, its family's tiny-* model)",
     )
     parser.add_argument(
         "--device", default=env("EXPLORER_DEVICE"), help="cpu, cuda, ... (default: cuda if there is one)"
@@ -928,8 +931,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     zero_gpu = env("SPACES_ZERO_GPU", "").lower() in ("1", "true")
     # ZeroGPU hands out a big GPU per request, none at start-up: its model is the one the Space preloads
-    model = args.model or (backends.DEFAULT_MODEL if zero_gpu else backends.default_model(args.device))
-    explorer = Explorer(model, args.device, warm_up=not zero_gpu)
+    choice = backends.choose(args.model or (backends.DEFAULT_MODEL if zero_gpu else None), args.device)
+    explorer = Explorer(choice.model, args.device, warm_up=not zero_gpu, notice=choice.reason)
     if zero_gpu:  # ZeroGPU wants the model on the device at start-up; the GPU work happens in `explore`
         explorer.backend()
     else:  # start loading before the first visitor comes

@@ -8,6 +8,7 @@ import os
 import socket
 import tempfile
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ BACKENDS = {
         qwen2_vl.Qwen2VL,
         qwen2_vl.Qwen25VL,
         smolvlm.SmolVLM,
+        smolvlm.SmolVLM2,
         llava.Llava,
     )
 }  # config.model_type -> backend
@@ -38,6 +40,11 @@ FULL_SIZE = {  # Hub checkpoint -> the tiny model with its processor; its archit
     "Qwen/Qwen2-VL-2B-Instruct": "tiny-qwen2-vl",
     "Qwen/Qwen2-VL-7B-Instruct": "tiny-qwen2-vl",
 }
+OFFLINE = {  # a default checkpoint -> the random-weight model of its family, when it cannot be fetched
+    llava_next.DEFAULT: "tiny-llava-next",
+    llava_onevision.DEFAULT: "tiny-llava-onevision",
+    smolvlm.DEFAULT: "tiny-idefics3",
+}
 CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_MODEL = llava_next.DEFAULT  # the HiRED paper's model: the Space's, and the default on a big GPU
 BIG_GPU = 20 * 2**30  # free bytes LLaVA-NeXT 7B wants: ~15 GiB of bf16 weights, the rest for activations
@@ -45,11 +52,13 @@ BIG_GPU = 20 * 2**30  # free bytes LLaVA-NeXT 7B wants: ~15 GiB of bf16 weights,
 __all__ = [
     "BACKENDS",
     "DEFAULT_MODEL",
+    "Choice",
     "FULL_SIZE",
     "RANDOM",
     "ExplorerError",
     "Geometry",
     "Prepared",
+    "choose",
     "default_model",
     "load",
 ]
@@ -65,6 +74,51 @@ def default_model(device: str | None = None, free_bytes: int | None = None) -> s
     if free_bytes is None:
         free_bytes, _ = torch.cuda.mem_get_info(device)
     return DEFAULT_MODEL if free_bytes >= BIG_GPU else llava_onevision.DEFAULT
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The model to load, and why it is not the one asked for (empty when it is)."""
+
+    model: str
+    reason: str = ""
+
+
+def choose(model: str | None, device: str | None = None, random_weights: bool = False) -> Choice:
+    """The model to load when `model` (or None) is asked for on `device`. A named model is loaded as named:
+    if it cannot be had, `load` says why. Without one, the hardware's default (`default_model`), unless
+    it cannot be fetched (not in the Hugging Face cache, and the Hub cannot be reached or HF_HUB_OFFLINE
+    is set): then the tiny random-weight model of its family, which needs nothing, and the reason.
+    With `random_weights` nothing is fetched, so the default stays."""
+    if model:
+        return Choice(model)
+    default = default_model(device)
+    if random_weights or _in_cache(default) or not _offline():
+        return Choice(default)
+    tiny = OFFLINE[default]
+    return Choice(
+        tiny,
+        f"No model was named, and {default}, the default for this hardware, is not in the Hugging Face cache "
+        "and the Hub is out of reach (no network, or HF_HUB_OFFLINE set), so its family's random-weight model "
+        f"{tiny} is loaded. To load a real one, pass --model or set EXPLORER_MODEL to a local checkpoint folder, "
+        "or to a Hub id with network.",
+    )
+
+
+def _in_cache(repo: str) -> bool:
+    """Whether the Hugging Face cache holds `repo`'s config and weights (one file or a sharded index)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(file: str) -> bool:
+        return isinstance(try_to_load_from_cache(repo, file), str)  # a path; None or a marker when not
+
+    return cached("config.json") and (cached("model.safetensors") or cached("model.safetensors.index.json"))
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or _unreachable_hub() is not None
 
 
 def load(model: str, device: str | None = None, random_weights: bool = False):

@@ -17,7 +17,7 @@ from .encoder_merge import merged
 from .errors import ExplorerError
 from .geometry import Geometry, Prepared
 from .llm_prune import Decoder, pruning
-from .signals import FEATURES, HIDDEN, HIDDEN_FEATURE, encoder_signals, parse
+from .signals import FEATURES, HIDDEN, HIDDEN_FEATURE, PADDED, ROWS, encoder_signals, parse
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -119,14 +119,26 @@ class Backend:
             if set(needs) - {HIDDEN_FEATURE}:
                 raise ExplorerError("a method that merges inside the vision encoder reads only what the merging gives")
             return None, merged(self, prepared, merging)
-        asked = {name: self.signal(name) for name in needs if name != FEATURES}  # name -> (kind, layer)
+        asked = {name: self.signal(name) for name in needs if name not in (FEATURES, ROWS)}  # name -> (kind, layer)
+        grid = [name for name in needs if name == ROWS or name.startswith(PADDED)]
+        if grid and not self.one_patch_each(prepared):
+            raise ExplorerError(
+                f"{self.family} makes the visual tokens of this image from several encoder patches each, so it "
+                f"cannot give {grid[0]!r} (every encoder position of every crop, as the official LLaVA code "
+                "ranks them); try LLaVA-NeXT or LLaVA-1.5"
+            )
         wants: dict[int, set[str]] = {}
         for kind, layer in asked.values():
             wants.setdefault(layer, set()).add(kind)
         with self.hooks(prepared, wants) as captured:
             features = self.image_features(prepared) if project else self.vision_tower(self.crops(prepared))
         signals = {FEATURES: features} if FEATURES in needs else {}
+        signals |= {ROWS: prepared.source} if ROWS in needs else {}
         for name, (kind, layer) in asked.items():
+            if name.startswith(PADDED):  # (crops, T', ...) as captured, padding included
+                rows = captured[kind, layer]
+                signals[name] = rows.cpu() if rows.dim() == 2 else rows
+                continue
             rows = self.tokens_of(prepared, captured[kind, layer], fold="concat" if kind == HIDDEN else "mean")
             signals[name] = rows.cpu() if rows.dim() == 1 else rows
         return features, signals
@@ -182,7 +194,7 @@ class Backend:
 
     def signal(self, name: str) -> tuple[str, int]:
         """(kind, layer) of a vision signal name such as cls@0, keys@feature or hidden@last."""
-        return parse(name, self.family, len(self.encoder), self.feature_layer)
+        return parse(name.removeprefix(PADDED), self.family, len(self.encoder), self.feature_layer)
 
     def merge(self, features: torch.Tensor, signals: dict[str, torch.Tensor], selection) -> torch.Tensor:
         """(N, D) features in which every kept token that absorbs others carries the projection of

@@ -39,6 +39,10 @@ class Llava(Backend):
         vfl = cfg.vision_feature_layer  # hidden_states index; the layer that makes it is one below
         self.feature_layer = len(self.encoder) + vfl if vfl < 0 else vfl - 1
 
+    @classmethod
+    def load_processor(cls, path: str, **hub):
+        return llava_processor(path, **hub)
+
     def layout(self, image_size: list[int]) -> tuple[Geometry, torch.Tensor]:
         """Geometry of an image of (height, width) pixels, and each token's row in the encoder output."""
         height, width = image_size
@@ -70,6 +74,25 @@ class Llava(Backend):
 
     def crops(self, prepared: Prepared) -> torch.Tensor:
         return prepared.inputs["pixel_values"]  # (1, 3, 336, 336)
+
+
+def llava_processor(path: str, **hub):
+    """The llava-hf processor saved at `path` (LLaVA-1.5 and LLaVA-NeXT). Without a processor_config.json
+    (llava-v1.6-vicuna-7b-hf may have none on the Hub) transformers 5 leaves the processor without the patch
+    size, the feature strategy and the [CLS] token it counts image tokens with; they are then read from the
+    model's config, as transformers 4 read them from the model: a CLIP tower adds its [CLS] token, which the
+    'default' strategy drops again."""
+    processor = transformers.AutoProcessor.from_pretrained(path, **hub)
+    if processor.patch_size is not None:
+        return processor
+    cfg = transformers.AutoConfig.from_pretrained(path, **hub)
+    return transformers.AutoProcessor.from_pretrained(
+        path,
+        patch_size=cfg.vision_config.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        num_additional_image_tokens=int(cfg.vision_config.model_type == "clip_vision_model"),
+        **hub,
+    )
 
 
 RANDOM = {"tiny-llava-1.5": ((32, 3, 4, 64), (32, 4, 4, 64))}  # name -> (vision, text) as (hidden, layers, heads, mlp)

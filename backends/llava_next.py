@@ -13,6 +13,7 @@ import torch
 from .base import Backend
 from .errors import ExplorerError
 from .geometry import Prepared, anyres_layout
+from .llava import llava_processor
 from .random_models import VICUNA, llama_tokenizer, text_config, token_ids, vision_config
 
 DEFAULT = "llava-hf/llava-v1.6-vicuna-7b-hf"  # the HiRED paper's model
@@ -35,6 +36,10 @@ class LlavaNext(Backend):
         self.encoder = model.model.vision_tower.encoder.layers
         vfl = cfg.vision_feature_layer  # hidden_states index; the layer that makes it is one below
         self.feature_layer = len(self.encoder) + vfl if isinstance(vfl, int) and vfl < 0 else vfl - 1
+
+    @classmethod
+    def load_processor(cls, path: str, **hub):
+        return llava_processor(path, **hub)
 
     def layout(self, image_size: list[int]):
         """Geometry of an image of (height, width) pixels, and each token's row in the flat encoder output."""

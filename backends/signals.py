@@ -2,8 +2,9 @@
 
 A vision signal is named <kind>@<layer>: <kind> one of KINDS, <layer> a vision encoder layer (0 = the
 first), "feature" (the layer whose output the LLM receives), "feature-<k>" (k layers below it) or
-"last". `explorer.core.Signals` says what each holds. The LLM's signals (LLM) are read inside the LLM
-by `llm_prune`.
+"last". `explorer.core.Signals` says what each holds. "padded <name>" is a vision signal at every
+position of every crop the encoder saw, padding included, and "encoder rows" says which of them each
+visual token is. The LLM's signals (LLM) are read inside the LLM by `llm_prune`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ CLS_LOGITS_LAST, CLS_ONEHEAD_LAST = at(CLS_LOGITS, LAST), at(CLS_ONEHEAD, LAST)
 KEYS_FEATURE, KEYS_LAST = at(KEYS, FEATURE), at(KEYS, LAST)
 HIDDEN_0, HIDDEN_FEATURE = at(HIDDEN, 0), at(HIDDEN, FEATURE)
 FEATURES = "features"  # the projected features the LLM receives
+# Every position of every crop the encoder saw, padding included (families whose every token is one patch)
+PADDED = "padded "  # + a vision signal's name: its values at every encoder position, (crops, T', ...)
+ROWS = "encoder rows"  # (N,) long: each visual token's row in the flat (crops * T') encoder output, -1 for none
 # what a vision encoder that merges its tokens gives besides HIDDEN_FEATURE (see `encoder_merge.merged`)
 MERGED_INTO, MERGED_AFTER = "merged into", "merged after"
 
@@ -45,6 +49,12 @@ LLM_ATTENTION, LLM_KEYS, LLM_HIDDEN, LLM_EMBEDS, LLM_TRANSITION = (
 )
 LLM = (LLM_ATTENTION, LLM_KEYS, LLM_HIDDEN, LLM_EMBEDS, LLM_TRANSITION)
 TEXT = "llm-text-"  # the prefix of the text's signals
+
+
+def padded(name: str) -> str:
+    """The vision signal `name` at every position of every crop the encoder saw: "cls@feature" ->
+    "padded cls@feature"."""
+    return PADDED + name
 
 
 def text_of(name: str) -> str:

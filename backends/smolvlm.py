@@ -1,16 +1,24 @@
-"""SmolVLM (HuggingFaceTB checkpoints, Idefics3 family): 512-px tiles of the image plus a global tile,
-each 1024 SigLIP patches folded 4x4 into 64 tokens by pixel shuffle.
+"""SmolVLM and Idefics3 (HuggingFaceTB and HuggingFaceM4 checkpoints): tiles of the image plus a
+global tile, each tile's SigLIP patches folded scale x scale into one token by pixel shuffle.
 
-The processor resizes the image so that its longer side is 4 * 512 px (small images are upscaled),
-then stretches each side up to a multiple of 512 and cuts it into R x C tiles, and adds the whole image
-squashed to 512x512. Visual tokens in LLM order: tile 1,1's 64 tokens, tile 1,2's, ... row by row
-("tile R,C", 0-based), then the global tile's ("global"); the text tokens around them (tile
-markers, newlines) are not visual tokens. Each token is an 8x8 cell of its tile, 64x64 px of it;
-which 16 patches a token folds is read off the model's own `pixel_shuffle`, run on patch indices.
+Two kinds of checkpoint share this geometry: `idefics3` (SmolVLM-256M/500M-Instruct, SmolVLM-Instruct,
+Idefics3-8B-Llama3; Idefics3ForConditionalGeneration and Idefics3Processor) and `smolvlm` (the
+SmolVLM2 checkpoints; SmolVLMForConditionalGeneration and SmolVLMProcessor, whose video half the
+explorer leaves out). Their sizes come from the checkpoint: SmolVLM-256M has 512-px tiles of 32x32
+patches of 16 px folded 4x4 into 64 tokens (`scale_factor` 4); SmolVLM-Instruct 384-px tiles of
+27x27 patches folded 3x3 into 81; Idefics3-8B 364-px tiles of 26x26 folded 2x2 into 169.
+
+The processor resizes the image so that its longer side is `size["longest_edge"]` (2048 px on
+SmolVLM-256M; small images are upscaled), then stretches each side up to a multiple of the tile
+(`max_image_size`) and cuts it into R x C tiles, and adds the whole image squashed to one tile.
+Visual tokens in LLM order: tile 1,1's tokens, tile 1,2's, ... row by row ("tile R,C", 0-based),
+then the global tile's ("global"); the text tokens around them (tile markers, newlines) are not
+visual tokens. Each token is a cell of its tile's side x side grid; which patches a token folds is
+read off the model's own `pixel_shuffle`, run on patch indices.
 
 SigLIP has no [CLS] token: the "cls" signals are the attention each patch receives (see
-`signals.attention_maps`), averaged over the 16 patches of a token, as the LightCompress port averages
-folded patches; keys too are averaged, and "hidden" holds a token's 16 patches side by side, as the
+`signals.attention_maps`), averaged over the patches of a token, as the LightCompress port averages
+folded patches; keys too are averaged, and "hidden" holds a token's patches side by side, as the
 projector takes them (the encoder's final norm, then the linear projection, is the projector here).
 """
 
@@ -22,13 +30,16 @@ from .base import Backend, image_only, image_only_processor
 from .geometry import Geometry, Prepared
 from .random_models import build_tokenizer, text_config, token_ids, vision_config
 
-DEFAULT = "HuggingFaceTB/SmolVLM-256M-Instruct"  # the smallest; the default without a GPU
+DEFAULT = "HuggingFaceTB/SmolVLM-256M-Instruct"  # the smallest, an Idefics3 checkpoint; the default without a GPU
+DEFAULT_2 = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"  # the smallest SmolVLM2
 
 
 class SmolVLM(Backend):
-    model_type = "smolvlm"
+    """Idefics3 checkpoints: SmolVLM-256M, SmolVLM-500M, SmolVLM-Instruct, Idefics3-8B-Llama3."""
+
+    model_type = "idefics3"
     family = "SmolVLM"
-    model_class = "SmolVLMForConditionalGeneration"
+    model_class = "Idefics3ForConditionalGeneration"
     default = DEFAULT  # the real checkpoint
     thumbnail = True
     cls_token = False
@@ -36,17 +47,11 @@ class SmolVLM(Backend):
     def __init__(self, model, processor, name: str, random_weights: bool = False):
         super().__init__(model, processor, name, random_weights)
         cfg = model.config
-        self.patches = cfg.vision_config.image_size // cfg.vision_config.patch_size  # per tile side (32)
-        self.scale = cfg.scale_factor  # patches folded per token side (4)
-        self.side = self.patches // self.scale  # tokens per tile side (8)
+        self.patches = cfg.vision_config.image_size // cfg.vision_config.patch_size  # per tile side (256M: 32)
+        self.scale = cfg.scale_factor  # patches folded per token side (256M: 4)
+        self.side = self.patches // self.scale  # tokens per tile side (256M: 8)
         self.encoder = model.model.vision_model.encoder.layers
         self.feature_layer = len(self.encoder) - 1  # its output, through the final norm, is projected
-
-    @classmethod
-    def load_processor(cls, path: str, **hub):
-        from transformers import SmolVLMProcessor
-
-        return image_only_processor(SmolVLMProcessor, path, **hub)
 
     def folded(self, values: torch.Tensor) -> torch.Tensor:
         """(tiles, patches, C) -> (tiles * tokens, folded patches, C), as the model's pixel shuffle folds them."""
@@ -61,10 +66,10 @@ class SmolVLM(Backend):
         height, width = image_size
         _, rows, cols = self.processor.image_processor.get_number_of_image_patches(height, width)
         index = torch.arange(self.patches**2, dtype=torch.float64).view(1, -1, 1)
-        folded = self.folded(index)[:, :, 0].long()  # (64, 16) the patches each token of a tile folds
-        i, j = folded // self.patches // self.scale, folded % self.patches // self.scale  # (64, 16) token cells
+        folded = self.folded(index)[:, :, 0].long()  # (T, s * s) the patches each token of a tile folds
+        i, j = folded // self.patches // self.scale, folded % self.patches // self.scale  # (T, s * s) token cells
         assert (i == i[:, :1]).all() and (j == j[:, :1]).all(), "a token folds a square block of patches"
-        i, j = i[:, 0], j[:, 0]  # (64,)
+        i, j = i[:, 0], j[:, 0]  # (T,) T = side * side tokens a tile
         n, f64 = self.side, torch.float64
         boxes = []
         ys, xs = torch.linspace(0, height, rows * n + 1, dtype=f64), torch.linspace(0, width, cols * n + 1, dtype=f64)
@@ -91,7 +96,7 @@ class SmolVLM(Backend):
 
     def tokens_of(self, prepared: Prepared, values: torch.Tensor, fold: str) -> torch.Tensor:
         tiles, patches, *rest = values.shape
-        folded = self.folded(values.reshape(tiles, patches, -1))  # (N, 16, C)
+        folded = self.folded(values.reshape(tiles, patches, -1))  # (N, s * s, C)
         return folded.mean(1).view(-1, *rest) if fold == "mean" else folded.flatten(1)
 
     @property
@@ -99,12 +104,31 @@ class SmolVLM(Backend):
         return self.model.model.text_model
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(K, 16 * C) folded encoder outputs -> the final norm on each patch, then the projection."""
+        """(K, s * s * C) folded encoder outputs -> the final norm on each patch, then the projection."""
         normed = self.model.model.vision_model.post_layernorm(hidden.view(len(hidden), self.scale**2, -1))
         return self.model.model.connector.modality_projection(normed.flatten(1))
 
 
-RANDOM = {"tiny-smolvlm": ((32, 3, 4, 64), (32, 4, 4, 64))}  # name -> (vision, text): hidden, layers, heads, mlp
+class SmolVLM2(SmolVLM):
+    """SmolVLM2 checkpoints (model type `smolvlm`): the same model, with a processor that also takes video."""
+
+    model_type = "smolvlm"
+    family = "SmolVLM2"
+    model_class = "SmolVLMForConditionalGeneration"
+    default = DEFAULT_2  # the real checkpoint
+
+    @classmethod
+    def load_processor(cls, path: str, **hub):
+        from transformers import SmolVLMProcessor
+
+        return image_only_processor(SmolVLMProcessor, path, **hub)
+
+
+RANDOM = {  # name -> (vision, text): hidden, layers, heads, mlp
+    "tiny-idefics3": ((32, 3, 4, 64), (32, 4, 4, 64)),  # SmolVLM-256M-Instruct (model type idefics3)
+    "tiny-smolvlm": ((32, 3, 4, 64), (32, 4, 4, 64)),  # SmolVLM2 (model type smolvlm)
+}
+TILE, PATCH, SCALE = 512, 16, 4  # SmolVLM-256M-Instruct's tiles, patches and pixel shuffle
 CHAT_TEMPLATE = (  # SmolVLM-256M-Instruct's
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
     "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
@@ -116,11 +140,13 @@ CHAT_TEMPLATE = (  # SmolVLM-256M-Instruct's
 
 def random_parts(name: str):
     """The config and processor of the random-weight model `name`, with SmolVLM-256M-Instruct's processor
-    geometry: longer side 2048 px, 512-px tiles and a global one, patch 16, 4x4 pixel shuffle."""
-    from transformers import SmolVLMConfig, SmolVLMImageProcessorPil, SmolVLMProcessor
+    geometry: longer side 2048 px, 512-px tiles and a global one, patch 16, 4x4 pixel shuffle; built with
+    the SmolVLM2 classes (tiny-smolvlm) or the Idefics3 ones (tiny-idefics3)."""
+    import transformers
     from transformers.video_processing_utils import BaseVideoProcessor
 
     vision, text = RANDOM[name]
+    kind = "SmolVLM" if name == "tiny-smolvlm" else "Idefics3"
     markers = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>"]
     tokenizer = build_tokenizer(
@@ -136,23 +162,23 @@ def random_parts(name: str):
             "end_of_utterance_token": "<end_of_utterance>",
         },
     )
-    image_processor = SmolVLMImageProcessorPil(
-        size={"longest_edge": 2048},
-        max_image_size={"longest_edge": 512},
+    image_processor = getattr(transformers, f"{kind}ImageProcessorPil")(
+        size={"longest_edge": 4 * TILE},
+        max_image_size={"longest_edge": TILE},
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
     )
-    processor = image_only(SmolVLMProcessor)(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=BaseVideoProcessor(),  # never used: see `base.image_only`
-        image_seq_len=64,
-        chat_template=CHAT_TEMPLATE,
+    parts = {"image_processor": image_processor, "tokenizer": tokenizer}
+    if kind == "SmolVLM":  # never used: see `base.image_only`
+        parts["video_processor"] = BaseVideoProcessor()
+    processor_class = getattr(transformers, f"{kind}Processor")
+    processor = (image_only(processor_class) if kind == "SmolVLM" else processor_class)(
+        **parts, image_seq_len=(TILE // PATCH) ** 2 // SCALE**2, chat_template=CHAT_TEMPLATE
     )
-    config = SmolVLMConfig(
+    config = getattr(transformers, f"{kind}Config")(
         text_config=text_config(tokenizer, text, model_type="llama"),
-        vision_config=vision_config("smolvlm_vision", vision, image_size=512, patch_size=16),
-        scale_factor=4,
+        vision_config=vision_config(f"{kind.lower()}_vision", vision, image_size=TILE, patch_size=PATCH),
+        scale_factor=SCALE,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         **token_ids(tokenizer),
     )

@@ -91,7 +91,8 @@ def _model_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
         "--model",
         help="Hub id, local folder or a random-weight tiny-* model such as tiny-llava-next (default: for the "
         "hardware: LLaVA-NeXT 7B on a GPU with 20 GiB free, LLaVA-OneVision 0.5B on a smaller one, SmolVLM-256M "
-        "without a GPU)" + ("; several, comma-separated, are measured one after another" if several else ""),
+        "without a GPU; without network, when that default is not in the Hugging Face cache, its family's tiny-* "
+        "model)" + ("; several, comma-separated, are measured one after another" if several else ""),
     )
     parser.add_argument("--image", required=True)
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when there is one)")
@@ -117,13 +118,15 @@ def _models(sizes: str) -> int:
     import backends
 
     _quiet()
-    columns = ["family", "default checkpoint", "random-weight model", *(f"tokens at {w}x{h}" for w, h in shapes)]
+    columns = ["family", "model type", "default checkpoint", "random-weight model"]
+    columns += [f"tokens at {w}x{h}" for w, h in shapes]
     print("| " + " | ".join([*columns, "methods that cannot run"]) + " |\n|" + "---|" * (len(columns) + 1))
     for preset in (name for name in backends.RANDOM if name.startswith("tiny-")):
         backend = backends.load(preset, "cpu")
         counts = [str(len(backend.layout([h, w])[0])) for w, h in shapes]
         cannot = ", ".join(f"`{m}`" for m in METHODS if unavailable(m, backend)) or "none"
-        print("| " + " | ".join([backend.family, f"`{backend.default}`", f"`{preset}`", *counts, cannot]) + " |")
+        names = [backend.family, f"`{backend.model_type}`", f"`{backend.default}`", f"`{preset}`"]
+        print("| " + " | ".join([*names, *counts, cannot]) + " |")
     return 0
 
 
@@ -138,8 +141,10 @@ def _load(args, model: str | None = None):
     import backends  # imports transformers: only once the arguments are known to be good
 
     _quiet()
-    model = model or args.model or backends.default_model(args.device)
-    return backends.load(model, args.device, args.random_weights)
+    choice = backends.choose(model or args.model, args.device, args.random_weights)
+    if choice.reason:
+        print(f"notice: {choice.reason}", file=sys.stderr)
+    return backends.load(choice.model, args.device, args.random_weights)
 
 
 def _run(args) -> int:

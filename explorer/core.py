@@ -34,14 +34,17 @@ from backends.signals import (  # the names of the signals methods read
     LLM_TRANSITION,
     MERGED_AFTER,
     MERGED_INTO,
+    ROWS,
     at,
+    padded,
     text_of,
 )
 
 __all__ = ["Budget", "Cut", "ExplorerError", "Geometry", "Merging", "Method", "Selection", "Signals", "fraction_of"]
 __all__ += ["CLS", "CLS_0", "CLS_FEATURE", "CLS_LAST", "CLS_LOGITS_LAST", "CLS_ONEHEAD_LAST", "FEATURE", "FEATURES"]
 __all__ += ["HIDDEN", "HIDDEN_0", "HIDDEN_FEATURE", "KEYS_FEATURE", "KEYS_LAST", "LLM_ATTENTION", "LLM_EMBEDS"]
-__all__ += ["LLM_HIDDEN", "LLM_KEYS", "LLM_TRANSITION", "MERGED_AFTER", "MERGED_INTO", "at", "text_of"]
+__all__ += ["LLM_HIDDEN", "LLM_KEYS", "LLM_TRANSITION", "MERGED_AFTER", "MERGED_INTO", "ROWS", "at", "padded"]
+__all__ += ["text_of"]
 
 
 def fraction_of(fraction: float, n: int) -> int:
@@ -91,7 +94,12 @@ class Signals:
     - "hidden@<layer>": the layer's output, (N, C), on the model's device; "hidden@feature" is what the
       projector turns into the LLM's input;
     and "features": the (N, D) projected features the LLM receives, newlines included, on the model's
-    device. A backend that cannot give a signal raises ExplorerError naming it. A method that merges
+    device. "padded <name>" (`padded`) is such a signal at every position of every crop the encoder saw,
+    the thumbnail first, padding included, as the official LLaVA code ranks them: (crops, T', ...), T'
+    positions per crop in raster order, attention on the CPU; "encoder rows" (`ROWS`), (N,) long, is each
+    visual token's row in those flattened (crops * T'), -1 for none (newlines). Positions that unpadding
+    removed are no visual token and cannot be kept. Only families whose every visual token is one
+    encoder patch give them (LLaVA-NeXT, LLaVA-1.5, LLaVA-OneVision unless it resamples the grid). A backend that cannot give a signal raises ExplorerError naming it. A method that merges
     inside the encoder (`merging`) reads what that pass gives instead: "hidden@feature" with every
     token carrying its merged row, "merged into" and "merged after" (see `Backend.merged`).
 

@@ -33,6 +33,7 @@ MODELS = (
     "tiny-qwen2-vl",
     "tiny-qwen2.5-vl",
     "tiny-smolvlm",
+    "tiny-idefics3",
     "tiny-llava-1.5",
 )
 IMAGES = ("coffee.jpg", "chart.png", "astronaut.jpg", "panorama.jpg", "rocket.jpg")

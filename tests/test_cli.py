@@ -79,7 +79,8 @@ def test_run_streams_the_answer_then_a_summary(capsys, image):
     )
     assert code == 0 and err == ""
     assert "hired (alpha=0.25, paper_code=True), budget 300 tokens" in out
-    assert "visual tokens kept 300 of 2340 (base 75/576" in out and "newline 0/36" in out
+    # the official code's shares: int(0.25 * 300) = 75 for the thumbnail, each crop's share of 225 floored
+    assert "visual tokens kept 297 of 2340 (base 75/576" in out and "newline 0/36" in out
     assert "first token" in out and "peak memory (cpu)" in out and "random weights" in out
 
 
@@ -99,7 +100,7 @@ def test_methods_lists_every_method_with_its_settings(capsys):
     assert code == 0
     assert [line.split()[0] for line in out.splitlines()] == EVERY
     assert "[alpha=0.5, paper_code=False]" in out and "FasterVLM" in out
-    assert "[adaptive=False, spatial=0.75, neighbours=32]" in out and "[contextual=0.15625]" in out
+    assert "[adaptive=False, spatial=0.75, neighbours=32]" in out and "[contextual=0.15625, paper_code=False]" in out
     assert "fastv      FastV: before LLM layer K" in out and "[layer=2, keep_positions=True]" in out
 
 
@@ -107,15 +108,16 @@ def test_models_tabulates_every_family_on_its_random_weight_model(capsys):
     code, out, _ = cli(capsys, "models", "--sizes", "672x672,1920x1080")
     assert code == 0
     rows = [line.split(" | ") for line in out.splitlines()[2:]]
-    assert {row[2]: row[3:5] for row in rows} == {
+    assert {row[3]: row[4:6] for row in rows} == {
         "`tiny-llava-next`": ["2928", "1948"],
         "`tiny-llava-onevision`": ["3699", "7269"],
         "`tiny-qwen2-vl`": ["576", "1222"],
         "`tiny-qwen2.5-vl`": ["576", "1222"],
         "`tiny-smolvlm`": ["1088", "832"],
+        "`tiny-idefics3`": ["1088", "832"],
         "`tiny-llava-1.5`": ["576", "576"],
     }
-    assert "| Qwen2-VL | `Qwen/Qwen2-VL-2B-Instruct` |" in out and "`hired`, `globalcom2` |" in out
+    assert "| Qwen2-VL | `qwen2_vl` | `Qwen/Qwen2-VL-2B-Instruct` |" in out and "| `globalcom2`, `tome-vit` |" in out
     assert cli(capsys, "models", "--sizes", "672")[0] == 2
 
 
@@ -239,7 +241,7 @@ def test_unreadable_files_and_folders_through_the_cli(capsys, image, tmp_path):
         (["--model", str(tmp_path)], "has no config.json"),
         (
             ["--model", str(tmp_path / "llama")],
-            "is a 'llama' checkpoint; the explorer runs llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, smolvlm, "
+            "is a 'llama' checkpoint; the explorer runs llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, idefics3, smolvlm, "
             "llava checkpoints",
         ),
     ]
@@ -307,3 +309,25 @@ def test_python_dash_m_explorer_runs_the_readme_example():
         command[:-5] + ["--prompt", ""], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert bad.returncode == 2 and bad.stderr == "error: the prompt is empty: ask something about the image\n"
+
+
+def test_without_a_model_or_network_run_and_bench_take_the_defaults_tiny_model_and_say_so(
+    capsys, image, monkeypatch, tmp_path
+):
+    """No --model, the default (SmolVLM-256M on a CPU) not in the Hugging Face cache, no Hub (the tests set
+    HF_HUB_OFFLINE): one notice on stderr, and the run is on tiny-idefics3, random weights."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # an empty cache
+    args = ["--image", image, "--prompt", "hi", "--device", "cpu", "--method", "random", "--max-new-tokens", "1"]
+    code, out, err = cli(capsys, "run", *args, "--json")
+    notices = [line for line in err.splitlines() if line.startswith("notice:")]
+    assert code == 0 and len(notices) == 1
+    assert "HuggingFaceTB/SmolVLM-256M-Instruct" in notices[0] and "--model or set EXPLORER_MODEL" in notices[0]
+    result = json.loads(out)
+    assert result["model"] == "tiny-idefics3" and result["random_weights"] is True
+    bench = ["--image", image, "--device", "cpu", "--methods", "random", "--budgets", "0.5", "--max-new-tokens", "1"]
+    code, out, err = cli(capsys, "bench", *bench, "--repeats", "1", "--warmup", "0", "--no-floor")
+    assert code == 0 and "tiny-idefics3 640x480 batch 1" in out and err.count("notice:") == 1
+    code, _, err = cli(capsys, "run", *args, "--model", "HuggingFaceTB/SmolVLM-256M-Instruct")  # named: no fallback
+    assert code == 2 and "notice:" not in err and "could not be loaded from the Hugging Face cache or the Hub" in err

@@ -21,15 +21,23 @@ from explorer.llm import LlmStage
 from explorer.methods import METHODS, unavailable
 
 ROOT = Path(__file__).parent.parent
-FAMILIES = ["tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-llava-1.5"]
+FAMILIES = [
+    "tiny-llava-onevision",
+    "tiny-qwen2-vl",
+    "tiny-qwen2.5-vl",
+    "tiny-smolvlm",
+    "tiny-idefics3",
+    "tiny-llava-1.5",
+]
+SMOLVLM = {"tiny-smolvlm", "tiny-idefics3"}  # SmolVLM2 (model type smolvlm) and SmolVLM-256M (idefics3)
 PROMPT = "What is in this picture?"
-THUMBNAILED = {"tiny-llava-onevision", "tiny-smolvlm"}  # a thumbnail beside crops: HiRED and GlobalCom2 apply
+THUMBNAILED = {"tiny-llava-onevision", *SMOLVLM}  # a thumbnail beside crops: GlobalCom2 applies
 PATCH_TOKENS = {"tiny-llava-1.5", "tiny-llava-onevision"}  # every token one patch (OneVision: unless resampled)
 
 
 def cannot(name: str) -> set[str]:
     """The methods that cannot run on the family of the tiny model `name`."""
-    thumbnail = set() if name in THUMBNAILED else {"hired", "globalcom2"}
+    thumbnail = set() if name in THUMBNAILED else {"globalcom2"}
     return thumbnail | (set() if name in PATCH_TOKENS else {"tome-vit"})
 
 
@@ -132,7 +140,8 @@ def test_geometry_matches_the_processor_and_tiles_the_image(family, size):
 )
 def test_token_counts_are_those_of_the_checkpoints(family, size, counts):
     name, backend = family
-    counts = counts | {"tiny-qwen2.5-vl": counts.get("tiny-qwen2-vl"), "tiny-llava-1.5": 576}
+    counts = counts | {"tiny-qwen2.5-vl": counts.get("tiny-qwen2-vl"), "tiny-idefics3": counts["tiny-smolvlm"]}
+    counts |= {"tiny-llava-1.5": 576}
     if counts.get(name) is not None:
         assert len(backend.layout([size[1], size[0]])[0]) == counts[name]
 
@@ -155,9 +164,11 @@ def pixels_of_tokens(name: str, backend, prepared) -> tuple[torch.Tensor, torch.
     if name.startswith("tiny-qwen"):  # (P, 3 * 2 * 14 * 14) patches, 4 per token
         patches = values.view(-1, 4, 3, 2, 14, 14)[:, :, :, 0]  # first frame
         return patches.mean((1, 3, 4)) * std + mean, torch.ones(len(patches), dtype=torch.bool)
-    if name == "tiny-smolvlm":  # (1, tiles, 3, 512, 512), 8x8 tokens of 64 px per tile
-        tiles = values[0].view(-1, 3, 8, 64, 8, 64).mean((3, 5))  # (tiles, 3, 8, 8)
-        return tiles.permute(0, 2, 3, 1).reshape(-1, 3) * std + mean, torch.ones(len(tiles) * 64, dtype=torch.bool)
+    if name in SMOLVLM:  # (1, tiles, 3, 512, 512), 8x8 tokens of 64 px per tile
+        side, cell = backend.side, values.shape[-1] // backend.side
+        tiles = values[0].view(-1, 3, side, cell, side, cell).mean((3, 5))  # (tiles, 3, 8, 8)
+        ones = torch.ones(len(tiles) * side**2, dtype=torch.bool)
+        return tiles.permute(0, 2, 3, 1).reshape(-1, 3) * std + mean, ones
     side = backend.model.config.vision_config.image_size // 14  # SigLIP's 384 px make 27 patches of 14
     crops = values.flatten(0, -4)[..., : side * 14, : side * 14]  # (crops, 3, 14 * side, 14 * side)
     crops = crops.reshape(-1, 3, side, 14, side, 14).mean((3, 5)).permute(0, 2, 3, 1).reshape(-1, 3)  # (crops * T, 3)
@@ -224,13 +235,13 @@ def test_received_attention_is_the_stock_encoders(clsless):
         return
     eager = getattr(transformers, backend.model_class).from_pretrained(folder(name), attn_implementation="eager")
     inputs = prepared.inputs
-    tower = eager.model.vision_model if name == "tiny-smolvlm" else eager.model.vision_tower
+    tower = eager.model.vision_model if name in SMOLVLM else eager.model.vision_tower
     pixels = inputs["pixel_values"][0]  # (crops or tiles, 3, H, W)
     with torch.inference_mode():
         attentions = tower(pixels, output_attentions=True).attentions  # per layer (crops, h, T, T)
     received = attentions[0].mean((1, 2))  # (crops, T)
     ours = signals["cls@0"]
-    if name == "tiny-smolvlm":  # 16 patches a token
+    if name in SMOLVLM:  # 16 patches a token
         want = backend.tokens_of(prepared, received, fold="mean")
         torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-7)
     else:
@@ -292,7 +303,7 @@ def test_methods_that_cannot_run_say_why_in_one_line(family):
     if name not in PATCH_TOKENS:
         assert backend.family in reasons["tome-vit"] and "projected on its own" in reasons["tome-vit"]
     if name not in THUMBNAILED:
-        assert backend.family in reasons["hired"] and "thumbnail" in reasons["hired"]
+        assert backend.family in reasons["globalcom2"] and "thumbnail" in reasons["globalcom2"]
 
 
 def test_fidelity_scores_the_answer_as_generate_made_it(family):
@@ -316,7 +327,7 @@ def test_the_app_offers_only_the_methods_that_run_and_says_why(family):
     method, other, swept, explanation, layers = explorer.for_model()
     runs = [m for m in METHODS if not unavailable(m, backend)]
     assert [value for _, value in method["choices"]] == other["choices"] == runs
-    assert method["value"] == ("hired" if name in THUMBNAILED else "cls") and set(swept["value"]) <= set(runs)
+    assert method["value"] == "hired" and set(swept["value"]) <= set(runs)  # HiRED runs on every family
     assert ("no [CLS] token" in explanation) == (not backend.cls_token) == (layers == app.LAYERS_RECEIVED)
     status = explorer.status()
     assert status.count("not on this model") == len(cannot(name))

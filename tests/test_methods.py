@@ -218,11 +218,23 @@ def test_hired_allocation_by_hand(budget, alpha, content, counts, budgets):
     assert torch.equal(selection.keep, expected)
 
 
+def on_the_encoder_grid(s: Signals) -> Signals:
+    """`s` with what paper_code settings read: the toy's five 4x4 partitions as the encoder's crops
+    (no padding), "encoder rows" and the [CLS] attention at every position."""
+    g = s.geometry
+    rows = torch.full((len(g),), -1)
+    for p in range(5):
+        rows[g.members(p)] = 16 * p + torch.arange(16)  # each partition's tokens walk its grid in raster order
+    grid = torch.stack([s["cls@feature"][g.members(p)] for p in range(5)])  # (5, 16)
+    return Signals(g, s.budget, s.maps | {"encoder rows": rows, "padded cls@feature": grid})
+
+
 def test_hired_paper_code_counts_row_stripes_of_the_thumbnail():
     # one stripe of thumbnail rows per crop: rows 0, 1, 2, 3 -> crops 0,0 / 0,1 / 1,0 / 1,1
-    selection = make("hired", paper_code=True).select(hired_signals(20, LEFT_HALF))
+    selection = make("hired", paper_code=True).select(on_the_encoder_grid(hired_signals(20, LEFT_HALF)))
     assert list(selection.stats["content count"].values()) == [2, 2, 2, 2]
-    assert budgets_of(selection) == [10, 3, 3, 2, 2, 0]
+    # thumbnail int(0.5 * 20) = 10; each crop int(2 / 8 * 10) = 2, the remainders lost
+    assert budgets_of(selection) == [10, 2, 2, 2, 2, 0] and len(selection.keep) == 18
 
 
 def test_hired_counts_a_centre_on_a_crop_border_in_the_crop_that_starts_there():

@@ -240,3 +240,54 @@ def test_the_operator_sets_model_device_host_port_and_queue_by_flags_or_environm
     assert (seen["server_name"], seen["server_port"]) == ("0.0.0.0", 7999)
     app.main(["--model", "elsewhere/model", "--host", "127.0.0.1", "--port", "8001"])
     assert (seen["explorer"].model, seen["server_name"], seen["server_port"]) == ("elsewhere/model", "127.0.0.1", 8001)
+
+
+def test_with_no_model_named_and_no_network_the_app_serves_its_familys_tiny_model_and_says_why(monkeypatch, tmp_path):
+    """`python app.py` with neither --model nor EXPLORER_MODEL, on a CPU machine without network (the tests
+    set HF_HUB_OFFLINE) whose Hugging Face cache lacks the default SmolVLM-256M-Instruct: the page works on
+    tiny-idefics3 (random weights, SmolVLM-256M's geometry), says why and how to load a real model, and bad
+    input still gets one message."""
+    import huggingface_hub
+
+    monkeypatch.delenv("EXPLORER_MODEL", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # an empty cache
+    launched = {}
+    serve = app.serve
+
+    def launch(explorer, queue_size, **options):  # as main() launches it, without blocking the test
+        launched["explorer"] = explorer
+        launched["demo"], launched["url"] = serve(explorer, queue_size, prevent_thread_lock=True, quiet=True)
+
+    monkeypatch.setattr(app, "serve", launch)
+    app.main(["--device", "cpu"])
+    assert launched["explorer"].model == "tiny-idefics3"
+    client = Client(launched["url"], verbose=False)
+    try:
+        status = client.predict(api_name="/status")
+        assert "**random weights**" in status and "HuggingFaceTB/SmolVLM-256M-Instruct" in status
+        assert "not in the Hugging Face cache" in status and "--model or set EXPLORER_MODEL" in status
+        out = dict(zip(app.OUTPUTS, client.predict(image=handle_file(COFFEE), max_new_tokens=2, api_name="/explore")))
+        assert Image.open(out["overlay_0"]).size == (600, 400)
+        rows = {row[0]: row[1:] for row in out["table"]["data"]}
+        assert rows["visual tokens"] == ["166", "832", "0.20x"]  # 13 tiles of 64 tokens, 20% kept
+        with pytest.raises(AppError, match="prompt is empty"):
+            client.predict(image=handle_file(COFFEE), prompt=" ", api_name="/explore")
+        again = dict(zip(app.OUTPUTS, client.predict(image=handle_file(COFFEE), max_new_tokens=1, api_name="/explore")))
+        assert again["answer"] is not None
+    finally:
+        client.close()
+        launched["demo"].close()
+
+
+def test_a_model_the_operator_names_never_falls_back(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # an empty cache
+    seen = {}
+    monkeypatch.setattr(app, "serve", lambda explorer, queue, **launch: seen.update(explorer=explorer))
+    monkeypatch.setenv("EXPLORER_MODEL", "HuggingFaceTB/SmolVLM-256M-Instruct")
+    app.main(["--device", "cpu"])
+    explorer = seen["explorer"]
+    assert explorer.model == "HuggingFaceTB/SmolVLM-256M-Instruct" and not explorer.notice
+    status = explorer.status()
+    assert "could not be loaded" in status and "Without network" in status and "**random weights**" not in status

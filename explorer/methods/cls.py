@@ -5,9 +5,12 @@ In each partition, keep the tokens the vision encoder's [CLS] token attends to m
 layer (the layer whose output the LLM receives, the penultimate in llava-hf 1.6), heads summed (the
 paper averages them: the same ranking). Its successor is VisPruner (`vispruner`).
 
-Differs from the paper: FasterVLM keeps the same count in every crop and every newline on top;
-here the budget, newlines included, is split over the partitions in proportion to their sizes, and
-the newline share is spread evenly over the rows.
+Differs from the paper's code: FasterVLM's code (github.com/Theia-4869/FasterVLM) keeps the same
+count T in every crop the encoder saw and no newline, "29 * 5 = 145" tokens on LLaVA-NeXT's 2x2 grid
+in its README, and never unpads (it sets the merge type to "spatial"), so its picks on padding reach
+the LLM; here the budget, newlines included, is split over the partitions in proportion to their
+sizes (145 on a square image: 29, 29, 29, 28, 28 for the thumbnail and the four crops, 2 for the
+newlines), the newline share is spread evenly over the rows, and only real tokens are ranked.
 
 Without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL ViT), the attention each
 patch receives at the feature layer (mean over heads and queries) ranks the tokens instead, as

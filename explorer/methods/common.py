@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import torch
 
-from ..core import Geometry
+from ..core import ROWS, ExplorerError, Geometry, Signals
 
 
 def allocate(total: int, weights: list[int] | list[Fraction], caps: list[int]) -> list[int]:
@@ -95,3 +95,23 @@ def merge_weights(keep: torch.Tensor, n: int, into: torch.Tensor, sources: torch
     values = torch.cat([torch.ones(len(keep)), weight.float()])
     size = (len(keep), n)
     return torch.sparse_coo_tensor(torch.stack([rows, columns]), values, size, check_invariants=True).coalesce()
+
+
+def encoder_grid(s: Signals, crops: int, per_crop: int) -> torch.Tensor:
+    """(P, T') long: the visual token at each of the T' positions of each of the P crops the encoder saw
+    (the thumbnail first, as the padded signals hold them), -1 for padding that unpadding removed;
+    crop c is partition c of the geometry (LLaVA-NeXT: "base", then the crops in row-major order)."""
+    names = [name for name in s.geometry.names if name != "newline"]
+    if len(names) != crops:
+        raise ExplorerError(f"the encoder saw {crops} crops, the geometry has {len(names)} partitions of them")
+    rows = s[ROWS]  # (N,)
+    token = torch.full((crops * per_crop,), -1)
+    real = (rows >= 0).cpu()
+    token[rows.cpu()[real]] = torch.arange(len(rows))[real]
+    return token.view(crops, per_crop)
+
+
+def real_picks(grid: torch.Tensor, c: int, picks: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The visual tokens at positions `picks` of encoder crop c, and how many picks fell on padding."""
+    tokens = grid[c, picks]
+    return tokens[tokens >= 0], int((tokens < 0).sum())

@@ -20,8 +20,7 @@ Differs from the paper: the fixed-budget mode is ours (the paper's count is adap
 proportions taken from the adaptive rule; a kept token absorbs only dropped tokens, where the code lets it absorb kept
 ones too (so nothing changes when nothing is dropped); no extra token summing all dropped tokens is
 appended (it has no place on the image and would cost a budget token per partition); a partition
-with no outlier still keeps its top token, where the code would divide by zero; the spatial step is
-at least 1, where the code stops when more than a third of the tokens are outliers.
+with no outlier still keeps its top token, where the code would divide by zero.
 
 Without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL ViT), the attention each
 patch receives in the last layer, with the heads joined into one and averaged over the queries,

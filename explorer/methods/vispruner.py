@@ -9,9 +9,20 @@ In every partition, of its share T of the budget:
    of A by its highest cosine similarity to B (encoder outputs of the feature layer), and drops the
    r = min(8, what is still too many) highest of A.
 
+`paper_code=True` follows the official code on LLaVA-NeXT (llava/model/llava_arch.py): every crop
+the encoder saw, the thumbnail included, gets the same T = B // (1 + crops) (the remainder unspent),
+int(important * T) of them important, and is ranked and thinned over all 576 positions of its padded
+crop, padding included (with torch's unstable sort, as the code). The code's unpadding branch is never reached (it strips "_unpad" from the
+merge type first), so it feeds the LLM its picks on padding too, and no newline; llava-hf's LLM has
+no place for padding, so only the picks on real tokens are kept here, fewer than B
+(`stats["padding picked"]` counts the rest). The paper's "32 * 5 = 160" on a 2x2 grid is B = 160
+(`--tokens 160`).
+
 Differs from the paper: as `cls` (FasterVLM), the budget, newlines included, is split over the
-partitions in proportion to their sizes, and the newline share is spread evenly over the rows, where
-the paper keeps T per crop and every newline on top.
+partitions in proportion to their sizes (at B = 160 on a square image: 32, 32, 31, 31, 31 for the
+thumbnail and the four crops, 3 for the newlines), and the newline share is spread evenly over the rows, where the code keeps T per
+crop and no newline; it works on the real tokens only, where the code ranks and keeps the padding of
+LLaVA-NeXT's crops too.
 
 Without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL ViT), the attention each
 patch receives at the feature layer (mean over heads and queries) picks the important tokens
@@ -27,8 +38,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..core import CLS_FEATURE, HIDDEN_FEATURE, Method, Selection, Signals, fraction_of
-from .common import by_size, spread, top
+from ..core import CLS_FEATURE, HIDDEN_FEATURE, ROWS, Method, Selection, Signals, fraction_of, padded
+from .common import by_size, encoder_grid, real_picks, spread
+
+PADDED = (padded(CLS_FEATURE), padded(HIDDEN_FEATURE), ROWS)  # what paper_code reads besides `needs`
 
 
 @dataclass(frozen=True)
@@ -40,11 +53,24 @@ class VisPruner(Method):
             "range": (0.0, 1.0),
         },
     )
+    paper_code: bool = field(
+        default=False,
+        metadata={
+            "help": "as the official code: the same count in every crop, no newlines, each crop ranked over "
+            "its padded grid (picks on padding lost)"
+        },
+    )
 
-    needs: ClassVar[tuple[str, ...]] = (CLS_FEATURE, HIDDEN_FEATURE)
+    needs: ClassVar[tuple[str, ...]] = (CLS_FEATURE, HIDDEN_FEATURE)  # for these settings; an instance names its own
     summary: ClassVar[str] = "VisPruner: top [CLS] tokens, then duplicates removed from the rest, in every crop"
 
+    def __post_init__(self):
+        if self.paper_code:  # the crops' padded grids, as the official code ranks them
+            object.__setattr__(self, "needs", (*type(self).needs, *PADDED))
+
     def select(self, s: Signals) -> Selection:
+        if self.paper_code:
+            return self.official(s)
         g, scores = s.geometry, s[CLS_FEATURE]
         x = F.normalize(s[HIDDEN_FEATURE], dim=-1)  # (N, C)
         budgets = by_size(g, s.budget)
@@ -54,11 +80,8 @@ class VisPruner(Method):
                 keep.append(spread(g, p, k))
                 continue
             members = g.members(p)
-            ranked = top(scores, members, len(members))  # (M,) by attention
-            n = fraction_of(self.important, k)
-            local = x[ranked.to(x.device)]  # (M, C) in order of attention
-            rest = ranked[without_duplicates(local @ local.T, k - n, start=n)]
-            keep += [ranked[:n], rest]
+            important, rest = important_and_diverse(scores, x, members, k, fraction_of(self.important, k))
+            keep += [important, rest]
             diverse[rest] = 1.0
         return Selection(
             keep=torch.cat(keep).sort().values,
@@ -67,15 +90,50 @@ class VisPruner(Method):
             maps={"diverse": diverse},
         )
 
+    def official(self, s: Signals) -> Selection:
+        """The official code's picks over every crop's padded grid, those on real tokens kept."""
+        scores = s[padded(CLS_FEATURE)]  # (P, T') the thumbnail first
+        crops, per_crop = scores.shape
+        grid = encoder_grid(s, crops, per_crop)  # (P, T') the token at each position, -1 for padding
+        x = F.normalize(s[padded(HIDDEN_FEATURE)], dim=-1)  # (P, T', C)
+        t = s.budget // crops
+        keep, diverse, lost = [], torch.zeros(len(s.geometry)), {}
+        for crop in range(crops):
+            positions = torch.arange(per_crop)
+            n = int(t * self.important)
+            important, rest = important_and_diverse(scores[crop], x[crop], positions, t, n, stable=False)
+            tokens, lost[s.geometry.names[crop]] = real_picks(grid, crop, torch.cat([important, rest]))
+            keep.append(tokens)
+            diverse[grid[crop, rest][grid[crop, rest] >= 0]] = 1.0
+        return Selection(
+            keep=torch.cat(keep).sort().values,
+            scores=s[CLS_FEATURE],
+            budgets={name: t if name != "newline" else 0 for name in s.geometry.names},
+            maps={"diverse": diverse},
+            stats={"padding picked": lost},
+        )
 
-def without_duplicates(similarity: torch.Tensor, k: int, start: int = 0, per_round: int = 8) -> torch.Tensor:
+
+def important_and_diverse(scores, x, members: torch.Tensor, k: int, n: int, stable: bool = True):
+    """VisPruner on `members` (indices into `scores` (M',) and the unit rows `x` (M', C)): (n,) the top n
+    by score, and (k - n,) the rest, in order of score, left after dropping duplicates. Equal scores go
+    to the lower index, or as torch's unstable sort leaves them (`stable=False`, as the official code)."""
+    ranked = members[torch.argsort(scores[members], descending=True, stable=stable)]  # (M,) by attention
+    local = x[ranked.to(x.device)]  # (M, C) in order of attention
+    return ranked[:n], ranked[without_duplicates(local @ local.T, k - n, start=n, stable=stable)]
+
+
+def without_duplicates(
+    similarity: torch.Tensor, k: int, start: int = 0, per_round: int = 8, stable: bool = True
+) -> torch.Tensor:
     """The k of tokens start, start + 1, ... (rows of the (M, M) cosine `similarity`, in this order)
-    left after dropping, round after round, the most duplicated, as VisPruner does."""
+    left after dropping, round after round, the most duplicated, as VisPruner does (equal scores: see
+    `important_and_diverse`)."""
     tokens = torch.arange(start, len(similarity), device=similarity.device)
     if k == 0:
         return tokens[:0].cpu()
     while (r := min(per_round, len(tokens) - k)) > 0:
         a, b = tokens[::2], tokens[1::2]
         duplication = similarity[a[:, None], b].max(1).values  # (|A|,)
-        tokens = torch.cat([a[duplication.argsort(descending=True, stable=True)[r:]], b])
+        tokens = torch.cat([a[duplication.argsort(descending=True, stable=stable)[r:]], b])
     return tokens.cpu()

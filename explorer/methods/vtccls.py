@@ -11,10 +11,11 @@ Differs from the paper: the paper runs on LLaVA-1.5 (one 576-token image, one gl
 averages the heads where we sum them (every layer scaled by the same head count: the same ranking);
 here the budget, newlines included, is split over the partitions in
 proportion to their sizes like `cls`, and the newline share is spread evenly over the rows. The
-paper picks the first layer of the range per run (`--layer`, no default; its range runs to the
-penultimate layer, our feature layer); here `layers` counts the layers of the range back from the
-feature layer, 2 by default (the feature layer and the one below it) so that it runs on every
-model, the tiny test model included; on CLIP-L (feature layer 22) `layers` = 23 sums them all.
+code picks the first layer of the range per run (`--layer`, each evaluation script's first
+argument, 16 without one; its range runs to the penultimate layer, our feature layer); here `layers`
+counts the layers of the range back from the feature layer, 2 by default (the feature layer and the
+one below it) so that it runs on every model, the tiny test model included; on CLIP-L (feature layer
+22) `layers` = 7 is the code's range from layer 16 and `layers` = 23 sums them all.
 
 Without a [CLS] token (SigLIP in LLaVA-OneVision and SmolVLM, the Qwen2-VL ViT), the attention each
 patch receives in each layer of the range (mean over heads and queries) is summed instead, as
