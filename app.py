@@ -32,10 +32,24 @@ import torch
 from PIL import Image
 
 import backends
-from explorer import METHODS, Budget, ExplorerError, animation, bench, fidelity, load_image, report, run, stream, teach
+from explorer import (
+    METHODS,
+    Budget,
+    ExplorerError,
+    animation,
+    bench,
+    fidelity,
+    load_image,
+    make,
+    report,
+    run,
+    stream,
+    teach,
+)
 from explorer import viewer as draw
 from explorer import visual as vis
 from explorer.core import fraction_of
+from explorer.llm import least_mean
 from explorer.methods import unavailable
 from explorer.pipeline import check_request
 from explorer.preview import VisionCache, preview, vision_pass
@@ -182,11 +196,23 @@ class Explorer:
             return f"⚠️ {_named(str(error), image)}"
         if not METHODS[method].budgeted:
             return f"All **{n}** visual tokens of this {width}x{height} image reach the LLM."
-        if _chosen(method, settings).get("adaptive"):
+        chosen = _chosen(method, settings)
+        if chosen.get("adaptive"):
             return f"Adaptive: {method} picks its own count of this {width}x{height} image's {n} visual tokens."
         kept = max(1, fraction_of(budget / 100, n))
-        where = "remain after the pruning layer" if METHODS[method].stage == "llm" else "reach the LLM"
-        return f"**{kept}** of {n} visual tokens ({budget:g}%) {where} for this {width}x{height} image."
+        if METHODS[method].stage == "vision":
+            return f"**{kept}** of {n} visual tokens ({budget:g}%) reach the LLM for this {width}x{height} image."
+        if chosen.get("budget_after_cuts"):
+            return f"**{kept}** of {n} visual tokens ({budget:g}%) remain after the last cut for this {width}x{height} image."
+        said = (
+            f"**{kept}** of {n} visual tokens ({budget:g}%) per LLM layer on average for this {width}x{height} "
+            f"image: the layers before {method}'s first cut see all {n}, later ones fewer."
+        )
+        try:
+            least = least_mean(make(method, **chosen), self.backend().depth, n)
+        except ExplorerError as error:
+            return f"{said} ⚠️ {error}"
+        return said if kept >= least else f"{said} ⚠️ {method} cannot go below {least:.0f} on average here."
 
     def preview(self, image, method: str, budget: float, busy: bool | None, *settings):
         """The live picture: what `method` keeps of the image at `budget` (%), from the cached vision pass
@@ -802,7 +828,7 @@ def wire(explorer: Explorer, demo: gr.Blocks, page: Page) -> None:
     inputs, explored = page.inputs, page.explored
     running = wire_explore(explorer, page)
     inputs.stop.click(None, cancels=running, api_name="stop")  # the run stops at its next token
-    wire_preview(explorer, inputs, page.picture, running)
+    wire_preview(explorer, inputs, page.picture, running)  # the count follows with the picture
 
     def shown_settings(chosen):
         return [gr.update(visible=m == chosen) for m, _ in SETTINGS] + [explorer.explain(chosen)]

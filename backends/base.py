@@ -16,7 +16,7 @@ import transformers  # lazy: its model code loads on first use, not when this fi
 from .encoder_merge import merged
 from .errors import ExplorerError
 from .geometry import Geometry, Prepared
-from .llm_prune import Decoder, pruning
+from .llm_prune import Decoder, early_pass, pruning
 from .signals import FEATURES, HIDDEN, HIDDEN_FEATURE, PADDED, ROWS, encoder_signals, parse
 
 
@@ -255,16 +255,25 @@ class Backend:
         """The LLM's number of decoder layers."""
         return len(self.language_model.layers)
 
-    def pruning(self, prepared: Prepared, cuts, needs, choose, keep_positions: bool, positions=None, compact_from=None):
-        """Hooks that cut visual tokens inside the LLM while a `with` block runs; see `llm_prune.pruning`
-        (`positions`: see `llm_prune.Decoder`; `compact_from`: the first layer whose cache is cut to the
-        last cut's tokens after the prefill)."""
+    def decoder(self, positions=None) -> Decoder:
+        """What the LLM's hooks need of its decoder (`positions`: see `llm_prune.Decoder`)."""
         lm = self.language_model
         family = importlib.import_module(type(lm).__module__)  # its modeling file, loaded already
-        decoder = Decoder(lm.layers, lm.rotary_emb, lm.norm, family.apply_rotary_pos_emb, positions)
+        return Decoder(lm.layers, lm.rotary_emb, lm.norm, family.apply_rotary_pos_emb, positions)
+
+    def pruning(self, prepared: Prepared, cuts, needs, choose, keep_positions: bool, positions=None, **options):
+        """Hooks that cut visual tokens inside the LLM while a `with` block runs; see `llm_prune.pruning`
+        (`positions`: see `llm_prune.Decoder`; `options`: compact_from, rerank)."""
         ids = prepared.inputs["input_ids"]  # (1, L)
         image = (ids[0] == self.image_token_id).nonzero()[:, 0]  # (N,)
-        return pruning(decoder, image, ids.shape[1], cuts, needs, choose, keep_positions, compact_from)
+        return pruning(self.decoder(positions), image, ids.shape[1], cuts, needs, choose, keep_positions, **options)
+
+    def early_pass(self, prepared: Prepared, features: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
+        """The LLM run on the whole prompt, every visual token in, until its decoder layer `layer`: the
+        signals a method reads there (`llm_prune.early_pass`)."""
+        inputs = self.generate_inputs(prepared, features, torch.arange(len(prepared.geometry)))
+        image = (prepared.inputs["input_ids"][0] == self.image_token_id).nonzero()[:, 0]  # (N,)
+        return early_pass(self.decoder(), image, layer, lambda: self.model(**inputs, use_cache=False))
 
     def generate_inputs(self, prepared: Prepared, features: torch.Tensor, keep: torch.Tensor) -> dict:
         """generate() arguments for a prompt that holds only the kept visual tokens, in LLM order."""

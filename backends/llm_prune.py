@@ -26,6 +26,13 @@ new position is its original one minus the tokens dropped before it.
 
 The "llm-transition" signal (TransPrune's token transition variation) also hooks each layer's
 attention and MLP, which are called as `self_attn(hidden_states=...)` and `mlp(hidden_states)`.
+
+With `rerank` (a decode without a KV cache, where every generated token reruns the whole sequence),
+every pass chooses again, and its text runs to the newest token. Without it, a pass longer than the
+prompt (teacher forcing) reads the prompt's text alone, as the prefill did.
+
+`early_pass` is another use of the same layers: a pass over the whole prompt stopped before a layer
+runs, giving the last prompt token's raw query-key products there (GemFilter's first pass).
 """
 
 from __future__ import annotations
@@ -39,7 +46,18 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ExplorerError
-from .signals import LLM, LLM_ATTENTION, LLM_EMBEDS, LLM_HIDDEN, LLM_KEYS, LLM_TRANSITION, text_of
+from .signals import (
+    LLM,
+    LLM_ATTENTION,
+    LLM_EMBEDS,
+    LLM_HIDDEN,
+    LLM_KEYS,
+    LLM_LOGITS,
+    LLM_POSITIONS,
+    LLM_ROPE,
+    LLM_TRANSITION,
+    text_of,
+)
 
 
 @dataclass(frozen=True)
@@ -61,7 +79,8 @@ class Record:
     """What the last pass over the whole prompt did."""
 
     keeps: list[torch.Tensor] = field(default_factory=list)  # per cut: (K_s,) kept visual tokens, indices into N
-    seconds: float = 0.0  # time the hooks spent scoring, choosing and cutting (device synchronised)
+    # time the hooks spent scoring, choosing and cutting in every pass of the block (device synchronised)
+    seconds: float = 0.0
 
 
 @contextmanager
@@ -74,6 +93,7 @@ def pruning(
     choose: Callable,
     keep_positions: bool,
     compact_from: int | None = None,
+    rerank: bool = False,
 ):
     """Cut visual tokens inside the LLM while the `with` block runs; yields a `Record`.
 
@@ -84,6 +104,7 @@ def pruning(
     choose(cut, maps, alive) -> (K,) long, sorted indices into N of the tokens to keep, all alive.
     compact_from: the first layer whose KV cache is cut down to the tokens left after the last cut once
     the prefill is over (None: every layer keeps the cache its prefill filled); see the module's doc.
+    rerank: every pass over the whole sequence reads its text up to its last token (see the module's doc).
     """
     unknown = set(needs) - set(LLM)
     if unknown:
@@ -100,7 +121,7 @@ def pruning(
             f"cannot compact the caches from layer {compact_from}: layers 1..{len(decoder.layers) - 1} can be "
             "(layer 0's cache must hold every token, the model reads the sequence's length from it)"
         )
-    pruner = _Pruner(decoder, image, prompt, cuts, needs, choose, keep_positions, compact_from)
+    pruner = _Pruner(decoder, image, prompt, cuts, needs, choose, keep_positions, compact_from, rerank)
     handles = []
     try:
         for index, layer in enumerate(decoder.layers):
@@ -115,9 +136,9 @@ def pruning(
 
 
 class _Pruner:
-    def __init__(self, decoder, image, prompt, cuts, needs, choose, keep_positions, compact_from=None):
+    def __init__(self, decoder, image, prompt, cuts, needs, choose, keep_positions, compact_from=None, rerank=False):
         self.decoder, self.image, self.prompt, self.cuts = decoder, image, prompt, cuts
-        self.needs, self.choose, self.keep_positions = needs, choose, keep_positions
+        self.needs, self.choose, self.keep_positions, self.rerank = needs, choose, keep_positions, rerank
         # the layers whose caches are cut to the last cut's tokens after the prefill: compact_from up to
         # the last cut's layer (those from it on hold only them already)
         self.compacted_layers = range(cuts[-1][0])[compact_from:] if compact_from is not None else range(0)
@@ -161,7 +182,9 @@ class _Pruner:
             self.index = torch.arange(hidden.shape[1], device=hidden.device)  # (L,) positions still in the sequence
             self.alive = torch.ones(len(self.image), dtype=torch.bool, device=hidden.device)  # (N,)
             self.maps: dict[str, torch.Tensor] = {}
-            self.record.keeps, self.record.seconds, self.rows = [], 0.0, []
+            self.record.keeps, self.rows = [], []
+            if self.rerank:  # a pass without a cache: its last token is the newest
+                self.text = torch.arange(int(self.image.max()) + 1, hidden.shape[1], device=self.image.device)
             self.ttv: torch.Tensor | None = None  # (L,) "llm-transition" summed so far, over the current sequence
             self.compacted = False
         elif not self.compacted:  # the first decode step after the prefill
@@ -229,6 +252,12 @@ class _Pruner:
             visual = a.new_full((*a.shape[:2], len(self.image)), torch.nan)  # (H, T, N)
             visual[:, :, self.alive] = a[:, :, torch.searchsorted(self.index, self.image[self.alive])]
             self.maps[LLM_ATTENTION] = visual
+        if LLM_ROPE in self.needs:  # all-ones queries and keys through RoPE, as SparseVLM v2.0 builds them
+            ones = x.new_ones(1, 1, length, d)  # (1, 1, L, d)
+            k = self.decoder.rope(ones, ones, cos, sin)[1]
+            q = self.decoder.rope(ones[:, :, rows], ones[:, :, rows], cos[:, rows], sin[:, rows])[0]  # (1, 1, T, d)
+            rope = (q.float() @ k.float().transpose(-1, -2))[0, 0] / d**0.5  # (T, L)
+            self.maps[LLM_ROPE] = self.split(LLM_ROPE, rope.T)[LLM_ROPE].T  # (T, N)
 
     def transition(self, layer: int):
         """A forward hook on a layer's attention or MLP that adds its token transition variation to
@@ -251,6 +280,8 @@ class _Pruner:
             self.maps.update(self.split(LLM_HIDDEN, self.decoder.norm(hidden)[0]))
         if LLM_TRANSITION in self.needs:
             self.maps.update({name: m[:, 0] for name, m in self.split(LLM_TRANSITION, self.ttv[:, None]).items()})
+        if LLM_POSITIONS in self.needs:
+            self.maps |= {LLM_POSITIONS: self.image, text_of(LLM_POSITIONS): self.text}
         keep = self.choose(s, dict(self.maps), self.alive.clone()).to(hidden.device)  # (K,) indices into N
         alive = torch.zeros_like(self.alive)
         alive[keep] = True
@@ -306,6 +337,40 @@ class _Pruner:
     def place(self, positions: torch.Tensor, cut_before) -> torch.Tensor:
         """Original positions, or renumbered: minus the number of tokens cut before each."""
         return positions if self.keep_positions else positions - cut_before
+
+
+class _Stopped(Exception):
+    """Raised by `early_pass`'s hook to end the model's forward pass before the rest of its layers."""
+
+
+def early_pass(decoder: Decoder, image: torch.Tensor, layer: int, forward: Callable[[], object]) -> dict:
+    """Run `forward()` (the model on the whole prompt, without a cache) only until decoder layer `layer`
+    is about to run, and give what a method reads there: "llm-logits", (H, L), the last prompt token's
+    query times every prompt token's key at that layer, after RoPE, unscaled, per head (grouped-query
+    keys repeated), and "llm-positions", the visual tokens' positions in the prompt (`image`)."""
+    found = {}
+
+    def before(module, args, kwargs):
+        attn = module.self_attn
+        x = module.input_layernorm(args[0])  # (1, L, D)
+        d, length = attn.head_dim, x.shape[1]
+        cos, sin = kwargs["position_embeddings"]  # (1, L, d) each
+        k = attn.k_proj(x).view(1, length, -1, d).transpose(1, 2)  # (1, H_kv, L, d)
+        k = decoder.rope(k, k, cos, sin)[1]
+        q = attn.q_proj(x[:, -1:]).view(1, 1, -1, d).transpose(1, 2)  # (1, H, 1, d)
+        q = decoder.rope(q, q, cos[:, -1:], sin[:, -1:])[0]
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (1, H, L, d)
+        found[LLM_LOGITS] = (q.float() @ k.float().transpose(-1, -2))[0, :, 0]  # (H, L)
+        raise _Stopped
+
+    handle = decoder.layers[layer].register_forward_pre_hook(before, with_kwargs=True)
+    try:
+        forward()
+    except _Stopped:
+        pass
+    finally:
+        handle.remove()
+    return found | {LLM_POSITIONS: image}
 
 
 def _sync(x: torch.Tensor) -> None:

@@ -188,7 +188,7 @@ class Qwen2VL(Backend):
         return positions
 
     @contextmanager
-    def pruning(self, prepared: Prepared, cuts, needs, choose, keep_positions: bool, compact_from=None):
+    def pruning(self, prepared: Prepared, cuts, needs, choose, keep_positions: bool, **options):
         """As every family's, with the M-RoPE positions the LLM gets in each pass: a renumbered token
         moves back by the tokens cut before it on all three axes, so the image keeps its 2-D layout."""
         passed = {}
@@ -200,7 +200,7 @@ class Qwen2VL(Backend):
         handle = self.language_model.register_forward_pre_hook(record, with_kwargs=True)
         try:
             with super().pruning(
-                prepared, cuts, needs, choose, keep_positions, lambda: passed.get("positions"), compact_from
+                prepared, cuts, needs, choose, keep_positions, lambda: passed.get("positions"), **options
             ) as done:
                 yield done
         finally:

@@ -47,7 +47,9 @@ LLM_ATTENTION, LLM_KEYS, LLM_HIDDEN, LLM_EMBEDS, LLM_TRANSITION = (
     "llm-embeds",
     "llm-transition",
 )
-LLM = (LLM_ATTENTION, LLM_KEYS, LLM_HIDDEN, LLM_EMBEDS, LLM_TRANSITION)
+LLM_ROPE, LLM_POSITIONS = "llm-rope", "llm-positions"  # SparseVLM v2.0's RoPE-only map; prompt positions
+LLM = (LLM_ATTENTION, LLM_KEYS, LLM_HIDDEN, LLM_EMBEDS, LLM_TRANSITION, LLM_ROPE, LLM_POSITIONS)
+LLM_LOGITS = "llm-logits"  # read in a first pass through the LLM's first layers (`llm_prune.early_pass`)
 TEXT = "llm-text-"  # the prefix of the text's signals
 
 

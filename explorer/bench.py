@@ -1,6 +1,9 @@
 """`python -m explorer bench`: methods x budgets on one image, each against the unreduced run and
 against the floor, the same model fed exactly as many visual tokens with no selection work at all
 (`uniform`: no signal captured, nothing scored). A method's TTFT over its floor is the overhead it costs.
+"As many" is the mean over the LLM's layers, rounded: the tokens kept for a method before the LLM, about
+its budget for one that prunes inside it (whose budget is that mean), so that the floor does the same
+LLM work; a method's own first pass (GemFilter's) is part of its overhead.
 
 Every run generates exactly `max_new_tokens` tokens; warm-up runs are not measured; each time is the
 median over `repeats` runs, and the TTFT's min and max give its spread. Prefill FLOPs and KV-cache
@@ -15,9 +18,9 @@ import statistics
 from dataclasses import dataclass
 
 from . import fidelity
-from .core import Budget
+from .core import Budget, ExplorerError
 from .methods import METHODS
-from .pipeline import OutOfMemory, run, run_batch
+from .pipeline import run, run_batch
 
 TIMES = ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_s", "vision_s", "selection_s")
 DRIFT = ("logprob_diff", "kl", "first_divergence")  # on the unreduced run's answer, see fidelity.drift
@@ -83,8 +86,10 @@ class _Grid:
         return method, "-" if method == "none" else str(budget), self.batch
 
     def under(self, row: dict) -> tuple | None:
-        """The floor's cell of a row, when it drops anything."""
-        k = row["visual_kept"]
+        """The floor's cell of a row, when it drops anything: `uniform` keeping the row's mean visual tokens
+        per LLM layer, rounded."""
+        mean = row["visual_layer_mean"]
+        k = None if mean is None else max(1, round(mean))
         return None if not self.floor or k is None or k == row["visual_full"] else ("uniform", Budget(tokens=k))
 
 
@@ -97,8 +102,8 @@ def _one(backend, image, prompt: str, batch: int, options: dict, method: str, bu
 
 def _rounds(grid: _Grid, order: list, done: dict, rounds: int, warmup: int, measure, progress):
     """Every cell of `order` measured once a round, the first `warmup` rounds unmeasured; the floors found
-    in round 0 are appended to `order`. Returns each cell's measured results, and the cells that ran out
-    of memory with the reason."""
+    in round 0 are appended to `order`. Returns each cell's measured results, and the cells that could not
+    run (out of memory, or a budget the method cannot meet) with the reason."""
     results, failed = {cell: [] for cell in order}, {}
     for round in range(rounds):
         for i, (method, budget) in enumerate(order):  # round 0 appends the floors as it finds them
@@ -108,13 +113,13 @@ def _rounds(grid: _Grid, order: list, done: dict, rounds: int, warmup: int, meas
                 progress(round * len(order) + i, rounds * len(order), method, budget)
             try:
                 result = measure(method, budget)
-            except OutOfMemory as error:  # its row says so: the others still get measured
+            except ExplorerError as error:  # out of memory, a budget too low: its row says so, the others run
                 failed[method, budget] = str(error)
                 continue
             if round >= warmup:
                 results[method, budget].append(result)
             tokens = result.tokens if grid.batch == 1 else result.tokens[0]
-            floor_cell = grid.under(tokens)
+            floor_cell = grid.under(tokens | {"visual_layer_mean": statistics.mean(tokens["visual_per_layer"])})
             if round == 0 and floor_cell and floor_cell not in results and grid.key(*floor_cell) not in done:
                 order.append(floor_cell)
                 results[floor_cell] = []
@@ -183,6 +188,14 @@ PLOTS = {  # what a sweep can plot against the kept tokens: column -> axis title
 }
 
 
+AXIS = "visual tokens per LLM layer, mean (of {})"  # the kept tokens for a method before the LLM
+
+
+def grid_floor(row: dict) -> tuple[float, float]:
+    """(x, y) of a row's floor on a chart: its tokens, as the row's mean rounded, and its TTFT."""
+    return max(1, round(row["visual_layer_mean"])), row["floor_ttft_s"]
+
+
 def figure(rows: list[dict], column: str = "ttft_s"):
     """A plotly chart of one column against the visual tokens kept: a line per method, the
     unreduced run as a reference line and, for the TTFT when measured, the floor."""
@@ -197,7 +210,7 @@ def figure(rows: list[dict], column: str = "ttft_s"):
             y=reference[column], line_dash="dot", annotation_text="unreduced", annotation_position="top left"
         )
     figure.update_layout(
-        xaxis_title=f"visual tokens kept (of {_full(rows)})",
+        xaxis_title=AXIS.format(_full(rows)),
         yaxis_title=PLOTS.get(column, column),
         legend=dict(orientation="h", y=-0.25),
         margin=dict(l=60, r=20, t=30, b=40),
@@ -214,14 +227,14 @@ def traces(rows: list[dict], column: str, legend: bool = True) -> list:
     lines = []
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
         mine = sorted(
-            (r for r in rows if r["method"] == method and r[column] is not None), key=lambda r: r["visual_kept"]
+            (r for r in rows if r["method"] == method and r[column] is not None), key=lambda r: r["visual_layer_mean"]
         )
-        x, y = [r["visual_kept"] for r in mine], [r[column] for r in mine]
+        x, y = [r["visual_layer_mean"] for r in mine], [r[column] for r in mine]
         text = [f"budget {r['budget']}" for r in mine]
         colours = plotly.colors.qualitative.Dark24  # a method keeps its colour in every chart
         line = dict(color=colours[list(METHODS).index(method) % len(colours)])
         lines.append(go.Scatter(x=x, y=y, name=method, text=text, line=line, legendgroup=method, showlegend=legend))
-    floors = sorted({(r["visual_kept"], r["floor_ttft_s"]) for r in rows if r.get("floor_ttft_s") is not None})
+    floors = sorted({grid_floor(r) for r in rows if r.get("floor_ttft_s") is not None})
     if column == "ttft_s" and floors:
         x, y = zip(*floors)
         style = dict(color="black", dash="dash")
@@ -247,7 +260,7 @@ def charts(groups: dict[str, list[dict]], columns=("ttft_s", "peak_bytes", "pref
                 figure.add_trace(trace, row=i, col=j)
             if reference[column] is not None:
                 figure.add_hline(y=reference[column], line_dash="dot", row=i, col=j)
-            figure.update_xaxes(title_text=f"visual tokens kept (of {_full(rows)})", row=i, col=j)
+            figure.update_xaxes(title_text=AXIS.format(_full(rows)), row=i, col=j)
     figure.update_annotations(font_size=11)
     entries = sum(trace.showlegend is not False for trace in figure.data)  # the legend needs ~20 px each
     height = max(360 * len(groups) + 60, 20 * entries + 100)

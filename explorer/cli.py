@@ -50,8 +50,14 @@ def _run_parser(commands) -> None:
     run.add_argument("--prompt", required=True)
     run.add_argument("--method", default="hired", help="see `python -m explorer methods` (default: hired)")
     amount = run.add_mutually_exclusive_group()
-    amount.add_argument("--budget", type=float, default=0.2, help="fraction of the visual tokens to keep (default 0.2)")
-    amount.add_argument("--tokens", type=int, help="number of visual tokens to keep")
+    amount.add_argument(
+        "--budget",
+        type=float,
+        default=0.2,
+        help="fraction of the visual tokens to keep (default 0.2); for a method inside the LLM, the mean over its "
+        "layers unless --set budget_after_cuts=true",
+    )
+    amount.add_argument("--tokens", type=int, help="number of visual tokens to keep (the same way)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method setting, e.g. alpha=0.3")
     run.add_argument("--max-new-tokens", type=int, default=64)
     run.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a token before giving up")
@@ -193,10 +199,16 @@ def _summary(result) -> str:
     decode = timing["decode_tokens_per_s"]
     cuts = ", ".join(f"{c['kept']} from layer {c['layer']} (scored at {c['scored_at']})" for c in tok["llm_cuts"])
     inside = [f"inside the LLM: {cuts}; visual tokens per layer, averaged: {tok['visual_layer_mean']:.1f}"]
+    if result.settings.get("rerank"):
+        inside.append("decode without a KV cache, the tokens chosen again at every new token (slow: the paper's mode)")
+    meaning = ""
+    if cuts and result.budget:
+        after = result.settings.get("budget_after_cuts")
+        meaning = " (left after the last cut)" if after else " (visual tokens per LLM layer, averaged)"
     return "\n".join(
         [
             f"{result.model}{weights}: {result.method} ({settings or 'no settings'}), "
-            f"budget {result.budget or ('adaptive' if tok['adaptive'] else 'none')}",
+            f"budget {result.budget or ('adaptive' if tok['adaptive'] else 'none')}{meaning}",
             f"visual tokens kept {tok['visual_kept']} of {tok['visual_full']} ({parts}); text {tok['text']}; generated {tok['generated']}",
             *(inside if cuts else []),
             f"first token {timing['ttft_s']:.3f} s | prefill {timing['prefill_s']:.3f} s | "

@@ -31,6 +31,9 @@ from backends.signals import (  # the names of the signals methods read
     LLM_EMBEDS,
     LLM_HIDDEN,
     LLM_KEYS,
+    LLM_LOGITS,
+    LLM_POSITIONS,
+    LLM_ROPE,
     LLM_TRANSITION,
     MERGED_AFTER,
     MERGED_INTO,
@@ -43,8 +46,8 @@ from backends.signals import (  # the names of the signals methods read
 __all__ = ["Budget", "Cut", "ExplorerError", "Geometry", "Merging", "Method", "Selection", "Signals", "fraction_of"]
 __all__ += ["CLS", "CLS_0", "CLS_FEATURE", "CLS_LAST", "CLS_LOGITS_LAST", "CLS_ONEHEAD_LAST", "FEATURE", "FEATURES"]
 __all__ += ["HIDDEN", "HIDDEN_0", "HIDDEN_FEATURE", "KEYS_FEATURE", "KEYS_LAST", "LLM_ATTENTION", "LLM_EMBEDS"]
-__all__ += ["LLM_HIDDEN", "LLM_KEYS", "LLM_TRANSITION", "MERGED_AFTER", "MERGED_INTO", "ROWS", "at", "padded"]
-__all__ += ["text_of"]
+__all__ += ["LLM_HIDDEN", "LLM_KEYS", "LLM_LOGITS", "LLM_POSITIONS", "LLM_ROPE", "LLM_TRANSITION", "MERGED_AFTER"]
+__all__ += ["MERGED_INTO", "ROWS", "at", "padded", "text_of"]
 
 
 def fraction_of(fraction: float, n: int) -> int:
@@ -121,11 +124,18 @@ class Signals:
       ("llm-text-hidden": (T, D));
     - "llm-embeds": (N, D), the LLM's input embeddings ("llm-text-embeds": (T, D));
     - "llm-transition": (N,), TransPrune's token transition variation summed over the attention and
-      MLP of every layer from the one before the first cut to the one before this cut ("llm-text-transition": (T,)).
+      MLP of every layer from the one before the first cut to the one before this cut ("llm-text-transition": (T,));
+    - "llm-rope": (T, N), the logits all-ones queries and keys would give after RoPE, q.k / sqrt(head_dim),
+      from each text token to each visual token at their current positions (SparseVLM v2.0's correction);
+    - "llm-positions": (N,) long, the visual tokens' positions in the prompt (-1 for tokens gone before the
+      LLM; "llm-text-positions": (T,)).
+    A method whose `early_layer` asks for a first pass through the LLM's first layers reads, beside its
+    vision signals, "llm-logits": (H, L), the last prompt token's query times the key of every prompt token
+    at that layer, after RoPE, unscaled, per head, in prompt order, and "llm-positions".
     """
 
     geometry: Geometry
-    budget: int  # B: visual tokens to keep (inside the LLM: left after this cut)
+    budget: int  # B: visual tokens to keep (inside the LLM: left after this cut; before it: see `entering`)
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     alive: torch.Tensor | None = None  # (N,) bool, inside the LLM: the tokens still in the sequence
 
@@ -174,16 +184,27 @@ class Method:
     merging gives. A method that keeps every token whatever the budget is not `budgeted`.
 
     A method of stage "llm" prunes inside the LLM: `cuts(depth, n, budget) -> list[Cut]` says before
-    which layers it cuts and how many tokens each cut leaves (the last leaves the budget), its
+    which layers it cuts and how many tokens each cut leaves (the last leaves `budget`), its
     `keep_positions` setting whether kept tokens keep their positions, and `select` is called at each cut
-    with the signals of that point (`Signals.alive` marks the tokens still in the sequence). Such a method
-    may also act before the LLM: `select_vision(signals) -> Selection`, on the vision signals it names in
-    `vision_needs`, keeps (and may merge) tokens as a vision method does; only those enter the LLM, its
-    cuts are counted from them, and the maps of that selection (e.g. a set never to drop) reach every
-    cut's signals. An `adaptive` method keeps what its rule finds, at most each cut's count. A method
-    whose decode works on a smaller cache than its prefill filled says from which layer on the caches are
-    cut down to the last cut's tokens once the prefill is over: `compact_from(cuts) -> int | None`
-    (MustDrop's decode stage; without it every layer keeps the cache its prefill filled).
+    with the signals of that point (`Signals.alive` marks the tokens still in the sequence). Its budget
+    B is, by default, the mean number of visual tokens over the LLM's layers, as the papers count it
+    (`explorer.llm.plan`: the last cut's count whose cuts make that mean at most B, or the method's own
+    `mean_cuts(depth, n, budget)`); with its `budget_after_cuts` setting B is what the last cut leaves.
+    Such a method may also act before the LLM: `select_vision(signals) -> Selection`, on the vision
+    signals it names in `vision_needs`, keeps (and may merge) tokens as a vision method does; only those
+    enter the LLM, its cuts are counted from them, and the maps of that selection (e.g. a set never to
+    drop) reach every cut's signals; `entering(n, budget)` says at most how many it leaves when its last
+    cut leaves `budget`. An `adaptive` method keeps what its rule finds, at most each cut's count. A
+    method whose decode works on a smaller cache than its prefill filled says from which layer on the
+    caches are cut down to the last cut's tokens once the prefill is over: `compact_from(cuts) -> int |
+    None` (MustDrop's decode stage; without it every layer keeps the cache its prefill filled). With
+    `rerank` the decode runs without a KV cache: every generated token reruns the whole sequence, and the
+    method chooses again in each pass, its text then ending with the newest token (FastV's accuracy mode).
+
+    A vision method may read a first pass through the LLM's first layers, on every visual token, before
+    the real prefill on the kept ones (GemFilter): `early_layer(depth) -> int` names the layer of an LLM of
+    `depth` layers whose signals `select` reads ("llm-logits", "llm-positions"); that pass is the
+    method's own time (`selection_s`).
 
     Every attribute below but `summary` has its default here; a method overrides only what it uses.
     """
@@ -196,9 +217,13 @@ class Method:
     vision_needs: ClassVar[tuple[str, ...]] = ()  # the vision signals `select_vision` reads
     adaptive: bool = False  # it picks its own count (a setting where a method offers it)
     keep_positions: bool = True  # stage "llm": kept tokens keep their positions (a setting of those methods)
+    budget_after_cuts: bool = False  # stage "llm": B is what the last cut leaves, not the layer mean (a setting)
+    rerank: bool = False  # stage "llm": decode without a KV cache, choosing again at every token (FastV's setting)
     select_vision: Callable[[Signals], Selection] | None = None  # stage "llm": a step before the LLM
     merging: Callable[[Geometry, int], Merging] | None = None  # merging inside the vision encoder
     compact_from: Callable[[list[Cut]], int | None] | None = None  # stage "llm": caches cut after the prefill
+    mean_cuts: Callable[[int, int, int], list[Cut]] | None = None  # stage "llm": its own cuts for a layer mean B
+    early_layer: Callable[[int], int] | None = None  # a first pass through the LLM up to this layer (GemFilter)
 
     def select(self, s: Signals) -> Selection:
         """The tokens to keep (stage "llm": at this cut)."""
@@ -208,3 +233,8 @@ class Method:
         """Stage "llm": before which of the LLM's `depth` layers it cuts and how many of the `n` visual
         tokens each cut leaves, the last `budget`."""
         raise NotImplementedError
+
+    def entering(self, n: int, budget: int) -> int:
+        """Stage "llm": at most how many of the `n` visual tokens enter the LLM when its last cut leaves
+        `budget` (fewer than n only for a step before the LLM that always keeps a set count)."""
+        return n

@@ -37,6 +37,8 @@ def logprobs(backend, image: str | Image.Image, prompt: str, answer_ids, method=
         with torch.inference_mode(), hooks:
             if stage is not None and stage.compacts:  # the answer is read on the caches cut after the prefill
                 logits = _on_compacted_caches(backend, ids, mask, answer, inputs)
+            elif chosen.rerank:  # every answer position has its own pass, which chooses again (slow)
+                logits = _reranked(backend, ids, mask, answer, inputs)
             else:
                 logits = backend.model(
                     input_ids=torch.cat([ids, answer], 1),
@@ -67,6 +69,25 @@ def _on_compacted_caches(backend, ids, mask, answer, inputs) -> torch.Tensor:
         **rest,
     )
     return torch.cat([out.logits[:, -1:], after.logits], 1)
+
+
+def _reranked(backend, ids, mask, answer, inputs) -> torch.Tensor:
+    """(1, T, V) the logits that predict each answer token, each from a pass without a cache over the prompt
+    and the answer before it, as a method that chooses again at every token (`rerank`) decodes."""
+    positions = inputs.pop("position_ids", None)  # (rows, 1, P + T) for Qwen2-VL
+    steps = []
+    for t in range(answer.shape[1]):
+        length = ids.shape[1] + t
+        extra = {"position_ids": positions[..., :length]} if positions is not None else {}
+        out = backend.model(
+            input_ids=torch.cat([ids, answer[:, :t]], 1),
+            attention_mask=torch.cat([mask, torch.ones_like(answer[:, :t])], 1),
+            use_cache=False,
+            **inputs,
+            **extra,
+        )
+        steps.append(out.logits[:, -1:])
+    return torch.cat(steps, 1)
 
 
 def drift(reduced: torch.Tensor, full: torch.Tensor, answer_ids) -> dict:

@@ -1,6 +1,13 @@
 """Methods that prune inside the LLM (stage "llm"): their cuts, the choices the backend's hooks ask
 for during the prefill, and the selection and token counts those add up to.
 
+The budget B of such a method is, by default, the mean number of visual tokens over the LLM's layers,
+counted by what each layer sees in the prefill (`layer_mean`): the papers compare methods that prune
+inside the LLM so (SparseVLM's and PyramidDrop's "192 tokens", DART's and PyramidDrop's FastV rows),
+and at equal B they do about the same LLM work. `plan` turns it into cuts: the method's own
+`mean_cuts`, or else the largest count left after the last cut whose cuts keep the mean at most B.
+With the method's `budget_after_cuts` setting, B is what the last cut leaves.
+
 A method that also reduces before the LLM (MustDrop, AIM: `select_vision`, see `explorer.methods`)
 hands the LLM only the K tokens its vision step kept; the hooks then see those K, and `LlmStage`
 widens what they read back to the N tokens of the image (NaN for the tokens gone before the LLM), so
@@ -13,9 +20,68 @@ from contextlib import nullcontext
 
 import torch
 
-from backends.signals import LLM_ATTENTION, TEXT
+from backends.signals import LLM_ATTENTION, LLM_ROPE, TEXT
 
-from .core import ExplorerError, Geometry, Method, Selection, Signals
+from .core import Cut, ExplorerError, Geometry, Method, Selection, Signals
+
+
+def layer_mean(cuts: list[Cut], n: int, depth: int) -> float:
+    """The mean visual tokens over the `depth` layers when `n` enter and each cut leaves its count from
+    its layer on."""
+    seen = [n] * depth
+    for cut in cuts:
+        seen[cut.layer :] = [cut.tokens] * (depth - cut.layer)
+    return sum(seen) / depth
+
+
+def plan(method: Method, depth: int, n: int, budget: int, name: str = "") -> list[Cut]:
+    """The cuts of an llm-stage method when `n` visual tokens enter the LLM, for its budget B (a layer
+    mean, unless it counts B after its cuts or picks its own count)."""
+    layers = [c.layer for c in method.cuts(depth, n, budget)]
+    if not layers or not all(1 <= layer < depth for layer in layers):
+        raise ExplorerError(
+            f"{name}: cannot cut before layer(s) {layers}: the LLM has {depth} layers, so the cuts must "
+            f"fall on layers 1 to {depth - 1}"
+        )
+    if method.budget_after_cuts or method.adaptive:
+        return method.cuts(depth, n, budget)
+    if method.mean_cuts is not None:
+        return method.mean_cuts(depth, n, budget)
+    last = last_count(method, depth, n, budget, fixed=True)
+    if last is None:
+        least = layer_mean(method.cuts(depth, n, 1), n, depth)
+        raise ExplorerError(
+            f"{name or 'this method'}: a budget of {budget} visual tokens per LLM layer on average is less than "
+            f"its cuts can reach with the {n} visual tokens that enter the LLM: the layers before its first cut "
+            f"see them all, so even keeping 1 token after its cuts averages {least:.1f} over the {depth} layers. "
+            "Raise the budget, or set budget_after_cuts=true to count the budget as the tokens left after the last cut"
+        )
+    return method.cuts(depth, n, last)
+
+
+def last_count(method: Method, depth: int, n: int, budget: int, fixed: bool = False) -> int | None:
+    """The largest count b the last cut may leave for the layer mean to be at most `budget`, when the n
+    tokens of the image, or `method.entering(n, b)` of them (unless `fixed`: n), enter the LLM; None when
+    no b does. The mean grows with b, so this is a bisection."""
+
+    def mean(b: int) -> float:
+        entering = n if fixed else method.entering(n, b)
+        return layer_mean(method.cuts(depth, entering, b), entering, depth)
+
+    if mean(1) > budget:
+        return None
+    low, high = 1, n  # mean(low) <= budget; find the largest such b
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if mean(middle) <= budget else (low, middle - 1)
+    return low
+
+
+def least_mean(method: Method, depth: int, n: int) -> float:
+    """The least mean visual tokens per layer an llm-stage method's cuts reach on an image of n tokens:
+    1 left after its cuts, its step before the LLM leaving `method.entering(n, 1)`."""
+    entering = method.entering(n, 1)
+    return layer_mean(method.cuts(depth, entering, 1), entering, depth)
 
 
 class LlmStage:
@@ -30,18 +96,17 @@ class LlmStage:
         self.entering = torch.arange(n) if before is None else before.keep.cpu()  # (K,) into N: what enters the LLM
         self.reduced = len(self.entering) < n
         self.adaptive = method.adaptive  # it keeps as many as its rule finds, at most each count
-        self.cuts = method.cuts(depth, len(self.entering), budget)
+        self.cuts = plan(method, depth, len(self.entering), budget, name)
         layers, tokens = [c.layer for c in self.cuts], [c.tokens for c in self.cuts]
-        if not layers or not all(1 <= layer < depth for layer in layers):
-            raise ExplorerError(
-                f"{name}: cannot cut before layer(s) {layers}: the LLM has {depth} layers, so the cuts must "
-                f"fall on layers 1 to {depth - 1}"
-            )
+        assert all(1 <= layer < depth for layer in layers)
         assert layers == sorted(set(layers)) and tokens == sorted(tokens, reverse=True)
-        assert tokens[-1] == budget or self.adaptive
+        assert 1 <= tokens[-1] <= len(self.entering) and tokens[0] <= len(self.entering)
+        if method.budget_after_cuts and not self.adaptive:  # else B is the layer mean, met as near as counts allow
+            assert tokens[-1] == budget
         # the first layer whose cache is cut to the last cut's tokens after the prefill (None: none is)
         self.compact_from = method.compact_from(self.cuts) if method.compact_from is not None else None
-        self.chosen: list[Selection] = []  # per cut, as the method returned it
+        self.chosen: list[Selection] = []  # per cut of the last whole pass, as the method returned it
+        self.pending: list[Selection] = []  # per cut of the pass under way
         self.final: Selection | None = None
 
     @property
@@ -58,7 +123,7 @@ class LlmStage:
     def choose(self, cut: int, maps: dict[str, torch.Tensor], alive: torch.Tensor) -> torch.Tensor:
         """The tokens to keep at this cut: (K,) sorted indices into the N visual tokens."""
         if cut == 0:
-            self.chosen, self.final = [], None  # a new pass over the whole prompt
+            self.pending = []  # a new pass over the whole prompt (with `rerank`, one per generated token)
         if self.reduced:  # the hooks see the K tokens that entered: widen to N
             maps = {name: self.widen(name, m) for name, m in maps.items()}
             alive = self.widen("alive", alive)
@@ -67,7 +132,9 @@ class LlmStage:
         selection = self.method.select(Signals(self.geometry, self.cuts[cut].tokens, maps, alive))
         count, wanted = len(selection.keep), self.cuts[cut].tokens
         assert count <= wanted if self.adaptive else count == wanted, "an llm-stage method must meet its cut's count"
-        self.chosen.append(selection)
+        self.pending.append(selection)
+        if len(self.pending) == len(self.cuts):  # the pass has chosen: what results read from now on
+            self.chosen, self.final = self.pending, None
         if not self.reduced:
             return selection.keep
         return torch.searchsorted(self.entering.to(selection.keep.device), selection.keep)  # (K',) into the K
@@ -78,11 +145,12 @@ class LlmStage:
         if name.startswith(TEXT):
             return values
         entering = self.entering.to(values.device)
-        if name == LLM_ATTENTION:  # (H, T, K): the visual tokens on the last axis
+        if name in (LLM_ATTENTION, LLM_ROPE):  # (H, T, K), (T, K): the visual tokens on the last axis
             wide = values.new_full((*values.shape[:-1], len(self.geometry)), torch.nan)
             wide[..., entering] = values
             return wide
-        wide = values.new_full((len(self.geometry), *values.shape[1:]), False if name == "alive" else torch.nan)
+        empty = False if name == "alive" else torch.nan if values.is_floating_point() else -1
+        wide = values.new_full((len(self.geometry), *values.shape[1:]), empty)
         wide[entering] = values
         return wide
 
@@ -155,6 +223,5 @@ def llm_hooks(backend, prepared, name: str, method, budget: int, before: Selecti
     if stage.reduced:  # the hooks find the visual tokens of the prompt the LLM really gets
         ids = prepared.inputs["input_ids"][:, backend.staying(prepared, stage.before.keep)]
         prepared = dataclasses.replace(prepared, inputs={**prepared.inputs, "input_ids": ids})
-    return stage, backend.pruning(
-        prepared, stage.pairs, method.needs, stage.choose, method.keep_positions, compact_from=stage.compact_from
-    )
+    options = {"compact_from": stage.compact_from, "rerank": method.rerank}
+    return stage, backend.pruning(prepared, stage.pairs, method.needs, stage.choose, method.keep_positions, **options)

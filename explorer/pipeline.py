@@ -31,7 +31,7 @@ from backends.signals import FEATURES, HIDDEN_FEATURE
 from .core import Budget, ExplorerError, Geometry, Method, Selection, Signals
 from .cost import Shape, kv_bytes, prefill_flops
 from .images import load_image
-from .llm import LlmStage, llm_hooks
+from .llm import LlmStage, last_count, llm_hooks
 from .measure import PeakMemory, TokenStream, first_forward, now, sync
 from .methods import make, unavailable
 
@@ -101,6 +101,7 @@ class Selected:
     features: torch.Tensor
     selection: Selection  # for an llm-stage method: what its step before the LLM kept, else every token
     budget: int  # B: visual tokens to keep (N when the method keeps everything or picks its own count)
+    step: int  # what the method's step before the LLM keeps (see `step_budget`)
     clock: tuple[float, ...]  # when it started, and when preprocessing, encoding, selection, projection ended
 
     def stages(self) -> dict:
@@ -142,6 +143,8 @@ def stream(
         inputs = backend.generate_inputs(selected.prepared, selected.features, selected.selection.keep)
         options = dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
         kwargs = {**inputs, **options, "pad_token_id": tokenizer.pad_token_id}
+        if chosen.rerank:  # no KV cache: every generated token reruns the whole sequence, and the method chooses again
+            kwargs["use_cache"] = False
         with first_forward(model, backend.device) as prefill, hooks as record:  # record: what the hooks did, or None
             for _ in _generate(model, kwargs, timeout_s, ids, times):
                 if not inside or inside.done:  # an llm-stage method has chosen once the prefill is over
@@ -320,14 +323,17 @@ def select(backend, picture, prompt: str, chosen: Method, budget: Budget | None,
         prepared = backend.prepare(picture, prompt)
         g = prepared.geometry
         plan = plan_for(backend, prepared, chosen, budget)
-        _check_length(backend, prepared, plan.budget if plan.vision else len(g), max_new_tokens)
+        entering = plan.budget if plan.vision and chosen.early_layer is None else len(g)
+        _check_length(backend, prepared, entering, max_new_tokens)
         sync(device)
         clock.append(now())
         merging = chosen.merging(g, plan.budget) if plan.lazy and chosen.merging is not None else None
         features, maps = backend.encode(prepared, plan.needs, project=not plan.lazy, merging=merging)
         sync(device)
         clock.append(now())
-        selection = choose(chosen, Signals(g, plan.budget, maps))
+        if chosen.early_layer is not None:  # a first pass through the LLM's first layers, the method's own time
+            maps |= backend.early_pass(prepared, features, chosen.early_layer(backend.depth))
+        selection = choose(chosen, Signals(g, plan.step, maps))
         if selection.weights is not None and not plan.lazy:  # merging: the backend builds what each kept token carries
             features = backend.merge(features, maps, selection)
         sync(device)
@@ -346,6 +352,7 @@ class Plan:
     """How `select` runs a method on one prepared image."""
 
     budget: int  # B: visual tokens to keep (N when the method keeps everything or picks its own count)
+    step: int  # what the method's step before the LLM keeps (see `step_budget`)
     vision: bool  # the method selects before the LLM (else every visual token enters it, to be cut inside)
     lazy: bool  # only the kept tokens are projected (the family can, and the method reads no projected features)
     needs: tuple[str, ...]  # the signals the vision pass captures
@@ -365,7 +372,8 @@ def plan_for(backend, prepared: Prepared, chosen: Method, budget: Budget | None)
             "image, or tome, which merges after the encoder"
         )
     needs = (*vision_needs(chosen), *([HIDDEN_FEATURE] * lazy))
-    return Plan(b, vision, lazy, tuple(dict.fromkeys(needs)))
+    step = step_budget(chosen, backend.depth, len(g), b if budget else None)
+    return Plan(b, step, vision, lazy, tuple(dict.fromkeys(needs)))
 
 
 def vision_needs(chosen: Method) -> tuple[str, ...]:
@@ -379,6 +387,17 @@ def choose(chosen: Method, signals: Signals) -> Selection:
     method's `select_vision`, or every token when it has no step before the LLM."""
     first = chosen.select if chosen.stage == "vision" else chosen.select_vision
     return first(signals) if first is not None else Selection(keep=torch.arange(len(signals.geometry)))
+
+
+def step_budget(chosen: Method, depth: int, n: int, budget: int | None) -> int:
+    """What the method's step before the LLM keeps of the n visual tokens for budget B (None: all n): B
+    for a vision method or one that counts B after its cuts; for an llm-stage method whose B is a layer
+    mean, what its last cut would leave (1 when no count meets B; `llm.LlmStage` then says why)."""
+    if budget is None:
+        return n
+    if chosen.stage == "vision" or chosen.budget_after_cuts:
+        return budget
+    return last_count(chosen, depth, n, budget) or 1
 
 
 def _check_length(backend, prepared: Prepared, entering: int, max_new_tokens: int) -> None:

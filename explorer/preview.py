@@ -12,7 +12,8 @@ measured run takes, on those cached signals: the preview keeps what Run keeps.
 The preview never holds up a run: the vision pass waits at most `wait_s` for the model (the lock a run
 holds, `pipeline.model_lock`) and otherwise says the model is busy; selections on cached signals take
 no lock at all. Methods that choose inside the LLM (FastV, PyramidDrop, ...) have nothing to show
-before it but their step before the LLM, if they have one (MustDrop, AIM: `select_vision`); a method
+before it but their step before the LLM, if they have one (MustDrop, AIM: `select_vision`), and
+GemFilter ranks by a first pass through the LLM on the prompt, so it too is shown after Run; a method
 that merges inside the vision encoder (tome-vit) changes the vision pass itself, so it is shown
 after Run.
 """
@@ -31,7 +32,7 @@ from backends.signals import FEATURES
 
 from .core import Budget, ExplorerError, Geometry, Selection, Signals
 from .measure import now
-from .pipeline import choose, method_for, model_lock, vision_needs
+from .pipeline import choose, method_for, model_lock, step_budget, vision_needs
 
 PROMPT = "Describe the image."  # the processor wants a prompt; the vision pass does not read it
 WAIT_S = 0.5  # longest wait for a model that a run is using, before the preview says it is busy
@@ -161,6 +162,7 @@ def preview(
     chosen, fixed = method_for(backend, method, settings, budget)
     cache = cache if cache is not None else VisionCache()
     pending = chosen.stage == "llm" and chosen.select_vision is None or chosen.merging is not None
+    pending |= chosen.early_layer is not None  # it ranks by a first pass through the LLM, on the prompt
     needs = () if pending else vision_needs(chosen)
     try:
         seen, cached = cache.get(backend, picture, needs, image, wait_s)
@@ -174,11 +176,22 @@ def preview(
     selection = Selection(keep=torch.arange(len(g)))
     if not pending:
         with torch.inference_mode():
-            selection = choose(chosen, Signals(g, b, seen.maps))
+            step = step_budget(chosen, backend.depth, len(g), b if fixed else None)
+            selection = choose(chosen, Signals(g, step, seen.maps))
     seconds = now() - start
     kept = b if pending else len(selection.keep)
-    line = f"{kept} of {len(g)} visual tokens kept ({_percent(budget, fixed, chosen)})"
+    line = f"{kept} of {len(g)} visual tokens {_kept(chosen, pending)} ({_percent(budget, fixed, chosen)})"
     return Preview(g, selection, line, _note(method, chosen, cached, seconds), pending, cached, seconds)
+
+
+def _kept(chosen, pending: bool) -> str:
+    """What the count of the line is: an llm-stage method's budget is a mean over the LLM's layers (or
+    what its last cut leaves), and the picture of its step before the LLM shows the tokens entering it."""
+    if chosen.stage == "vision" or not chosen.budgeted:
+        return "kept"
+    if not pending:
+        return "enter the LLM"
+    return "left after the last cut" if chosen.budget_after_cuts else "per LLM layer on average"
 
 
 def _percent(budget: Budget | float, fixed: Budget | None, chosen) -> str:
@@ -193,6 +206,11 @@ def _percent(budget: Budget | float, fixed: Budget | None, chosen) -> str:
 def _note(method: str, chosen, cached: bool, seconds: float) -> str:
     if chosen.merging is not None:
         return f"{method} merges inside the vision encoder, so the pass itself depends on the budget: Run to see"
+    if chosen.early_layer is not None:
+        return (
+            f"{method} ranks the tokens by a first pass through the LLM's first layers on the prompt: they appear "
+            "after Run (the picture shows every token until then)"
+        )
     if chosen.stage == "llm" and chosen.select_vision is None:
         return (
             f"{method} chooses its tokens inside the LLM, from what the prompt attends to: they appear after Run "

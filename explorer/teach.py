@@ -81,6 +81,8 @@ def steps(picture: Image.Image, result) -> list[tuple[Image.Image, str]]:
     cuts = result.tokens.get("llm_cuts")
     where = f"What reaches the LLM's layers from layer {cuts[-1]['layer']} on" if cuts else "What reaches the LLM"
     kept = f"{where}: {result.tokens['visual_kept']} of {result.tokens['visual_full']} visual tokens"
+    if cuts:
+        kept += f" ({result.tokens['visual_layer_mean']:.0f} per LLM layer on average, the budget's count)"
     seen, cached = result.tokens.get("visual_per_layer", []), result.tokens.get("visual_cached_per_layer", [])
     compacted = [layer for layer, (s, c) in enumerate(zip(seen, cached)) if c < s]  # MustDrop's decode stage
     if compacted:

@@ -327,14 +327,21 @@ def _format(value, form: str) -> str:
     return "" if value is None else form.format(value)
 
 
+LLM_BUDGET = (
+    "Its budget is the mean number of visual tokens over the LLM's layers, as the papers compare such methods "
+    "(with its budget_after_cuts setting: the tokens left after the last cut)."
+)
 STAGES = {
     "vision": "It acts before the language model: dropped tokens never reach the LLM, so every LLM layer "
     "and the KV cache hold only the kept ones.",
     "llm": "It acts inside the language model: the first layers see every visual token, then the "
-    "dropped ones are cut from the sequence and the KV cache for all later layers.",
+    "dropped ones are cut from the sequence and the KV cache for all later layers. " + LLM_BUDGET,
     "both": "It acts before the language model and inside it: the LLM receives only the tokens its first "
     "step keeps (merged ones carry their group), then more are cut from the sequence and the KV cache at "
-    "later layers.",
+    "later layers. " + LLM_BUDGET,
+    "first pass": "It acts before the language model, after a first pass through the LLM's first layers on "
+    "every visual token: that pass is the method's own work (its selection time), and the real prefill then "
+    "runs on the kept tokens only.",
 }
 
 
@@ -354,6 +361,11 @@ LLM_SIGNALS = {  # read inside the LLM, where a method cuts
     signals.LLM_EMBEDS: "the LLM's input embeddings of the visual and text tokens",
     signals.LLM_TRANSITION: "how much the LLM's attention and MLP layers change each visual token (its "
     "transition variation), summed over the layers before the cut",
+    signals.LLM_ROPE: "what rotary position embedding alone adds to each text token's attention logit for each "
+    "visual token",
+    signals.LLM_POSITIONS: "the positions of the visual and text tokens in the prompt",
+    signals.LLM_LOGITS: "the last prompt token's query-key products with every prompt token at an early LLM layer, "
+    "in a first pass",
 }
 
 
@@ -385,6 +397,7 @@ def explain(method: str, cls_token: bool | None = None) -> str:
     text = [f"**{cls.summary}**", " ".join(paragraphs[0].split())]
     text += ["\n".join(p for p in paragraphs[1:] if not p.startswith(("Differs", "Without a [CLS]")))]
     needs = (*cls.vision_needs, *cls.needs)  # a two-step method reads both stages' signals
+    needs += (signals.LLM_LOGITS,) if cls.early_layer is not None else ()  # what its first pass gives
     if needs:
         text.append("It reads " + "; ".join(signal_name(s) for s in needs) + ".")
     if any(s.startswith(signals.CLS) for s in needs) and cls_token is not True:
@@ -395,6 +408,7 @@ def explain(method: str, cls_token: bool | None = None) -> str:
             f"ViT), {NO_CLS}."
         )
     if cls.budgeted:
-        text.append(STAGES.get("both" if cls.select_vision is not None else cls.stage, ""))
+        stage = "both" if cls.select_vision is not None else "first pass" if cls.early_layer is not None else cls.stage
+        text.append(STAGES.get(stage, ""))
     text += [" ".join(p.split()) for p in paragraphs if p.startswith("Differs")]
     return "\n\n".join(t for t in text if t)

@@ -16,7 +16,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from explorer import fidelity, load_image, run
+from explorer import METHODS, fidelity, load_image, run
 from explorer import visual as vis
 from explorer.core import fraction_of
 
@@ -183,6 +183,17 @@ def test_the_budget_is_shown_in_tokens_for_the_image(explorer, backend, picture_
     adaptive = [(f.name == "adaptive" and m == "prumerge+") or f.default for m, f in app.SETTINGS]
     assert explorer.count(picture_file, "prumerge+", 20, *adaptive).startswith("Adaptive: prumerge+ picks its own")
     assert explorer.count(picture_file, "mustdrop", 20, *adaptive).startswith("**428** of")  # only prumerge+'s is on
+    defaults = [f.default for _, f in app.SETTINGS]
+    assert explorer.count(picture_file, "fastv", 60, *defaults) == (
+        f"**{fraction_of(0.6, n)}** of {n} visual tokens (60%) per LLM layer on average for this 600x400 image: "
+        f"the layers before fastv's first cut see all {n}, later ones fewer."
+    )
+    low = explorer.count(picture_file, "fastv", 20, *defaults)  # the tiny model's first 2 of 4 layers see all
+    assert low.endswith(f"⚠️ fastv cannot go below {(2 * n + 2) / 4:.0f} on average here.")
+    after = [(f.name == "budget_after_cuts" and m == "fastv") or f.default for m, f in app.SETTINGS]
+    assert explorer.count(picture_file, "fastv", 20, *after) == (
+        f"**{fraction_of(0.2, n)}** of {n} visual tokens (20%) remain after the last cut for this 600x400 image."
+    )
 
 
 def test_the_picture_follows_the_budget_without_a_run(explorer, backend, picture_file):
@@ -391,7 +402,8 @@ def test_two_methods_side_by_side_show_where_they_agree(explorer, backend, pictu
 
 @pytest.mark.parametrize("method", list(app.METHODS))
 def test_the_steps_render_for_every_method(explorer, picture_file, method):
-    last, _ = explore(explorer, picture_file, method=method, compare=False, n=1)
+    budget = 80 if METHODS[method].stage == "llm" else 20  # a layer mean the tiny model's 4 layers can meet
+    last, _ = explore(explorer, picture_file, method=method, budget=budget, compare=False, n=1)
     steps = app.teach.steps(last["shown"]["picture"], last["shown"]["result"])
     assert steps and all(isinstance(image, Image.Image) and caption for image, caption in steps)
     if method == "none":

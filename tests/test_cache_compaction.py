@@ -22,7 +22,8 @@ LAYERS = {"2,6,10,14": 1, "8,16": 1}
 def decode(backend, prepared, inputs, tokens: int = 3, **settings):
     """generate() under MustDrop's hooks (inside the LLM only: no key set): the output, the stage and
     the kept tokens of each cut."""
-    stage, pruning = hooks(backend, prepared, "mustdrop", len(prepared.geometry) // 5, **settings)
+    after = {"budget_after_cuts": True}  # the count left after the last cut
+    stage, pruning = hooks(backend, prepared, "mustdrop", len(prepared.geometry) // 5, **settings, **after)
     with torch.no_grad(), pruning as record:
         out = generate(backend, inputs, tokens)
     return out, stage, list(record.keeps)
@@ -183,10 +184,9 @@ def test_keeping_every_token_with_compaction_is_the_unreduced_model(backend):
 
 def test_the_run_reports_what_the_caches_hold_while_decoding(backend):
     image = photo(640, 480, seed=5)
-    on = run(backend, image, PROMPT, "mustdrop", 0.2, settings={"layers": "8,16"}, max_new_tokens=3)
-    off = run(
-        backend, image, PROMPT, "mustdrop", 0.2, settings={"layers": "8,16", "compact_cache": False}, max_new_tokens=3
-    )
+    settings = {"layers": "8,16", "budget_after_cuts": True}
+    on = run(backend, image, PROMPT, "mustdrop", 0.2, settings=settings, max_new_tokens=3)
+    off = run(backend, image, PROMPT, "mustdrop", 0.2, settings=settings | {"compact_cache": False}, max_new_tokens=3)
     entering, kept = on.tokens["visual_entering"], on.tokens["visual_kept"]
     middle = on.tokens["llm_cuts"][0]["kept"]
     assert on.tokens["visual_per_layer"] == off.tokens["visual_per_layer"] == [entering, entering, middle, kept]
@@ -203,9 +203,10 @@ def test_fidelity_reads_the_answer_on_the_compacted_caches(name):
     with its M-RoPE positions for the prompt and the answer."""
     from explorer.fidelity import logprobs
 
-    backend, image, off = loaded(name), photo(400, 300, seed=6), {"compact_cache": False}
-    answer = run(backend, image, PROMPT, "mustdrop", 0.1, max_new_tokens=6).answer_ids
-    mine = logprobs(backend, image, PROMPT, answer, "mustdrop", 0.1)
+    backend, image, on = loaded(name), photo(400, 300, seed=6), {"budget_after_cuts": True}
+    off = on | {"compact_cache": False}
+    answer = run(backend, image, PROMPT, "mustdrop", 0.1, settings=on, max_new_tokens=6).answer_ids
+    mine = logprobs(backend, image, PROMPT, answer, "mustdrop", 0.1, on)
     assert mine.shape[0] == 6 and mine.argmax(-1).tolist() == list(answer)
     uncompacted = logprobs(backend, image, PROMPT, answer, "mustdrop", 0.1, off)
     torch.testing.assert_close(mine[0], uncompacted[0], rtol=1e-4, atol=1e-4)
@@ -216,7 +217,9 @@ def test_the_app_says_which_caches_hold_only_the_final_set(backend):
     from explorer import teach
 
     image = photo(640, 480, seed=5)
-    for settings, said in [({"layers": "8,16"}, True), ({"layers": "8,16", "compact_cache": False}, False)]:
+    cases = [({"layers": "8,16"}, True), ({"layers": "8,16", "compact_cache": False}, False)]
+    for settings, said in cases:
+        settings |= {"budget_after_cuts": True}
         result = run(backend, image, PROMPT, "mustdrop", 0.2, settings=settings, max_new_tokens=1)
         captions = [caption for _, caption in teach.steps(image, result)]
         final = [c for c in captions if c.startswith("What reaches the LLM's layers from layer 3 on: 468 of 2340")]

@@ -12,11 +12,12 @@ import pytest
 from conftest import photo
 from PIL import Image
 
+from explorer import make
 from explorer.cli import main
 
 ROOT = Path(__file__).parent.parent
 TINY = ["--model", "tiny-llava-next"]
-EVERY = "none random uniform pooling cls vtc-cls hired visionzip prumerge+ globalcom2 divprune vispruner tome tome-vit transprune fastv pdrop dart sparsevlm mustdrop aim transprune-llm".split()
+EVERY = "none random uniform pooling cls vtc-cls hired visionzip prumerge+ globalcom2 divprune vispruner tome tome-vit transprune fastv pdrop dart sparsevlm mustdrop aim transprune-llm gemfilter".split()
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +87,26 @@ def test_run_streams_the_answer_then_a_summary(capsys, image):
 
 def test_run_summarises_where_an_llm_stage_method_cut(capsys, image):
     args = ["--image", image, "--prompt", "What?", "--method", "pdrop", "--tokens", "300", "--max-new-tokens", "2"]
-    code, out, err = cli(capsys, "run", *TINY, *args, "--set", "stages=2", "--set", "keep_positions=true")
+    settings = ["--set", "stages=2", "--set", "keep_positions=true", "--set", "budget_after_cuts=true"]
+    code, out, err = cli(capsys, "run", *TINY, *args, *settings)
     assert code == 0 and err == ""
-    assert "pdrop (stages=2, ratio=0.5, keep_positions=True), budget 300 tokens" in out
+    assert "pdrop (stages=2, ratio=0.5, keep_positions=True, budget_after_cuts=True), budget 300 tokens (left" in out
     assert "visual tokens kept 300 of 2340" in out
     # 4 layers in 3 stages: cuts before layers 1 and 2; layers see 2340, 600, 300, 300 visual tokens
     assert "inside the LLM: 600 from layer 1 (scored at 1), 300 from layer 2 (scored at 2); " in out
     assert "visual tokens per layer, averaged: 885.0" in out
+
+
+def test_run_says_an_llm_stage_budget_is_a_layer_mean_and_when_the_decode_reranks(capsys, image):
+    args = ["--image", image, "--prompt", "What?", "--method", "fastv", "--tokens", "1200", "--max-new-tokens", "2"]
+    code, out, err = cli(capsys, "run", *TINY, *args, "--set", "rerank=true")
+    assert code == 0 and err == ""
+    assert "budget 1200 tokens (visual tokens per LLM layer, averaged)" in out
+    # layers 0-1 see 2340, layers 2-3 the R kept: the largest R with (2 * 2340 + 2 R) / 4 <= 1200 is 60
+    assert "inside the LLM: 60 from layer 2 (scored at 1); visual tokens per layer, averaged: 1200.0" in out
+    assert "decode without a KV cache, the tokens chosen again at every new token (slow" in out
+    code, _, err = cli(capsys, "run", *TINY, *args[:-4], "--tokens", "1000", "--max-new-tokens", "1")
+    assert code == 2 and "fastv: a budget of 1000 visual tokens per LLM layer on average is less than" in err
 
 
 def test_methods_lists_every_method_with_its_settings(capsys):
@@ -101,7 +115,8 @@ def test_methods_lists_every_method_with_its_settings(capsys):
     assert [line.split()[0] for line in out.splitlines()] == EVERY
     assert "[alpha=0.5, paper_code=False]" in out and "FasterVLM" in out
     assert "[adaptive=False, spatial=0.75, neighbours=32]" in out and "[contextual=0.15625, paper_code=False]" in out
-    assert "fastv      FastV: before LLM layer K" in out and "[layer=2, keep_positions=True]" in out
+    assert "fastv      FastV: before LLM layer K" in out
+    assert "[layer=2, keep_positions=True, budget_after_cuts=False, rerank=False]" in out
 
 
 def test_models_tabulates_every_family_on_its_random_weight_model(capsys):
@@ -132,7 +147,7 @@ def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
         "--methods",
         "hired,fastv",
         "--budgets",
-        "1,0.2",
+        "1,0.6,0.2",
         "--repeats",
         "2",
         "--warmup",
@@ -149,19 +164,25 @@ def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
     assert lines[:2] == ["", "tiny-llava-next 640x480 batch 1"]
     assert lines[2].split()[:5] == ["method", "budget", "kept/full", "per", "layer"]
     rows = list(csv.DictReader(csv_path.open()))
-    assert [(r["method"], r["budget"], r["visual_kept"], float(r["visual_layer_mean"])) for r in rows] == [
+    mean = [float(r["visual_layer_mean"]) if r["visual_layer_mean"] else None for r in rows]
+    assert [(r["method"], r["budget"], r["visual_kept"], m) for r, m in zip(rows, mean)] == [
         ("none", "-", "2340", 2340),
         ("hired", "1", "2304", 2304),
+        ("hired", "0.6", "1404", 1404),
         ("hired", "0.2", "468", 468),
         ("fastv", "1", "2340", 2340),
-        ("fastv", "0.2", "468", (2 * 2340 + 2 * 468) / 4),  # layers 0-1 see all, 2-3 the kept ones
-        ("uniform", "2304 tokens", "2304", 2304),  # the floors: as many tokens, no selection work
+        ("fastv", "0.6", "468", (2 * 2340 + 2 * 468) / 4),  # a layer mean: layers 0-1 see all, 2-3 the kept
+        ("fastv", "0.2", "", None),  # 468 as a layer mean is out of reach: the row says why
+        ("uniform", "2304 tokens", "2304", 2304),  # the floors: as many tokens per layer, no selection work
+        ("uniform", "1404 tokens", "1404", 1404),  # hired's and fastv's at 0.6
         ("uniform", "468 tokens", "468", 468),
     ]
-    assert float(rows[0]["ttft_ratio"]) == 1.0 and all(float(r["ttft_s"]) > 0 for r in rows)
-    # drift on the unreduced answer: none against itself is zero; random at 20% keeps only a fifth
+    assert "fastv: a budget of 468 visual tokens per LLM layer on average is less than" in rows[6]["answer"]
+    assert rows[5]["floor_ttft_s"] == rows[2]["floor_ttft_s"] == rows[8]["ttft_s"]
+    assert float(rows[0]["ttft_ratio"]) == 1.0 and all(float(r["ttft_s"]) > 0 for r in rows if r["ttft_s"])
+    # drift on the unreduced answer: none against itself is zero; fastv at 0.6 cuts most tokens at layer 2
     assert (rows[0]["logprob_diff"], rows[0]["kl"], rows[0]["first_divergence"]) == ("0.0", "0.0", "")
-    assert float(rows[4]["kl"]) > 0 and lines[2].split()[-5:] == ["logp", "diff", "KL", "parts", "at"]
+    assert float(rows[5]["kl"]) > 0 and lines[2].split()[-5:] == ["logp", "diff", "KL", "parts", "at"]
 
 
 def test_run_with_fidelity_reports_the_drift(capsys, image):
@@ -186,7 +207,10 @@ def test_bench_runs_every_method_by_default(capsys, image, tmp_path):
     measured = [m for m in EVERY if m != "uniform"]  # the floor, measured with each cell unless --no-floor
     assert [r["method"] for r in rows] == measured
     assert [line.split()[0] for line in out.splitlines()[3 : 3 + len(measured)]] == measured
-    assert all(r["visual_kept"] == "234" for r in rows[1:])
+    inside = [r for r in rows[1:] if make(r["method"]).stage == "llm"]  # 234 as a layer mean
+    assert all(r["visual_kept"] == "234" for r in rows[1:] if r not in inside)
+    missed = [r for r in inside if "per LLM layer on average is less than" in r["answer"]]  # too few for them
+    assert missed and all(float(r["visual_layer_mean"]) <= 234 for r in inside if r not in missed)
 
 
 def test_run_labels_an_adaptive_count(capsys, image):

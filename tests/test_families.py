@@ -261,7 +261,8 @@ def test_every_method_that_applies_meets_its_budget_end_to_end(family, budget):
             with pytest.raises(ExplorerError, match=because):
                 run(backend, image, PROMPT, method, budget, max_new_tokens=1)
             continue
-        result = run(backend, image, PROMPT, method, budget, max_new_tokens=1)
+        after = {"budget_after_cuts": True} if METHODS[method].stage == "llm" else {}  # not a layer mean here
+        result = run(backend, image, PROMPT, method, budget, settings=after, max_new_tokens=1)
         t, g = result.tokens, result.geometry
         b = (budget if isinstance(budget, Budget) else Budget(fraction=budget)).resolve(len(g))
         newlines = g.sizes()[g.names.index("newline")] if "newline" in g.names else 0
@@ -352,7 +353,7 @@ def test_qwen_cut_inside_the_llm_decodes_as_a_rerun_and_renumbers_all_three_axes
     with torch.inference_mode():
         features, _ = backend.encode(prepared, ())
     inputs = backend.generate_inputs(prepared, features, torch.arange(n))
-    method = make("fastv", keep_positions=keep_positions)
+    method = make("fastv", keep_positions=keep_positions, budget_after_cuts=True)
     stage = LlmStage("fastv", method, prepared.geometry, n // 4, backend.depth)
     layer = stage.cuts[0].layer
     cos_seen = []

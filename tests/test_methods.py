@@ -109,7 +109,11 @@ def random_signals(budget: int, seed: int = 0) -> Signals:
     for name in sorted({name for method in vision for name in method.needs} - {"features"}):
         values = torch.rand(len(g), *SHAPES[name.split("@")[0]], generator=generator)
         maps[name] = values.masked_fill(newline.view(-1, *[1] * (values.dim() - 1)), math.nan)
-    return Signals(g, budget, maps | merged_in_encoder(g, budget, generator))
+    first_pass = {  # a first pass through the LLM (GemFilter): the visual tokens among 100 prompt tokens
+        "llm-logits": torch.randn(4, 100, generator=generator),
+        "llm-positions": torch.arange(len(g)) + 6,
+    }
+    return Signals(g, budget, maps | merged_in_encoder(g, budget, generator) | first_pass)
 
 
 def merged_in_encoder(g, budget: int, generator) -> dict:

@@ -57,6 +57,8 @@ def test_the_llm_receives_only_the_kept_tokens(backend, method):  # llm-stage me
         result = run(backend, photo(640, 480), PROMPT, method, 0.2, max_new_tokens=3)
     finally:
         hook.remove()
+    if METHODS[method].early_layer is not None:  # GemFilter's first pass sees every token (test_gemfilter.py)
+        assert lengths.pop(0) == result.tokens["text"] + result.tokens["visual_full"]
     assert lengths[0] == result.tokens["text"] + result.tokens["visual_kept"]  # prefill
     assert lengths[1:] == [1] * (len(lengths) - 1)  # then one token per step, on the short cache
 
@@ -64,7 +66,8 @@ def test_the_llm_receives_only_the_kept_tokens(backend, method):  # llm-stage me
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("budget", [Budget(fraction=1.0), 0.4, 0.2, 0.1, Budget(tokens=1), Budget(tokens=2340)])
 def test_every_method_keeps_exactly_its_budget(backend, method, budget):
-    result = run(backend, photo(640, 480), PROMPT, method, budget, max_new_tokens=1)
+    after = {"budget_after_cuts": True} if METHODS[method].stage == "llm" else {}  # else B is a layer mean
+    result = run(backend, photo(640, 480), PROMPT, method, budget, settings=after, max_new_tokens=1)
     t = result.tokens
     n, newlines = t["visual_full"], 36
     b = budget.resolve(n) if isinstance(budget, Budget) else Budget(fraction=budget).resolve(n)
@@ -111,8 +114,12 @@ def test_every_run_removes_its_hooks(backend):
     before = hook_count(backend.model)
     reference = run(backend, image, PROMPT, "none", max_new_tokens=12).answer_ids
     for method in METHODS:
-        run(backend, image, PROMPT, method, 0.1, max_new_tokens=2)
+        after = {"budget_after_cuts": True} if METHODS[method].stage == "llm" else {}  # 0.1 as a layer mean is
+        run(backend, image, PROMPT, method, 0.1, settings=after, max_new_tokens=2)  # too little for 4 layers
         assert hook_count(backend.model) == before
+    with pytest.raises(ExplorerError, match="fastv: a budget of 175 visual tokens per LLM layer"):
+        run(backend, image, PROMPT, "fastv", 0.1, max_new_tokens=2)
+    assert hook_count(backend.model) == before
     assert run(backend, image, PROMPT, "none", max_new_tokens=12).answer_ids == reference
 
 

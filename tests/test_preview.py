@@ -24,7 +24,9 @@ def picture():
     return photo(600, 400, seed=4)
 
 
-@pytest.mark.parametrize("method", [m for m, cls in METHODS.items() if cls.stage == "vision" and m != "tome-vit"])
+@pytest.mark.parametrize(
+    "method", [m for m, c in METHODS.items() if c.stage == "vision" and c.merging is None and c.early_layer is None]
+)
 def test_the_preview_keeps_what_a_run_keeps(backend, picture, method):
     shown = preview(backend, picture, method, 0.15)
     ran = run(backend, picture, PROMPT, method, 0.15, max_new_tokens=1)
@@ -42,13 +44,14 @@ def test_a_two_stage_method_previews_its_step_before_the_llm(backend, method):
     assert "step before the LLM" in shown.note and not shown.pending
 
 
-@pytest.mark.parametrize("method", ["fastv", "pdrop", "tome-vit"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "tome-vit", "gemfilter"])
 def test_a_method_that_chooses_inside_the_llm_or_the_encoder_says_it_shows_after_run(backend, picture, method):
     cache = VisionCache()
     shown = preview(backend, picture, method, 0.2, cache=cache)
     assert shown.pending and len(shown.selection.keep) == len(shown.geometry)
     assert "Run" in shown.note and cache.passes == 0  # the geometry alone: no encoder run for nothing
-    assert shown.line == f"{int(0.2 * len(shown.geometry))} of {len(shown.geometry)} visual tokens kept (20%)"
+    counted = "kept" if METHODS[method].stage == "vision" else "per LLM layer on average"  # llm stage: a layer mean
+    assert shown.line == f"{int(0.2 * len(shown.geometry))} of {len(shown.geometry)} visual tokens {counted} (20%)"
 
 
 def test_the_vision_pass_runs_once_per_image_and_signal_set_then_only_selection(backend, picture, monkeypatch):

@@ -279,7 +279,8 @@ def test_transprune_llm_transition_signal_equals_a_direct_computation(backend):
 
 def test_transprune_llm_meets_the_budget_and_keeping_everything_is_the_unreduced_model(backend):
     image = photo(640, 480, seed=5)
-    result = run(backend, image, PROMPT, "transprune-llm", 0.1, settings={"layers": "8,16,24"}, max_new_tokens=2)
+    settings = {"layers": "8,16,24", "budget_after_cuts": True}
+    result = run(backend, image, PROMPT, "transprune-llm", 0.1, settings=settings, max_new_tokens=2)
     assert [(c["layer"], c["kept"]) for c in result.tokens["llm_cuts"]] == [(1, 1638), (2, 1170), (3, 234)]
     assert result.tokens["visual_kept"] == len(result.selection.keep) == 234
     image = photo(336, 336, seed=5)

@@ -14,6 +14,7 @@ from explorer.methods.mustdrop import window_similarity, windows
 
 PROMPT = "What is shown in this image?"
 N = 88  # tokens of the toy geometry: a 4x4 thumbnail, 2x2 crops of 4x4 in an 8x8 grid, 8 newlines
+AFTER = {"budget_after_cuts": True}  # the budget is what the last cut leaves
 
 
 def at(y: int, x: int) -> int:
@@ -165,8 +166,9 @@ def test_mustdrop_cuts_after_its_layers_falling_geometrically_to_the_budget():
 # --- MustDrop: end to end -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("settings", [{}, {"similarity": -1.0}])  # -1: every window may merge
+@pytest.mark.parametrize("settings", [{"similarity": 0.8}, {"similarity": -1.0}])  # -1: every window may merge
 def test_mustdrop_meets_the_budget_and_its_key_set_survives_every_cut(backend, settings):
+    settings = {**settings, **AFTER}
     result = run(backend, photo(640, 480, seed=5), PROMPT, "mustdrop", 0.2, settings=settings, max_new_tokens=2)
     n, b = 2340, 468
     assert result.tokens["visual_kept"] == len(result.selection.keep) == b
@@ -176,7 +178,7 @@ def test_mustdrop_meets_the_budget_and_its_key_set_survives_every_cut(backend, s
         assert result.selection.maps[layer][key].isfinite().all()
     merged = result.selection.stats["MustDrop before the LLM"]["windows merged"]
     assert result.tokens["visual_entering"] == n - 8 * merged
-    if settings:
+    if settings["similarity"] == -1.0:
         assert result.tokens["visual_entering"] == b  # merging went as far as the budget allows
     groups = result.selection.groups
     assert torch.equal(groups[result.selection.keep], result.selection.keep)
@@ -232,7 +234,7 @@ def expected_merge(backend, image, method: str, settings: dict, budget: int):
 
 
 def test_mustdrop_merged_windows_reach_the_llm_as_their_projected_mean(backend):
-    image, settings = photo(640, 480, seed=9), {"similarity": -1.0}
+    image, settings = photo(640, 480, seed=9), {"similarity": -1.0, **AFTER}
     result, prefill = seen_by_the_llm(backend, image, "mustdrop", 0.2, settings)
     before, expected, visual = expected_merge(backend, image, "mustdrop", settings, 468)
     assert len(before.keep) == result.tokens["visual_entering"] == 468 < 2340
@@ -325,7 +327,7 @@ def test_aim_importance_is_the_sharpened_attention_renormalised_over_the_image_b
 
 def test_aim_meets_the_budget_and_follows_its_schedule_end_to_end(backend):
     image = photo(640, 480, seed=5)
-    result = run(backend, image, PROMPT, "aim", 0.2, settings={"start": 7, "stop": 14}, max_new_tokens=2)
+    result = run(backend, image, PROMPT, "aim", 0.2, settings={"start": 7, "stop": 14, **AFTER}, max_new_tokens=2)
     assert result.tokens["visual_entering"] == math.floor(2340 * 0.2**0.5) == 1046
     assert [(c["layer"], c["kept"]) for c in result.tokens["llm_cuts"]] == [(2, 541), (3, 468)]
     assert result.tokens["visual_kept"] == len(result.selection.keep) == 468
@@ -342,8 +344,8 @@ def test_aim_keeping_everything_is_the_unreduced_model(backend):
 
 def test_aim_merged_tokens_reach_the_llm_as_their_projected_mean(backend):
     image = photo(640, 480, seed=9)
-    result, prefill = seen_by_the_llm(backend, image, "aim", 0.2, {})
-    before, expected, visual = expected_merge(backend, image, "aim", {}, 468)
+    result, prefill = seen_by_the_llm(backend, image, "aim", 0.2, AFTER)
+    before, expected, visual = expected_merge(backend, image, "aim", AFTER, 468)
     assert len(before.keep) == result.tokens["visual_entering"] == 1046
     torch.testing.assert_close(prefill[visual], expected)
 

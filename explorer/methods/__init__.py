@@ -11,6 +11,7 @@ from .cls import CLS
 from .dart import DART
 from .divprune import DivPrune
 from .fastv import FastV
+from .gemfilter import GemFilter
 from .globalcom2 import GlobalCom2
 from .hired import HiRED
 from .mustdrop import MustDrop
@@ -53,6 +54,7 @@ METHODS = {
     "mustdrop": MustDrop,
     "aim": AIM,
     "transprune-llm": TransPruneLLM,
+    "gemfilter": GemFilter,
 }
 
 

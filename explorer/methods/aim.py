@@ -9,14 +9,18 @@ Inside the LLM, progressive pruning: the first layers see all M; from layer 14 o
 rates the visual tokens by their multi-modal importance, a PageRank-like score read from its
 attention (the attention sharpened by a temperature of 0.1, averaged over the queries, then the
 root mean square over the heads), and keeps the top ones, fewer and fewer on a linear schedule until
-layer 21. Text tokens are never pruned. Here one budget B drives both: the LLM receives
-M = N (B/N)^split tokens (split = 1/2: the geometric mean of N and B), and the linear schedule runs
-from M down to B, left after layer 21. Kept tokens keep their original positions.
+layer 21. Text tokens are never pruned. Here one count b drives both: the LLM receives
+M = N (b/N)^split tokens (split = 1/2: the geometric mean of N and b), and the linear schedule runs
+from M down to b, left after layer 21. The budget B is the mean visual tokens over the LLM's layers:
+b is the largest count for which, with M = N (b/N)^split entering, that mean is at most B, and once
+the M tokens have entered, the last count is the largest that keeps it so: B = 192 of 576 on a
+28-layer LLM merges to M = 238 and prunes to 221, 204, ..., 102 before layers 15 to 22 (a mean of
+191.9). With `budget_after_cuts`, b = B. Kept tokens keep their original positions.
 
 Differs from the paper: the paper merges to a fixed share (25% in its code) and prunes to no visual
-token at all by layer 21; here the budget sets both counts and the last cut leaves B. The merge works
-per partition (thumbnail, each crop, as the paper merges per frame), newlines only getting what the
-other partitions cannot hold, and a merged token is the mean of the feature layer's encoder outputs
+token at all by layer 21; here the budget sets both counts. The merge works per partition
+(thumbnail, each crop, as the paper merges per frame), newlines only getting what the other
+partitions cannot hold, and a merged token is the mean of the feature layer's encoder outputs
 of its members before the projector (`Selection.weights`), where the paper averages projected
 tokens; merged tokens keep their place in LLM order (the code moves them after the unmerged ones).
 The importance is one step of the PageRank iteration (the paper runs 5 over the whole attention
@@ -37,7 +41,7 @@ from typing import ClassVar
 import torch
 
 from ..core import FEATURES, HIDDEN_FEATURE, LLM_ATTENTION, Cut, ExplorerError, Method, Selection, Signals
-from .common import top
+from .common import budget_after_cuts, top
 from .tome import merge_by_partition
 
 PAPER_DEPTH = 28  # the LLM the layer numbers are counted in
@@ -65,6 +69,7 @@ class AIM(Method):
     keep_positions: bool = field(
         default=True, metadata={"help": "kept tokens keep their original positions (else they are renumbered)"}
     )
+    budget_after_cuts: bool = budget_after_cuts()
 
     stage: ClassVar[str] = "llm"
     vision_needs: ClassVar[tuple[str, ...]] = (FEATURES, HIDDEN_FEATURE)

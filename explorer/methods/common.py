@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import math
+from dataclasses import field
 from fractions import Fraction
 
 import torch
 
 from ..core import ROWS, ExplorerError, Geometry, Signals
+
+BUDGET_AFTER_CUTS = (
+    "count the budget as the visual tokens left after the last cut (else, as the papers compare methods that "
+    "prune inside the LLM, as the mean visual tokens over the LLM's layers)"
+)
+
+
+def budget_after_cuts() -> bool:
+    """The `budget_after_cuts` setting of every method that prunes inside the LLM (see `explorer.llm`)."""
+    return field(default=False, metadata={"help": BUDGET_AFTER_CUTS})
 
 
 def allocate(total: int, weights: list[int] | list[Fraction], caps: list[int]) -> list[int]:

@@ -7,12 +7,18 @@ K: the pivots are the visual tokens and the text tokens (after the image) whose 
 RoPE and with heads concatenated, have the largest L1 norms. Pivot by pivot, the tokens whose hidden
 states entering layer K (through the final norm) are least cosine-similar to the pivot's are kept,
 each from those not kept yet. The image pivots are kept too. Kept tokens keep their original positions.
+The budget B is the mean visual tokens over the LLM's layers, so the count kept, R, is the largest
+with (K N + (depth - K) R) / depth at most B (`budget_after_cuts`: R = B).
 
-Differs from the paper: the budget is met exactly. Beyond the image pivots, B - P_image tokens are
-shared over the pivots as evenly as possible, the first pivots taking one more. The official code
-gives each pivot floor(B / (P_image + P_text)) and so keeps P_image more than B. A budget below
-P_image keeps the top B image pivots. Pivots are visited image first, each group by falling norm
-(the code iterates over a Python set).
+Differs from the paper: R is met exactly. Beyond the image pivots, R - P_image tokens are shared over
+the pivots as evenly as possible, the first pivots taking one more. The official code
+(llava/model/language_model/modeling_llama_self.py L409, L431-443) gives each pivot floor(R / (P_image
++ P_text)) and so keeps P_image + P floor(R / P): 132 for its "128" (P = 8); here R = 132 keeps the same
+132, 16 per pivot. A budget below P_image keeps the top R image pivots. Pivots are visited image first,
+each group by falling norm; the official code visits them in the order of a Python set of their
+prompt positions (L429, L434), which `official_order` follows; the order decides which pivot takes a
+token that is among the least similar to two. The official code computes norms and similarities in
+fp16 and ranks with torch.topk; here in fp32, ties to the lower index.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from typing import ClassVar
 
 import torch
 
-from ..core import LLM_HIDDEN, LLM_KEYS, Cut, Method, Selection, Signals, text_of
-from .common import top
+from ..core import LLM_HIDDEN, LLM_KEYS, LLM_POSITIONS, Cut, Method, Selection, Signals, text_of
+from .common import budget_after_cuts, top
 
 
 @dataclass(frozen=True)
@@ -36,9 +42,16 @@ class DART(Method):
     keep_positions: bool = field(
         default=True, metadata={"help": "kept tokens keep their original positions (else they are renumbered)"}
     )
+    official_order: bool = field(
+        default=False,
+        metadata={
+            "help": "visit the pivots as the official code does: in the order of a Python set of their positions"
+        },
+    )
+    budget_after_cuts: bool = budget_after_cuts()
 
     stage: ClassVar[str] = "llm"
-    needs: ClassVar[tuple[str, ...]] = (LLM_KEYS, LLM_HIDDEN)
+    needs: ClassVar[tuple[str, ...]] = (LLM_KEYS, LLM_HIDDEN, LLM_POSITIONS)
     summary: ClassVar[str] = "DART: before LLM layer K, keep the tokens least similar to a few key-norm pivots"
 
     def cuts(self, depth: int, n: int, budget: int) -> list[Cut]:
@@ -51,6 +64,8 @@ class DART(Method):
         text = top(text_norm, torch.arange(len(text_norm), device=alive.device), self.text_pivots)
         hidden = torch.nn.functional.normalize(s[LLM_HIDDEN].float(), dim=-1)  # (N, D) unit rows, NaN where cut
         pivots = torch.cat([hidden[image], torch.nn.functional.normalize(s[text_of(LLM_HIDDEN)][text].float(), dim=-1)])
+        if self.official_order:
+            pivots = pivots[set_order(s[LLM_POSITIONS][image], s[text_of(LLM_POSITIONS)][text])]
 
         left, kept = s.budget - len(image), [image]
         candidates = alive[~torch.isin(alive, image)]
@@ -64,3 +79,11 @@ class DART(Method):
         uniqueness = torch.full_like(norm, torch.nan)  # 1 - the highest cosine similarity to a pivot
         uniqueness[alive] = 1 - (hidden[alive] @ pivots.T).amax(1)
         return Selection(keep=torch.cat(kept).sort().values, scores=uniqueness, maps={"key norm": norm})
+
+
+def set_order(image: torch.Tensor, text: torch.Tensor) -> list[int]:
+    """The order in which the official code visits its pivots: that of a Python set built from their
+    prompt positions, image pivots then text pivots, each by falling norm (`image`, `text`: (P,) long),
+    as indices into that concatenation."""
+    positions = [*image.tolist(), *text.tolist()]
+    return [positions.index(p) for p in set(positions)]

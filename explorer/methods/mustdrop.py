@@ -13,8 +13,12 @@ share below the global threshold and its peak below the individual one) and it i
 set. The thresholds make the count adaptive (`adaptive`: labelled so, no budget). In budget mode the
 tokens are ranked by max(share / global threshold, peak / individual threshold), which is at least 1
 exactly for the tokens the thresholds keep, and every cut keeps the key set and then the top of the
-rest, the counts falling geometrically from what enters the LLM to the budget B at the last cut;
-windows merge, most alike first, only while at least B tokens remain. Kept tokens are renumbered.
+rest, the counts falling geometrically from what enters the LLM to b at the last cut; windows merge,
+most alike first, only while at least b tokens remain. The budget B is the mean visual tokens over
+the LLM's layers, and b the largest count whose cuts keep that mean at most B (before the LLM,
+reckoned as if all N tokens entered; at the cuts, for the tokens that did): with 576 tokens entering
+a 32-layer LLM, B = 192 keeps 360/225/140/88 after layers 2, 6, 10 and 14 (a mean of 191.4). With
+`budget_after_cuts`, b = B. Kept tokens are renumbered.
 Decoding (`compact_cache`): once the prefill is over, the KV caches of the layers from the first
 scoring layer (2) to the last cut are cut down to the final kept set, so every layer from there on
 attends, for each new token, to the text, the final kept visual tokens and the answer so far.
@@ -27,8 +31,8 @@ a window cut by the partition's edge is never merged (the code asserts square gr
 stays at its window's last cell in LLM order (the code moves merged tokens first), and its key-set
 score is its members' mean attention in the unmerged encoder; the key set is taken over all
 partitions at once, without newlines. `layers` are numbered as in a 32-layer LLM and scaled to the
-model's depth (as `sparsevlm`), stages on the same layer merge; the budget mode and its schedule are
-ours. In the decode stage the cached keys are index-selected as they are, as the paper's code does:
+model's depth (layer l becomes floor(l depth / 32), at most depth - 2), stages on the same layer
+merge; the budget mode and its schedule are ours. In the decode stage the cached keys are index-selected as they are, as the paper's code does:
 each keeps the rotary position it was cached with (renumbered for its layer's cut group, or not), and
 a new token takes, in each compacted layer, the position that layer's cut group gives it, so the
 distances between tokens are those of the prefill. The caches are cut at the first decode step, not
@@ -58,7 +62,7 @@ from ..core import (
     Selection,
     Signals,
 )
-from .common import top
+from .common import budget_after_cuts, top
 from .tome import mean_of_group
 
 
@@ -99,6 +103,7 @@ class MustDrop(Method):
     keep_positions: bool = field(
         default=False, metadata={"help": "kept tokens keep their original positions (else they are renumbered)"}
     )
+    budget_after_cuts: bool = budget_after_cuts()
     compact_cache: bool = field(
         default=True,
         metadata={

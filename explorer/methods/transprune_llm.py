@@ -13,10 +13,14 @@ are added, and the top tokens stay. Tokens are cut progressively, before layers 
 7/8, 5/8 and 1/8 of the image's tokens (the official LLaVA scripts); TTV goes on accumulating from
 layer 6 over the kept tokens. Kept tokens are renumbered.
 
-Differs from the paper: the counts are rescaled so that the last cut keeps exactly the budget B (cut
-s keeps min(N, floor(B * r_s / r_last)) for the shares r); `layers` are numbered as in a 32-layer LLM
-and scaled to the model's depth (layer l becomes max(1, floor(l * depth / 32))), stages that fall on
-the same layer merge. TTV's accumulation starts at the layer before the first cut, as the code's
+The budget B is the mean visual tokens over the LLM's layers: the counts are rescaled so that the
+last cut keeps b (cut s keeps min(N, floor(b * r_s / r_last)) for the shares r), b the largest whose
+cuts keep that mean at most B: on a 32-layer LLM, B = 192 of 576 keeps 301/215/43, a mean of 191.8,
+and B = 237 the official 504/360/72 (a mean of 236.25). With `budget_after_cuts`, b = B.
+
+Differs from the paper: the counts are rescaled to the budget (the paper keeps its shares of N);
+`layers` are numbered as in a 32-layer LLM and scaled to the model's depth (layer l becomes max(1,
+floor(l * depth / 32))), stages that fall on the same layer merge. TTV's accumulation starts at the layer before the first cut, as the code's
 (layers 7 to 12, counted from 1) does for its default cuts, whatever the cuts.
 """
 
@@ -29,7 +33,7 @@ from typing import ClassVar
 import torch
 
 from ..core import LLM_ATTENTION, LLM_TRANSITION, Cut, ExplorerError, Method, Selection, Signals
-from .common import top
+from .common import budget_after_cuts, top
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class TransPruneLLM(Method):
     keep_positions: bool = field(
         default=False, metadata={"help": "kept tokens keep their original positions (else they are renumbered)"}
     )
+    budget_after_cuts: bool = budget_after_cuts()
 
     stage: ClassVar[str] = "llm"
     needs: ClassVar[tuple[str, ...]] = (LLM_ATTENTION, LLM_TRANSITION)
