@@ -101,7 +101,6 @@ class Selected:
     features: torch.Tensor
     selection: Selection  # for an llm-stage method: what its step before the LLM kept, else every token
     budget: int  # B: visual tokens to keep (N when the method keeps everything or picks its own count)
-    step: int  # what the method's step before the LLM keeps (see `step_budget`)
     clock: tuple[float, ...]  # when it started, and when preprocessing, encoding, selection, projection ended
 
     def stages(self) -> dict:

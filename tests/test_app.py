@@ -220,7 +220,8 @@ def test_the_picture_follows_the_budget_without_a_run(explorer, backend, picture
 
 
 def test_a_run_shows_its_choice_in_the_picture(explorer, picture_file):
-    last, _ = explore(explorer, picture_file, method="fastv", compare=False, n=2)
+    # fastv's first 2 of the tiny model's 4 layers see every token: a layer mean of 20% is out of its reach
+    last, _ = explore(explorer, picture_file, method="fastv", budget=60, compare=False, n=2)
     r = last["shown"]["result"]
     assert app.draw.kept_of(last["viewer"]).tolist() == r.selection.keep.tolist() and not last["viewer"]["pending"]
     assert last["viewer"]["text"] == f"{len(r.selection.keep)} of 2144 visual tokens kept (the last run)"
