@@ -37,6 +37,7 @@ from explorer import (
     Budget,
     ExplorerError,
     accuracy,
+    animation,
     bench,
     fidelity,
     load_image,
@@ -46,11 +47,13 @@ from explorer import (
     stream,
     teach,
 )
+from explorer import viewer as draw
 from explorer import visual as vis
 from explorer.core import fraction_of
 from explorer.llm import least_mean
 from explorer.methods import unavailable
 from explorer.pipeline import check_request
+from explorer.preview import VisionCache, preview, vision_pass
 
 ASSETS = Path(__file__).parent / "assets"
 EXAMPLES = [  # image, prompt
@@ -61,6 +64,7 @@ EXAMPLES = [  # image, prompt
     ("rocket.jpg", "What is standing on the launch pad?"),
 ]
 UPLOAD_LIMIT = "20mb"  # refused by the server before anything is decoded
+CSS = "#examples th { white-space: normal; }"  # the examples' headers wrap, so the table fits a phone
 MEMO = 2  # full runs kept per visitor (each with its (T, V) log-probabilities)
 SETTINGS = [(name, f) for name, cls in METHODS.items() for f in dataclasses.fields(cls)]  # every method's settings
 TABLE = ["", "reduced", "full", "reduced / full"]
@@ -74,6 +78,7 @@ LAYERS_RECEIVED = (
     "or one head. Click a patch to see it layer by layer."
 )
 SWEEP = [*bench.HEAD, "answer"]
+VIEWER = {part: (ASSETS / "viewer" / f"viewer.{part}").read_text() for part in ("html", "css", "js")}
 
 
 def handler(function):
@@ -123,6 +128,20 @@ class Explorer:
         self.notice = notice  # why this model and not the one the operator would expect (`backends.choose`)
         self._lock = threading.Lock()
         self._backend = None
+        self._paths: dict[str, str] = {}  # image key -> its file, for the last images previewed
+        self._sizes: dict[tuple[int, int], int] = {}  # (width, height) -> visual tokens
+
+        # the preview's vision passes; on ZeroGPU each runs in a GPU worker and hands its signals back on the
+        # CPU (the worker's memory is gone after the call): only the picture and the signal names travel
+        @functools.partial(GPU, duration=30)
+        def on_gpu(picture, needs):
+            return vision_pass(self.backend(), picture, needs).cpu()
+
+        def in_a_worker(backend, picture, needs, wait_s):
+            return on_gpu(picture, needs) if needs else vision_pass(backend, picture, needs)  # geometry: no GPU
+
+        zero = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+        self.cache = VisionCache(compute=in_a_worker if zero else vision_pass)
 
     def backend(self):
         with self._lock:
@@ -173,7 +192,7 @@ class Explorer:
             return "Upload an image to see how many visual tokens it makes."
         try:
             width, height = _size(_path(image))
-            n = len(self.backend().layout([height, width])[0])
+            n = self._tokens(width, height)
         except ExplorerError as error:
             return f"⚠️ {_named(str(error), image)}"
         if not METHODS[method].budgeted:
@@ -196,6 +215,69 @@ class Explorer:
             return f"{said} ⚠️ {error}"
         return said if kept >= least else f"{said} ⚠️ {method} cannot go below {least:.0f} on average here."
 
+    def preview(self, image, method: str, budget: float, busy: bool | None, *settings):
+        """The live picture: what `method` keeps of the image at `budget` (%), from the cached vision pass
+        and without any LLM run (`explorer.preview`). Returns the picture's value (its "text" is the line
+        "K of N visual tokens kept"; the page asks for the image itself once, `scene`), the count, and
+        whether the model was busy with a run (`busy` is the last preview's). A bad input is said in the
+        count, not in a pop-up, since this runs on every step."""
+        count = self.count(image, method, budget, *settings)
+        if not image:
+            return None, count, False
+        try:
+            path = _path(image)
+            key = self._key(path)
+            shown = preview(
+                self.backend(), _picture(path), method, budget / 100, _chosen(method, settings), self.cache, key
+            )
+        except ExplorerError as error:
+            return gr.skip(), f"{count}\n\n⚠️ {_named(str(error), image)}", busy
+        value = draw.value(key, shown.geometry, shown.selection, shown.line, shown.note, shown.pending)
+        return value, count, shown.busy
+
+    def scene(self, key: str) -> dict | None:
+        """The image `key` names and where its visual tokens sit, for the page's picture (None when the
+        key is not one of the last images previewed)."""
+        path = self._paths.get(key)
+        if path is None:
+            return None
+        picture = _picture(path)
+        seen, _ = self.cache.get(self.backend(), picture, (), key)  # the geometry: no model work
+        return draw.scene(picture, seen.geometry, key)
+
+    def refresh(self, image, method: str, budget: float, busy: bool | None, *settings):
+        """After a run: the preview again, if the last one found the model busy with a run."""
+        if not busy:
+            return (gr.skip(),) * 3
+        return self.preview(image, method, budget, busy, *settings)
+
+    def _tokens(self, width: int, height: int) -> int:
+        """The visual tokens of an image this size (its geometry takes tens of ms: asked once per size)."""
+        if (width, height) not in self._sizes:
+            self._sizes[(width, height)] = len(self.backend().layout([height, width])[0])
+        return self._sizes[(width, height)]
+
+    def _key(self, path: str) -> str:
+        """Names an image for this model (its cached vision passes, the page's scene), and remembers its file."""
+        key = f"{self.model} {_digest(path)}"
+        self._paths[key] = path
+        while len(self._paths) > 64:
+            self._paths.pop(next(iter(self._paths)))
+        return key
+
+    @handler
+    def animate(self, image, method: str, frames: float, *settings) -> tuple[str, str]:
+        """The budget animation: the kept set from 100% down to 5% in `frames` frames, as a GIF (twice: to
+        show and to download), from the cached vision pass."""
+        path = _path(image)
+        budgets = animation.budgets(int(frames))
+        chosen = _chosen(method, settings)
+        pictures = animation.frames(
+            self.backend(), _picture(path), method, budgets, chosen, self.cache, self._key(path)
+        )
+        gif = animation.gif(pictures, Path(tempfile.mkdtemp(prefix="token-drop-animation-")) / f"{method}-budget.gif")
+        return str(gif), str(gif)
+
     @handler
     def explore(self, image, prompt, method, budget, compare, max_new_tokens, memo, *settings):
         """Run the method, then the full model unless it ran on this image and prompt before; yields
@@ -217,6 +299,7 @@ class Explorer:
                 yield {"answer": r.answer, "table": vis.metrics(r, full), "live": _speed("reduced", r)}
         reduced = r
         pics, looks = pictures(picture, reduced)
+        pics["viewer"] = last_run(self._key(path), reduced)
         shown = {"picture": picture, "result": reduced, "full": None, "drift": None}
         yield {**restyled(pics, looks), "explanation": self.explain(method), "shown": shown}
         drift, strip = None, ""
@@ -350,6 +433,14 @@ def pictures(picture, r, which: str = "scores", heat_only: bool = False) -> tupl
     return values, looks
 
 
+def last_run(key: str, r) -> dict:
+    """The live picture's value for a run's choice: what reached the LLM (after the last cut, inside it)."""
+    t = r.tokens
+    where = "after its last cut inside the LLM" if t["llm_cuts"] else "what reached the LLM"
+    line = f"{t['visual_kept']} of {t['visual_full']} visual tokens kept (the last run)"
+    return draw.value(key, r.geometry, r.selection, line, f"The last run's choice: {where}; move the budget to preview")
+
+
 def restyled(values: dict, looks: dict) -> dict:
     """Values as updates that also set each component's label, visibility or choices."""
     return {name: gr.update(value=value, **looks.get(name, {})) for name, value in values.items()}
@@ -411,10 +502,18 @@ def _named(message: str, image) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _size(path: str) -> tuple[int, int]:
-    return load_image(path).size
+    return _picture(path).size
 
 
+@functools.lru_cache(maxsize=2)
+def _picture(path: str) -> Image.Image:
+    """The image of an upload, decoded once for the previews of the same file."""
+    return load_image(path)
+
+
+@functools.lru_cache(maxsize=64)
 def _digest(path: str) -> str:
+    """The file's SHA-256 (an upload's path is new for every upload, so a path's file does not change)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -531,6 +630,21 @@ class Accuracy(NamedTuple):
     rows: gr.State  # the rows behind the plot
 
 
+class Picture(NamedTuple):
+    """The live picture: what the method keeps at the budget, redrawn as it moves, with no LLM run."""
+
+    viewer: gr.HTML  # the zoomable picture (assets/viewer): a value per change, the image's scene asked once
+    busy: gr.State  # whether the last preview found the model busy with a run
+    overlays: list  # the last run's pictures as PNG files (thumbnail, crops), in an accordion
+
+
+class Animate(NamedTuple):
+    frames: gr.Slider
+    go: gr.Button
+    shown: gr.Image
+    file: gr.File
+
+
 class Explored(NamedTuple):
     """What a run updates, in the order the /explore API returns them (OUTPUTS); `Explorer.explore` names them."""
 
@@ -548,16 +662,19 @@ class Explored(NamedTuple):
     explanation: gr.Markdown
     shown: gr.State
     memo: gr.State
+    viewer: gr.HTML  # the live picture, showing the run's choice
 
 
 class Page(NamedTuple):
     status: gr.Markdown
     inputs: Inputs
     explored: Explored
-    steps: gr.Gallery
+    picture: Picture
+    steps: gr.HTML
     layers: Layers
     versus: Versus
     sweep: Sweep
+    animate: Animate
     accuracy: Accuracy
     picked: gr.Markdown
     export: gr.Button
@@ -576,11 +693,13 @@ def build(explorer: Explorer, queue_size: int = 32, eval_dir: str | None = None)
         )
         status = gr.Markdown("⏳ loading the model…")
         with gr.Row():
-            with gr.Column(scale=2):
+            with gr.Column(scale=2, min_width=320):  # on a narrow screen the columns stack, this one first
                 inputs = inputs_column()
-            with gr.Column(scale=3):
+            with gr.Column(scale=3, min_width=320):
+                inputs.budget.render()  # right above the picture, also when the columns stack
+                inputs.count.render()
                 with gr.Tab("Kept vs dropped"):
-                    overlays = pair("thumbnail", "crops")
+                    picture = picture_tab(explorer)
                 with gr.Tab("Scores"):
                     map_choice = gr.Radio(["scores"], value="scores", label="Map")
                     heats = pair("thumbnail: scores", "crops: scores")
@@ -594,6 +713,8 @@ def build(explorer: Explorer, queue_size: int = 32, eval_dir: str | None = None)
                     versus = versus_tab()
                 with gr.Tab("Sweep"):
                     sweep = sweep_tab()
+                with gr.Tab("Animation"):
+                    animate = animation_tab()
                 with gr.Tab("Accuracy"):
                     accuracy_ = accuracy_tab(eval_dir)
                 picked = gr.Markdown("Click a patch on a picture to see its partition, cell, score and fate.")
@@ -601,9 +722,10 @@ def build(explorer: Explorer, queue_size: int = 32, eval_dir: str | None = None)
                 with gr.Row():
                     export = gr.Button("Download report", scale=1)
                     exported = gr.File(label="Report (HTML) and result (JSON)", file_count="multiple", scale=3)
-        explored = Explored(*overlays, *heats, map_choice, plot, *answers, gr.State(), gr.State({}))
-        page = Page(status, inputs, explored, steps, layers, versus, sweep, accuracy_, picked, export, exported)
-        wire(explorer, demo, page)
+        states = (gr.State(), gr.State({}))
+        explored = Explored(*picture.overlays, *heats, map_choice, plot, *answers, *states, picture.viewer)
+        tabs = (steps, layers, versus, sweep, animate, accuracy_)
+        wire(explorer, demo, Page(status, inputs, explored, picture, *tabs, picked, export, exported))
     return demo.queue(default_concurrency_limit=1, max_size=queue_size)  # a full queue answers "try again"
 
 
@@ -613,8 +735,8 @@ def inputs_column() -> Inputs:
     method = gr.Dropdown(
         [(f"{name}: {cls.summary}", name) for name, cls in METHODS.items()], value="hired", label="Method"
     )
-    budget = gr.Slider(1, 100, value=20, step=1, label="Budget: % of the visual tokens")
-    count = gr.Markdown()
+    budget = gr.Slider(1, 100, value=20, step=1, label="Budget: % of the visual tokens", render=False)
+    count = gr.Markdown(render=False)
     with gr.Accordion("Method settings", open=False):
         controls = [control(m, f, visible=m == "hired") for m, f in SETTINGS]
     with gr.Accordion("Generation", open=False):
@@ -623,7 +745,7 @@ def inputs_column() -> Inputs:
     with gr.Row():
         go = gr.Button("Run", variant="primary", scale=3)
         stop = gr.Button("Stop", scale=1)
-    gr.Examples([[str(ASSETS / f), p] for f, p in EXAMPLES], [image, prompt], label="Examples")
+    gr.Examples([[str(ASSETS / f), p] for f, p in EXAMPLES], [image, prompt], label="Examples", elem_id="examples")
     return Inputs(image, prompt, method, budget, count, controls, max_new_tokens, compare, go, stop)
 
 
@@ -633,9 +755,32 @@ def pair(*labels: str) -> list[gr.Image]:
         return [gr.Image(label=label, format="png", interactive=False) for label in labels]
 
 
-def steps_tab() -> gr.Gallery:
+def picture_tab(explorer: Explorer) -> Picture:
+    def scene(key: str) -> dict | None:  # what the page's picture asks for once per image: `server.scene(key)`
+        return explorer.scene(key)
+
+    html = dict(html_template=VIEWER["html"], css_template=VIEWER["css"], js_on_load=VIEWER["js"])
+    viewer = gr.HTML(None, **html, apply_default_css=False, server_functions=[scene], elem_id="picture")
+    with gr.Accordion("Full-resolution pictures (PNG; click a patch)", open=False):
+        overlays = pair("thumbnail", "crops")
+    return Picture(viewer, gr.State(False), overlays)
+
+
+def steps_tab() -> gr.HTML:
     gr.Markdown("What the method saw and did, stage by stage, on the last run.")
-    return gr.Gallery(label="Steps", columns=2, height="auto", object_fit="contain")
+    return gr.HTML(css_template=draw.CARDS_CSS, elem_id="steps")
+
+
+def animation_tab() -> Animate:
+    gr.Markdown(
+        "The kept set shrinking as the budget goes from 100% to 5%, with the count on every frame, for slides. "
+        "It is drawn from the cached vision pass: no LLM run."
+    )
+    with gr.Row():
+        frames = gr.Slider(2, 40, value=20, step=1, label="Frames (budgets from 100% down to 5%)")
+        go = gr.Button("Make the animation (GIF)")
+    shown = gr.Image(type="filepath", label="Budget animation", interactive=False)
+    return Animate(frames, go, shown, gr.File(label="Download the GIF"))
 
 
 def layers_tab() -> Layers:
@@ -654,7 +799,7 @@ def layers_tab() -> Layers:
 def versus_tab() -> Versus:
     gr.Markdown(
         "The method picked on the left (A) against another (B) at the same budget. Kept by both: "
-        "untouched; only by A: blue; only by B: orange; by neither: dimmed."
+        "untouched; only by A: blue; only by B: orange; by neither: greyed and darkened."
     )
     with gr.Row():
         other = gr.Dropdown(list(METHODS), value="cls", label="Method B (default settings)")
@@ -721,7 +866,6 @@ def answers_block() -> tuple:
 
 
 GPU_QUEUE = dict(concurrency_id="gpu", concurrency_limit=1)  # one model, one request on it at a time
-COUNTED_SETTINGS = ("adaptive", "budget_after_cuts")  # settings that change what the budget means
 
 
 def wire(explorer: Explorer, demo: gr.Blocks, page: Page) -> None:
@@ -729,10 +873,7 @@ def wire(explorer: Explorer, demo: gr.Blocks, page: Page) -> None:
     inputs, explored = page.inputs, page.explored
     running = wire_explore(explorer, page)
     inputs.stop.click(None, cancels=running, api_name="stop")  # the run stops at its next token
-    recount = [box.change for (_, f), box in zip(SETTINGS, inputs.controls) if f.name in COUNTED_SETTINGS]
-    counted = [inputs.image, inputs.method, inputs.budget, *inputs.controls]
-    for trigger in (inputs.image.change, inputs.method.change, inputs.budget.release, *recount):
-        trigger(explorer.count, counted, inputs.count, api_name="count", preprocess=False)
+    wire_preview(explorer, inputs, page.picture, running)  # the count follows with the picture
 
     def shown_settings(chosen):
         return [gr.update(visible=m == chosen) for m, _ in SETTINGS] + [explorer.explain(chosen)]
@@ -749,7 +890,7 @@ def wire(explorer: Explorer, demo: gr.Blocks, page: Page) -> None:
     )
     page.export.click(explorer.report, explored.shown, page.exported, api_name="report")
     running.success(
-        lambda shown: teach.steps(shown["picture"], shown["result"]) if shown else [],
+        lambda shown: draw.cards(teach.steps(shown["picture"], shown["result"])) if shown else "",
         explored.shown,
         page.steps,
         api_name="steps",
@@ -757,6 +898,7 @@ def wire(explorer: Explorer, demo: gr.Blocks, page: Page) -> None:
     wire_layers(explorer, inputs, page.layers)
     wire_versus(explorer, inputs, page.versus)
     wire_sweep(explorer, inputs, page.sweep)
+    wire_animate(explorer, inputs, page.animate)
     wire_accuracy(demo, page.accuracy)
     demo.load(explorer.status, None, page.status, api_name="status")
     fitted = [inputs.method, page.versus.other, page.sweep.methods, explored.explanation, page.layers.note]
@@ -771,14 +913,48 @@ def wire_explore(explorer: Explorer, page: Page):
             yield tuple(changes.get(name, gr.skip()) for name in OUTPUTS)
 
     # named parameters for API callers: client.predict(image=..., method="cls", budget=10, api_name="/explore")
-    names = ["image", "prompt", "method", "budget", "compare", "max_new_tokens", "memo"]
-    names += [f"{m}_{f.name}".replace("+", "_plus").replace("-", "_") for m, f in SETTINGS]
-    keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    explore.__signature__ = inspect.Signature([inspect.Parameter(n, keyword) for n in names])
+    named(explore, "image", "prompt", "method", "budget", "compare", "max_new_tokens", "memo")
     explore = GPU(explore, duration=gpu_seconds)  # on ZeroGPU it runs in a GPU worker process
     i, e = page.inputs, page.explored
     asked = [i.image, i.prompt, i.method, i.budget, i.compare, i.max_new_tokens, e.memo, *i.controls]
     return i.go.click(explore, asked, list(e), api_name="explore", preprocess=False, **GPU_QUEUE)
+
+
+def named(function, *names: str) -> None:
+    """Give `function` the parameters `names` and then one per method setting ("hired_alpha", ...), for
+    API callers: client.predict(image=..., method="cls", budget=10, hired_alpha=0.4, api_name=...)."""
+    names += tuple(f"{m}_{f.name}".replace("+", "_plus").replace("-", "_") for m, f in SETTINGS)
+    keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    function.__signature__ = inspect.Signature([inspect.Parameter(n, keyword) for n in names])
+
+
+# live events: the last change wins, no spinner over the picture, their own queue (never behind a run)
+LIVE = dict(trigger_mode="always_last", show_progress="hidden", concurrency_id="live", concurrency_limit=8)
+
+
+def wire_preview(explorer: Explorer, inputs: Inputs, picture: Picture, running) -> None:
+    """The picture and the count follow every change of image, method, budget or setting (/preview),
+    and, after a run, the preview the busy model held up."""
+
+    def live(*args):
+        return explorer.preview(*args)
+
+    def refresh(*args):
+        return explorer.refresh(*args)
+
+    named(live, "image", "method", "budget", "busy")
+    asked = [inputs.image, inputs.method, inputs.budget, picture.busy, *inputs.controls]
+    outputs = [picture.viewer, inputs.count, picture.busy]
+    changes = [inputs.image.change, inputs.method.change, inputs.budget.change, *(c.change for c in inputs.controls)]
+    options = dict(preprocess=False, **LIVE)
+    gr.on(changes, live, asked, outputs, api_name="preview", **options)
+    running.then(refresh, asked, outputs, api_name="refresh", **options)
+
+
+def wire_animate(explorer: Explorer, inputs: Inputs, tab: Animate) -> None:
+    asked = [inputs.image, inputs.method, tab.frames, *inputs.controls]
+    options = {**LIVE, "show_progress": "full", "concurrency_id": "animation", "concurrency_limit": 2}
+    tab.go.click(explorer.animate, asked, [tab.shown, tab.file], api_name="animate", preprocess=False, **options)
 
 
 def wire_layers(explorer: Explorer, inputs: Inputs, tab: Layers) -> None:
@@ -857,9 +1033,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve(explorer: Explorer, queue_size: int = 32, eval_dir: str | None = None, **launch) -> tuple[gr.Blocks, str]:
-    """Build the app and start serving it, uploads over UPLOAD_LIMIT refused; returns it and its URL."""
+    """Build the app and start serving it, uploads over UPLOAD_LIMIT refused; returns it and its URL. The
+    browser keeps no record of runs: writing every preview step's outputs to its storage would cost
+    ~150 ms a step (measured), and a run's pictures fill the storage quota."""
     demo = build(explorer, queue_size, eval_dir)
-    _, url, _ = demo.launch(max_file_size=UPLOAD_LIMIT, **launch)
+    _, url, _ = demo.launch(max_file_size=UPLOAD_LIMIT, run_history=False, css=CSS, **launch)
     return demo, url
 
 

@@ -321,47 +321,80 @@ def select(backend, picture, prompt: str, chosen: Method, budget: Budget | None,
     with torch.inference_mode():
         prepared = backend.prepare(picture, prompt)
         g = prepared.geometry
-        b = budget.resolve(len(g)) if budget else len(g)
-        vision = chosen.stage == "vision"  # else every visual token enters the LLM, to be cut inside
-        # project only the tokens kept, when the family can and the method reads no projected features
-        lazy = vision and backend.one_patch_each(prepared) and b < len(g) and FEATURES not in chosen.needs
-        if chosen.merging is not None and not lazy and b < len(g):
-            raise ExplorerError(
-                f"{backend.family} resamples the grid of an image this large, so its visual tokens are not one "
-                "encoder patch each and patches cannot be merged inside the encoder for them; try a smaller "
-                "image, or tome, which merges after the encoder"
-            )
-        _check_length(backend, prepared, b if vision and chosen.early_layer is None else len(g), max_new_tokens)
-        needs = (*(chosen.needs if vision else chosen.vision_needs), *([HIDDEN_FEATURE] * lazy))
+        plan = plan_for(backend, prepared, chosen, budget)
+        entering = plan.budget if plan.vision and chosen.early_layer is None else len(g)
+        _check_length(backend, prepared, entering, max_new_tokens)
         sync(device)
         clock.append(now())
-        merging = chosen.merging(g, b) if lazy and chosen.merging is not None else None  # inside the encoder
-        features, maps = backend.encode(prepared, tuple(dict.fromkeys(needs)), project=not lazy, merging=merging)
+        merging = chosen.merging(g, plan.budget) if plan.lazy and chosen.merging is not None else None
+        features, maps = backend.encode(prepared, plan.needs, project=not plan.lazy, merging=merging)
         sync(device)
         clock.append(now())
         if chosen.early_layer is not None:  # a first pass through the LLM's first layers, the method's own time
             maps |= backend.early_pass(prepared, features, chosen.early_layer(backend.depth))
-        first = chosen.select if vision else chosen.select_vision  # an llm-stage method's own step, if any
-        step = b if vision or budget is None else vision_step_budget(chosen, backend.depth, len(g), b)
-        selection = first(Signals(g, step, maps)) if first is not None else Selection(keep=torch.arange(len(g)))
-        if selection.weights is not None and not lazy:  # merging: the backend builds what each kept token carries
+        selection = choose(chosen, Signals(g, plan.step, maps))
+        if selection.weights is not None and not plan.lazy:  # merging: the backend builds what each kept token carries
             features = backend.merge(features, maps, selection)
         sync(device)
         clock.append(now())
-        if lazy:  # the projector, on the kept tokens (and the merges) alone
+        if plan.lazy:  # the projector, on the kept tokens (and the merges) alone
             features = backend.kept_features(maps, selection)
             sync(device)
         clock.append(now())
     keep = selection.keep
     assert keep.dim() == 1 and (keep.diff() > 0).all() and 0 <= keep.min() and keep.max() < len(g), "bad keep"
-    return Selected(prepared, features, selection, b, tuple(clock))
+    return Selected(prepared, features, selection, plan.budget, tuple(clock))
 
 
-def vision_step_budget(chosen: Method, depth: int, n: int, budget: int) -> int:
-    """The budget an llm-stage method's step before the LLM works to: what its last cut would leave
-    (B itself when B counts after the cuts; for a layer mean B, the count whose cuts meet it when its step
-    leaves `chosen.entering` of the n tokens, or 1 when none does and `llm.LlmStage` will say why)."""
-    if chosen.budget_after_cuts:
+@dataclass(frozen=True)
+class Plan:
+    """How `select` runs a method on one prepared image."""
+
+    budget: int  # B: visual tokens to keep (N when the method keeps everything or picks its own count)
+    step: int  # what the method's step before the LLM keeps (see `step_budget`)
+    vision: bool  # the method selects before the LLM (else every visual token enters it, to be cut inside)
+    lazy: bool  # only the kept tokens are projected (the family can, and the method reads no projected features)
+    needs: tuple[str, ...]  # the signals the vision pass captures
+
+
+def plan_for(backend, prepared: Prepared, chosen: Method, budget: Budget | None) -> Plan:
+    """The budget in tokens, and what the vision pass must give for it; a method that merges inside the
+    encoder of an image whose tokens are not one patch each is refused, with the reason."""
+    g = prepared.geometry
+    b = budget.resolve(len(g)) if budget else len(g)
+    vision = chosen.stage == "vision"
+    lazy = vision and backend.one_patch_each(prepared) and b < len(g) and FEATURES not in chosen.needs
+    if chosen.merging is not None and not lazy and b < len(g):
+        raise ExplorerError(
+            f"{backend.family} resamples the grid of an image this large, so its visual tokens are not one "
+            "encoder patch each and patches cannot be merged inside the encoder for them; try a smaller "
+            "image, or tome, which merges after the encoder"
+        )
+    needs = (*vision_needs(chosen), *([HIDDEN_FEATURE] * lazy))
+    step = step_budget(chosen, backend.depth, len(g), b if budget else None)
+    return Plan(b, step, vision, lazy, tuple(dict.fromkeys(needs)))
+
+
+def vision_needs(chosen: Method) -> tuple[str, ...]:
+    """The vision signals the method's step before the LLM reads: a vision method's `needs`, an llm-stage
+    method's `vision_needs` (empty when it has no such step)."""
+    return chosen.needs if chosen.stage == "vision" else chosen.vision_needs
+
+
+def choose(chosen: Method, signals: Signals) -> Selection:
+    """The method's selection before the LLM on the vision signals: a vision method's `select`, an llm-stage
+    method's `select_vision`, or every token when it has no step before the LLM."""
+    first = chosen.select if chosen.stage == "vision" else chosen.select_vision
+    return first(signals) if first is not None else Selection(keep=torch.arange(len(signals.geometry)))
+
+
+def step_budget(chosen: Method, depth: int, n: int, budget: int | None) -> int:
+    """What the method's step before the LLM keeps of the n visual tokens for budget B (None: all n): B
+    for a vision method or one that counts B after its cuts; for an llm-stage method whose B is a layer
+    mean, what its last cut would leave (1 when no count meets B; `llm.LlmStage` then says why)."""
+    if budget is None:
+        return n
+    if chosen.stage == "vision" or chosen.budget_after_cuts:
         return budget
     return last_count(chosen, depth, n, budget) or 1
 

@@ -88,7 +88,8 @@ def steps(picture: Image.Image, result) -> list[tuple[Image.Image, str]]:
     if compacted:
         kept += f", and while decoding, the KV caches from layer {compacted[0]} on hold only these"
     shown += [
-        (vis.overlay(picture, g, selection, t), f"{kept}; dropped patches dimmed ({v}).") for v, t in views.items()
+        (vis.overlay(picture, g, selection, t), f"{kept}; dropped patches greyed and hatched ({v}).")
+        for v, t in views.items()
     ]
     reference = " ".join(vis.explain(result.method).split("\n\n")[1].split())  # the paper, from the method's file
     image, caption = shown[0]

@@ -1,8 +1,9 @@
 """Pictures, charts and tables of one run, drawn on the user's own image.
 
 Every visual token has a pixel box on the original image (`Geometry.boxes`), so the overlays are
-exact: a token's patch is dimmed when it was dropped and left untouched when it was kept. Plain
-numpy and PIL; plotly is imported only when a chart is drawn.
+exact: a token's patch is greyed, darkened and hatched when it was dropped, and left untouched when
+it was kept, so kept and dropped read apart on dark, bright and busy images alike. Plain numpy and
+PIL; plotly is imported only when a chart is drawn.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from .methods import METHODS
 
 DISPLAY = 2048  # longest side of the pictures, in pixels; smaller images keep their size
 KEPT = (255, 212, 0)  # the outline around kept patches
-DIM = 0.28  # brightness left to a dropped patch
+DIM = 0.35  # a dropped patch turns grey, at this share of its brightness
+HATCH = (190, 190, 190)  # the diagonal lines across dropped patches, which show even on a black image
+HATCH_EVERY = 80  # one hatch line every (longer side / this) pixels, at least 6 apart
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # brightness of an RGB colour (ITU-R BT.601)
 
 
 def views(g: Geometry) -> dict[str, torch.Tensor]:
@@ -55,18 +59,20 @@ def labels(g: Geometry, tokens: torch.Tensor) -> np.ndarray:
 
 
 def overlay(image: Image.Image, g: Geometry, selection: Selection, tokens: torch.Tensor) -> Image.Image:
-    """The image with the patches of `tokens` that were dropped dimmed, and a line around the kept ones
-    (drawn on the dropped side, so kept pixels stay exactly as they were). Merged patches are tinted
-    with their group's colour, and the kept token they went into is outlined in it."""
+    """The image with the patches of `tokens` that were dropped greyed, darkened and hatched, and a line
+    around the kept ones (drawn on the dropped side, so kept pixels stay exactly as they were). Merged
+    patches are tinted with their group's colour instead of hatched, and the kept token they went into
+    is outlined in it."""
     picture = np.asarray(image.convert("RGB").resize(display_size(g)), dtype=np.float32)
     label = labels(g, tokens)
     kept = np.zeros(len(g) + 1, dtype=bool)  # the extra last entry stands for "no token" (label -1)
     kept[selection.keep.cpu().numpy()] = True
     dropped = (label >= 0) & ~kept[label]
     out = picture.copy()
-    out[dropped] *= DIM
+    out[dropped] = dimmed(picture[dropped])
 
     colour = np.tile(np.array(KEPT, dtype=np.float32), (len(g) + 1, 1))  # (N + 1, 3) line colour by kept token
+    merged = np.zeros_like(dropped)
     if selection.groups is not None:
         groups = selection.groups.cpu().numpy()
         into = np.append(groups, -1)[label]  # (H, W) the token each pixel's token went into
@@ -74,6 +80,7 @@ def overlay(image: Image.Image, g: Geometry, selection: Selection, tokens: torch
         colour[targets] = palette(len(targets))
         merged = dropped & (into >= 0)
         out[merged] = 0.5 * out[merged] + 0.5 * colour[into[merged]]
+    out[dropped & ~merged & hatch(label.shape)] = HATCH
 
     # a dropped pixel next to a kept one, in any of the four directions, gets the line of that kept token
     pad = np.pad(label, 1, constant_values=-1)
@@ -83,12 +90,28 @@ def overlay(image: Image.Image, g: Geometry, selection: Selection, tokens: torch
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 
 
+def dimmed(pixels: np.ndarray) -> np.ndarray:
+    """(..., 3) the pixels of a dropped patch: grey, at DIM of their brightness."""
+    return np.repeat((pixels @ LUMA)[..., None] * DIM, 3, axis=-1)
+
+
+def hatch(shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: the pixels on the diagonal hatch lines, one line every `hatch_step` pixels, a third as wide."""
+    every = hatch_step(shape)
+    y, x = np.ogrid[: shape[0], : shape[1]]
+    return (x + y) % every < max(2, every // 3)
+
+
+def hatch_step(shape: tuple[int, int]) -> int:
+    return max(6, round(max(shape) / HATCH_EVERY))
+
+
 ONLY_A, ONLY_B = (40, 110, 255), (255, 140, 0)  # tints for tokens that only one of two methods kept
 
 
 def agreement(image: Image.Image, g: Geometry, keep_a: torch.Tensor, keep_b: torch.Tensor, tokens: torch.Tensor):
     """Two methods' choices on one picture: kept by both untouched, by one tinted with its colour
-    (ONLY_A, ONLY_B), by neither dimmed. Returns the picture and the four counts."""
+    (ONLY_A, ONLY_B), by neither greyed and darkened. Returns the picture and the four counts."""
     picture = np.asarray(image.convert("RGB").resize(display_size(g)), dtype=np.float32)
     label = labels(g, tokens)
     a, b = np.zeros(len(g) + 1, dtype=bool), np.zeros(len(g) + 1, dtype=bool)
@@ -99,7 +122,7 @@ def agreement(image: Image.Image, g: Geometry, keep_a: torch.Tensor, keep_b: tor
         where = covered & only[label]
         out[where] = 0.45 * out[where] + 0.55 * np.array(colour, dtype=np.float32)
     neither = covered & ~a[label] & ~b[label]
-    out[neither] *= DIM
+    out[neither] = dimmed(picture[neither])
     shown = tokens.numpy()
     counts = {
         "both": int((a[shown] & b[shown]).sum()),
@@ -132,7 +155,9 @@ def heatmap(image: Image.Image, g: Geometry, scores: torch.Tensor, tokens: torch
     """The scores of `tokens` as colours over the image, with a colour scale below it.
 
     Colours follow each token's rank among the tokens shown: a top-k method keeps the brightest
-    patches whatever the spread of the values, and a few outliers cannot wash the rest out."""
+    patches whatever the spread of the values, and a few outliers cannot wash the rest out. They lie
+    over a grey copy of the image lifted into the middle of the brightness range (`underlay`), so they
+    look the same, and keep their contrast, on a dark image as on a bright one."""
     picture = np.asarray(image.convert("RGB").resize(display_size(g)), dtype=np.float32)
     values = scores.detach().float().cpu()
     shown = tokens[~torch.isnan(values[tokens])]
@@ -144,9 +169,17 @@ def heatmap(image: Image.Image, g: Geometry, scores: torch.Tensor, tokens: torch
     t = rank.numpy()[label]  # NaN where no score
     heat = ~np.isnan(t)
     out = picture.copy()
-    out[heat] = 0.35 * picture[heat] + 0.65 * colours(t[heat])
+    out[heat] = HEAT_UNDER * underlay(picture[heat]) + (1 - HEAT_UNDER) * colours(t[heat])
     low, mid, high = values[shown].quantile(torch.tensor([0.0, 0.5, 1.0])).tolist() if len(shown) else [0, 0, 0]
     return _with_scale(Image.fromarray(out.round().clip(0, 255).astype(np.uint8)), low, mid, high)
+
+
+HEAT_UNDER = 0.35  # the image's share of a heatmap pixel
+
+
+def underlay(pixels: np.ndarray) -> np.ndarray:
+    """(..., 3) the image under a heatmap: grey, its brightness mapped from 0..255 into 64..191."""
+    return np.repeat(64 + 0.5 * (pixels @ LUMA)[..., None], 3, axis=-1)
 
 
 def _with_scale(picture: Image.Image, low: float, mid: float, high: float) -> Image.Image:

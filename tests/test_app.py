@@ -196,6 +196,44 @@ def test_the_budget_is_shown_in_tokens_for_the_image(explorer, backend, picture_
     )
 
 
+def test_the_picture_follows_the_budget_without_a_run(explorer, backend, picture_file):
+    image = {"path": picture_file}
+    value, count, busy = explorer.preview(image, "hired", 20, False, *DEFAULTS)
+    assert count == explorer.count(image, "hired", 20) and not busy
+    scene = explorer.scene(value["key"])  # what the page asks for once per image
+    assert scene["key"] == value["key"] and scene["n"] == value["n"] == 2144 and scene["photo"].startswith("data:")
+    assert explorer.scene("some other key") is None
+    r = run(backend, load_image(picture_file), "x", "hired", 0.1, max_new_tokens=1)
+    value, count, busy = explorer.preview(image, "hired", 10, busy, *DEFAULTS)
+    assert value["text"] == f"{len(r.selection.keep)} of 2144 visual tokens kept (10%)" and "**214** of 2144" in count
+    assert app.draw.kept_of(value).tolist() == r.selection.keep.tolist()
+    assert explorer.preview(image, "fastv", 10, busy, *DEFAULTS)[0]["pending"]
+    assert explorer.refresh(image, "hired", 10, False, *DEFAULTS) == (gr.skip(),) * 3  # nothing held it up
+    assert explorer.refresh(image, "hired", 10, True, *DEFAULTS)[0]["text"].startswith("214 of")
+    empty, count, busy = explorer.preview(None, "hired", 20, False, *DEFAULTS)
+    assert empty is None and "Upload an image" in count
+    bad = Path(picture_file).with_name("bad.png")
+    bad.write_bytes(b"not an image")
+    assert (
+        "⚠️ mine.png " in explorer.preview({"path": str(bad), "orig_name": "mine.png"}, "hired", 20, False, *DEFAULTS)[1]
+    )
+
+
+def test_a_run_shows_its_choice_in_the_picture(explorer, picture_file):
+    # fastv's first 2 of the tiny model's 4 layers see every token: a layer mean of 20% is out of its reach
+    last, _ = explore(explorer, picture_file, method="fastv", budget=60, compare=False, n=2)
+    r = last["shown"]["result"]
+    assert app.draw.kept_of(last["viewer"]).tolist() == r.selection.keep.tolist() and not last["viewer"]["pending"]
+    assert last["viewer"]["text"] == f"{len(r.selection.keep)} of 2144 visual tokens kept (the last run)"
+
+
+def test_the_budget_animation_is_made_from_the_cached_pass(explorer, picture_file):
+    shown, download = explorer.animate({"path": picture_file}, "cls", 5, *DEFAULTS)
+    assert shown == download and Image.open(shown).n_frames == 5
+    with pytest.raises(gr.Error, match="inside the LLM"):
+        explorer.animate({"path": picture_file}, "fastv", 5, *DEFAULTS)
+
+
 def test_clicking_a_patch_tells_its_partition_cell_score_and_fate(explorer, picture_file):
     last, _ = explore(explorer, picture_file, method="cls", compare=False)
     shown = last["shown"]
@@ -232,7 +270,7 @@ def test_a_model_that_cannot_load_is_said_in_the_status_line(tmp_path):
 def test_every_event_has_an_api_name(explorer):
     demo = app.build(explorer)
     names = [fn.api_name for fn in demo.fns.values()]
-    assert all(names) and {"explore", "count", "status", "settings", "click_0", "map"} <= set(names)
+    assert all(names) and {"explore", "preview", "status", "settings", "click_0", "map", "animate"} <= set(names)
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +310,12 @@ def test_the_launched_app_through_gradio_client(served, tmp_path):
             )
         )
         assert Image.open(again["overlay_0"]).size == (140, 427)
+
+        value, count = client.predict(
+            image=handle_file(str(ROOT / "assets/coffee.jpg")), method="cls", budget=10, api_name="/preview"
+        )
+        assert value["text"] == "214 of 2144 visual tokens kept (10%)" and len(app.draw.kept_of(value)) == 214
+        assert count.startswith("**214** of 2144 visual tokens (10%)")
     finally:
         client.close()
 
@@ -370,6 +414,8 @@ def test_the_steps_render_for_every_method(explorer, picture_file, method):
         maps = last["shown"]["result"].selection.maps
         for name in maps:  # every intermediate map is a step, with its caption
             assert any(app.teach.CAPTIONS.get(name, f"“{name}”") in caption for _, caption in steps)
+    cards = app.draw.cards(steps)  # every caption in full, under its picture
+    assert cards.count("<figure>") == len(steps) and all(html.escape(caption) in cards for _, caption in steps)
 
 
 def test_the_layer_explorer_shows_any_layer_and_head_and_a_patch_by_layer(explorer, backend, picture_file):

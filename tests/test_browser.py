@@ -1,5 +1,6 @@
 """The app in a real browser: Debian's headless Chromium, driven by Playwright."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -7,9 +8,12 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 import app
+from explorer.core import fraction_of
 
 ROOT = Path(__file__).parent.parent
-SCREENSHOT = ROOT / "artifacts" / "app.png"  # kept after the run; docs/app.png is a copy of one
+ARTIFACTS = ROOT / "artifacts"  # kept after the run; docs/app.png, docs/preview-*.png are copies of them
+SCREENSHOT = ARTIFACTS / "app.png"
+BUDGET = "Budget: % of the visual tokens"
 
 
 def chromium() -> str:
@@ -55,6 +59,129 @@ def test_the_exported_report_opens_and_shows_the_overlay_and_the_answer(browser,
     expect(page.get_by_text("visual tokens", exact=True)).to_be_visible()
 
 
+def test_dragging_the_budget_changes_the_picture_and_the_count_without_run(browser, explorer):
+    demo, url = app.serve(explorer, prevent_thread_lock=True, quiet=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    try:
+        drag_the_budget(page)
+        use_the_picture(page)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=ARTIFACTS / "preview-1400.png")
+        on_a_phone(page)
+    finally:
+        demo.close()
+
+
+def drag_the_budget(page):
+    expect(page.get_by_text("random weights")).to_be_visible(timeout=120_000)  # the model loaded
+    page.locator("input[type=file]").first.set_input_files(str(ROOT / "assets" / "coffee.jpg"))
+    line = page.locator("#picture .tdx-count")
+    expect(line).to_have_text("428 of 2144 visual tokens kept (20%)", timeout=60_000)  # hired, the default
+    picture = page.locator("#picture [data-draws]")
+    drawn, pixels = int(picture.get_attribute("data-draws")), canvas_pixels(page)
+    page.evaluate(SEEN)  # records every line the picture shows from now on
+
+    slider = page.get_by_label(f"range slider for {BUDGET}")
+    drag(page, slider, 0.6)
+    value = int(slider.input_value())
+    kept = fraction_of(value / 100, 2144)
+    expect(line).to_have_text(f"{kept} of 2144 visual tokens kept ({value}%)")
+    expect(page.get_by_text(f"{kept} of 2144 visual tokens ({value}%) reach the LLM")).to_be_visible()
+    assert int(picture.get_attribute("data-draws")) > drawn + 2 and canvas_pixels(page) != pixels
+    assert len(set(page.evaluate("() => window.seenLines"))) >= 3  # it followed the slider, not only its end
+    assert page.get_by_label("Reduced answer").input_value() == ""  # no Run
+
+    slider.focus()
+    slider.press("ArrowLeft")  # keys change the budget too, and the picture and the count follow them
+    kept = fraction_of((value - 1) / 100, 2144)
+    expect(line).to_have_text(f"{kept} of 2144 visual tokens kept ({value - 1}%)")
+    expect(page.get_by_text(f"{kept} of 2144 visual tokens ({value - 1}%) reach the LLM")).to_be_visible()
+
+
+SEEN = """() => {
+    window.seenLines = [];
+    const line = document.querySelector('#picture .tdx-count');
+    new MutationObserver(() => window.seenLines.push(line.textContent))
+        .observe(line, {childList: true, characterData: true, subtree: true});
+}"""
+
+
+def drag(page, slider, to: float):
+    """Drag the slider's thumb to `to` (0..1 of its track) in small steps, as a hand does."""
+    box = slider.bounding_box()
+    y = box["y"] + box["height"] / 2
+
+    def x(f):
+        return box["x"] + 8 + f * (box["width"] - 16)  # the thumb is ~16 px wide
+
+    start = (float(slider.input_value()) - 1) / 99  # the slider runs 1..100
+    page.mouse.move(x(start), y)
+    page.mouse.down()
+    for i in range(1, 21):
+        page.mouse.move(x(start + (to - start) * i / 20), y)
+        page.wait_for_timeout(40)
+    page.mouse.up()
+
+
+def canvas_pixels(page) -> str:
+    return page.locator("#picture canvas").evaluate("canvas => canvas.toDataURL()")
+
+
+def use_the_picture(page):
+    """Hover tells a patch's partition, cell, score and fate; the views, the scores and the zoom work."""
+    view = page.locator("#picture .tdx-view")
+    box = view.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.6)
+    fate = r"token \d+: crop \d,\d, cell \(row \d+, col \d+\); score [-\d.e]+; (kept|dropped)"
+    expect(page.locator("#picture .tdx-tip")).to_have_text(re.compile(fate))
+    page.locator("#picture").get_by_role("button", name="thumbnail").click()
+    expect(page.locator("#picture [data-view]")).to_have_attribute("data-view", "thumbnail")
+    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    expect(page.locator("#picture .tdx-tip")).to_have_text(re.compile(r"token \d+: base, cell"))
+    page.locator("#picture").get_by_role("button", name="scores").click()
+    expect(page.locator("#picture .tdx-scale")).to_be_visible()
+    page.locator("#picture").get_by_role("button", name="kept / dropped").click()
+    page.locator("#picture").get_by_role("button", name="crops").click()
+    page.get_by_role("button", name="zoom in").click()
+    zoom = page.locator("#picture [data-zoom]")
+    expect(zoom).to_have_attribute("data-zoom", "1.500")
+    canvas = page.locator("#picture canvas")
+    moved = canvas.evaluate("c => c.style.transform")
+    page.mouse.move(box["x"] + 100, box["y"] + 100)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 160, box["y"] + 130, steps=5)
+    page.mouse.up()
+    assert canvas.evaluate("c => c.style.transform") != moved  # dragged: panned
+    line, before = page.locator("#picture .tdx-count"), page.locator("#picture .tdx-count").text_content()
+    page.get_by_label(f"range slider for {BUDGET}").press("ArrowRight")
+    expect(line).not_to_have_text(before)
+    expect(zoom).to_have_attribute("data-zoom", "1.500")  # the zoom stays while the budget moves
+    page.get_by_role("button", name="fit the picture").click()
+
+
+def on_a_phone(page):
+    """At 400 px the columns stack, the budget sits right above the picture, and nothing is cut off."""
+    page.set_viewport_size({"width": 400, "height": 900})
+    slider = page.get_by_label(f"range slider for {BUDGET}")
+    slider.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+    assert page.evaluate(SCROLLING_SIDEWAYS) == []  # no box on the page hides part of itself sideways either
+    gap = page.locator("#picture canvas").bounding_box()["y"] - slider.bounding_box()["y"]
+    assert 0 < gap < 400, gap  # slider and picture fit on one screen
+    width = page.locator("#picture canvas").bounding_box()["width"]
+    assert 300 < width <= 400
+    page.evaluate("y => window.scrollBy(0, y)", slider.bounding_box()["y"] - 60)
+    page.screenshot(path=ARTIFACTS / "preview-400.png")
+
+
+SCROLLING_SIDEWAYS = """() => [...document.querySelectorAll('*')]
+    .filter(e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowX) && e.clientWidth > 10)
+    .filter(e => e.scrollWidth > e.clientWidth + 1)
+    .map(e => e.className.toString())"""
+
+
 def see_the_results(page):
     expect(page.get_by_text("random weights")).to_be_visible(timeout=120_000)  # the model loaded
     page.locator("input[type=file]").first.set_input_files(str(ROOT / "assets" / "coffee.jpg"))
@@ -70,12 +197,32 @@ def see_the_results(page):
 
     expect(page.get_by_text(" tokens/s · full: ")).to_be_visible(timeout=120_000)  # both runs are done
     expect(page.get_by_role("row", name="visual tokens 428 2144 0.20x")).to_be_visible()
+    expect(page.locator("#picture .tdx-count")).to_have_text("428 of 2144 visual tokens kept (the last run)")
+    page.get_by_text("Full-resolution pictures").click()
     expect(page.get_by_text("thumbnail: 214 of 576 kept")).to_be_visible()
     overlay = page.get_by_role("tabpanel").locator("img").first
     expect(overlay).to_be_visible()
     assert overlay.evaluate("image => [image.naturalWidth, image.naturalHeight]") == [600, 400]
     assert page.get_by_label("Reduced answer").input_value() != ""
+    every_caption_in_full(page)
 
+    page.get_by_role("tab", name="Kept vs dropped").click()
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=SCREENSHOT, full_page=True)
     assert SCREENSHOT.stat().st_size > 50_000
+
+
+def every_caption_in_full(page):
+    """The Steps tab shows each step's whole caption, at 1500 px and at 400 px."""
+    page.get_by_role("tab", name="Steps").click()
+    captions = page.locator("#steps figcaption")
+    expect(captions.first).to_be_visible()
+    for width in (1500, 400):
+        page.set_viewport_size({"width": width, "height": 1300})
+        assert captions.count() >= 4
+        clipped = captions.evaluate_all(
+            "all => all.filter(c => c.scrollWidth > c.clientWidth || c.scrollHeight > c.clientHeight).length"
+        )
+        assert clipped == 0
+        assert "content map" in captions.first.text_content() or len(captions.first.text_content()) > 80
+    page.set_viewport_size({"width": 1500, "height": 1300})

@@ -16,7 +16,7 @@ from test_families import loaded
 from backends.llava import Llava
 from explorer import METHODS, Budget, ExplorerError, bench, make, run
 from explorer.llm import layer_mean, least_mean, plan
-from explorer.pipeline import vision_step_budget
+from explorer.pipeline import step_budget
 
 PROMPT = "What is shown in this image?"
 LLM = [name for name, method in METHODS.items() if method.stage == "llm"]
@@ -201,7 +201,7 @@ def test_aims_documented_example():
         "B = 192 of 576 on a 28-layer LLM merges to M = 238 and prunes to 221, 204, ..., 102 before layers 15 to 22 (a mean of 191.9)",
     )
     aim = make("aim")
-    step = vision_step_budget(aim, 28, 576, 192)  # the count its merge step works to
+    step = step_budget(aim, 28, 576, 192)  # the count its merge step works to
     assert aim.entering(576, step) == 238
     cuts = plan(aim, 28, 238, 192)
     assert [c.layer for c in cuts] == list(range(15, 23)) and [c.tokens for c in cuts][:2] == [221, 204]

@@ -2,7 +2,7 @@
 
 import numpy as np
 import torch
-from conftest import toy_geometry
+from conftest import photo, toy_geometry
 from PIL import Image
 
 from explorer import visual as vis
@@ -21,12 +21,19 @@ def test_the_thumbnail_and_the_crops_are_separate_views_and_newlines_are_in_none
     assert list(vis.views(single)) == ["image"]
 
 
-def test_kept_patches_stay_dropped_ones_dim_and_the_line_sits_on_the_dropped_side():
+def dropped_look(value: int, shape=(80, 80)) -> np.ndarray:
+    """(H, W, 3) how a dropped patch of a uniform grey `value` is drawn: grey at DIM, hatched."""
+    dim = np.full((*shape, 3), round(value * vis.DIM))
+    return np.where(vis.hatch(shape)[..., None], np.array(vis.HATCH), dim)
+
+
+def test_kept_patches_stay_dropped_ones_grey_and_hatched_and_the_line_sits_on_the_dropped_side():
     g = toy_geometry()
     shown = np.asarray(vis.overlay(GREY, g, Selection(keep=torch.tensor([5])), torch.arange(16)), dtype=int)
     # token 5 is the thumbnail cell (row 1, col 1): pixels 20..40 both ways
     assert (shown[20:40, 20:40] == 200).all()
-    assert (shown[0:18, 0:18] == round(200 * vis.DIM)).all()  # dropped, away from any kept patch
+    assert (shown[0:18, 0:18] == dropped_look(200)[0:18, 0:18]).all()  # dropped, away from any kept patch
+    assert 0 < vis.hatch((80, 80))[0:18, 0:18].mean() < 0.5  # hatched, not covered
     assert tuple(shown[19, 30]) == vis.KEPT and tuple(shown[40, 30]) == vis.KEPT  # just outside, above and below
     assert tuple(shown[30, 19]) == vis.KEPT and tuple(shown[30, 40]) == vis.KEPT
 
@@ -39,10 +46,83 @@ def test_merged_patches_take_their_groups_colour():
     selection = Selection(keep=torch.tensor([0, 3]), groups=groups)
     shown = np.asarray(vis.overlay(GREY, g, selection, torch.arange(16)), dtype=int)
     colours = vis.palette(2)
-    a, b = (0.5 * 200 * vis.DIM + 0.5 * colours).round().astype(int)
-    assert (shown[5:15, 25:35] == a).all() and (shown[5:15, 45:55] == b).all()  # tokens 1 and 2
-    assert (shown[25:35, 5:15] == round(200 * vis.DIM)).all()  # token 4 dropped, not merged
+    a, b = (0.5 * round(200 * vis.DIM) + 0.5 * colours).round().astype(int)
+    assert (shown[5:15, 25:35] == a).all() and (shown[5:15, 45:55] == b).all()  # tokens 1 and 2: tinted, no hatch
+    assert (shown[25:35, 5:15] == dropped_look(200)[25:35, 5:15]).all()  # token 4 dropped, not merged
     assert not np.array_equal(a, b)
+
+
+def test_kept_pixels_are_the_inputs_bit_for_bit_on_any_image():
+    g = toy_geometry()
+    keep = torch.tensor([0, 5, 6, 15])
+    for image in (photo(80, 80, seed=3), Image.new("RGB", (80, 80)), Image.new("RGB", (80, 80), "white")):
+        shown = np.asarray(vis.overlay(image, g, Selection(keep=keep), torch.arange(16)))
+        kept = np.isin(vis.labels(g, torch.arange(16)), keep.numpy())
+        assert (shown[kept] == np.asarray(image)[kept]).all()
+        assert not (shown[~kept] == np.asarray(image)[~kept]).all()
+
+
+def lab(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) sRGB 0..255 -> CIELAB (D65)."""
+    c = np.asarray(rgb, dtype=np.float64) / 255
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+# A dropped patch must read apart from a kept one at a glance. The measure: the mean CIE76 colour difference
+# (Delta E*ab) between each pixel of a dropped patch as drawn and as it would be drawn if kept (the input
+# pixel), the patches' outlines left out; on a uniform image that is the distance between kept and dropped
+# patches. Delta E 2.3 is a just noticeable difference (Sharma, Digital Color Imaging Handbook, 2003) and
+# above 5 an observer sees two different colours (Mokrzycki & Tatol, Machine Graphics & Vision 20, 2011):
+# 15 asks for three times that, averaged over the whole patch, hatch lines and all.
+READABLE = 15.0
+
+
+def contrast(image: Image.Image, drawn) -> float:
+    g = toy_geometry()
+    keep = torch.tensor([0, 5, 10, 15])  # a diagonal: every dropped patch but a few touches no kept one
+    label = vis.labels(g, torch.arange(16))
+    out = np.asarray(drawn(image, g, Selection(keep=keep), torch.arange(16)))
+    dropped = (label >= 0) & ~np.isin(label, keep.numpy())
+    pad = np.pad(np.isin(label, keep.numpy()), 1)
+    outline = pad[:-2, 1:-1] | pad[2:, 1:-1] | pad[1:-1, :-2] | pad[1:-1, 2:]
+    where = dropped & ~outline
+    return float(np.linalg.norm(lab(out[where]) - lab(np.asarray(image.convert("RGB"))[where]), axis=-1).mean())
+
+
+def test_dropped_patches_read_apart_from_kept_ones_on_black_white_and_noisy_images():
+    images = {
+        "black": Image.new("RGB", (80, 80)),
+        "white": Image.new("RGB", (80, 80), "white"),
+        "noise": photo(80, 80, seed=1),
+        "mid grey": Image.new("RGB", (80, 80), (128, 128, 128)),
+    }
+    for name, image in images.items():
+        assert contrast(image, vis.overlay) > READABLE, name
+
+    def dimmed_only(image, g, selection, tokens):  # the old style: dropped patches at 28% brightness
+        out = np.asarray(image, dtype=np.float32).copy()
+        dropped = np.isin(vis.labels(g, tokens), selection.keep.numpy(), invert=True)
+        out[dropped] *= 0.28
+        return Image.fromarray(out.round().astype(np.uint8))
+
+    assert contrast(images["black"], dimmed_only) < 1  # unreadable: the measure tells the two styles apart
+    assert contrast(images["white"], dimmed_only) > READABLE
+
+
+def test_heatmap_colours_keep_their_contrast_on_a_black_and_a_white_image():
+    g = toy_geometry()
+    scores = torch.full((len(g),), float("nan"))
+    scores[:16] = torch.arange(16.0)
+    for colour in ("black", "white"):
+        heat = np.asarray(vis.heatmap(Image.new("RGB", (80, 80), colour), g, scores, torch.arange(16)))
+        centres = lab(np.array([heat[20 * (t // 4) + 10, 20 * (t % 4) + 10] for t in range(16)]))
+        steps = np.linalg.norm(np.diff(centres[[0, 5, 10, 15]], axis=0), axis=-1)  # a third of the ranks apart
+        assert (steps > READABLE).all(), (colour, steps)
+        assert (np.diff(centres[:, 0]) > 0).all()  # lightness follows rank
 
 
 def test_heatmap_colours_follow_rank_and_leave_unscored_patches_alone():
