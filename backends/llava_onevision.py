@@ -21,9 +21,10 @@ import math
 
 import torch
 
-from .base import Backend, image_only, image_only_processor
+from .base import Backend
 from .errors import ExplorerError
 from .geometry import Prepared, anyres_layout
+from .processors import image_only, image_only_processor
 from .random_models import build_tokenizer, text_config, token_ids, vision_config
 
 DEFAULT = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"  # 7B: llava-hf/llava-onevision-qwen2-7b-ov-hf
@@ -136,7 +137,7 @@ def random_parts(name: str):
             image_std=[0.5] * 3,
         ),
         tokenizer=tokenizer,
-        video_processor=BaseVideoProcessor(),  # never used: see `base.image_only`
+        video_processor=BaseVideoProcessor(),  # never used: see `processors.image_only`
         num_image_tokens=729,
         vision_feature_select_strategy="full",
         chat_template=CHATML,

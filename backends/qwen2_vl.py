@@ -31,9 +31,10 @@ from contextlib import contextmanager
 import torch
 import transformers
 
-from .base import Backend, image_only, image_only_processor
+from .base import Backend
 from .errors import ExplorerError
 from .geometry import Geometry, Prepared
+from .processors import image_only, image_only_processor
 from .random_models import build_tokenizer, text_config, token_ids
 from .signals import ATTENTION, HIDDEN, KEYS, attention_maps
 
@@ -271,7 +272,7 @@ def random_parts(name: str):
     processor = image_only(getattr(transformers, backend.processor_class))(
         image_processor=Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056),
         tokenizer=tokenizer,
-        video_processor=BaseVideoProcessor(),  # never used: see `base.image_only`
+        video_processor=BaseVideoProcessor(),  # never used: see `processors.image_only`
         chat_template=CHAT_TEMPLATE,
     )
     vision = dict(depth=v_layers, num_heads=v_heads, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, image_only, image_only_processor
+from .base import Backend
 from .geometry import Geometry, Prepared
+from .processors import image_only, image_only_processor
 from .random_models import build_tokenizer, text_config, token_ids, vision_config
 
 DEFAULT = "HuggingFaceTB/SmolVLM-256M-Instruct"  # the smallest, an Idefics3 checkpoint; the default without a GPU
@@ -169,7 +170,7 @@ def random_parts(name: str):
         image_std=[0.5] * 3,
     )
     parts = {"image_processor": image_processor, "tokenizer": tokenizer}
-    if kind == "SmolVLM":  # never used: see `base.image_only`
+    if kind == "SmolVLM":  # never used: see `processors.image_only`
         parts["video_processor"] = BaseVideoProcessor()
     processor_class = getattr(transformers, f"{kind}Processor")
     processor = (image_only(processor_class) if kind == "SmolVLM" else processor_class)(
