@@ -1029,7 +1029,7 @@ def main(argv: list[str] | None = None) -> None:
         explorer.backend()
     else:  # start loading before the first visitor comes
         threading.Thread(target=explorer.status, daemon=True).start()
-    serve(explorer, args.queue, args.eval_dir, server_name=args.host, server_port=args.port)
+    serve(explorer, args.queue, eval_dir=args.eval_dir, server_name=args.host, server_port=args.port)
 
 
 def serve(explorer: Explorer, queue_size: int = 32, eval_dir: str | None = None, **launch) -> tuple[gr.Blocks, str]:
