@@ -15,7 +15,7 @@ import torch
 
 from . import llava, llava_next, llava_onevision, qwen2_vl, random_models, smolvlm
 from .base import pick_device, pick_dtype
-from .errors import ExplorerError
+from .errors import ExplorerError, first_line
 from .geometry import Geometry, Prepared
 
 FAMILIES = (llava_next, llava_onevision, qwen2_vl, smolvlm, llava)  # one file each
@@ -140,7 +140,7 @@ def load(model: str, device: str | None = None, random_weights: bool = False):
         return _load(path, device, model, random_weights, local_files_only=True)
     except OSError as e:
         if local:
-            raise ExplorerError(f"could not load {model}: {_first_line(e)}") from None
+            raise ExplorerError(f"could not load {model}: {first_line(e)}") from None
     host = _unreachable_hub()
     try:
         if host:  # fail now, not after huggingface_hub's retries
@@ -149,7 +149,7 @@ def load(model: str, device: str | None = None, random_weights: bool = False):
     except OSError as e:
         raise ExplorerError(
             f"{model} is not a local folder and could not be loaded from the Hugging Face cache or the Hub "
-            f"({_first_line(e)}). Without network, download it elsewhere first, pass a local checkpoint "
+            f"({first_line(e)}). Without network, download it elsewhere first, pass a local checkpoint "
             "with --model PATH, or try --model tiny-llava-next (random weights, runs offline)."
         ) from None
 
@@ -174,7 +174,7 @@ def _load(path: str, device, name: str, random_weights: bool, local_files_only: 
     try:
         model_type = AutoConfig.from_pretrained(path, local_files_only=local_files_only).model_type
     except ValueError as e:
-        raise ExplorerError(f"{name} is not a checkpoint transformers recognises: {_first_line(e)}") from None
+        raise ExplorerError(f"{name} is not a checkpoint transformers recognises: {first_line(e)}") from None
     if model_type not in BACKENDS:
         raise ExplorerError(
             f"{name} is a {model_type!r} checkpoint; the explorer runs {', '.join(BACKENDS)} checkpoints"
@@ -184,7 +184,7 @@ def _load(path: str, device, name: str, random_weights: bool, local_files_only: 
     except torch.OutOfMemoryError:
         raise ExplorerError(f"{name} does not fit in the memory of {device}; try a smaller model") from None
     except ValueError as e:
-        raise ExplorerError(f"could not load {name}: {_first_line(e)}") from None
+        raise ExplorerError(f"could not load {name}: {first_line(e)}") from None
 
 
 def full_size(model: str, device: torch.device, dtype: torch.dtype | None = None):
@@ -207,7 +207,3 @@ def _random_checkpoint(name: str) -> tempfile.TemporaryDirectory:
     config, processor = RANDOM[name](name)
     random_models.save_random(BACKENDS[config.model_type].model_class, config, processor, Path(folder.name))
     return folder
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

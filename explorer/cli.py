@@ -15,6 +15,7 @@ from .core import Budget, ExplorerError
 from .images import load_image
 from .methods import KINDS, METHODS, make, unavailable
 from .pipeline import check_request, run, stream
+from .visual import save_chart
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,14 +289,11 @@ def _bench(args) -> int:
         _release()
     bench.write_csv(measured, args.csv)
     print(f"\nwrote {args.csv}")
-    charts = bench.charts(groups)
-    charts.write_html(args.plot, include_plotlyjs=True)
     png = str(Path(args.plot).with_suffix(".png"))
-    try:
-        charts.write_image(png)
+    if (why := save_chart(bench.charts(groups), args.plot)) is None:
         print(f"wrote {args.plot} and {png}")
-    except Exception as error:  # kaleido missing, or no Chrome for it to drive
-        print(f"wrote {args.plot}; no PNG ({_first_line(error)}: pip install kaleido, and Chrome or Chromium)")
+    else:
+        print(f"wrote {args.plot}; no PNG ({why}: pip install kaleido, and Chrome or Chromium)")
     return 0
 
 
@@ -362,10 +360,6 @@ def _release() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _settings(method: str, pairs: list[str]) -> dict:

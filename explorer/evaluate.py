@@ -32,6 +32,7 @@ from . import accuracy, localdata
 from .core import Budget, ExplorerError
 from .lmms import ExplorerModel
 from .methods import make
+from .visual import save_chart
 
 MARK = "cell.json"  # written last: the cell is done
 SAMPLES = "explorer_samples.jsonl"
@@ -261,14 +262,9 @@ def _save_lmms_eval(results: dict, folder: Path, model_args: str, when: str) -> 
 
 def _write(rows: list[dict], output: Path) -> None:
     summary, table = accuracy.write(rows, output)
-    chart = accuracy.figure(rows)
     html, png = output / "summary.html", output / "summary.png"
-    chart.write_html(html, include_plotlyjs=True)
-    try:
-        chart.write_image(png, width=accuracy.width(rows))
-        drawn = f", {html} and {png}"
-    except Exception as error:  # kaleido missing, or no Chrome for it to drive
-        drawn = f" and {html}; no PNG ({str(error).strip().splitlines()[0] if str(error).strip() else error!r})"
+    why = save_chart(accuracy.figure(rows), html, width=accuracy.width(rows))
+    drawn = f", {html} and {png}" if why is None else f" and {html}; no PNG ({why})"
     print(accuracy.table(rows) + f"\n\nwrote {summary}, {table}{drawn}", flush=True)
 
 

@@ -12,12 +12,14 @@ import colorsys
 import html
 import inspect
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from backends import signals
+from backends.errors import first_line
 
 from .core import Geometry, Selection
 from .methods import METHODS
@@ -223,6 +225,18 @@ def describe(g: Geometry, selection: Selection, token: int) -> str:
     else:
         fate = "dropped"
     return f"{where}; score {score:.4g}; {fate}" if not math.isnan(score) else f"{where}; {fate}"
+
+
+def save_chart(figure, html: str | Path, width: int | None = None) -> str | None:
+    """Write a Plotly chart as HTML, and as a PNG beside it (`width` pixels across; default: Plotly's)
+    when kaleido finds Chrome or Chromium to drive. Returns None, or why there is no PNG (the error's
+    first line)."""
+    figure.write_html(html, include_plotlyjs=True)
+    try:
+        figure.write_image(Path(html).with_suffix(".png"), width=width)
+    except Exception as error:  # kaleido missing, or no Chrome for it to drive
+        return first_line(error)
+    return None
 
 
 def budget_figure(result):
