@@ -41,15 +41,17 @@ def frames(
     """One picture per budget: the main view (the crops, or the whole image) with its kept and dropped
     patches and a bar with the count and the budget. `step(i, total)` is called before each frame."""
     cache = cache if cache is not None else VisionCache()
-    out = []
+    out, small = [], None
     for i, fraction in enumerate(fractions):
         if step is not None:
             step(i, len(fractions))
         shown = preview(backend, picture, method, fraction, settings, cache, image, wait_s=60.0)
         if shown.pending:
             raise ExplorerError(f"{shown.note}; an animation needs a method that chooses before the LLM")
-        small, g = _smaller(picture, shown.geometry)
-        drawn = vis.overlay(small, g, shown.selection, list(vis.views(g).values())[-1])
+        if small is None:  # every budget has the image's geometry: scale the picture and its view once
+            small, g = _smaller(picture, shown.geometry)
+            view = list(vis.views(g).values())[-1]
+        drawn = vis.overlay(small, g, shown.selection, view)
         out.append(_captioned(drawn, f"{method}: {shown.line}"))
     return out
 

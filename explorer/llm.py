@@ -25,13 +25,18 @@ from backends.signals import LLM_ATTENTION, LLM_ROPE, TEXT
 from .core import Cut, ExplorerError, Geometry, Method, Selection, Signals
 
 
-def layer_mean(cuts: list[Cut], n: int, depth: int) -> float:
-    """The mean visual tokens over the `depth` layers when `n` enter and each cut leaves its count from
-    its layer on."""
+def per_layer(cuts: list[Cut], n: int, depth: int) -> list[int]:
+    """The visual tokens each of the `depth` layers sees when `n` enter and each cut leaves its count
+    from its layer on."""
     seen = [n] * depth
     for cut in cuts:
         seen[cut.layer :] = [cut.tokens] * (depth - cut.layer)
-    return sum(seen) / depth
+    return seen
+
+
+def layer_mean(cuts: list[Cut], n: int, depth: int) -> float:
+    """The mean of `per_layer`: the visual tokens per layer on average."""
+    return sum(per_layer(cuts, n, depth)) / depth
 
 
 def plan(method: Method, depth: int, n: int, budget: int, name: str = "") -> list[Cut]:
@@ -195,19 +200,18 @@ class LlmStage:
         mean; visual_cached_per_layer: the visual tokens each layer's KV cache holds while decoding (fewer
         than it saw from `compact_from` to the last cut); llm_cuts; visual_entering: the tokens that
         entered the LLM."""
-        per_layer = [len(self.entering)] * self.depth
         kept = [len(s.keep) for s in self.chosen] if self.done else [c.tokens for c in self.cuts]
-        for c, k in zip(self.cuts, kept):
-            per_layer[c.layer :] = [k] * (self.depth - c.layer)
-        cached = list(per_layer)
+        made = [dataclasses.replace(c, tokens=k) for c, k in zip(self.cuts, kept)]  # an adaptive cut may keep fewer
+        seen = per_layer(made, len(self.entering), self.depth)
+        cached = list(seen)
         if self.compact_from is not None:
             last = self.cuts[-1].layer
             cached[self.compact_from : last] = [kept[-1]] * len(range(self.compact_from, last))
         cuts = [{"layer": c.layer, "scored_at": c.score_layer, "kept": k} for c, k in zip(self.cuts, kept)]
         return {
-            "visual_per_layer": per_layer,
+            "visual_per_layer": seen,
             "visual_cached_per_layer": cached,
-            "visual_layer_mean": sum(per_layer) / self.depth,
+            "visual_layer_mean": sum(seen) / self.depth,
             "llm_cuts": cuts,
             "visual_entering": len(self.entering),
         }
