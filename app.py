@@ -32,28 +32,17 @@ import torch
 from PIL import Image
 
 import backends
-from explorer import (
-    METHODS,
-    Budget,
-    ExplorerError,
-    accuracy,
-    animation,
-    bench,
-    fidelity,
-    load_image,
-    make,
-    report,
-    run,
-    stream,
-    teach,
-)
-from explorer import viewer as draw
-from explorer import visual as vis
+from explorer import METHODS, Budget, ExplorerError, load_image, make, run, stream
 from explorer.core import fraction_of
-from explorer.llm import least_mean
+from explorer.engine import fidelity
+from explorer.engine.llm import least_mean
+from explorer.engine.pipeline import check_request
+from explorer.evaluation import accuracy, bench
 from explorer.methods import unavailable
-from explorer.pipeline import check_request
-from explorer.preview import VisionCache, preview, vision_pass
+from explorer.views import animation, report, teach
+from explorer.views import viewer as draw
+from explorer.views import visual as vis
+from explorer.views.preview import VisionCache, preview, vision_pass
 
 ASSETS = Path(__file__).parent / "assets"
 EXAMPLES = [  # image, prompt
@@ -217,7 +206,7 @@ class Explorer:
 
     def preview(self, image, method: str, budget: float, busy: bool | None, *settings):
         """The live picture: what `method` keeps of the image at `budget` (%), from the cached vision pass
-        and without any LLM run (`explorer.preview`). Returns the picture's value (its "text" is the line
+        and without any LLM run (`explorer.views.preview`). Returns the picture's value (its "text" is the line
         "K of N visual tokens kept"; the page asks for the image itself once, `scene`), the count, and
         whether the model was busy with a run (`busy` is the last preview's). A bad input is said in the
         count, not in a pop-up, since this runs on every step."""

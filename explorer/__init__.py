@@ -7,9 +7,9 @@ result.to_json()                                    # tokens, timing, memory, an
 """
 
 from .core import Budget, ExplorerError, Geometry, Selection, Signals
-from .images import load_image
+from .engine.images import load_image
+from .engine.pipeline import Batch, Result, run, run_batch, stream
 from .methods import METHODS, make
-from .pipeline import Batch, Result, run, run_batch, stream
 
 __all__ = [
     "METHODS",

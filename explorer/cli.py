@@ -10,12 +10,13 @@ import sys
 import typing
 from pathlib import Path
 
-from . import bench, fidelity
 from .core import Budget, ExplorerError
-from .images import load_image
+from .engine import fidelity
+from .engine.images import load_image
+from .engine.pipeline import check_request, run, stream
+from .evaluation import bench
 from .methods import KINDS, METHODS, make, unavailable
-from .pipeline import check_request, run, stream
-from .visual import save_chart
+from .views.visual import save_chart
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,7 +317,7 @@ def _eval(args) -> int:
         raise ExplorerError("--limit and --max-new-tokens must be at least 1")
     if args.max_new_tokens is not None:
         check_request("-", args.max_new_tokens)
-    from . import evaluate  # lmms-eval: seconds to import, so only now
+    from .evaluation import evaluate  # lmms-eval: seconds to import, so only now
 
     evaluate.logs_to_stderr()
     _quiet()

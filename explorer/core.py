@@ -188,7 +188,7 @@ class Method:
     `keep_positions` setting whether kept tokens keep their positions, and `select` is called at each cut
     with the signals of that point (`Signals.alive` marks the tokens still in the sequence). Its budget
     B is, by default, the mean number of visual tokens over the LLM's layers, as the papers count it
-    (`explorer.llm.plan`: the last cut's count whose cuts make that mean at most B, or the method's own
+    (`explorer.engine.llm.plan`: the last cut's count whose cuts make that mean at most B, or the method's own
     `mean_cuts(depth, n, budget)`); with its `budget_after_cuts` setting B is what the last cut leaves.
     Such a method may also act before the LLM: `select_vision(signals) -> Selection`, on the vision
     signals it names in `vision_needs`, keeps (and may merge) tokens as a vision method does; only those

@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import backends  # noqa: E402
-from explorer import bench  # noqa: E402
 from explorer.cli import main  # noqa: E402
 from explorer.core import Budget  # noqa: E402
+from explorer.engine.pipeline import run  # noqa: E402
+from explorer.evaluation import bench  # noqa: E402
 from explorer.methods import METHODS, unavailable  # noqa: E402
-from explorer.pipeline import run  # noqa: E402
 
 MODELS = (
     "tiny-llava-next",

@@ -16,9 +16,10 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from explorer import METHODS, fidelity, load_image, run
-from explorer import visual as vis
+from explorer import METHODS, load_image, run
 from explorer.core import fraction_of
+from explorer.engine import fidelity
+from explorer.views import visual as vis
 
 ROOT = Path(__file__).parent.parent
 DEFAULTS = [f.default for _, f in app.SETTINGS]

@@ -11,13 +11,13 @@ from conftest import photo
 from torch.utils.flop_counter import FlopCounterMode
 
 import backends
-from explorer import bench
 from explorer.cli import main
 from explorer.core import Budget, ExplorerError, Signals
-from explorer.cost import Shape, kv_bytes, prefill_flops
-from explorer.llm import llm_hooks
+from explorer.engine.cost import Shape, kv_bytes, prefill_flops
+from explorer.engine.llm import llm_hooks
+from explorer.engine.pipeline import run, run_batch
+from explorer.evaluation import bench
 from explorer.methods import make
-from explorer.pipeline import run, run_batch
 
 # Hub checkpoint -> (its parameter count as the Hub shows it, rounded; its family's tiny model)
 PUBLISHED = {

@@ -201,7 +201,7 @@ def test_fidelity_reads_the_answer_on_the_compacted_caches(name):
     """Teacher forcing scores an answer as the compacting decode would generate it: its own greedy
     choices, and the first token's distribution as without compaction (the same prefill); on Qwen2-VL
     with its M-RoPE positions for the prompt and the answer."""
-    from explorer.fidelity import logprobs
+    from explorer.engine.fidelity import logprobs
 
     backend, image, on = loaded(name), photo(400, 300, seed=6), {"budget_after_cuts": True}
     off = on | {"compact_cache": False}
@@ -214,7 +214,7 @@ def test_fidelity_reads_the_answer_on_the_compacted_caches(name):
 
 
 def test_the_app_says_which_caches_hold_only_the_final_set(backend):
-    from explorer import teach
+    from explorer.views import teach
 
     image = photo(640, 480, seed=5)
     cases = [({"layers": "8,16"}, True), ({"layers": "8,16", "compact_cache": False}, False)]

@@ -15,10 +15,11 @@ import pytest
 import torch
 import transformers
 
-from explorer import accuracy, localdata, run
+from explorer import run
 from explorer.cli import main
 from explorer.core import Budget
-from explorer.images import load_image
+from explorer.engine.images import load_image
+from explorer.evaluation import accuracy, localdata
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "assets" / "eval"
@@ -176,8 +177,8 @@ class Interrupted(Exception):
 
 
 def test_a_resumed_grid_recomputes_only_what_was_not_finished(capsys, tmp_path, monkeypatch):
-    from explorer import evaluate as grid
-    from explorer.lmms import ExplorerModel
+    from explorer.evaluation import evaluate as grid
+    from explorer.evaluation.lmms import ExplorerModel
 
     def args(length: int = 2) -> list[str]:
         chosen = ["--methods", "hired", "--budgets", "0.5,0.2", "--max-new-tokens", str(length), "--limit", "3"]
@@ -262,7 +263,7 @@ def test_exact_match_normalizes_case_punctuation_articles_and_spaces():
 def test_lmms_eval_finds_the_model_through_its_entry_point_and_reads_model_args():
     from lmms_eval.models import get_model
 
-    from explorer.lmms import ExplorerModel
+    from explorer.evaluation.lmms import ExplorerModel
 
     assert get_model("explorer") is ExplorerModel
     model = ExplorerModel.create_from_arg_string(
@@ -276,8 +277,8 @@ def test_lmms_eval_finds_the_model_through_its_entry_point_and_reads_model_args(
 def test_multiple_choice_scores_each_choice_on_the_reduced_model(backend):
     from lmms_eval.api.instance import Instance
 
-    from explorer import fidelity
-    from explorer.lmms import ExplorerModel
+    from explorer.engine import fidelity
+    from explorer.evaluation.lmms import ExplorerModel
 
     model = ExplorerModel("tiny-llava-next", method="hired", budget=0.2, device="cpu")
     image = load_image(str(EXAMPLE / "images" / "blue-square.png"))

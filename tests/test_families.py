@@ -15,10 +15,11 @@ from PIL import Image
 
 import backends
 from backends.qwen2_vl import MAX_PIXELS
-from explorer import Budget, ExplorerError, fidelity, make, run
-from explorer import visual as vis
-from explorer.llm import LlmStage
+from explorer import Budget, ExplorerError, make, run
+from explorer.engine import fidelity
+from explorer.engine.llm import LlmStage
 from explorer.methods import METHODS, unavailable
+from explorer.views import visual as vis
 
 ROOT = Path(__file__).parent.parent
 FAMILIES = [

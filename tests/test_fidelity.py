@@ -4,7 +4,7 @@ import torch
 from conftest import photo
 
 from explorer import load_image, run
-from explorer.fidelity import drift, logprobs
+from explorer.engine.fidelity import drift, logprobs
 
 PROMPT = "What is in the picture?"
 

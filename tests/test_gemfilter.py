@@ -12,9 +12,10 @@ import torch.nn.functional as F
 import transformers
 from conftest import photo, run_seeing_embeds
 
-from explorer import Budget, bench, make, run
-from explorer import visual as vis
-from explorer.cost import Shape, prefill_flops
+from explorer import Budget, make, run
+from explorer.engine.cost import Shape, prefill_flops
+from explorer.evaluation import bench
+from explorer.views import visual as vis
 
 PROMPT = "What is shown in this image?"
 

@@ -14,9 +14,10 @@ from conftest import photo
 from test_families import loaded
 
 from backends.llava import Llava
-from explorer import METHODS, Budget, ExplorerError, bench, make, run
-from explorer.llm import layer_mean, least_mean, plan
-from explorer.pipeline import step_budget
+from explorer import METHODS, Budget, ExplorerError, make, run
+from explorer.engine.llm import layer_mean, least_mean, plan
+from explorer.engine.pipeline import step_budget
+from explorer.evaluation import bench
 
 PROMPT = "What is shown in this image?"
 LLM = [name for name, method in METHODS.items() if method.stage == "llm"]

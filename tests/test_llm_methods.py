@@ -13,10 +13,11 @@ import transformers
 from conftest import photo, toy_geometry
 
 from backends.llava_next import LlavaNext
-from explorer import METHODS, ExplorerError, Signals, make, run, stream, teach
-from explorer import visual as vis
-from explorer.fidelity import logprobs
-from explorer.llm import LlmStage
+from explorer import METHODS, ExplorerError, Signals, make, run, stream
+from explorer.engine.fidelity import logprobs
+from explorer.engine.llm import LlmStage
+from explorer.views import teach
+from explorer.views import visual as vis
 
 PROMPT = "What is shown in this image?"
 LLM = [name for name, method in METHODS.items() if method.stage == "llm"]

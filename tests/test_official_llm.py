@@ -12,7 +12,7 @@ from conftest import photo
 
 from backends.llava_next import LlavaNext
 from explorer import Budget, make, run
-from explorer.llm import LlmStage
+from explorer.engine.llm import LlmStage
 
 PROMPT = "What is shown in this image?"
 IMAGES = [(336, 336), (640, 480), (400, 700)]  # a square image and two non-square ones
@@ -208,7 +208,7 @@ def test_fastv_rerank_chooses_again_for_every_token_as_the_mask_mode_without_a_c
     tokens left from layer K on are the top R by that pass's last token's attention at layer K-1, heads
     averaged (modeling_llama.py L773-792, every pass of a generate() without a cache), read here from the
     eager model's own attention maps."""
-    from explorer.fidelity import logprobs
+    from explorer.engine.fidelity import logprobs
 
     image, settings = photo(640, 480, seed=8), {"rerank": True, "budget_after_cuts": True}
     result = run(

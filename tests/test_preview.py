@@ -10,10 +10,11 @@ import torch
 from conftest import photo
 from PIL import Image, ImageSequence
 
-from explorer import Budget, animation, load_image, run, viewer
+from explorer import Budget, load_image, run
+from explorer.engine.pipeline import model_lock, select
 from explorer.methods import METHODS, make, unavailable
-from explorer.pipeline import model_lock, select
-from explorer.preview import VisionCache, preview
+from explorer.views import animation, viewer
+from explorer.views.preview import VisionCache, preview
 
 PROMPT = "What is in this picture?"
 ASSETS = Path(__file__).parent.parent / "assets"

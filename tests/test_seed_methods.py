@@ -9,9 +9,9 @@ from conftest import photo, run_seeing_embeds, toy_geometry
 from test_methods import random_signals
 
 from explorer import ExplorerError, Signals, make, run
-from explorer import visual as vis
 from explorer.methods.tome import bipartite_rounds
 from explorer.methods.transprune import transition_variation
+from explorer.views import visual as vis
 
 PROMPT = "What is shown in this image?"
 BASE = 0  # the thumbnail partition of the toy geometry

@@ -18,7 +18,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from explorer.pipeline import model_lock
+from explorer.engine.pipeline import model_lock
 
 ROOT = Path(__file__).parent.parent
 COFFEE = str(ROOT / "assets" / "coffee.jpg")

@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import photo, toy_geometry
 
-from explorer import ExplorerError, Signals, make, run, teach
-from explorer import visual as vis
+from explorer import ExplorerError, Signals, make, run
 from explorer.methods.mustdrop import window_similarity, windows
+from explorer.views import teach
+from explorer.views import visual as vis
 
 PROMPT = "What is shown in this image?"
 N = 88  # tokens of the toy geometry: a 4x4 thumbnail, 2x2 crops of 4x4 in an 8x8 grid, 8 newlines
@@ -260,7 +261,7 @@ def test_mustdrop_is_explained_and_shows_its_steps(backend):
 
 @pytest.mark.parametrize("method, settings", [("mustdrop", {"similarity": -1.0}), ("aim", {})])
 def test_fidelity_scores_an_answer_under_both_stages(backend, method, settings):
-    from explorer.fidelity import logprobs
+    from explorer.engine.fidelity import logprobs
 
     image = photo(400, 300, seed=6)
     reduced = run(backend, image, PROMPT, method, 0.1, settings=settings, max_new_tokens=6)

@@ -13,8 +13,8 @@ from conftest import photo, run_seeing_embeds, toy_geometry
 from test_methods import random_signals
 
 from explorer import METHODS, ExplorerError, Signals, make, run
-from explorer import visual as vis
 from explorer.core import Geometry
+from explorer.views import visual as vis
 
 PROMPT = "What is shown in this image?"
 BASE, NEWLINE = 0, 5  # partitions of the toy geometry

@@ -5,8 +5,8 @@ import torch
 from conftest import photo, toy_geometry
 from PIL import Image
 
-from explorer import visual as vis
 from explorer.core import Geometry, Selection
+from explorer.views import visual as vis
 
 GREY = Image.new("RGB", (80, 80), (200, 200, 200))
 

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from explorer import evaluate, localdata, run
+from explorer import run
 from explorer.core import Budget
-from explorer.lmms import ExplorerModel
+from explorer.evaluation import evaluate, localdata
+from explorer.evaluation.lmms import ExplorerModel
 from explorer.methods import METHODS
 
 EXAMPLE = Path(__file__).parents[2] / "assets" / "eval"

@@ -17,7 +17,7 @@ BUDGET_AFTER_CUTS = (
 
 
 def budget_after_cuts() -> bool:
-    """The `budget_after_cuts` setting of every method that prunes inside the LLM (see `explorer.llm`)."""
+    """The `budget_after_cuts` setting of every method that prunes inside the LLM (see `explorer.engine.llm`)."""
     return field(default=False, metadata={"help": BUDGET_AFTER_CUTS})
 
 

@@ -17,10 +17,10 @@ import functools
 import statistics
 from dataclasses import dataclass
 
-from . import fidelity
-from .core import Budget, ExplorerError
-from .methods import METHODS
-from .pipeline import run, run_batch
+from ..core import Budget, ExplorerError
+from ..engine import fidelity
+from ..engine.pipeline import run, run_batch
+from ..methods import METHODS
 
 TIMES = ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_s", "vision_s", "selection_s")
 DRIFT = ("logprob_diff", "kl", "first_divergence")  # on the unreduced run's answer, see fidelity.drift

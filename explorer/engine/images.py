@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .core import ExplorerError
+from ..core import ExplorerError
 
 MAX_PIXELS = 10_000 * 10_000  # larger images are refused before they are decoded
 

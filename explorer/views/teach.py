@@ -7,10 +7,10 @@ from PIL import Image, ImageDraw
 
 from backends.signals import CLS_HEADS, at
 
+from ..core import ExplorerError, Geometry
+from ..engine.images import load_image
+from ..methods import METHODS
 from . import visual as vis
-from .core import ExplorerError, Geometry
-from .images import load_image
-from .methods import METHODS
 
 # what each intermediate map shows, in plain words; a map not here gets a generic caption
 CAPTIONS = {

@@ -9,7 +9,7 @@ a method at a budget.
 numbers as JSON lines) and any setting of the method as `key=value`. lmms-eval finds the model through the
 entry point group `lmms_eval.models` (pyproject.toml), so the project must be installed (`pip install -e .`).
 
-Each question goes through `explorer.pipeline.stream` with the task's own prompt (`doc_to_text`, as the
+Each question goes through `explorer.engine.pipeline.stream` with the task's own prompt (`doc_to_text`, as the
 text of one user turn after the image, in the model's chat template, as lmms-eval's llava_hf does) and its
 generation arguments: greedy, `max_new_tokens`, and the answer cut at the first `until` string (the
 generation stops there). `loglikelihood` (multiple-choice tasks) scores each choice by teacher forcing on
@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 import backends
 
-from . import fidelity
-from .core import Budget, ExplorerError
-from .methods import METHODS
-from .pipeline import Result, method_for, run, stream
+from ..core import Budget, ExplorerError
+from ..engine import fidelity
+from ..engine.pipeline import Result, method_for, run, stream
+from ..methods import METHODS
 
 FULL = Budget(fraction=1.0)
 DEFAULT_MAX_NEW_TOKENS = 1024  # what lmms-eval's own models generate when a task does not say
@@ -49,7 +49,7 @@ def manifests():
     """The entry point lmms-eval reads (`lmms_eval.models` group): the model `explorer`."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id="explorer", simple_class_path="explorer.lmms.ExplorerModel")]
+    return [ModelManifest(model_id="explorer", simple_class_path="explorer.evaluation.lmms.ExplorerModel")]
 
 
 class ExplorerModel(lmms):

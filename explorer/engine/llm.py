@@ -22,7 +22,7 @@ import torch
 
 from backends.signals import LLM_ATTENTION, LLM_ROPE, TEXT
 
-from .core import Cut, ExplorerError, Geometry, Method, Selection, Signals
+from ..core import Cut, ExplorerError, Geometry, Method, Selection, Signals
 
 
 def per_layer(cuts: list[Cut], n: int, depth: int) -> list[int]:

@@ -28,12 +28,12 @@ from PIL import Image
 from backends.geometry import Prepared
 from backends.signals import FEATURES, HIDDEN_FEATURE
 
-from .core import Budget, ExplorerError, Geometry, Method, Selection, Signals
+from ..core import Budget, ExplorerError, Geometry, Method, Selection, Signals
+from ..methods import make, unavailable
 from .cost import Shape, kv_bytes, prefill_flops
 from .images import load_image
 from .llm import LlmStage, last_count, llm_hooks
 from .measure import PeakMemory, TokenStream, first_forward, now, sync
-from .methods import make, unavailable
 
 MAX_PROMPT_CHARS = 20_000  # far beyond any model's context; refused before tokenizing
 _locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> lock: one run at a time per model

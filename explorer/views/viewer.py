@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..core import Geometry, Selection
 from . import visual as vis
-from .core import Geometry, Selection
 
 
 def scene(picture: Image.Image, g: Geometry, key: str) -> dict:

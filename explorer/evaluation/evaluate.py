@@ -28,11 +28,11 @@ from lmms_eval.loggers import EvaluationTracker
 from lmms_eval.tasks import TaskManager
 from lmms_eval.utils import get_datetime_str
 
+from ..core import Budget, ExplorerError
+from ..methods import make
+from ..views.visual import save_chart
 from . import accuracy, localdata
-from .core import Budget, ExplorerError
 from .lmms import ExplorerModel
-from .methods import make
-from .visual import save_chart
 
 MARK = "cell.json"  # written last: the cell is done
 SAMPLES = "explorer_samples.jsonl"

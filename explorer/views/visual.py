@@ -21,8 +21,8 @@ from PIL import Image, ImageDraw
 from backends import signals
 from backends.errors import first_line
 
-from .core import Geometry, Selection
-from .methods import METHODS
+from ..core import Geometry, Selection
+from ..methods import METHODS
 
 DISPLAY = 2048  # longest side of the pictures, in pixels; smaller images keep their size
 KEPT = (255, 212, 0)  # the outline around kept patches

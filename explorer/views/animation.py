@@ -1,5 +1,5 @@
 """The budget animation, for slides: the kept set shrinking from 100% to 5%, one frame per budget, each
-with its count, as an animated GIF. The frames come from the live preview (`explorer.preview`), so
+with its count, as an animated GIF. The frames come from the live preview (`explorer.views.preview`), so
 the vision pass runs once; Pillow writes the GIF (no video encoder needed).
 
     path = animation.gif(animation.frames(backend, picture, "hired", animation.budgets(20)), "hired.gif")
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..core import ExplorerError, Geometry
 from . import visual as vis
-from .core import ExplorerError, Geometry
 from .preview import VisionCache, preview
 
 WIDTH = 800  # frame width in pixels (the picture is never enlarged)

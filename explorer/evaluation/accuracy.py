@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from .core import ExplorerError
+from ..core import ExplorerError
 
 COLUMNS = ("task", "metric", "method", "budget", "value", "n", "visual_full_mean", "visual_kept_mean")
 COLUMNS += ("visual_layer_mean", "ttft_s_mean", "prefill_tflops_mean", "kv_bytes_mean")

@@ -30,9 +30,9 @@ from PIL import Image
 
 from backends.signals import FEATURES
 
-from .core import Budget, ExplorerError, Geometry, Selection, Signals
-from .measure import now
-from .pipeline import choose, method_for, model_lock, step_budget, vision_needs
+from ..core import Budget, ExplorerError, Geometry, Selection, Signals
+from ..engine.measure import now
+from ..engine.pipeline import choose, method_for, model_lock, step_budget, vision_needs
 
 PROMPT = "Describe the image."  # the processor wants a prompt; the vision pass does not read it
 WAIT_S = 0.5  # longest wait for a model that a run is using, before the preview says it is busy

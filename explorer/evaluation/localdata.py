@@ -22,8 +22,8 @@ from pathlib import Path
 import datasets
 from lmms_eval.api.task import ConfigurableTask
 
-from .core import ExplorerError
-from .images import load_image
+from ..core import ExplorerError
+from ..engine.images import load_image
 
 SPLIT = "test"
 GENERATION = {"until": ["\n\n"], "max_new_tokens": 16, "do_sample": False, "temperature": 0.0}
