@@ -2,9 +2,12 @@
 
 import html
 import json
+import re
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import gradio as gr
 import numpy as np
@@ -16,19 +19,25 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
+import ui
 from explorer import METHODS, load_image, run
-from explorer.core import fraction_of
+from explorer.core import Method, Selection, Signals, fraction_of
 from explorer.engine import fidelity
+from explorer.evaluation import bench
+from explorer.views import teach, viewer
 from explorer.views import visual as vis
+from ui.explore import Explored
+from ui.picture import live_picture, refresh
+from ui.session import Session
 
 ROOT = Path(__file__).parent.parent
-DEFAULTS = [f.default for _, f in app.SETTINGS]
+OUTPUTS = Explored._fields
 
 
 @pytest.fixture(scope="module")
 def explorer(backend):
-    """The app's model holder on tiny-llava-next, loaded through its own code path."""
-    return app.Explorer("tiny-llava-next", "cpu")
+    """The app's session on tiny-llava-next, loaded through its own code path."""
+    return Session("tiny-llava-next", "cpu")
 
 
 @pytest.fixture
@@ -39,10 +48,15 @@ def picture_file(tmp_path) -> str:
 
 
 def explore(explorer, image, prompt="What is this?", method="hired", budget=20, compare=True, n=6, memo=None, **set):
-    """The last yield of the handler, and every yield, as dicts."""
-    settings = [set.get(f"{m}_{f.name}", f.default) for m, f in app.SETTINGS]
-    outputs = list(explorer.explore(image, prompt, method, budget, compare, n, memo or {}, *settings))
+    """The last yield of the handler, and every yield, as dicts; `set`: settings by API name (hired_alpha)."""
+    given = dict(image=image, prompt=prompt, method=method, budget=budget, compare=compare, max_new_tokens=n)
+    outputs = list(ui.explore.run(explorer, memo or {}, **given, **set))
     return outputs[-1], outputs
+
+
+def count(explorer, image, method, budget, **set) -> str:
+    """The count line the live picture shows for this image, method and budget."""
+    return live_picture(explorer, False, image=image, method=method, budget=budget, **set)[1]
 
 
 def test_importing_the_app_loads_no_model():
@@ -173,66 +187,64 @@ def test_out_of_memory_is_reported_and_the_app_recovers(explorer, picture_file, 
 
 def test_the_budget_is_shown_in_tokens_for_the_image(explorer, backend, picture_file, tmp_path):
     n = len(backend.prepare(load_image(picture_file), "x").geometry)
-    assert explorer.count({"path": picture_file}, "hired", 29) == (
-        f"**{fraction_of(0.29, n)}** of {n} visual tokens (29%) reach the LLM for this 600x400 image."
+    assert count(explorer, {"path": picture_file}, "hired", 29) == (
+        f"**{fraction_of(0.29, n)}** of {n} visual tokens kept (29%) for this 600x400 image."
     )
-    assert explorer.count(picture_file, "none", 29).startswith(f"All **{n}** visual tokens")
+    assert count(explorer, picture_file, "none", 29).startswith(f"**{n}** of {n} visual tokens kept (no reduction)")
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    assert explorer.count({"path": str(bad), "orig_name": "mine.png"}, "hired", 20).startswith("⚠️ mine.png ")
-    assert "Upload an image" in explorer.count(None, "hired", 20)
-    adaptive = [(f.name == "adaptive" and m == "prumerge+") or f.default for m, f in app.SETTINGS]
-    assert explorer.count(picture_file, "prumerge+", 20, *adaptive).startswith("Adaptive: prumerge+ picks its own")
-    assert explorer.count(picture_file, "mustdrop", 20, *adaptive).startswith("**428** of")  # only prumerge+'s is on
-    defaults = [f.default for _, f in app.SETTINGS]
-    assert explorer.count(picture_file, "fastv", 60, *defaults) == (
-        f"**{fraction_of(0.6, n)}** of {n} visual tokens (60%) per LLM layer on average for this 600x400 image: "
+    assert count(explorer, {"path": str(bad), "orig_name": "mine.png"}, "hired", 20).startswith("⚠️ mine.png ")
+    assert "Upload an image" in count(explorer, None, "hired", 20)
+    adaptive = count(explorer, picture_file, "prumerge+", 20, prumerge_plus_adaptive=True)
+    assert adaptive.startswith(f"{n} visual tokens (adaptive: the method picks its own count)")
+    only = count(explorer, picture_file, "mustdrop", 20, prumerge_plus_adaptive=True)  # only prumerge+'s is on
+    assert only.startswith("**428** of")
+    assert count(explorer, picture_file, "fastv", 60) == (
+        f"**{fraction_of(0.6, n)}** of {n} visual tokens per LLM layer on average (60%) for this 600x400 image: "
         f"the layers before fastv's first cut see all {n}, later ones fewer."
     )
-    low = explorer.count(picture_file, "fastv", 20, *defaults)  # the tiny model's first 2 of 4 layers see all
+    low = count(explorer, picture_file, "fastv", 20)  # the tiny model's first 2 of 4 layers see all
     assert low.endswith(f"⚠️ fastv cannot go below {(2 * n + 2) / 4:.0f} on average here.")
-    after = [(f.name == "budget_after_cuts" and m == "fastv") or f.default for m, f in app.SETTINGS]
-    assert explorer.count(picture_file, "fastv", 20, *after) == (
-        f"**{fraction_of(0.2, n)}** of {n} visual tokens (20%) remain after the last cut for this 600x400 image."
+    assert count(explorer, picture_file, "fastv", 20, fastv_budget_after_cuts=True) == (
+        f"**{fraction_of(0.2, n)}** of {n} visual tokens left after the last cut (20%) for this 600x400 image."
     )
 
 
 def test_the_picture_follows_the_budget_without_a_run(explorer, backend, picture_file):
     image = {"path": picture_file}
-    value, count, busy = explorer.preview(image, "hired", 20, False, *DEFAULTS)
-    assert count == explorer.count(image, "hired", 20) and not busy
+    value, line, busy = live_picture(explorer, False, image=image, method="hired", budget=20)
+    assert line == "**428** of 2144 visual tokens kept (20%) for this 600x400 image." and not busy
     scene = explorer.scene(value["key"])  # what the page asks for once per image
     assert scene["key"] == value["key"] and scene["n"] == value["n"] == 2144 and scene["photo"].startswith("data:")
     assert explorer.scene("some other key") is None
     r = run(backend, load_image(picture_file), "x", "hired", 0.1, max_new_tokens=1)
-    value, count, busy = explorer.preview(image, "hired", 10, busy, *DEFAULTS)
-    assert value["text"] == f"{len(r.selection.keep)} of 2144 visual tokens kept (10%)" and "**214** of 2144" in count
-    assert app.draw.kept_of(value).tolist() == r.selection.keep.tolist()
-    assert explorer.preview(image, "fastv", 10, busy, *DEFAULTS)[0]["pending"]
-    assert explorer.refresh(image, "hired", 10, False, *DEFAULTS) == (gr.skip(),) * 3  # nothing held it up
-    assert explorer.refresh(image, "hired", 10, True, *DEFAULTS)[0]["text"].startswith("214 of")
-    empty, count, busy = explorer.preview(None, "hired", 20, False, *DEFAULTS)
-    assert empty is None and "Upload an image" in count
+    value, line, busy = live_picture(explorer, busy, image=image, method="hired", budget=10)
+    assert value["text"] == f"{len(r.selection.keep)} of 2144 visual tokens kept (10%)" and "**214** of 2144" in line
+    assert viewer.kept_of(value).tolist() == r.selection.keep.tolist()
+    assert live_picture(explorer, busy, image=image, method="fastv", budget=10)[0]["pending"]
+    assert refresh(explorer, False, image=image, method="hired", budget=10) == (gr.skip(),) * 3  # nothing held it up
+    assert refresh(explorer, True, image=image, method="hired", budget=10)[0]["text"].startswith("214 of")
+    empty, line, busy = live_picture(explorer, False, image=None, method="hired", budget=20)
+    assert empty is None and "Upload an image" in line
     bad = Path(picture_file).with_name("bad.png")
     bad.write_bytes(b"not an image")
-    assert (
-        "⚠️ mine.png " in explorer.preview({"path": str(bad), "orig_name": "mine.png"}, "hired", 20, False, *DEFAULTS)[1]
-    )
+    shown = live_picture(explorer, False, image={"path": str(bad), "orig_name": "mine.png"}, method="hired", budget=20)
+    assert "⚠️ mine.png " in shown[1]
 
 
 def test_a_run_shows_its_choice_in_the_picture(explorer, picture_file):
     # fastv's first 2 of the tiny model's 4 layers see every token: a layer mean of 20% is out of its reach
     last, _ = explore(explorer, picture_file, method="fastv", budget=60, compare=False, n=2)
     r = last["shown"]["result"]
-    assert app.draw.kept_of(last["viewer"]).tolist() == r.selection.keep.tolist() and not last["viewer"]["pending"]
+    assert viewer.kept_of(last["viewer"]).tolist() == r.selection.keep.tolist() and not last["viewer"]["pending"]
     assert last["viewer"]["text"] == f"{len(r.selection.keep)} of 2144 visual tokens kept (the last run)"
 
 
 def test_the_budget_animation_is_made_from_the_cached_pass(explorer, picture_file):
-    shown, download = explorer.animate({"path": picture_file}, "cls", 5, *DEFAULTS)
+    shown, download = ui.animation.animate(explorer, 5, image={"path": picture_file}, method="cls")
     assert shown == download and Image.open(shown).n_frames == 5
     with pytest.raises(gr.Error, match="inside the LLM"):
-        explorer.animate({"path": picture_file}, "fastv", 5, *DEFAULTS)
+        ui.animation.animate(explorer, 5, image={"path": picture_file}, method="fastv")
 
 
 def test_clicking_a_patch_tells_its_partition_cell_score_and_fate(explorer, picture_file):
@@ -245,31 +257,31 @@ def test_clicking_a_patch_tells_its_partition_cell_score_and_fate(explorer, pict
             if token not in tokens:
                 continue
             x0, y0, x1, y1 = g.boxes[token].tolist()
-            text = app.Explorer.click(view, shown, (x0 + x1) / 2, (y0 + y1) / 2)
+            text = ui.explore.click(view, shown, (x0 + x1) / 2, (y0 + y1) / 2)
             name, (row, col) = g.names[g.partition[token]], g.cells[token].tolist()
             assert text.startswith(f"token {token}: {name}, cell (row {row}, col {col})")
             assert f"score {r.selection.scores[token].item():.4g}" in text
             assert text.endswith("kept" if token in keep else "dropped")
-    assert app.Explorer.click(0, None, 1, 1) == "Run first, then click a patch."
+    assert ui.explore.click(0, None, 1, 1) == "Run first, then click a patch."
 
 
 def test_the_heatmap_can_show_the_methods_other_maps(explorer, picture_file):
     last, outputs = explore(explorer, picture_file, method="hired", compare=False)
     choices = next(o["map_choice"] for o in outputs if "map_choice" in o)
     assert choices["choices"] == ["scores", "content", "content top"]
-    content = app.Explorer.remap("content", last["shown"])
+    content = ui.explore.remap("content", last["shown"])
     assert content["heat_0"]["label"].endswith("content (click a patch)")
     assert content["heat_1"]["value"] is None  # HiRED's content map lives on the thumbnail only
-    assert app.Explorer.remap("content", None) == {}
+    assert ui.explore.remap("content", None) == {}
 
 
 def test_a_model_that_cannot_load_is_said_in_the_status_line(tmp_path):
-    status = app.Explorer(str(tmp_path / "nowhere"), "cpu").status()
+    status = Session(str(tmp_path / "nowhere"), "cpu").status()
     assert "could not be loaded" in status and "nowhere" in status
 
 
 def test_every_event_has_an_api_name(explorer):
-    demo = app.build(explorer)
+    demo = ui.build(explorer)
     names = [fn.api_name for fn in demo.fns.values()]
     assert all(names) and {"explore", "preview", "status", "settings", "click_0", "map", "animate"} <= set(names)
 
@@ -292,7 +304,7 @@ def test_the_launched_app_through_gradio_client(served, tmp_path):
             max_new_tokens=4,
             api_name="/explore",
         )
-        result = dict(zip(app.OUTPUTS, out))
+        result = dict(zip(OUTPUTS, out))
         assert Image.open(result["overlay_0"]).size == (600, 400)
         rows = {row[0]: row[1:] for row in result["table"]["data"]}
         assert rows["visual tokens"] == ["428", "2144", "0.20x"]
@@ -304,7 +316,7 @@ def test_the_launched_app_through_gradio_client(served, tmp_path):
             client.predict(image=handle_file(str(bad)), api_name="/explore")
         again = dict(
             zip(
-                app.OUTPUTS,
+                OUTPUTS,
                 client.predict(
                     image=handle_file(str(ROOT / "assets/rocket.jpg")), max_new_tokens=2, api_name="/explore"
                 ),
@@ -315,15 +327,86 @@ def test_the_launched_app_through_gradio_client(served, tmp_path):
         value, count = client.predict(
             image=handle_file(str(ROOT / "assets/coffee.jpg")), method="cls", budget=10, api_name="/preview"
         )
-        assert value["text"] == "214 of 2144 visual tokens kept (10%)" and len(app.draw.kept_of(value)) == 214
-        assert count.startswith("**214** of 2144 visual tokens (10%)")
+        assert value["text"] == "214 of 2144 visual tokens kept (10%)" and len(viewer.kept_of(value)) == 214
+        assert count.startswith("**214** of 2144 visual tokens kept (10%)")
     finally:
         client.close()
 
 
+COFFEE = str(ROOT / "assets/coffee.jpg")
+ASKED = {  # what each endpoint that takes a method and a budget is asked, given right
+    "/preview": dict(method="cls", budget=10),
+    "/explore": dict(method="cls", budget=10, max_new_tokens=1, compare=False),
+    "/versus": dict(method="cls", budget=10, max_new_tokens=1, other="random"),
+    "/animate": dict(method="cls", frames=2),
+    "/refresh": dict(method="cls", budget=10),
+}
+BAD = [
+    ("budget", 101, "the budget is a percentage of the visual tokens in (0, 100], got 101%"),
+    ("budget", -5, "the budget is a percentage of the visual tokens in (0, 100], got -5%"),
+    ("budget", 0, "the budget is a percentage of the visual tokens in (0, 100], got 0%"),
+    ("method", "nope", "unknown method 'nope'; choose one of: none, random,"),
+    ("other", "nope", "unknown method 'nope'; choose one of: none, random,"),
+]
+
+
+@pytest.mark.parametrize("endpoint", list(ASKED))
+def test_every_endpoint_refuses_a_budget_or_method_out_of_range_in_the_same_words(served, endpoint):
+    client = Client(served, verbose=False)
+    try:
+        for name, value, message in BAD:
+            if name not in ASKED[endpoint]:
+                continue
+            asked = {**ASKED[endpoint], name: value}
+            with pytest.raises(AppError, match=re.escape(message)):
+                client.predict(image=handle_file(COFFEE), **asked, api_name=endpoint)
+        out = client.predict(image=handle_file(COFFEE), **ASKED[endpoint], api_name=endpoint)
+        assert out  # the next request works
+    finally:
+        client.close()
+    with pytest.raises(gr.Error, match=re.escape("unknown method 'nope'")):  # the sweep's methods too
+        ui.sweep.sweep(None, ["cls", "nope"], "20", "kl", {}, lambda *a, **k: None, image=COFFEE, prompt="x")
+
+
+@dataclass(frozen=True)
+class Every(Method):
+    """Every k-th token: a method defined by this test, to show that a new setting reaches the page and
+    the API with no edit in the app."""
+
+    summary: ClassVar[str] = "every k-th visual token in LLM order"
+    k: int = field(default=2, metadata={"range": (1, 9), "help": "keep every k-th token"})
+
+    def select(self, s: Signals) -> Selection:
+        return Selection(keep=torch.arange(0, len(s.geometry), self.k)[: s.budget])
+
+
+def test_a_new_method_and_its_setting_need_no_edit_in_the_app(explorer, monkeypatch):
+    monkeypatch.setitem(METHODS, "every", Every)
+    demo, url = app.serve(explorer, prevent_thread_lock=True, quiet=True)
+    client = Client(url, verbose=False)
+    try:
+        value, line = client.predict(
+            image=handle_file(COFFEE), method="every", budget=10, every_k=3, api_name="/preview"
+        )
+        assert viewer.kept_of(value).tolist() == list(range(0, 3 * 214, 3)) and line.startswith("**214** of 2144")
+        out = client.predict(
+            image=handle_file(COFFEE), method="every", budget=10, every_k=5, max_new_tokens=1, compare=False,
+            api_name="/explore",
+        )  # fmt: skip
+        shown = dict(zip([name for name in OUTPUTS if name not in ("shown", "memo")], out))
+        assert viewer.kept_of(shown["viewer"]).tolist() == list(range(0, 5 * 214, 5))
+    finally:
+        client.close()
+        demo.close()
+
+
 def test_a_sweep_equals_single_runs_and_replots_from_its_cache(explorer, backend, picture_file):
-    args = ({"path": picture_file}, "What is this?", ["cls", "random"], "100, 20,5", 3, "kl", {})
-    figure, table, rows, cache = explorer.sweep(*args, progress=lambda *a, **k: None)
+    asked = dict(image={"path": picture_file}, prompt="What is this?", max_new_tokens=3)
+
+    def sweep(methods, budgets, cache):
+        return ui.sweep.sweep(explorer, methods, budgets, "kl", cache, lambda *a, **k: None, **asked)
+
+    figure, table, rows, cache = sweep(["cls", "random"], "100, 20,5", {})
     assert [(r["method"], r["budget"]) for r in rows] == [("none", "-")] + [
         (m, b) for m in ("cls", "random") for b in ("1", "0.2", "0.05")
     ]
@@ -344,9 +427,9 @@ def test_a_sweep_equals_single_runs_and_replots_from_its_cache(explorer, backend
     calls = []
     hook = backend.model.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
-        again = explorer.sweep(*args[:-1], cache, progress=lambda *a, **k: None)  # everything cached
+        again = sweep(["cls", "random"], "100, 20,5", cache)  # everything cached
         assert again[1] == table and not calls
-        replot = app.bench.figure(again[2], "ttft_s")  # the time to first token also draws the floor
+        replot = bench.figure(again[2], "ttft_s")  # the time to first token also draws the floor
         assert [trace.name for trace in replot.data] == ["cls", "random", "floor (k tokens, no selection)"]
         assert list(replot.data[2].x) == [107, 428, 2144] and not calls
     finally:
@@ -354,15 +437,15 @@ def test_a_sweep_equals_single_runs_and_replots_from_its_cache(explorer, backend
     floors = {(k, r["visual_kept"]) for k, r in cache[next(iter(cache))].items() if k[0] == "uniform"}
     assert floors == {(("uniform", "107 tokens", 1), 107), (("uniform", "428 tokens", 1), 428)}
     assert all(r["floor_ttft_s"] > 0 and r["over_floor"] > 0 for r in rows)
-    with pytest.raises(gr.Error, match="every budget must be a percentage"):
-        explorer.sweep(
-            {"path": picture_file}, "What is this?", ["cls"], "0,20", 3, "kl", {}, progress=lambda *a, **k: None
-        )
+    with pytest.raises(
+        gr.Error, match=re.escape("the budget is a percentage of the visual tokens in (0, 100], got 0%")
+    ):
+        sweep(["cls"], "0,20", {})
 
 
 def test_the_report_is_a_self_contained_page_and_its_json(explorer, picture_file):
     last, _ = explore(explorer, {"path": picture_file}, method="hired")
-    page, data = app.Explorer.report(last["shown"])
+    page, data = ui.explore.download(last["shown"])
     text = Path(page).read_text()
     assert text.count("data:image/png;base64,") == 4 and "src='http" not in text
     assert html.escape(last["answer"]) in text and html.escape(last["full_answer"]) in text
@@ -370,14 +453,12 @@ def test_the_report_is_a_self_contained_page_and_its_json(explorer, picture_file
     assert result["method"] == "hired" and result["full"]["method"] == "none"
     assert result["fidelity"]["kl"] >= 0 and result["versions"]["transformers"] == "5.23.0"
     with pytest.raises(gr.Error, match="run first"):
-        app.Explorer.report(None)
+        ui.explore.download(None)
 
 
 def test_two_methods_side_by_side_show_where_they_agree(explorer, backend, picture_file):
-    settings = [f.default for _, f in app.SETTINGS]
-    *pictures, answer_a, answer_b, table = explorer.versus(
-        picture_file, "What is this?", "hired", "random", 20, 3, *settings
-    )
+    asked = dict(image=picture_file, prompt="What is this?", method="hired", budget=20, max_new_tokens=3)
+    *pictures, answer_a, answer_b, table = ui.versus.versus(explorer, "random", **asked)
     a = run(backend, picture_file, "What is this?", "hired", 0.2, max_new_tokens=3)
     b = run(backend, picture_file, "What is this?", "random", 0.2, max_new_tokens=3)
     assert (answer_a, answer_b) == (a.answer, b.answer)
@@ -402,11 +483,11 @@ def test_two_methods_side_by_side_show_where_they_agree(explorer, backend, pictu
     assert rows["visual tokens"] == [str(len(keep_a)), str(len(keep_b))]
 
 
-@pytest.mark.parametrize("method", list(app.METHODS))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_the_steps_render_for_every_method(explorer, picture_file, method):
     budget = 80 if METHODS[method].stage == "llm" else 20  # a layer mean the tiny model's 4 layers can meet
     last, _ = explore(explorer, picture_file, method=method, budget=budget, compare=False, n=1)
-    steps = app.teach.steps(last["shown"]["picture"], last["shown"]["result"])
+    steps = teach.steps(last["shown"]["picture"], last["shown"]["result"])
     assert steps and all(isinstance(image, Image.Image) and caption for image, caption in steps)
     if method == "none":
         assert "no steps to show" in steps[0][1]
@@ -414,13 +495,13 @@ def test_the_steps_render_for_every_method(explorer, picture_file, method):
         assert steps[-1][1].startswith("What reaches the LLM")
         maps = last["shown"]["result"].selection.maps
         for name in maps:  # every intermediate map is a step, with its caption
-            assert any(app.teach.CAPTIONS.get(name, f"“{name}”") in caption for _, caption in steps)
-    cards = app.draw.cards(steps)  # every caption in full, under its picture
+            assert any(teach.CAPTIONS.get(name, f"“{name}”") in caption for _, caption in steps)
+    cards = viewer.cards(steps)  # every caption in full, under its picture
     assert cards.count("<figure>") == len(steps) and all(html.escape(caption) in cards for _, caption in steps)
 
 
 def test_the_layer_explorer_shows_any_layer_and_head_and_a_patch_by_layer(explorer, backend, picture_file):
-    read, layer, heads, *pictures = explorer.layers({"path": picture_file}, "What is this?")
+    read, layer, heads, *pictures = ui.layers.read(explorer, image={"path": picture_file}, prompt="What is this?")
     maps = read["maps"]
     assert (
         maps.shape == (backend.vision_layers, len(read["geometry"]), 4)
@@ -431,9 +512,9 @@ def test_the_layer_explorer_shows_any_layer_and_head_and_a_patch_by_layer(explor
     torch.testing.assert_close(maps[0].sum(1), signals["cls@0"], equal_nan=True)
     torch.testing.assert_close(maps[backend.feature_layer].sum(1), signals["cls@feature"], equal_nan=True)
     assert heads["choices"] == ["all heads, summed", "head 0", "head 1", "head 2", "head 3"]
-    one = app.layer_pictures(read, 0, "head 2")
+    one = ui.layers.layer_pictures(read, 0, "head 2")
     assert one[0]["label"] == "thumbnail: layer 0, head 2" and one[0]["value"].size[0] == 600
     g = read["geometry"]
     x0, y0, x1, y1 = g.boxes[5].tolist()
-    figure, text = app.layer_profile(read, 0, "head 1", (x0 + x1) / 2, (y0 + y1) / 2)
+    figure, text = ui.layers.layer_profile(read, 0, "head 1", (x0 + x1) / 2, (y0 + y1) / 2)
     assert list(figure.data[0].y) == maps[:, 5, 1].tolist() and text.startswith("token 5: base")

@@ -314,9 +314,11 @@ def test_the_app_shows_a_summary_from_its_eval_dir_or_an_upload(evaluated, tmp_p
     from gradio_client.exceptions import AppError
 
     import app
+    from ui.accuracy import summaries
+    from ui.session import Session
 
-    assert app.summaries(str(evaluated)) == ["summary.json"]
-    explorer = app.Explorer("tiny-llava-next", "cpu", warm_up=False)
+    assert summaries(str(evaluated)) == ["summary.json"]
+    explorer = Session("tiny-llava-next", "cpu", warm_up=False)
     demo, url = app.serve(explorer, eval_dir=str(evaluated), prevent_thread_lock=True, quiet=True)
     try:
         client = Client(url, verbose=False)

@@ -321,19 +321,22 @@ def test_fidelity_scores_the_answer_as_generate_made_it(family):
 
 
 def test_the_app_offers_only_the_methods_that_run_and_says_why(family):
-    import app
+    import ui
+    from ui.session import Session
 
     name, backend = family
-    explorer = app.Explorer(name, "cpu")
+    explorer = Session(name, "cpu")
     explorer._backend = backend  # the session's model, already loaded
-    method, other, swept, explanation, layers = explorer.for_model()
+    method, other, swept, explanation, layers = ui.for_model(explorer)
     runs = [m for m in METHODS if not unavailable(m, backend)]
     assert [value for _, value in method["choices"]] == other["choices"] == runs
     assert method["value"] == "hired" and set(swept["value"]) <= set(runs)  # HiRED runs on every family
-    assert ("no [CLS] token" in explanation) == (not backend.cls_token) == (layers == app.LAYERS_RECEIVED)
+    assert ("no [CLS] token" in explanation) == (not backend.cls_token) == (layers == ui.layers.RECEIVED)
     status = explorer.status()
     assert status.count("not on this model") == len(cannot(name))
-    read, layer, *_ = explorer.layers(str(ROOT / "assets/rocket.jpg"), PROMPT)  # every layer's (received) attention
+    read, layer, *_ = ui.layers.read(
+        explorer, image=str(ROOT / "assets/rocket.jpg"), prompt=PROMPT
+    )  # every layer's (received) attention
     assert read["maps"].shape[:2] == (backend.vision_layers, len(read["geometry"])) and layer["value"] >= 1
 
 

@@ -32,7 +32,9 @@ def test_the_preview_keeps_what_a_run_keeps(backend, picture, method):
     shown = preview(backend, picture, method, 0.15)
     ran = run(backend, picture, PROMPT, method, 0.15, max_new_tokens=1)
     assert torch.equal(shown.selection.keep, ran.selection.keep)
-    assert not shown.pending and shown.line.startswith(f"{ran.tokens['visual_kept']} of {len(ran.geometry)} visual")
+    assert not shown.pending and str(shown.count).startswith(
+        f"{ran.tokens['visual_kept']} of {len(ran.geometry)} visual"
+    )
 
 
 @pytest.mark.parametrize("method", ["mustdrop", "aim"])
@@ -52,7 +54,9 @@ def test_a_method_that_chooses_inside_the_llm_or_the_encoder_says_it_shows_after
     assert shown.pending and len(shown.selection.keep) == len(shown.geometry)
     assert "Run" in shown.note and cache.passes == 0  # the geometry alone: no encoder run for nothing
     counted = "kept" if METHODS[method].stage == "vision" else "per LLM layer on average"  # llm stage: a layer mean
-    assert shown.line == f"{int(0.2 * len(shown.geometry))} of {len(shown.geometry)} visual tokens {counted} (20%)"
+    assert (
+        str(shown.count) == f"{int(0.2 * len(shown.geometry))} of {len(shown.geometry)} visual tokens {counted} (20%)"
+    )
 
 
 def test_the_vision_pass_runs_once_per_image_and_signal_set_then_only_selection(backend, picture, monkeypatch):
@@ -109,7 +113,7 @@ def test_the_preview_never_waits_on_a_running_model(backend, picture):
 def test_the_viewer_gets_the_kept_set_and_the_views_laid_out_as_tiled(backend, picture):
     shown = preview(backend, picture, "visionzip", 0.2)
     g = shown.geometry
-    value = viewer.value("k", g, shown.selection, shown.line)
+    value = viewer.value("k", g, shown.selection, str(shown.count))
     assert viewer.kept_of(value).tolist() == shown.selection.keep.tolist()
     assert value["groups"] and value["scores"] and len(str(value)) < 40_000
     scene = viewer.scene(picture, g, "k")
@@ -149,4 +153,4 @@ def test_every_method_that_runs_on_the_model_previews_or_says_why_not(backend, p
         if unavailable(name, backend):
             continue
         shown = preview(backend, picture, name, 0.2, cache=cache, image="x")
-        assert shown.line and shown.note and len(shown.selection.keep) >= 1, name
+        assert str(shown.count) and shown.note and len(shown.selection.keep) >= 1, name

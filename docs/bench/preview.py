@@ -10,7 +10,7 @@ called with gradio_client, one call at a time, as a page would: /explore with th
 first on this image, with the vision pass unless an earlier method's pass holds its signals) and
 `--steps` more times at other budgets. The times are wall-clock seconds around `predict`, so they
 include the HTTP round trip, the queue and Gradio's processing; "handler" is the same steps timed in
-this process around `Explorer.preview` alone, and "/status" the round trip of an endpoint that does
+this process around `ui.picture.live_picture` alone, and "/status" the round trip of an endpoint that does
 no work. With --browser, Debian's headless Chromium then opens the page, picks the image and presses
 the right arrow key on the budget slider `--steps` times (hired, the page's default): from the key
 press to the picture redrawn, the page's own work included. Prints a Markdown table.
@@ -34,6 +34,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from gradio_client import Client, handle_file  # noqa: E402
 
 import app  # noqa: E402
+from ui.picture import live_picture  # noqa: E402
+from ui.session import Session  # noqa: E402
 
 
 def timed(client: Client, **asked) -> tuple[float, object]:
@@ -44,7 +46,7 @@ def timed(client: Client, **asked) -> tuple[float, object]:
 
 
 def measure(model: str, device: str | None, image: Path, methods: list[str], args) -> list[dict]:
-    explorer = app.Explorer(model, device)
+    explorer = Session(model, device)
     explorer.backend()  # loaded and warmed up before anything is timed
     demo, url = app.serve(explorer, prevent_thread_lock=True, quiet=True)
     client = Client(url, verbose=False, download_files=False)  # the pictures of a run stay on the server
@@ -66,10 +68,9 @@ def measure(model: str, device: str | None, image: Path, methods: list[str], arg
             for budget in budgets:
                 seconds, (value, _) = timed(client, image=file, method=method, budget=budget, api_name="/preview")
                 steps.append(seconds)
-            settings = [f.default for _, f in app.SETTINGS]
             for budget in budgets:
                 start = time.perf_counter()
-                explorer.preview({"path": str(image)}, method, budget, False, *settings)
+                live_picture(explorer, False, image={"path": str(image)}, method=method, budget=budget)
                 handler.append(time.perf_counter() - start)
             status = [timed(client, api_name="/status")[0] for _ in budgets]
             rows.append(

@@ -52,7 +52,7 @@ def frames(
             small, g = _smaller(picture, shown.geometry)
             view = list(vis.views(g).values())[-1]
         drawn = vis.overlay(small, g, shown.selection, view)
-        out.append(_captioned(drawn, f"{method}: {shown.line}"))
+        out.append(_captioned(drawn, f"{method}: {shown.count}"))
     return out
 
 

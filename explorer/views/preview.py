@@ -7,7 +7,7 @@ measured run takes, on those cached signals: the preview keeps what Run keeps.
 
     cache = VisionCache()
     shown = preview(backend, picture, "hired", 0.2, cache=cache)   # the first call on an image encodes it
-    shown.line                                                    # "428 of 2144 visual tokens kept (20%)"
+    str(shown.count)                                                    # "428 of 2144 visual tokens kept (20%)"
 
 The preview never holds up a run: the vision pass waits at most `wait_s` for the model (the lock a run
 holds, `pipeline.model_lock`) and otherwise says the model is busy; selections on cached signals take
@@ -33,6 +33,7 @@ from backends.signals import FEATURES
 from ..core import Budget, ExplorerError, Geometry, Selection, Signals
 from ..engine.measure import now
 from ..engine.pipeline import choose, method_for, model_lock, step_budget, vision_needs
+from .counts import Count, count
 
 PROMPT = "Describe the image."  # the processor wants a prompt; the vision pass does not read it
 WAIT_S = 0.5  # longest wait for a model that a run is using, before the preview says it is busy
@@ -139,7 +140,8 @@ class Preview:
 
     geometry: Geometry
     selection: Selection  # every token when nothing can be chosen before the LLM (`pending`)
-    line: str  # "K of N visual tokens kept (B%)"
+    count: Count  # what the picture shows, str(count): "K of N visual tokens kept (B%)"
+    budget: Count  # what the budget means for this image (for an llm-stage method: its layer mean or last cut)
     note: str  # how the picture was made, or why it shows every token
     pending: bool  # the tokens are chosen inside the LLM or the encoder: the picture shows them after Run
     cached: bool  # the vision pass came from the cache
@@ -169,8 +171,8 @@ def preview(
     except Busy as busy:  # the geometry needs no model: every token, and why
         seen, cached = cache.get(backend, picture, (), image, wait_s)
         g = seen.geometry
-        line = f"{len(g)} visual tokens in this image"
-        return Preview(g, Selection(keep=torch.arange(len(g))), line, str(busy), True, cached, 0.0, busy=True)
+        meant = count(chosen, fixed, len(g), backend.depth)
+        return Preview(g, Selection(keep=torch.arange(len(g))), meant, meant, str(busy), True, cached, 0.0, busy=True)
     g, start = seen.geometry, now()
     b = fixed.resolve(len(g)) if fixed else len(g)
     selection = Selection(keep=torch.arange(len(g)))
@@ -179,28 +181,9 @@ def preview(
             step = step_budget(chosen, backend.depth, len(g), b if fixed else None)
             selection = choose(chosen, Signals(g, step, seen.maps))
     seconds = now() - start
-    kept = b if pending else len(selection.keep)
-    line = f"{kept} of {len(g)} visual tokens {_kept(chosen, pending)} ({_percent(budget, fixed, chosen)})"
-    return Preview(g, selection, line, _note(method, chosen, cached, seconds), pending, cached, seconds)
-
-
-def _kept(chosen, pending: bool) -> str:
-    """What the count of the line is: an llm-stage method's budget is a mean over the LLM's layers (or
-    what its last cut leaves), and the picture of its step before the LLM shows the tokens entering it."""
-    if chosen.stage == "vision" or not chosen.budgeted:
-        return "kept"
-    if not pending:
-        return "enter the LLM"
-    return "left after the last cut" if chosen.budget_after_cuts else "per LLM layer on average"
-
-
-def _percent(budget: Budget | float, fixed: Budget | None, chosen) -> str:
-    if not chosen.budgeted:
-        return "no reduction"
-    if fixed is None:
-        return "adaptive: the method chose how many"
-    b = budget if isinstance(budget, Budget) else Budget(fraction=budget)
-    return f"{100 * b.fraction:g}%" if b.fraction is not None else f"budget {b.tokens} tokens"
+    meant = count(chosen, fixed, len(g), backend.depth)
+    shown = meant if pending else count(chosen, fixed, len(g), backend.depth, len(selection.keep))
+    return Preview(g, selection, shown, meant, _note(method, chosen, cached, seconds), pending, cached, seconds)
 
 
 def _note(method: str, chosen, cached: bool, seconds: float) -> str:

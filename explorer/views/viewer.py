@@ -2,8 +2,9 @@
 (`assets/viewer.js`), so a budget step sends a few hundred bytes instead of a new image.
 
 - `scene(picture, geometry)`, once per image: the photo, every visual token's box, partition and cell,
-  and each view (the thumbnail, the crops) laid out as the model tiles it: one panel per partition,
-  apart from its neighbours, with a band above each row of panels for their labels.
+  each view (the thumbnail, the crops) laid out as the model tiles it: one panel per partition,
+  apart from its neighbours, with a band above each row of panels for their labels; and the picture's
+  look (`style`), the same as the PIL pictures'.
 - `value(...)`, on every change of budget, method or settings: the kept set as a bitmask, the merge
   groups and the scores, and the line of text above the picture.
 
@@ -22,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..core import Geometry, Selection
+from . import style as look
 from . import visual as vis
 
 
@@ -32,6 +34,7 @@ def scene(picture: Image.Image, g: Geometry, key: str) -> dict:
     scale = torch.tensor([width, height, width, height]) / torch.tensor(g.image_size * 2)
     boxes = (g.boxes * scale).nan_to_num(-1).round()  # (N, 4) on the displayed photo; -1 for newlines
     band = max(18, round(max(width, height) / 28))  # the label band above each row of panels
+    pixels = g.boxes.nan_to_num(-1).round()  # (N, 4) on the user's image, rounded as `describe` words them
     return {
         "key": key,
         "photo": _jpeg(picture.convert("RGB").resize((width, height))),
@@ -42,9 +45,30 @@ def scene(picture: Image.Image, g: Geometry, key: str) -> dict:
         "partition": _b64(g.partition.numpy().astype("<u2")),
         "cells": _b64(g.cells.numpy().astype("<u2").ravel()),  # (row, col) per token
         "boxes": _b64(boxes.numpy().astype("<i2").ravel()),  # (x0, y0, x1, y1) per token
+        "pixels": _b64(pixels.numpy().astype("<i4").ravel()),  # the same on the user's image
         "views": [_view(name, tokens, g, boxes, band) for name, tokens in reversed(vis.views(g).items())],
-        "hatch": vis.hatch_step((height, width)),
-        "dim": vis.DIM,
+        "style": _style(len(g), (height, width)),
+    }
+
+
+def _style(n: int, shape: tuple[int, int]) -> dict:
+    """The picture's look (`style`) for n tokens on a photo of `shape` (H, W), with the legend and the
+    colour of every possible merge group (`palette`)."""
+    every = look.hatch_step(shape)
+    return {
+        "kept": look.KEPT,
+        "dim": look.DIM,
+        "luma": look.LUMA,
+        "hatch": {"colour": look.HATCH, "every": every, "width": look.hatch_width(every)},
+        "tint": look.TINT,
+        "palette": _b64(look.palette(n).round().astype(np.uint8).ravel()),  # (n, 3) RGB
+        "inferno": look.INFERNO,
+        "heat_under": look.HEAT_UNDER,
+        "underlay": look.UNDERLAY,
+        "label": look.LABEL,
+        "frame": look.FRAME,
+        "legend": look.legend(),
+        "scale": look.scale(),
     }
 
 

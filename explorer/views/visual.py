@@ -2,13 +2,13 @@
 
 Every visual token has a pixel box on the original image (`Geometry.boxes`), so the overlays are
 exact: a token's patch is greyed, darkened and hatched when it was dropped, and left untouched when
-it was kept, so kept and dropped read apart on dark, bright and busy images alike. Plain numpy and
-PIL; plotly is imported only when a chart is drawn.
+it was kept, so kept and dropped read apart on dark, bright and busy images alike. The look (colours,
+hatching) is `style`'s, which the browser's picture draws with too. Plain numpy and PIL; plotly is
+imported only when a chart is drawn.
 """
 
 from __future__ import annotations
 
-import colorsys
 import html
 import inspect
 import math
@@ -23,13 +23,12 @@ from backends.errors import first_line
 
 from ..core import Geometry, Selection
 from ..methods import METHODS
+from . import style
+from .style import DIM, HATCH, HEAT_UNDER, KEPT, ONLY_A, ONLY_B, TINT, hatch_step, palette
 
 DISPLAY = 2048  # longest side of the pictures, in pixels; smaller images keep their size
-KEPT = (255, 212, 0)  # the outline around kept patches
-DIM = 0.35  # a dropped patch turns grey, at this share of its brightness
-HATCH = (190, 190, 190)  # the diagonal lines across dropped patches, which show even on a black image
-HATCH_EVERY = 80  # one hatch line every (longer side / this) pixels, at least 6 apart
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # brightness of an RGB colour (ITU-R BT.601)
+LUMA = np.array(style.LUMA, dtype=np.float32)
+SCALE = np.array(style.INFERNO, dtype=np.float32)  # the colours of scores, dark to bright
 
 
 def views(g: Geometry) -> dict[str, torch.Tensor]:
@@ -81,7 +80,7 @@ def overlay(image: Image.Image, g: Geometry, selection: Selection, tokens: torch
         targets = np.unique(groups[groups >= 0])
         colour[targets] = palette(len(targets))
         merged = dropped & (into >= 0)
-        out[merged] = 0.5 * out[merged] + 0.5 * colour[into[merged]]
+        out[merged] = (1 - TINT) * out[merged] + TINT * colour[into[merged]]
     out[dropped & ~merged & hatch(label.shape)] = HATCH
 
     # a dropped pixel next to a kept one, in any of the four directions, gets the line of that kept token
@@ -98,17 +97,10 @@ def dimmed(pixels: np.ndarray) -> np.ndarray:
 
 
 def hatch(shape: tuple[int, int]) -> np.ndarray:
-    """(H, W) bool: the pixels on the diagonal hatch lines, one line every `hatch_step` pixels, a third as wide."""
+    """(H, W) bool: the pixels on the diagonal hatch lines, one line every `hatch_step` pixels, `hatch_width` wide."""
     every = hatch_step(shape)
     y, x = np.ogrid[: shape[0], : shape[1]]
-    return (x + y) % every < max(2, every // 3)
-
-
-def hatch_step(shape: tuple[int, int]) -> int:
-    return max(6, round(max(shape) / HATCH_EVERY))
-
-
-ONLY_A, ONLY_B = (40, 110, 255), (255, 140, 0)  # tints for tokens that only one of two methods kept
+    return (x + y) % every < style.hatch_width(every)
 
 
 def agreement(image: Image.Image, g: Geometry, keep_a: torch.Tensor, keep_b: torch.Tensor, tokens: torch.Tensor):
@@ -133,16 +125,6 @@ def agreement(image: Image.Image, g: Geometry, keep_a: torch.Tensor, keep_b: tor
         "neither": int((~a[shown] & ~b[shown]).sum()),
     }
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8)), counts
-
-
-def palette(n: int) -> np.ndarray:
-    """(n, 3) float distinct bright colours, the golden-ratio walk around the hue circle."""
-    hues = (np.arange(n) * 0.618034) % 1.0
-    return np.array([colorsys.hsv_to_rgb(h, 0.75, 1.0) for h in hues], dtype=np.float32).reshape(n, 3) * 255
-
-
-# a perceptually ordered dark-to-bright scale (anchors of matplotlib's "inferno", CC0)
-SCALE = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
 
 
 def colours(t: np.ndarray) -> np.ndarray:
@@ -176,12 +158,10 @@ def heatmap(image: Image.Image, g: Geometry, scores: torch.Tensor, tokens: torch
     return _with_scale(Image.fromarray(out.round().clip(0, 255).astype(np.uint8)), low, mid, high)
 
 
-HEAT_UNDER = 0.35  # the image's share of a heatmap pixel
-
-
 def underlay(pixels: np.ndarray) -> np.ndarray:
-    """(..., 3) the image under a heatmap: grey, its brightness mapped from 0..255 into 64..191."""
-    return np.repeat(64 + 0.5 * (pixels @ LUMA)[..., None], 3, axis=-1)
+    """(..., 3) the image under a heatmap: grey, its brightness mapped from 0..255 into 64..191 (`style.UNDERLAY`)."""
+    base, slope = style.UNDERLAY
+    return np.repeat(base + slope * (pixels @ LUMA)[..., None], 3, axis=-1)
 
 
 def _with_scale(picture: Image.Image, low: float, mid: float, high: float) -> Image.Image:

@@ -1,0 +1,131 @@
+"""What the app serves and keeps: one model, loaded on first use and shared by every visitor, and the caches
+of the page, one per kind, each with its bound. What a visitor keeps (full runs, sweep cells) lives in
+their own `gr.State`, bounded by `MEMO`.
+
+| cache            | holds                                              | bound                              |
+|------------------|----------------------------------------------------|------------------------------------|
+| `Session.vision` | vision passes and geometries (`VisionCache`)       | the last 2 images, 8 passes        |
+| `Session.files`  | image key -> its file, for the page's scene        | 64 images                          |
+| `picture`        | the decoded image of an upload                     | 2 images                           |
+| `digest`         | an upload's SHA-256                                | 64 files                           |
+"""
+
+from __future__ import annotations
+
+try:  # Hugging Face ZeroGPU; imported before anything touches CUDA, and a no-op when not on ZeroGPU
+    from spaces import GPU
+except ImportError:
+
+    def GPU(task=None, **options):
+        return task if task is not None else lambda task: task
+
+
+import functools
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from PIL import Image
+
+import backends
+from explorer import METHODS, ExplorerError, load_image, run
+from explorer.methods import unavailable
+from explorer.views import viewer
+from explorer.views import visual as vis
+from explorer.views.preview import VisionCache, vision_pass
+
+MEMO = 2  # full runs, and sweeps, kept per visitor (each full run with its (T, V) log-probabilities)
+FILES = 64
+ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+
+
+class Session:
+    """One model, loaded on first use (with a short warm-up run), and what the page caches for it."""
+
+    def __init__(self, model: str, device: str | None = None, warm_up: bool = True, notice: str = ""):
+        self.model, self.device, self.warm_up = model, device, warm_up
+        self.notice = notice  # why this model and not the one the operator would expect (`backends.choose`)
+        self._lock = threading.Lock()
+        self._backend = None
+        self.files: OrderedDict[str, str] = OrderedDict()  # image key -> its file, the last FILES previewed
+
+        # the preview's vision passes; on ZeroGPU each runs in a GPU worker and hands its signals back on the
+        # CPU (the worker's memory is gone after the call): only the picture and the signal names travel
+        @functools.partial(GPU, duration=30)
+        def on_gpu(picture, needs):
+            return vision_pass(self.backend(), picture, needs).cpu()
+
+        def in_a_worker(backend, picture, needs, wait_s):
+            return on_gpu(picture, needs) if needs else vision_pass(backend, picture, needs)  # geometry: no GPU
+
+        self.vision = VisionCache(compute=in_a_worker if ZERO_GPU else vision_pass)
+
+    @property
+    def loaded(self) -> bool:
+        return self._backend is not None
+
+    def backend(self):
+        with self._lock:
+            if self._backend is None:
+                backend = backends.load(self.model, self.device)
+                if self.warm_up:  # one short unmeasured run, so the first visitor's numbers are not a cold start
+                    run(backend, Image.new("RGB", (336, 336), "gray"), "Hello", "none", max_new_tokens=2)
+                self._backend = backend
+            return self._backend
+
+    def status(self) -> str:
+        """A line on the model, loading it first if needed."""
+        try:
+            b = self.backend()
+        except ExplorerError as error:
+            return f"⚠️ **{self.model} could not be loaded.** {error}"
+        note = " · **random weights**: answers are gibberish; token counts, overlays and costs are real"
+        line = f"**Model**: {b.name} ({b.family}) on {b.device}" + (note if b.random_weights else "")
+        line += f"\n\n⚠️ {self.notice}" if self.notice else ""
+        reasons = [reason for name in METHODS if (reason := unavailable(name, b))]
+        return line + "".join(f"\n- not on this model: {reason}" for reason in reasons)
+
+    def runnable(self) -> list[str] | None:
+        """The methods that run on the model (None when it cannot be loaded: the status says why)."""
+        try:
+            b = self.backend()
+        except ExplorerError:
+            return None
+        return [name for name in METHODS if not unavailable(name, b)]
+
+    def explain(self, method: str) -> str:
+        """The method in plain words, for the loaded model's vision encoder (with or without [CLS])."""
+        return vis.explain(method, None if self._backend is None else self._backend.cls_token)
+
+    def key(self, path: str) -> str:
+        """Names an image for this model (its cached vision passes, the page's scene), and remembers its file."""
+        key = f"{self.model} {digest(path)}"
+        self.files[key] = path
+        self.files.move_to_end(key)
+        while len(self.files) > FILES:
+            self.files.popitem(last=False)
+        return key
+
+    def scene(self, key: str) -> dict | None:
+        """The image `key` names and where its visual tokens sit, for the page's picture (None when the
+        key is not one of the last images previewed)."""
+        path = self.files.get(key)
+        if path is None:
+            return None
+        shown = picture(path)
+        seen, _ = self.vision.get(self.backend(), shown, (), key)  # the geometry: no model work
+        return viewer.scene(shown, seen.geometry, key)
+
+
+@functools.lru_cache(maxsize=2)
+def picture(path: str) -> Image.Image:
+    """The image of an upload, decoded once for the previews of the same file."""
+    return load_image(path)
+
+
+@functools.lru_cache(maxsize=FILES)
+def digest(path: str) -> str:
+    """The file's SHA-256 (an upload's path is new for every upload, so a path's file does not change)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
