@@ -66,7 +66,7 @@ def tabs() -> Views:
     return Views(plot, overlays, map_choice, heats)
 
 
-def answers(views: Views, viewer: gr.HTML) -> Explored:
+def answers(views: Views, live_picture: gr.HTML) -> Explored:
     """The answers, the table of numbers, the drift strip, the live line and the method in words, under
     the pictures: with `views` and the live picture, every output of a run."""
     with gr.Row():
@@ -77,7 +77,7 @@ def answers(views: Views, viewer: gr.HTML) -> Explored:
     explanation = gr.Markdown(vis.explain("hired"))
     return Explored(
         *views.overlays, *views.heats, views.map_choice, views.plot, answer, full_answer, table, strip, live,
-        explanation, gr.State(), gr.State({}), viewer,
+        explanation, gr.State(), gr.State({}), live_picture,
     )  # fmt: skip
 
 
