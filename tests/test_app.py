@@ -28,7 +28,7 @@ from explorer.views import teach, viewer
 from explorer.views import visual as vis
 from ui.explore import Explored
 from ui.picture import live_picture, refresh
-from ui.session import Session
+from ui.session import Newest, Session
 
 ROOT = Path(__file__).parent.parent
 OUTPUTS = Explored._fields
@@ -518,3 +518,12 @@ def test_the_layer_explorer_shows_any_layer_and_head_and_a_patch_by_layer(explor
     x0, y0, x1, y1 = g.boxes[5].tolist()
     figure, text = ui.layers.layer_profile(read, 0, "head 1", (x0 + x1) / 2, (y0 + y1) / 2)
     assert list(figure.data[0].y) == maps[:, 5, 1].tolist() and text.startswith("token 5: base")
+
+
+def test_an_older_preview_that_finishes_last_changes_nothing():
+    previews = Newest(visitors=2)
+    first, second = previews.ask("a"), previews.ask("a")  # two of one visitor's previews overlap
+    other = previews.ask("b")
+    assert not previews.newest(first) and previews.newest(second) and previews.newest(other)
+    previews.ask("c")  # a third visitor: the oldest is forgotten, and the bound holds
+    assert len(previews._asked) == 2 and not previews.newest(second)

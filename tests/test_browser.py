@@ -1,5 +1,6 @@
 """The app in a real browser: Debian's headless Chromium, driven by Playwright."""
 
+import contextlib
 import re
 import shutil
 from pathlib import Path
@@ -9,6 +10,8 @@ from playwright.sync_api import expect, sync_playwright
 
 import app
 from explorer.core import fraction_of
+from ui.explore import download, run
+from ui.session import Session
 
 ROOT = Path(__file__).parent.parent
 ARTIFACTS = ROOT / "artifacts"  # kept after the run; docs/app.png, docs/preview-*.png are copies of them
@@ -24,7 +27,7 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def explorer():
-    return app.Explorer("tiny-llava-next", "cpu")
+    return Session("tiny-llava-next", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +50,9 @@ def test_upload_pick_hired_at_20_percent_run_and_see_the_results(browser, explor
 
 
 def test_the_exported_report_opens_and_shows_the_overlay_and_the_answer(browser, explorer):
-    settings = [f.default for _, f in app.SETTINGS]
-    *_, last = explorer.explore(str(ROOT / "assets" / "rocket.jpg"), "What is it?", "cls", 20, True, 4, {}, *settings)
-    html, _ = app.Explorer.report(last["shown"])
+    asked = dict(image=str(ROOT / "assets" / "rocket.jpg"), prompt="What is it?", method="cls", max_new_tokens=4)
+    *_, last = run(explorer, {}, budget=20, compare=True, **asked)
+    html, _ = download(last["shown"])
     page = browser.new_page()
     page.goto(Path(html).as_uri())
     overlay = page.get_by_role("img", name="thumbnail: kept and dropped")
@@ -68,6 +71,7 @@ def test_dragging_the_budget_changes_the_picture_and_the_count_without_run(brows
         use_the_picture(page)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=ARTIFACTS / "preview-1400.png")
+        every_tab_in_reach(page)
         on_a_phone(page)
     finally:
         demo.close()
@@ -83,20 +87,30 @@ def drag_the_budget(page):
     page.evaluate(SEEN)  # records every line the picture shows from now on
 
     slider = page.get_by_label(f"range slider for {BUDGET}")
-    drag(page, slider, 0.6)
-    value = int(slider.input_value())
+    stops = []  # at each stop of one drag, the button still down: the budget, its line, the draws, the pixels
+    with holding_the_thumb(page, slider) as move_to:
+        for to in (0.35, 0.5, 0.6):
+            move_to(to)
+            value = int(slider.input_value())
+            shown = f"{fraction_of(value / 100, 2144)} of 2144 visual tokens kept ({value}%)"
+            expect(line).to_have_text(shown, timeout=30_000)  # waits for this budget's picture, mid-drag
+            stops.append((value, shown, int(picture.get_attribute("data-draws")), canvas_pixels(page)))
+    values, lines, draws, pictures = zip(*stops)
+    assert len({20, *values}) == 4  # three budgets on the way, each new
+    assert drawn < draws[0] < draws[1] < draws[2]  # the picture was drawn anew for each, while dragging...
+    assert len({pixels, *pictures}) == 4  # ...and looked different each time: it followed the slider, not only its end
+    assert set(lines) <= set(page.evaluate("() => window.seenLines"))
+    value = int(slider.input_value())  # the button up, where it was let go
     kept = fraction_of(value / 100, 2144)
     expect(line).to_have_text(f"{kept} of 2144 visual tokens kept ({value}%)")
-    expect(page.get_by_text(f"{kept} of 2144 visual tokens ({value}%) reach the LLM")).to_be_visible()
-    assert int(picture.get_attribute("data-draws")) > drawn + 2 and canvas_pixels(page) != pixels
-    assert len(set(page.evaluate("() => window.seenLines"))) >= 3  # it followed the slider, not only its end
+    expect(page.get_by_text(f"{kept} of 2144 visual tokens kept ({value}%) for this 600x400 image")).to_be_visible()
     assert page.get_by_label("Reduced answer").input_value() == ""  # no Run
 
     slider.focus()
     slider.press("ArrowLeft")  # keys change the budget too, and the picture and the count follow them
     kept = fraction_of((value - 1) / 100, 2144)
     expect(line).to_have_text(f"{kept} of 2144 visual tokens kept ({value - 1}%)")
-    expect(page.get_by_text(f"{kept} of 2144 visual tokens ({value - 1}%) reach the LLM")).to_be_visible()
+    expect(page.get_by_text(f"{kept} of 2144 visual tokens kept ({value - 1}%) for this 600x400 image")).to_be_visible()
 
 
 SEEN = """() => {
@@ -107,21 +121,22 @@ SEEN = """() => {
 }"""
 
 
-def drag(page, slider, to: float):
-    """Drag the slider's thumb to `to` (0..1 of its track) in small steps, as a hand does."""
+@contextlib.contextmanager
+def holding_the_thumb(page, slider):
+    """Press the mouse button on the slider's thumb; yields a function that moves the thumb to f (0..1 of
+    its track) in small steps, as a hand does, the button still down; lets go at the end."""
     box = slider.bounding_box()
     y = box["y"] + box["height"] / 2
 
     def x(f):
         return box["x"] + 8 + f * (box["width"] - 16)  # the thumb is ~16 px wide
 
-    start = (float(slider.input_value()) - 1) / 99  # the slider runs 1..100
-    page.mouse.move(x(start), y)
+    page.mouse.move(x((float(slider.input_value()) - 1) / 99), y)  # the slider runs 1..100
     page.mouse.down()
-    for i in range(1, 21):
-        page.mouse.move(x(start + (to - start) * i / 20), y)
-        page.wait_for_timeout(40)
-    page.mouse.up()
+    try:
+        yield lambda f: page.mouse.move(x(f), y, steps=5)
+    finally:
+        page.mouse.up()
 
 
 def canvas_pixels(page) -> str:
@@ -133,7 +148,9 @@ def use_the_picture(page):
     view = page.locator("#picture .tdx-view")
     box = view.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.6)
-    fate = r"token \d+: crop \d,\d, cell \(row \d+, col \d+\); score [-\d.e]+; (kept|dropped)"
+    fate = (
+        r"token \d+: crop \d,\d, cell \(row \d+, col \d+\), pixels x \d+-\d+, y \d+-\d+; score [-\d.e]+; (kept|dropped)"
+    )
     expect(page.locator("#picture .tdx-tip")).to_have_text(re.compile(fate))
     page.locator("#picture").get_by_role("button", name="thumbnail").click()
     expect(page.locator("#picture [data-view]")).to_have_attribute("data-view", "thumbnail")
@@ -158,6 +175,26 @@ def use_the_picture(page):
     expect(line).not_to_have_text(before)
     expect(zoom).to_have_attribute("data-zoom", "1.500")  # the zoom stays while the budget moves
     page.get_by_role("button", name="fit the picture").click()
+
+
+TABS = ["Kept vs dropped", "Budget", "PNG files", "Steps", "Layers", "Two methods", "Sweep", "Animation", "Accuracy"]
+
+
+def every_tab_in_reach(page):
+    """At 1400 px every tab is in sight; at 400 px each is in sight or in its row's overflow menu."""
+    for name in TABS:
+        expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
+    page.set_viewport_size({"width": 400, "height": 900})
+    expect(page.get_by_role("tab", name="Steps", exact=True)).to_be_hidden()  # the row no longer fits
+    found = {tab.text_content().strip() for tab in page.get_by_role("tab").all() if tab.is_visible()}
+    for row in page.locator(".tab-wrapper").all():
+        menu = row.get_by_role("button", name="More tabs")
+        if menu.is_visible():
+            menu.click()
+            found |= {item.text_content().strip() for item in row.locator(".overflow-dropdown button").all()}
+            menu.click()
+    assert found == set(TABS)
+    page.set_viewport_size({"width": 1400, "height": 1000})
 
 
 def on_a_phone(page):
@@ -185,20 +222,20 @@ SCROLLING_SIDEWAYS = """() => [...document.querySelectorAll('*')]
 def see_the_results(page):
     expect(page.get_by_text("random weights")).to_be_visible(timeout=120_000)  # the model loaded
     page.locator("input[type=file]").first.set_input_files(str(ROOT / "assets" / "coffee.jpg"))
-    expect(page.get_by_text("of 2144 visual tokens (20%)")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("of 2144 visual tokens kept (20%) for this 600x400 image")).to_be_visible(timeout=60_000)
 
     page.get_by_label("Method").click()
     page.get_by_role("option", name="hired:").click()
     slider = page.get_by_label("number input for Budget: % of the visual tokens")
     slider.fill("20")
     slider.press("Enter")
-    expect(page.get_by_text("of 2144 visual tokens (20%)")).to_be_visible()
+    expect(page.get_by_text("of 2144 visual tokens kept (20%) for this 600x400 image")).to_be_visible()
     page.get_by_role("button", name="Run").click()
 
     expect(page.get_by_text(" tokens/s · full: ")).to_be_visible(timeout=120_000)  # both runs are done
     expect(page.get_by_role("row", name="visual tokens 428 2144 0.20x")).to_be_visible()
     expect(page.locator("#picture .tdx-count")).to_have_text("428 of 2144 visual tokens kept (the last run)")
-    page.get_by_text("Full-resolution pictures").click()
+    page.get_by_role("tab", name="PNG files").click()
     expect(page.get_by_text("thumbnail: 214 of 576 kept")).to_be_visible()
     overlay = page.get_by_role("tabpanel").locator("img").first
     expect(overlay).to_be_visible()

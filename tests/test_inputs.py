@@ -4,6 +4,7 @@ import json
 import shutil
 import socket
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image, ImageFile
 
 import backends
 from explorer import ExplorerError, load_image, run
+from explorer.engine.images import MAX_PIXELS
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -42,14 +44,23 @@ def png_header(width: int, height: int) -> bytes:
         (png_header(200, 100), "could not be decoded"),  # a header and no pixels
     ],
 )
-def test_unreadable_files_get_one_clear_message(tmp_path, content, message):
+def test_unreadable_files_get_one_clear_message(tmp_path, content, message, monkeypatch):
     path = tmp_path / "upload.png"
     if content is not None:
         path.write_bytes(content)
-    start = time.perf_counter()
+    decoded = []  # the size of every image whose pixels were allocated and decoded
+    load = ImageFile.ImageFile.load
+
+    def spy(image):
+        decoded.append(image.size)
+        return load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
     with pytest.raises(ExplorerError, match=message):
         load_image(path)
-    assert time.perf_counter() - start < 1  # refused before any large decode
+    assert all(width * height <= MAX_PIXELS for width, height in decoded), decoded  # refused before any large decode
+    if "could not be decoded" in message:
+        assert (200, 100) in decoded  # the spy sees decodes: this small one was tried, and failed
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
@@ -144,10 +155,17 @@ def test_without_network_an_uncached_hub_id_fails_at_once(tmp_path, monkeypatch)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as on a user's machine
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
-    start = time.perf_counter()
+    waits, sleep, caller = [], time.sleep, threading.get_ident()
+
+    def no_wait(seconds):  # huggingface_hub's retries back off with time.sleep: counted, and not waited here
+        if threading.get_ident() != caller:
+            return sleep(seconds)
+        waits.append(seconds)
+
+    monkeypatch.setattr(time, "sleep", no_wait)
     with pytest.raises(ExplorerError, match=r"\(huggingface.co cannot be reached\).*--model tiny-llava-next"):
         backends.load("llava-hf/llava-v1.6-vicuna-7b-hf", "cpu")
-    assert time.perf_counter() - start < 5
+    assert waits == []  # no retry: huggingface_hub's would have backed off for 1, 2, 4, 8, 8 s
 
 
 def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path):

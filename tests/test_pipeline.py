@@ -1,7 +1,7 @@
 """End to end on the tiny LLaVA-NeXT: equivalence with stock transformers, real dropping, budgets,
 signals, hooks, streaming, and runs that fail without hanging."""
 
-import time
+import threading
 
 import pytest
 import torch
@@ -156,11 +156,29 @@ def test_a_failing_generation_raises_at_once(backend, monkeypatch):
 
 
 def test_a_stalled_generation_times_out(backend, monkeypatch):
-    monkeypatch.setattr(backend.model, "generate", lambda **kwargs: time.sleep(3))
-    start = time.perf_counter()
-    with pytest.raises(ExplorerError, match="stalled: no token for 0.5 s"):
-        run(backend, photo(64, 64), PROMPT, "hired", timeout_s=0.5)
-    assert time.perf_counter() - start < 2.5
+    """A generate() that never gives a token is given up on after `timeout_s`: the run raises while that
+    generate() is still stuck, not after it comes back."""
+    release, returned = threading.Event(), threading.Event()
+
+    def stalled(**kwargs):  # stuck until the test lets it go (at most 60 s, so nothing hangs), then ends
+        try:
+            release.wait(timeout=60)
+            if kwargs.get("streamer") is not None:
+                kwargs["streamer"].end()  # so a run that never timed out would end here, without an error
+        finally:
+            returned.set()
+
+    monkeypatch.setattr(backend.model, "generate", stalled)
+    try:
+        with pytest.raises(ExplorerError, match="stalled: no token for 0.5 s"):
+            run(backend, photo(64, 64), PROMPT, "hired", timeout_s=0.5)
+        came_back_first = returned.is_set()
+    finally:
+        release.set()
+        returned.wait(timeout=60)
+    assert not came_back_first, "the run waited for the stalled generate() to come back"
+    monkeypatch.undo()
+    assert run(backend, photo(64, 64), PROMPT, "hired", max_new_tokens=1).done  # the model is free again
 
 
 @pytest.mark.parametrize("where", ["vision", "generate"])

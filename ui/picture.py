@@ -43,8 +43,10 @@ def wire(session: Session, form: Form, tab: Picture, running) -> None:
     """The picture and the count follow every change of image, method, budget or setting (/preview), and,
     after a run, the preview the busy model held up (/refresh)."""
 
-    def live(busy: bool | None = False, **given):
-        return live_picture(session, busy, **given)
+    def live(busy: bool | None = False, request: gr.Request = None, **given):
+        asked = session.previews.ask(request.session_hash if request else None)
+        shown = live_picture(session, busy, **given)
+        return shown if session.previews.newest(asked) else (gr.skip(),) * 3  # a newer one is on its way
 
     def held_up(busy: bool | None = False, **given):
         return refresh(session, busy, **given)

@@ -8,6 +8,7 @@ their own `gr.State`, bounded by `MEMO`.
 | `Session.files`  | image key -> its file, for the page's scene        | 64 images                          |
 | `picture`        | the decoded image of an upload                     | 2 images                           |
 | `digest`         | an upload's SHA-256                                | 64 files                           |
+| `Session.previews` | each visitor's newest preview asked              | 1024 visitors                      |
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Session:
             return on_gpu(picture, needs) if needs else vision_pass(backend, picture, needs)  # geometry: no GPU
 
         self.vision = VisionCache(compute=in_a_worker if ZERO_GPU else vision_pass)
+        self.previews = Newest()
 
     @property
     def loaded(self) -> bool:
@@ -117,6 +119,31 @@ class Session:
         shown = picture(path)
         seen, _ = self.vision.get(self.backend(), shown, (), key)  # the geometry: no model work
         return viewer.scene(shown, seen.geometry, key)
+
+
+class Newest:
+    """Which preview is each visitor's newest. The page sends one preview at a time, but under load two can
+    overlap and finish out of order (Gradio's front end checks for a running one before it records a new
+    one); an older one that finishes last would leave the picture behind the slider, so it changes nothing."""
+
+    def __init__(self, visitors: int = 1024):
+        self.visitors = visitors
+        self._asked: OrderedDict[str | None, int] = OrderedDict()  # visitor -> number of their newest
+        self._lock = threading.Lock()
+
+    def ask(self, visitor: str | None) -> tuple[str | None, int]:
+        """A new preview of `visitor` (their session): its ticket."""
+        with self._lock:
+            number = self._asked.pop(visitor, 0) + 1
+            self._asked[visitor] = number
+            while len(self._asked) > self.visitors:
+                self._asked.popitem(last=False)
+            return visitor, number
+
+    def newest(self, ticket: tuple[str | None, int]) -> bool:
+        visitor, number = ticket
+        with self._lock:
+            return self._asked.get(visitor) == number
 
 
 @functools.lru_cache(maxsize=2)
