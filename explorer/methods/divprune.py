@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -54,18 +55,18 @@ class DivPrune(Method):
 
 def max_min_diverse(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(k,) indices of rows of `features` (N, D), greedily chosen to be far apart in cosine distance,
-    and (N,) each row's cosine distance to the nearest chosen one."""
+    and (N,) each row's cosine distance to the nearest chosen one.
+
+    The distance of i and j is 1 - (x @ x.T)[i, j] in fp32, rounded once, as if the whole (N, N)
+    distance matrix were built; since that rounding never reverses an order, the nearest neighbour's
+    distance is 1 - the largest similarity, so only the similarities are built, and the rows of the
+    picks are turned into distances as the walk reaches them."""
     x = F.normalize(features.float(), dim=-1)  # (N, D)
-    distance = 1 - x @ x.T  # (N, N)
-    picked = torch.empty(k, dtype=torch.long, device=x.device)
-    picked[0] = distance.fill_diagonal_(torch.inf).min(1).values.argmax()  # not its own neighbour
-    distance.fill_diagonal_(-torch.inf)  # from now on: a picked token is never picked again
-    # (N,) each token's distance to the nearest picked one; index_select keeps the loop free of GPU syncs
-    to_set = distance.index_select(0, picked[:1])[0]
-    for t in range(1, k):
-        picked[t] = to_set.argmax()
-        to_set = torch.minimum(to_set, distance.index_select(0, picked[t : t + 1])[0])
-    return picked.cpu(), to_set.clamp(min=0).cpu()
+    similarity = x @ x.T  # (N, N)
+    nearest = 1 - similarity.fill_diagonal_(-torch.inf).amax(1)  # (N,) distance to the nearest other token
+    rows = similarity.cpu().numpy()  # (N, N)
+    picked, to_set = farthest_walk(lambda p: 1 - rows[p], int(nearest.argmax()), k, exclude_picked=True)
+    return torch.from_numpy(picked), torch.from_numpy(to_set).clamp(min=0)
 
 
 def as_the_code(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,9 +76,22 @@ def as_the_code(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     x = features.half()
     x = x / x.norm(dim=-1, keepdim=True)  # (N, D) as the code normalises: no epsilon
     distance = 1 - x @ x.T  # (N, N) fp16
-    picks = [int(distance.topk(2, dim=0, largest=False).values[1].argmax())]
-    to_set = distance[picks[0]]  # (N,) per column, the distance to the nearest pick (rows of the picks)
-    for _ in range(1, k):
-        picks.append(int(to_set.argmax()))
-        to_set = torch.minimum(to_set, distance[picks[-1]])
-    return torch.tensor(list(dict.fromkeys(picks))), to_set.float().clamp(min=0).cpu()
+    first = int(distance.topk(2, dim=0, largest=False).values[1].argmax())
+    rows = distance.cpu().numpy()  # (N, N) fp16
+    picks, to_set = farthest_walk(rows.__getitem__, first, k, exclude_picked=False)
+    return torch.tensor(list(dict.fromkeys(picks.tolist()))), torch.from_numpy(to_set).float().clamp(min=0)
+
+
+def farthest_walk(distances, first: int, k: int, exclude_picked: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The greedy walk of max-min diversity, on the host: (k,) the picks in order, `first` first, each
+    next one the token farthest from the picks so far (the first of equal ones, as torch's argmax), and
+    (N,) each token's distance to the nearest pick. `distances(p)`: pick p's (N,) numpy row. With
+    `exclude_picked` a pick is never picked again: its distance to the set is -inf from then on."""
+    picked = np.empty(k, dtype=np.int64)
+    to_set = distances(first).copy()  # (N,)
+    for t in range(k):
+        picked[t] = to_set.argmax() if t else first
+        np.minimum(to_set, distances(picked[t]), out=to_set)
+        if exclude_picked:
+            to_set[picked[t]] = -np.inf
+    return picked, to_set

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -128,12 +129,15 @@ def without_duplicates(
 ) -> torch.Tensor:
     """The k of tokens start, start + 1, ... (rows of the (M, M) cosine `similarity`, in this order)
     left after dropping, round after round, the most duplicated, as VisPruner does (equal scores: see
-    `important_and_diverse`)."""
-    tokens = torch.arange(start, len(similarity), device=similarity.device)
+    `important_and_diverse`). The rounds run on the host, in numpy, but for torch's sort, which stays on
+    the similarity's device: its order of equal scores is the device's."""
+    rows = similarity.cpu().numpy()  # (M, M)
+    tokens = np.arange(start, len(rows))  # (M - start,) in the order of the last round
     if k == 0:
-        return tokens[:0].cpu()
+        return torch.from_numpy(tokens[:0])
     while (r := min(per_round, len(tokens) - k)) > 0:
         a, b = tokens[::2], tokens[1::2]
-        duplication = similarity[a[:, None], b].max(1).values  # (|A|,)
-        tokens = torch.cat([a[duplication.argsort(descending=True, stable=stable)[r:]], b])
-    return tokens.cpu()
+        duplication = torch.from_numpy(rows[a].take(b, axis=1).max(1))  # (|A|,) the highest similarity to B
+        order = duplication.to(similarity.device).argsort(descending=True, stable=stable).cpu()  # (|A|,)
+        tokens = np.concatenate([a[order[r:].numpy()], b])
+    return torch.from_numpy(tokens)
