@@ -61,6 +61,9 @@ __all__ = [
     "choose",
     "default_model",
     "load",
+    "real_architecture",
+    "stored",
+    "stored_config",
 ]
 
 
@@ -199,6 +202,41 @@ def full_size(model: str, device: torch.device, dtype: torch.dtype | None = None
     backend = BACKENDS[tiny.model_type]
     built = random_models.full_size(backend.model_class, tiny, stored, device, dtype or pick_dtype(device))
     return backend(built, processor, model, random_weights=True)
+
+
+def stored(model_type: str | None = None) -> list[str]:
+    """The Hub checkpoints whose architecture configs/ holds (of one model type, when given): the FULL_SIZE
+    ones, which `--random-weights` builds, and each family's published checkpoint, whose cost a run on a
+    small stand-in is projected on (`real_architecture`)."""
+    names = sorted(path.stem.replace("--", "/", 1) for path in CONFIGS.glob("*.json"))
+    return [name for name in names if model_type is None or stored_config(name).model_type == model_type]
+
+
+@functools.cache
+def stored_config(model: str):
+    """The transformers config of the Hub checkpoint `model`, from its architecture stored in configs/."""
+    from transformers import CONFIG_MAPPING
+
+    path = CONFIGS / f"{model.replace('/', '--')}.json"
+    if not path.is_file():
+        raise ExplorerError(f"no stored architecture for {model!r}; configs/ holds: {', '.join(stored())}")
+    values = json.loads(path.read_text())
+    return CONFIG_MAPPING[values["model_type"]].from_dict(values)
+
+
+def real_architecture(backend, model: str | None = None) -> str | None:
+    """The Hub checkpoint whose stored architecture a run's cost is projected on: `model` when one is asked
+    for (a stored architecture of the backend's model type); else, for a random-weight model, its own when
+    it is a full-size one, or its family's published checkpoint; None for a real checkpoint."""
+    if model is None and not backend.random_weights:
+        return None
+    model = model or (backend.name if backend.name in FULL_SIZE else backend.default)
+    if model not in stored(backend.model_type):
+        raise ExplorerError(
+            f"no stored {backend.family} architecture {model!r} to project the cost on; configs/ holds "
+            f"{', '.join(stored(backend.model_type)) or 'none'} of this family"
+        )
+    return model
 
 
 @functools.cache

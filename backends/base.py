@@ -85,12 +85,12 @@ class Backend:
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
-    def chat(self, prompt: str) -> str:
-        """The prompt in the model's chat template: one user turn, the image and then the text."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    def chat(self, prompt: str, part: str = "image") -> str:
+        """The prompt in the model's chat template: one user turn, the image (or video) and then the text."""
+        messages = [{"role": "user", "content": [{"type": part}, {"type": "text", "text": prompt}]}]
         if self.processor.chat_template:
             return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return f"{self.processor.image_token}\n{prompt}"
+        return f"{self.processor.video_token if part == 'video' else self.processor.image_token}\n{prompt}"
 
     def prepare(self, image, prompt: str) -> Prepared:
         """Chat template + processor on one PIL image, and the geometry of its visual tokens."""
@@ -100,6 +100,18 @@ class Backend:
         n_image = int((inputs["input_ids"] == self.image_token_id).sum())
         assert n_image == len(geometry), f"processor inserted {n_image} image tokens, geometry has {len(geometry)}"
         return Prepared(inputs, geometry, source, inputs["input_ids"].shape[1] - n_image)
+
+    def prepare_video(self, frames: list, prompt: str, times_s: list[float] | None = None) -> Prepared:
+        """Chat template + the video processor on exactly these PIL frames (at `times_s`), and the clip's geometry."""
+        raise ExplorerError(f"{self.family} takes no video here yet")
+
+    def visual_token_id(self, prepared: Prepared) -> int:
+        """The id of the prompt's visual tokens: the image token (a clip's, the video token, in families with video)."""
+        return self.image_token_id
+
+    def encoder_outputs(self, prepared: Prepared, kept: torch.Tensor) -> dict:
+        """generate()'s `mm_encoder_outputs` for (K, D) kept visual tokens of this prompt."""
+        return {"image": transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=[kept])}
 
     def image_options(self) -> dict:
         """Keyword arguments for the processor's image processing (Qwen2-VL: the pixel cap)."""
@@ -169,6 +181,17 @@ class Backend:
         """(crops, 3, H, W) the images the vision encoder takes, one per crop (families that `projects_kept`)."""
         raise NotImplementedError
 
+    def encoder_sequences(self, prepared: Prepared) -> list[int]:
+        """The patches of each sequence the vision encoder attends over as a whole, for the cost model
+        (`explorer.engine.cost.VisionPass`); here one per crop `crops` gives ([CLS] not counted)."""
+        pixels = self.crops(prepared)  # (crops, 3, H, W)
+        patch = self.model.config.vision_config.patch_size
+        return [(pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)] * len(pixels)
+
+    def encoder_windows(self, prepared: Prepared) -> list[int]:
+        """The patches of each window the encoder's windowed layers attend within; none here."""
+        return []
+
     def vision_tower(self, pixels: torch.Tensor) -> None:
         """Run the vision encoder alone on (crops, 3, H, W) pixels, for its hooks (families that `projects_kept`)."""
         self.model.model.vision_tower(pixels)
@@ -230,13 +253,21 @@ class Backend:
             features[keep[newline]] = self.newline().to(features)
         return features
 
+    @staticmethod
+    def mixing(selection) -> torch.Tensor:
+        """(K,) bool: whether kept token k absorbs others (`Selection.weights`, which must be set), so that
+        `merge` projects its mix of encoder outputs."""
+        keep, weights = selection.keep, selection.weights.coalesce()  # (K,), sparse (K, N) on the CPU
+        (rows, columns), values = weights.indices(), weights.values()  # (E,) each
+        alone = (columns == keep[rows]) & (values == 1)  # a kept token carrying itself, unchanged
+        return torch.zeros(len(keep), dtype=torch.bool).index_fill_(0, rows[~alone], True)
+
     def _mixed(self, signals: dict[str, torch.Tensor], selection) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(K, C) sum_j weights[k, j] * hidden_j for every kept token (zeros where it carries only
         itself), None when no token absorbs others; and (K,) bool: whether kept token k does."""
         keep, weights = selection.keep, selection.weights.coalesce()  # (K,), sparse (K, N) on the CPU
         (rows, columns), values = weights.indices(), weights.values()  # (E,) each
-        alone = (columns == keep[rows]) & (values == 1)  # a kept token carrying itself, unchanged
-        mixing = torch.zeros(len(keep), dtype=torch.bool).index_fill_(0, rows[~alone], True)  # (K,)
+        mixing = self.mixing(selection)  # (K,)
         if not mixing.any():
             return None, mixing
         if HIDDEN_FEATURE not in signals:
@@ -268,24 +299,22 @@ class Backend:
         """Hooks that cut visual tokens inside the LLM while a `with` block runs; see `llm_prune.pruning`
         (`positions`: see `llm_prune.Decoder`; `options`: compact_from, rerank)."""
         ids = prepared.inputs["input_ids"]  # (1, L)
-        image = (ids[0] == self.image_token_id).nonzero()[:, 0]  # (N,)
+        image = (ids[0] == self.visual_token_id(prepared)).nonzero()[:, 0]  # (N,)
         return pruning(self.decoder(positions), image, ids.shape[1], cuts, needs, choose, keep_positions, **options)
 
     def early_pass(self, prepared: Prepared, features: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
         """The LLM run on the whole prompt, every visual token in, until its decoder layer `layer`: the
         signals a method reads there (`llm_prune.early_pass`)."""
         inputs = self.generate_inputs(prepared, features, torch.arange(len(prepared.geometry)))
-        image = (prepared.inputs["input_ids"][0] == self.image_token_id).nonzero()[:, 0]  # (N,)
+        image = (prepared.inputs["input_ids"][0] == self.visual_token_id(prepared)).nonzero()[:, 0]  # (N,)
         return early_pass(self.decoder(), image, layer, lambda: self.model(**inputs, use_cache=False))
 
     def generate_inputs(self, prepared: Prepared, features: torch.Tensor, keep: torch.Tensor) -> dict:
         """generate() arguments for a prompt that holds only the kept visual tokens, in LLM order."""
         ids, mask = prepared.inputs["input_ids"], prepared.inputs["attention_mask"]  # (1, L)
         stay = self.staying(prepared, keep)
-        kept = transformers.modeling_outputs.BaseModelOutputWithPooling(
-            pooler_output=[features[keep.to(features.device)]]
-        )
-        return {"input_ids": ids[:, stay], "attention_mask": mask[:, stay], "mm_encoder_outputs": {"image": kept}}
+        kept = self.encoder_outputs(prepared, features[keep.to(features.device)])
+        return {"input_ids": ids[:, stay], "attention_mask": mask[:, stay], "mm_encoder_outputs": kept}
 
     def batch_inputs(self, each: list[dict]) -> dict:
         """generate() arguments for several prompts at once, from each one's `generate_inputs`: the
@@ -295,20 +324,24 @@ class Backend:
         def padded(key: str, value: int) -> torch.Tensor:  # (..., B, longest): the batch is the next-to-last dim
             return torch.cat([F.pad(i[key], (longest - i[key].shape[-1], 0), value=value) for i in each], -2)
 
-        features = [f for inputs in each for f in inputs["mm_encoder_outputs"]["image"].pooler_output]
-        kept = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=features)
+        outputs, kept = [inputs["mm_encoder_outputs"] for inputs in each], {}
+        for modality in ("image", "video"):  # images: lists of (K, D); clips: (1, K, D); filled in the batch's order
+            parts = [output[modality].pooler_output for output in outputs if modality in output]
+            if parts:
+                joined = [f for part in parts for f in part] if modality == "image" else torch.cat(parts, 1)
+                kept[modality] = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=joined)
         batch = {
             "input_ids": padded("input_ids", self.tokenizer.pad_token_id),
             "attention_mask": padded("attention_mask", 0),
         }
         if "position_ids" in each[0]:  # given per prompt (Qwen's M-RoPE); generate() goes on from each row's last
             batch["position_ids"] = padded("position_ids", 0)
-        return batch | {"mm_encoder_outputs": {"image": kept}}
+        return batch | {"mm_encoder_outputs": kept}
 
     def staying(self, prepared: Prepared, keep: torch.Tensor) -> torch.Tensor:
         """(L,) bool over the prompt: the text and the kept visual tokens."""
         ids = prepared.inputs["input_ids"]  # (1, L)
-        image_positions = (ids[0] == self.image_token_id).nonzero()[:, 0]  # (N,)
+        image_positions = (ids[0] == self.visual_token_id(prepared)).nonzero()[:, 0]  # (N,)
         stay = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
         stay[image_positions] = False
         stay[image_positions[keep.to(ids.device)]] = True

@@ -1,5 +1,6 @@
 """Where each visual token sits: its partition, its grid cell and its pixel box on the user's image,
-in the order the LLM reads the tokens; and the AnyRes layout of LLaVA-NeXT and LLaVA-OneVision."""
+in the order the LLM reads the tokens; the AnyRes layout of LLaVA-NeXT and LLaVA-OneVision, and the layout
+of a clip whose frames are pooled to a smaller grid (LLaVA-OneVision's video)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ class Geometry:
     tokens, sorted by LLM index, walk its grid row by row.
     """
 
-    names: tuple[str, ...]  # partition names: "base", "crop R,C", ..., "newline"; "image"; "tile R,C", "global"
+    # partition names: "base", "crop R,C", ..., "newline"; "image"; "tile R,C", "global"; "frame F", ..., "newline"
+    names: tuple[str, ...]
     partition: torch.Tensor  # (N,) long, index into `names`
     cells: torch.Tensor  # (N, 2) long, (row, col) in the partition's grid; newline i is (i, 0)
-    boxes: torch.Tensor  # (N, 4) float, (x0, y0, x1, y1) on the original image; NaN for newlines
-    image_size: tuple[int, int]  # (width, height) of the original image
+    boxes: torch.Tensor  # (N, 4) float, (x0, y0, x1, y1) on the original image (a clip: its frame); NaN for newlines
+    image_size: tuple[int, int]  # (width, height) of the original image (a clip: of each of its frames)
 
     def __len__(self) -> int:
         return len(self.partition)
@@ -57,7 +59,7 @@ class Geometry:
 
 @dataclass(frozen=True)
 class Prepared:
-    """One image and prompt, ready for the model."""
+    """One image (or clip) and prompt, ready for the model."""
 
     inputs: dict  # the processor's tensors, on the model's device
     geometry: Geometry
@@ -65,6 +67,7 @@ class Prepared:
     # no single row (newlines; tokens folded or resampled from several patches)
     source: torch.Tensor
     text_tokens: int  # prompt tokens that are not visual tokens
+    video: bool = False  # the visual tokens are a clip's (the model's video token and video inputs), not an image's
 
 
 @dataclass(frozen=True)
@@ -200,3 +203,33 @@ def _edges(lines: torch.Tensor, g: int, tile: int, patch: int, offset: int, scal
     edges = ((crop * tile + within * patch - offset) * scale).clamp(0, limit)
     edges[0], edges[-1] = 0, limit
     return edges
+
+
+def clip_layout(frames: int, size: tuple[int, int], pooled: torch.Tensor, tile: int, patch: int) -> Geometry:
+    """Geometry of a clip (LLaVA-OneVision's video): `frames` frames of (width, height) pixels, each squashed
+    to one `tile`-px square of g x g patches (g = tile // patch), whose encoder outputs the model pools to a
+    p x p grid; the frames' tokens one after the other, each frame's row by row, then one newline token.
+
+    `pooled` (p*p, 2) float64 is where the model's own pooling samples each token of a frame, in (row,
+    column) of the patch grid: the pooling run on each patch's (row, column), which bilinear resizing
+    moves exactly. Each token's box is the part of the frame its cell of the p x p grid covers (g / p
+    patches a side; a frame's unseen last pixels go to its last cell), checked against where the pooling
+    samples it; the newline's box is NaN. Partitions: "frame 0", ..., "frame F-1", "newline"."""
+    width, height = size
+    g = tile // patch
+    p = math.isqrt(len(pooled))
+    span = g / p  # patches a side of one pooled token
+    k = torch.arange(p * p)
+    i, j = k // p, k % p  # (p*p,) each token's cell in its frame
+    centres = torch.stack([(i + 0.5) * span, (j + 0.5) * span], 1).double() - 0.5  # in patch-centre coordinates
+    torch.testing.assert_close(pooled, centres)
+    lines = torch.arange(p + 1) * span
+    ys = _edges(lines, g, tile, patch, 0, height / tile, height)
+    xs = _edges(lines, g, tile, patch, 0, width / tile, width)
+    frame = torch.stack([xs[j], ys[i], xs[j + 1], ys[i + 1]], 1)  # (p*p, 4)
+    nan = torch.full((1, 4), math.nan, dtype=torch.float64)
+    boxes = torch.cat([frame.repeat(frames, 1), nan])  # (N, 4)
+    partition = torch.arange(frames + 1).repeat_interleave(torch.tensor([p * p] * frames + [1]))  # (N,)
+    cells = torch.cat([torch.stack([i, j], 1).repeat(frames, 1), torch.zeros(1, 2, dtype=torch.long)])
+    names = (*(f"frame {f}" for f in range(frames)), "newline")
+    return Geometry(names, partition, cells, boxes.float(), (width, height))

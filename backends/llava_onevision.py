@@ -13,6 +13,13 @@ SigLIP has no [CLS] token: the "cls" signals are the attention each patch receiv
 `signals.attention_maps`). Signals of resampled tokens are resampled the same way, by the model's own
 packing code, so they line up with the features; merging methods mix those resampled encoder outputs
 before the projector.
+
+A clip (`prepare_video`; the LLaVA-Video checkpoints share the model type): the checkpoint's video
+processor squashes every frame to one 384-px square, the encoder sees each, the projector maps its
+27x27 patches, and the model pools them bilinearly to 14x14 (`apply_pooling`); the frames' tokens follow
+one another, row by row, and one newline token closes the clip: F * 196 + 1 video tokens. Partitions are
+the frames. Signals are pooled by the same `apply_pooling`, so they line up with the tokens; no token is
+one patch, so the projector runs on every token (`one_patch_each` is False).
 """
 
 from __future__ import annotations
@@ -20,11 +27,11 @@ from __future__ import annotations
 import math
 
 import torch
+import transformers  # lazy: its model code loads on first use
 
 from .base import Backend
 from .errors import ExplorerError
-from .geometry import Prepared, anyres_layout
-from .processors import image_only, image_only_processor
+from .geometry import Geometry, Prepared, anyres_layout, clip_layout
 from .random_models import build_tokenizer, text_config, token_ids, vision_config
 
 DEFAULT = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"  # 7B: llava-hf/llava-onevision-qwen2-7b-ov-hf
@@ -49,12 +56,6 @@ class LlavaOnevision(Backend):
         vfl = cfg.vision_feature_layer  # hidden_states index; the layer that makes it is one below
         self.feature_layer = len(self.encoder) + vfl if vfl < 0 else vfl - 1
 
-    @classmethod
-    def load_processor(cls, path: str, **hub):
-        from transformers import LlavaOnevisionProcessor
-
-        return image_only_processor(LlavaOnevisionProcessor, path, **hub)
-
     def layout(self, image_size: list[int]):
         """Geometry of an image of (height, width) pixels, and each token's row in the flat encoder
         output (-1 where the grid was resampled)."""
@@ -78,14 +79,23 @@ class LlavaOnevision(Backend):
 
     def one_patch_each(self, prepared: Prepared) -> bool:
         g = prepared.geometry
-        return bool((prepared.source[g.partition != g.names.index("newline")] >= 0).all())  # -1: resampled
+        return bool((prepared.source[g.partition != g.names.index("newline")] >= 0).all())  # -1: resampled, pooled
 
     def crops(self, prepared: Prepared) -> torch.Tensor:
+        """(crops, 3, H, W) the thumbnail and the crops of an image; (F, 3, H, W) the frames of a clip."""
+        if prepared.video:
+            return prepared.inputs["pixel_values_videos"][0]
         crops = len(prepared.geometry.names) - 1  # the thumbnail and the crops: every partition but the newlines
         return prepared.inputs["pixel_values"][0, :crops]
 
     def image_features(self, prepared: Prepared) -> torch.Tensor:
+        """(N, D) the projected visual tokens, in LLM order, of an image or a clip, by the model's own code."""
         inputs = prepared.inputs
+        if prepared.video:
+            out = self.model.model.get_video_features(
+                pixel_values_videos=inputs["pixel_values_videos"], return_dict=True
+            )
+            return out.pooler_output[0]  # (F * 196 + 1, D): pooled frames, then the newline
         out = self.model.model.get_image_features(
             pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
         )
@@ -93,32 +103,85 @@ class LlavaOnevision(Backend):
 
     def tokens_of(self, prepared: Prepared, values: torch.Tensor, fold: str) -> torch.Tensor:
         """(crops, T, ...) per-patch values through the model's own packing: unpadded, resampled where the
-        features are, NaN for newlines."""
+        features are, NaN for newlines; a clip's (frames, T, ...) through its own pooling, as its features.
+        Every token gets the resampled value of its patches, whatever `fold` asks, as the features do."""
         crops, t, *rest = values.shape
         flat = values.reshape(crops, t, -1)  # (crops, T, C)
+        newline = flat.new_full((1, flat.shape[-1]), math.nan)
+        if prepared.video:
+            pooled = self.model.model.apply_pooling(flat).flatten(0, 1)  # (F * p*p, C)
+            return torch.cat([pooled, newline]).view(-1, *rest)  # (N, ...)
         width, height = prepared.geometry.image_size
-        newline = flat.new_full((flat.shape[-1],), math.nan)
-        return self.packer([height, width])(flat, newline).view(-1, *rest)  # (N, ...)
+        return self.packer([height, width])(flat, newline[0]).view(-1, *rest)  # (N, ...)
+
+    @property
+    def video_token_id(self) -> int:
+        return self.model.config.video_token_id
+
+    def visual_token_id(self, prepared: Prepared) -> int:
+        return self.video_token_id if prepared.video else self.image_token_id
+
+    def encoder_outputs(self, prepared: Prepared, kept: torch.Tensor) -> dict:
+        """generate()'s `mm_encoder_outputs` for (K, D) kept tokens: a clip's as get_video_features gives them."""
+        if not prepared.video:
+            return super().encoder_outputs(prepared, kept)
+        return {"video": transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=kept[None])}
+
+    def prepare_video(self, frames: list, prompt: str, times_s: list[float] | None = None) -> Prepared:
+        """Chat template with one video part + the checkpoint's video processor on exactly these PIL frames
+        (`do_sample_frames=False`: it samples none of its own), and the geometry of the clip's tokens.
+        OneVision's prompt does not say when the frames were taken: `times_s` is only checked."""
+        if not frames:
+            raise ExplorerError("a clip needs at least one frame")
+        if times_s is not None and len(times_s) != len(frames):
+            raise ExplorerError(f"{len(times_s)} frame times for {len(frames)} frames")
+        if len({frame.size for frame in frames}) > 1:
+            raise ExplorerError("the frames of a clip must all have one size")
+        text = self.chat(prompt, part="video")
+        inputs = self.processor(videos=[frames], text=text, return_tensors="pt", do_sample_frames=False)
+        inputs = inputs.to(self.device)
+        geometry, source = self.video_layout(len(frames), frames[0].size)
+        n_video = int((inputs["input_ids"] == self.video_token_id).sum())
+        assert n_video == len(geometry), f"processor inserted {n_video} video tokens, geometry has {len(geometry)}"
+        return Prepared(inputs, geometry, source, inputs["input_ids"].shape[1] - n_video, video=True)
+
+    def video_layout(self, frames: int, size: tuple[int, int]) -> tuple[Geometry, torch.Tensor]:
+        """Geometry of a clip of `frames` frames of `size` (width, height) pixels, without running the model,
+        and each token's encoder row: -1 for all (pooled from several patches). Where each pooled token
+        samples its frame is read off the model's own `apply_pooling`, run on the patches' (row, column)."""
+        g = self.tile // self.patch  # patches a side
+        k = torch.arange(g * g, dtype=torch.float64)
+        field = torch.stack([k // g, k % g], -1)[None]  # (1, g*g, 2) each patch's (row, column)
+        pooled = self.model.model.apply_pooling(field)[0]  # (p*p, 2)
+        geometry = clip_layout(frames, size, pooled, self.tile, self.patch)
+        return geometry, torch.full((len(geometry),), -1)
 
 
 RANDOM = {
     "tiny-llava-onevision": ((32, 3, 4, 64), (32, 4, 4, 64))
 }  # name -> (vision, text): hidden, layers, heads, mlp
 PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # llava-onevision-qwen2-*-ov-hf's 36
-CHATML = (  # the Qwen2 chat template of llava-onevision-qwen2-*-ov-hf, images first
+CHATML = (  # the Qwen2 chat template of llava-onevision-qwen2-*-ov-hf: images, then videos, then the text
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'video' %}{{ '<video>\n' }}{% endfor %}"
     "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
     "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
+# llava-onevision-qwen2-0.5b-ov-hf's video processor settings (tests/mirrors/: its SOURCES.md): SigLIP's
+# mean and std, every frame squashed to 384x384 with bicubic resampling; transformers reads them from its
+# preprocessor_config.json, as the Hub repo keeps them again in video_processor/preprocessor_config.json
+VIDEO = {"size": {"height": 384, "width": 384}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3}
+
+
 def random_parts(name: str):
     """The config and processor of the random-weight model `name`, with llava-onevision-qwen2-0.5b-ov-hf's
-    processor geometry: 384-px crops, patch 14, its 36 pinpoints, anyres_max_9, 729 tokens per crop."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionProcessor
+    processor geometry: 384-px crops, patch 14, its 36 pinpoints, anyres_max_9, 729 tokens per crop; and
+    its video processor (VIDEO)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
     from transformers.models.llava_onevision import LlavaOnevisionImageProcessorPil
-    from transformers.video_processing_utils import BaseVideoProcessor
 
     vision, text = RANDOM[name]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
@@ -129,7 +192,7 @@ def random_parts(name: str):
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
     )
-    processor = image_only(LlavaOnevisionProcessor)(
+    processor = LlavaOnevisionProcessor(
         image_processor=LlavaOnevisionImageProcessorPil(
             size={"height": 384, "width": 384},
             image_grid_pinpoints=PINPOINTS,
@@ -137,7 +200,7 @@ def random_parts(name: str):
             image_std=[0.5] * 3,
         ),
         tokenizer=tokenizer,
-        video_processor=BaseVideoProcessor(),  # never used: see `processors.image_only`
+        video_processor=LlavaOnevisionVideoProcessor(**VIDEO),
         num_image_tokens=729,
         vision_feature_select_strategy="full",
         chat_template=CHATML,

@@ -108,6 +108,12 @@ class Qwen2VL(Backend):
         out = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
         return out.pooler_output[0]  # (N, D)
 
+    def encoder_sequences(self, prepared: Prepared) -> list[int]:
+        """The patches of each temporal slice (an image has one), each attended over alone, as the model's
+        own attention segments cut them: rows x columns, time times."""
+        time, rows, columns = prepared.inputs["video_grid_thw" if prepared.video else "image_grid_thw"][0].tolist()
+        return [rows * columns] * time
+
     @contextmanager
     def hooks(self, prepared: Prepared, wants: dict[int, set[str]]):
         """Capture the signals of the chosen blocks: (P, ...) per patch, in the order the blocks see them.
@@ -225,6 +231,17 @@ class Qwen25VL(Qwen2VL):
     model_class = "Qwen2_5_VLForConditionalGeneration"
     processor_class = "Qwen2_5_VLProcessor"
     default = DEFAULT_25  # the real checkpoint
+
+    def encoder_windows(self, prepared: Prepared) -> list[int]:
+        """The patches of each window of the windowed blocks, as the model's own window index cuts them."""
+        from transformers.vision_utils import get_vision_window_index
+
+        vision = self.model.model.visual
+        grid = prepared.inputs["video_grid_thw" if prepared.video else "image_grid_thw"]
+        _, bounds = get_vision_window_index(
+            grid, vision.spatial_merge_size, vision.window_size, vision.patch_size
+        )  # (windows + 1,) cumulative patches
+        return bounds.diff().tolist()
 
     def in_image_order(self, prepared: Prepared, values: torch.Tensor) -> torch.Tensor:
         """Qwen2.5-VL's blocks see the tokens' patches grouped by window: put them back in image order."""

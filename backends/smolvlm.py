@@ -95,6 +95,10 @@ class SmolVLM(Backend):
         )
         return out.pooler_output[0]  # (N, D)
 
+    def encoder_sequences(self, prepared: Prepared) -> list[int]:
+        """Every tile and the global one, each patches x patches, attended over alone."""
+        return [self.patches**2] * len(prepared.geometry.names)
+
     def tokens_of(self, prepared: Prepared, values: torch.Tensor, fold: str) -> torch.Tensor:
         tiles, patches, *rest = values.shape
         folded = self.folded(values.reshape(tiles, patches, -1))  # (N, s * s, C)

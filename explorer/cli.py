@@ -15,7 +15,7 @@ from .engine import fidelity
 from .engine.images import load_image
 from .engine.pipeline import check_request, run, stream
 from .evaluation import bench
-from .methods import KINDS, METHODS, make, unavailable
+from .methods import KINDS, METHODS, make, on_images, unavailable
 from .views.visual import save_chart
 
 
@@ -70,6 +70,12 @@ def _run_parser(commands) -> None:
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument(
         "--fidelity", action="store_true", help="also run the full model and score its answer under the reduced one"
+    )
+    run.add_argument(
+        "--project-to",
+        metavar="HUB_ID",
+        help="also compute the cost of this run on a real checkpoint's architecture stored in backends/configs/ "
+        "(of the model's family; default on a random-weight model: its family's published checkpoint)",
     )
 
 
@@ -131,7 +137,13 @@ def _model_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
         "without a GPU; without network, when that default is not in the Hugging Face cache, its family's tiny-* "
         "model)" + ("; several, comma-separated, are measured one after another" if several else ""),
     )
-    parser.add_argument("--image", required=True)
+    shown = parser.add_mutually_exclusive_group(required=True)
+    shown.add_argument("--image")
+    shown.add_argument("--video", help="a video file (mp4, webm, mov, mkv, animated gif); its audio is ignored")
+    parser.add_argument(
+        "--frames", type=int, help="frames sampled evenly from --video (default: 8 on a CPU, 16 on a GPU; at most 64)"
+    )
+    parser.add_argument("--fps", type=float, help="frames sampled from --video at this rate instead (at most 64)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when there is one)")
     parser.add_argument(
         "--random-weights",
@@ -161,7 +173,7 @@ def _models(sizes: str) -> int:
     for preset in (name for name in backends.RANDOM if name.startswith("tiny-")):
         backend = backends.load(preset, "cpu")
         counts = [str(len(backend.layout([h, w])[0])) for w, h in shapes]
-        cannot = ", ".join(f"`{m}`" for m in METHODS if unavailable(m, backend)) or "none"
+        cannot = ", ".join(f"`{m}`" for m in on_images() if unavailable(m, backend)) or "none"
         names = [backend.family, f"`{backend.model_type}`", f"`{backend.default}`", f"`{preset}`"]
         print("| " + " | ".join([*names, *counts, cannot]) + " |")
     return 0
@@ -189,11 +201,19 @@ def _run(args) -> int:
     make(args.method, **settings)
     budget = Budget(tokens=args.tokens) if args.tokens is not None else Budget(fraction=args.budget)
     check_request(args.prompt, args.max_new_tokens, timeout_s=args.timeout)
-    image = load_image(args.image)
+    image = _media(args)
     backend = _load(args)
     shown = ""
     for result in stream(
-        backend, image, args.prompt, args.method, budget, settings, args.max_new_tokens, timeout_s=args.timeout
+        backend,
+        image,
+        args.prompt,
+        args.method,
+        budget,
+        settings,
+        args.max_new_tokens,
+        timeout_s=args.timeout,
+        project_to=args.project_to,
     ):
         text = result.answer.rstrip("\ufffd")  # hold back a character still being decoded
         if not args.json and text.startswith(shown):
@@ -214,6 +234,20 @@ def _run(args) -> int:
     return 0
 
 
+def _media(args):
+    """The image, or the frames sampled from the video, of the command line: checked before any model loads."""
+    if args.video is None:
+        if args.frames is not None or args.fps is not None:
+            raise ExplorerError("--frames and --fps sample a video: give --video, not --image")
+        return load_image(args.image)
+    import torch
+
+    from .engine.video import load_video
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_video(args.video, frames=args.frames, fps=args.fps, device=device)
+
+
 def _drift(backend, image, args, settings, budget) -> dict:
     """The full run's answer scored under the full and the reduced model (`fidelity.drift`)."""
     full = run(backend, image, args.prompt, "none", max_new_tokens=args.max_new_tokens, timeout_s=args.timeout)
@@ -227,6 +261,8 @@ def _summary(result) -> str:
     weights = " (random weights: the answer is gibberish)" if result.random_weights else ""
     settings = ", ".join(f"{k}={v}" for k, v in result.settings.items())
     parts = "  ".join(f"{p['name']} {p['kept']}/{p['full']}" for p in tok["by_partition"])
+    if "by_frame" in tok:  # a clip: per frame, with its time
+        parts = "  ".join(f"{f['time_s']:.1f}s {f['kept']}/{f['full']}" for f in tok["by_frame"])
     decode = timing["decode_tokens_per_s"]
     cuts = ", ".join(f"{c['kept']} from layer {c['layer']} (scored at {c['scored_at']})" for c in tok["llm_cuts"])
     inside = [f"inside the LLM: {cuts}; visual tokens per layer, averaged: {tok['visual_layer_mean']:.1f}"]
@@ -245,10 +281,28 @@ def _summary(result) -> str:
             f"first token {timing['ttft_s']:.3f} s | prefill {timing['prefill_s']:.3f} s | "
             f"decode {f'{decode:.1f} tok/s' if decode else '-'} | total {timing['total_s']:.3f} s | selection {timing['selection_s'] * 1e3:.2f} ms",
             f"peak memory ({result.memory['device']}): {result.memory['peak_bytes'] / 2**20:.0f} MiB",
-            f"computed from the config: LLM prefill {result.cost['prefill_flops'] / 1e12:.3g} TFLOPs, "
+            f"computed from the config: vision {result.cost['vision_flops'] / 1e12:.3g} TFLOPs, "
+            f"LLM prefill {result.cost['prefill_flops'] / 1e12:.3g} TFLOPs, "
             f"the prompt's KV cache while decoding {result.cost['kv_bytes'] / 2**20:.1f} MiB",
+            *_projected(result.cost.get("projected")),
         ]
     )
+
+
+def _projected(projected: dict | None) -> list[str]:
+    """The summary's line on the run's computed cost on a real architecture, reduced vs full."""
+    if projected is None:
+        return []
+    reduced, full = projected["reduced"], projected["full"]
+
+    def pair(key: str, scale: float, unit: str, form: str = ".3g") -> str:
+        return f"{reduced[key] / scale:{form}} vs {full[key] / scale:{form}} {unit}"
+
+    return [
+        f"computed for {projected['model']} ({projected['dtype']}), reduced vs full: "
+        f"vision {pair('vision_flops', 1e12, 'TFLOPs')}, LLM prefill {pair('prefill_flops', 1e12, 'TFLOPs')}, "
+        f"KV cache {pair('kv_bytes', 2**20, 'MiB', '.0f')}, weights {full['weight_bytes'] / 2**30:.2f} GiB"
+    ]
 
 
 def _bench(args) -> int:
@@ -265,6 +319,8 @@ def _bench(args) -> int:
     if args.repeats < 1 or args.warmup < 0 or not batches or not all(1 <= b <= 256 for b in batches):
         raise ExplorerError("--repeats must be at least 1, --warmup at least 0 and each --batch 1 to 256")
     check_request(args.prompt, args.max_new_tokens, args.max_new_tokens)
+    if args.video is not None:
+        raise ExplorerError("bench measures images for now: give --image (a video runs with `run --video`)")
     image = load_image(args.image)
     sizes = _sizes(args.sizes) if args.sizes else [image.size]
     groups, measured = {}, []  # "model WxH batch B" -> its rows (for the charts); every row (for the CSV)
@@ -346,7 +402,7 @@ def _grid_settings(methods: list[str], pairs: list[str]) -> dict[str, dict]:
 
 def _runnable(backend) -> list[str]:
     """Every method that runs on this model; the others say why on stderr."""
-    skipped = {m: unavailable(m, backend) for m in METHODS if m not in ("none", "uniform")}
+    skipped = {m: unavailable(m, backend) for m in on_images() if m not in ("none", "uniform")}
     for reason in filter(None, skipped.values()):
         print(f"skipped: {reason}", file=sys.stderr)
     return [m for m, reason in skipped.items() if not reason]

@@ -181,7 +181,9 @@ class Method:
     token one encoder patch, projected on its own), and a one-line `summary`; `select(signals) ->
     Selection` does the work. A vision method that merges inside the encoder also has `merging(geometry,
     budget) -> Merging`, the plan the backend's encoder follows; its `select` then reads the signals that
-    merging gives. A method that keeps every token whatever the budget is not `budgeted`.
+    merging gives. A method that keeps every token whatever the budget is not `budgeted`. On a video clip
+    an image method's selection runs frame by frame, each frame with its share of the budget
+    (`engine.clips.per_frame`); a method that reads the whole clip says `on_clips = "clip"`.
 
     A method of stage "llm" prunes inside the LLM: `cuts(depth, n, budget) -> list[Cut]` says before
     which layers it cuts and how many tokens each cut leaves (the last leaves `budget`), its
@@ -212,7 +214,8 @@ class Method:
     stage: ClassVar[str] = "vision"  # "vision": before the LLM; "llm": inside it
     summary: ClassVar[str]  # one line, for pickers and `python -m explorer methods`
     needs: ClassVar[tuple[str, ...]] = ()  # the signals `select` reads
-    requires: ClassVar[tuple[str, ...]] = ()  # "thumbnail", "patch tokens"
+    requires: ClassVar[tuple[str, ...]] = ()  # "thumbnail", "patch tokens", "clip" (a video's frames)
+    on_clips: ClassVar[str] = "per frame"  # on a video: "per frame" (an image method) or "clip" (it reads them all)
     budgeted: ClassVar[bool] = True  # False: it keeps every token whatever the budget
     vision_needs: ClassVar[tuple[str, ...]] = ()  # the vision signals `select_vision` reads
     adaptive: bool = False  # it picks its own count (a setting where a method offers it)

@@ -250,8 +250,8 @@ def test_a_cell_that_runs_out_of_memory_says_so_and_the_others_are_measured(back
     text = backend.prepare(photo(500, 300), "What?").text_tokens
     assert cls["kv_bytes"] == 2 * kv_bytes(Shape.of(backend.model.config), [text + cls["visual_kept"]] * 4, 4)
     assert "out of memory on cpu" in bench.table(rows).splitlines()[1]
-    chart = bench.charts({"batch 2": rows})  # TTFT (cls and its floor), memory and FLOPs (cls)
-    assert [t.name for t in chart.data] == ["cls", "floor (k tokens, no selection)", "cls", "cls"]
+    chart = bench.charts({"batch 2": rows})  # TTFT (cls and its floor), memory, vision and LLM FLOPs (cls)
+    assert [t.name for t in chart.data] == ["cls", "floor (k tokens, no selection)", "cls", "cls", "cls"]
     assert chart.layout.xaxis.title.text == f"visual tokens per LLM layer, mean (of {cls['visual_full']})"
 
 

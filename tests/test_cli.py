@@ -17,7 +17,7 @@ from explorer.cli import main
 
 ROOT = Path(__file__).parent.parent
 TINY = ["--model", "tiny-llava-next"]
-EVERY = "none random uniform pooling cls vtc-cls hired visionzip prumerge+ globalcom2 divprune vispruner tome tome-vit transprune fastv pdrop dart sparsevlm mustdrop aim transprune-llm gemfilter".split()
+EVERY = "none random uniform pooling cls vtc-cls hired visionzip prumerge+ globalcom2 divprune vispruner tome tome-vit transprune fastv pdrop dart sparsevlm mustdrop aim transprune-llm gemfilter frames".split()
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,8 @@ def test_bench_runs_every_method_by_default(capsys, image, tmp_path):
     )
     assert code == 0
     rows = list(csv.DictReader(csv_path.open()))
-    measured = [m for m in EVERY if m != "uniform"]  # the floor, measured with each cell unless --no-floor
+    measured = [m for m in EVERY if m not in ("uniform", "frames")]  # the floor, measured with each cell unless
+    # --no-floor; frames runs on clips
     assert [r["method"] for r in rows] == measured
     assert [line.split()[0] for line in out.splitlines()[3 : 3 + len(measured)]] == measured
     inside = [r for r in rows[1:] if make(r["method"]).stage == "llm"]  # 234 as a layer mean

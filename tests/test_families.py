@@ -39,7 +39,7 @@ PATCH_TOKENS = {"tiny-llava-1.5", "tiny-llava-onevision"}  # every token one pat
 def cannot(name: str) -> set[str]:
     """The methods that cannot run on the family of the tiny model `name`."""
     thumbnail = set() if name in THUMBNAILED else {"globalcom2"}
-    return thumbnail | (set() if name in PATCH_TOKENS else {"tome-vit"})
+    return {"frames"} | thumbnail | (set() if name in PATCH_TOKENS else {"tome-vit"})  # frames: on clips only
 
 
 @functools.cache
@@ -258,7 +258,9 @@ def test_every_method_that_applies_meets_its_budget_end_to_end(family, budget):
         reason = unavailable(method, backend)
         if reason:
             assert method in cannot(name) and "\n" not in reason
-            because = "one encoder patch" if method == "tome-vit" else "needs a thumbnail"
+            because = {"tome-vit": "one encoder patch", "frames": "whole frames of a video"}.get(
+                method, "needs a thumbnail"
+            )
             with pytest.raises(ExplorerError, match=because):
                 run(backend, image, PROMPT, method, budget, max_new_tokens=1)
             continue
@@ -333,7 +335,7 @@ def test_the_app_offers_only_the_methods_that_run_and_says_why(family):
     assert method["value"] == "hired" and set(swept["value"]) <= set(runs)  # HiRED runs on every family
     assert ("no [CLS] token" in explanation) == (not backend.cls_token) == (layers == ui.layers.RECEIVED)
     status = explorer.status()
-    assert status.count("not on this model") == len(cannot(name))
+    assert status.count("not on this model") == len(cannot(name) - {"frames"})  # frames: on clips, not images
     read, layer, *_ = ui.layers.read(
         explorer, image=str(ROOT / "assets/rocket.jpg"), prompt=PROMPT
     )  # every layer's (received) attention

@@ -9,6 +9,7 @@ import transformers
 from conftest import photo
 
 from explorer import METHODS, Budget, ExplorerError, run, stream
+from explorer.methods import on_images
 
 PROMPT = "What is shown in this image?"
 
@@ -47,7 +48,7 @@ def test_no_reduction_equals_stock_generate_token_for_token(backend, stock, size
         assert not torch.allclose(backend.model(**reduced).logits[0, -1], stock_logits[0, -1])  # the image matters
 
 
-@pytest.mark.parametrize("method", [name for name, method in METHODS.items() if method.stage == "vision"])
+@pytest.mark.parametrize("method", [name for name in on_images() if METHODS[name].stage == "vision"])
 def test_the_llm_receives_only_the_kept_tokens(backend, method):  # llm-stage methods: test_llm_methods.py
     lengths = []
     hook = backend.model.model.language_model.register_forward_pre_hook(
@@ -63,7 +64,7 @@ def test_the_llm_receives_only_the_kept_tokens(backend, method):  # llm-stage me
     assert lengths[1:] == [1] * (len(lengths) - 1)  # then one token per step, on the short cache
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", on_images())
 @pytest.mark.parametrize("budget", [Budget(fraction=1.0), 0.4, 0.2, 0.1, Budget(tokens=1), Budget(tokens=2340)])
 def test_every_method_keeps_exactly_its_budget(backend, method, budget):
     after = {"budget_after_cuts": True} if METHODS[method].stage == "llm" else {}  # else B is a layer mean
@@ -113,7 +114,7 @@ def test_every_run_removes_its_hooks(backend):
     image = photo(800, 400)
     before = hook_count(backend.model)
     reference = run(backend, image, PROMPT, "none", max_new_tokens=12).answer_ids
-    for method in METHODS:
+    for method in on_images():
         after = {"budget_after_cuts": True} if METHODS[method].stage == "llm" else {}  # 0.1 as a layer mean is
         run(backend, image, PROMPT, method, 0.1, settings=after, max_new_tokens=2)  # too little for 4 layers
         assert hook_count(backend.model) == before

@@ -12,7 +12,7 @@ from PIL import Image, ImageSequence
 
 from explorer import Budget, load_image, run
 from explorer.engine.pipeline import model_lock, select
-from explorer.methods import METHODS, make, unavailable
+from explorer.methods import METHODS, make, on_images, unavailable
 from explorer.views import animation, viewer
 from explorer.views.preview import VisionCache, preview
 
@@ -26,7 +26,12 @@ def picture():
 
 
 @pytest.mark.parametrize(
-    "method", [m for m, c in METHODS.items() if c.stage == "vision" and c.merging is None and c.early_layer is None]
+    "method",
+    [
+        m
+        for m in on_images()
+        if METHODS[m].stage == "vision" and METHODS[m].merging is None and METHODS[m].early_layer is None
+    ],
 )
 def test_the_preview_keeps_what_a_run_keeps(backend, picture, method):
     shown = preview(backend, picture, method, 0.15)

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from conftest import photo, run_seeing_embeds, toy_geometry
 from test_methods import random_signals
 
-from explorer import METHODS, ExplorerError, Signals, make, run
+from explorer import ExplorerError, Signals, make, run
 from explorer.core import Geometry
+from explorer.methods import on_images
 from explorer.views import visual as vis
 
 PROMPT = "What is shown in this image?"
@@ -298,7 +299,7 @@ def test_vispruner_important_share_is_the_top_by_cls_attention():
 NEW = ["visionzip", "prumerge+", "globalcom2", "divprune", "vispruner"]
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "hired"])  # hired drops the newlines
+@pytest.mark.parametrize("method", [m for m in on_images() if m != "hired"])  # hired drops the newlines
 def test_budget_one_keeps_everything_and_answers_as_the_unreduced_model(backend, method):
     image = photo(800, 400, seed=3)
     reference = run(backend, image, PROMPT, "none", max_new_tokens=8)

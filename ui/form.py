@@ -9,6 +9,7 @@ from typing import NamedTuple
 import gradio as gr
 
 from explorer import METHODS
+from explorer.methods import on_images
 
 from .request import setting_name
 
@@ -55,7 +56,7 @@ def form() -> Form:
     image = gr.Image(type="filepath", label="Image (upload, drop or paste)", sources=["upload", "clipboard"])
     prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0][1], lines=2)
     method = gr.Dropdown(
-        [(f"{name}: {cls.summary}", name) for name, cls in METHODS.items()], value="hired", label="Method"
+        [(f"{name}: {METHODS[name].summary}", name) for name in on_images()], value="hired", label="Method"
     )
     budget = gr.Slider(1, 100, value=20, step=1, label="Budget: % of the visual tokens", render=False)
     count = gr.Markdown(render=False)

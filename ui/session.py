@@ -32,7 +32,7 @@ from PIL import Image
 
 import backends
 from explorer import METHODS, ExplorerError, load_image, run
-from explorer.methods import unavailable
+from explorer.methods import on_images, unavailable
 from explorer.views import viewer
 from explorer.views import visual as vis
 from explorer.views.preview import VisionCache, vision_pass
@@ -86,7 +86,7 @@ class Session:
         note = " · **random weights**: answers are gibberish; token counts, overlays and costs are real"
         line = f"**Model**: {b.name} ({b.family}) on {b.device}" + (note if b.random_weights else "")
         line += f"\n\n⚠️ {self.notice}" if self.notice else ""
-        reasons = [reason for name in METHODS if (reason := unavailable(name, b))]
+        reasons = [reason for name in on_images() if (reason := unavailable(name, b))]
         return line + "".join(f"\n- not on this model: {reason}" for reason in reasons)
 
     def runnable(self) -> list[str] | None:

@@ -8,8 +8,9 @@ from typing import NamedTuple
 
 import gradio as gr
 
-from explorer import METHODS, Budget, ExplorerError, load_image
+from explorer import Budget, ExplorerError, load_image
 from explorer.evaluation import bench
+from explorer.methods import on_images
 
 from .form import Form
 from .request import check_budget, check_method, request, shows_errors
@@ -31,7 +32,7 @@ class Sweep(NamedTuple):
 
 def build() -> Sweep:
     with gr.Row():
-        methods = gr.CheckboxGroup(list(METHODS)[1:], value=["cls", "hired", "random"], label="Methods")
+        methods = gr.CheckboxGroup(on_images()[1:], value=["cls", "hired", "random"], label="Methods")
         budgets = gr.Textbox("100,60,40,20,10,5", label="Budgets (%)")
     with gr.Row():
         column = gr.Dropdown([(t, k) for k, t in bench.PLOTS.items()], value="ttft_s", label="Plot")

@@ -7,7 +7,8 @@ from typing import NamedTuple
 
 import gradio as gr
 
-from explorer import METHODS, load_image, run
+from explorer import load_image, run
+from explorer.methods import on_images
 from explorer.views import visual as vis
 
 from .explore import gpu_seconds, pair
@@ -31,7 +32,7 @@ def build() -> Versus:
         "untouched; only by A: blue; only by B: orange; by neither: greyed and darkened."
     )
     with gr.Row():
-        other = gr.Dropdown(list(METHODS), value="cls", label="Method B (default settings)")
+        other = gr.Dropdown(on_images(), value="cls", label="Method B (default settings)")
         go = gr.Button("Compare")
     views = pair("thumbnail", "crops")
     with gr.Row():

@@ -13,16 +13,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import load_image
 from .llm import llm_hooks
-from .pipeline import exclusive, method_for, select
+from .pipeline import exclusive, media, method_for, select
+from .video import Clip
 
 
-def logprobs(backend, image: str | Image.Image, prompt: str, answer_ids, method="none", budget=1.0, settings=None):
+def logprobs(
+    backend, image: str | Image.Image | Clip, prompt: str, answer_ids, method="none", budget=1.0, settings=None
+):
     """(T, V) float32 log-probabilities of the next token at each of the T answer positions, under
     the model as `method` at `budget` reduces it."""
     chosen, budget = method_for(backend, method, settings, budget)
-    picture = load_image(image)
+    picture = media(image)
     with exclusive(backend):
         selected = select(backend, picture, prompt, chosen, budget, len(answer_ids))
         inputs = backend.generate_inputs(selected.prepared, selected.features, selected.selection.keep)

@@ -25,15 +25,18 @@ from typing import NotRequired, TypedDict
 import torch
 from PIL import Image
 
+from backends import real_architecture, stored_config
 from backends.geometry import Prepared
-from backends.signals import FEATURES, HIDDEN_FEATURE
+from backends.signals import FEATURES, HIDDEN_FEATURE, ROWS
 
 from ..core import Budget, ExplorerError, Geometry, Method, Selection, Signals
 from ..methods import make, unavailable
-from .cost import Shape, kv_bytes, prefill_flops
+from .clips import by_frame, is_clip, per_frame
+from .cost import Encoder, Shape, VisionPass, footprint, kv_bytes, prefill_flops, vision_flops
 from .images import load_image
 from .llm import LlmStage, last_count, llm_hooks
 from .measure import PeakMemory, TokenStream, first_forward, now, sync
+from .video import Clip
 
 MAX_PROMPT_CHARS = 20_000  # far beyond any model's context; refused before tokenizing
 _locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> lock: one run at a time per model
@@ -54,6 +57,7 @@ class Tokens(TypedDict):
     visual_entering: NotRequired[int]  # inside the LLM: the visual tokens that entered it
     generated: int
     by_partition: list[dict]  # {name, full, kept} per partition
+    by_frame: NotRequired[list[dict]]  # a clip's: {frames, time_s, full, kept} per frame or temporal group
 
 
 class Timing(TypedDict):
@@ -68,6 +72,17 @@ class Timing(TypedDict):
     selection_s: float
 
 
+class Cost(TypedDict):
+    """A run's computed cost, as `--json` prints it."""
+
+    prefill_flops: int  # the LLM's prefill
+    kv_bytes: int  # the prompt's KV cache while decoding
+    vision_flops: int  # the vision stage: encoder, recomputed attention maps, projector
+    vision_flops_parts: dict  # {encoder, attention_maps, projector}
+    # on a random-weight model (or when asked): the same run on a real architecture (`projection`)
+    projected: NotRequired[dict]
+
+
 @dataclass(frozen=True)
 class Result:
     model: str
@@ -79,7 +94,7 @@ class Result:
     tokens: Tokens
     timing: Timing
     memory: dict  # device, peak_bytes
-    cost: dict  # prefill_flops, kv_bytes: computed from the LLM's config and the tokens per layer (`costs`)
+    cost: Cost  # computed from the config and the real counts (`costs`, `projection`), never measured
     geometry: Geometry
     selection: Selection
     random_weights: bool
@@ -102,6 +117,8 @@ class Selected:
     selection: Selection  # for an llm-stage method: what its step before the LLM kept, else every token
     budget: int  # B: visual tokens to keep (N when the method keeps everything or picks its own count)
     clock: tuple[float, ...]  # when it started, and when preprocessing, encoding, selection, projection ended
+    vision: VisionPass  # what the vision stage ran on, for its computed cost
+    clip: Clip | None = None  # the video's frames, when the run is on a clip
 
     def stages(self) -> dict:
         """Seconds of the stages before the LLM: preprocessing, the vision encoder with the projector,
@@ -126,10 +143,12 @@ def stream(
     max_new_tokens: int = 64,
     min_new_tokens: int = 0,
     timeout_s: float = 300.0,  # longest wait for the next token before the run is stopped
+    project_to: str | None = None,  # a stored real architecture to compute the cost on (`projection`)
 ) -> Iterator[Result]:
     chosen, budget = method_for(backend, method, settings, budget)
+    real = real_architecture(backend, project_to)
     check_request(prompt, max_new_tokens, min_new_tokens, timeout_s)
-    picture = load_image(image)
+    picture = media(image)
     model, tokenizer = backend.model, backend.tokenizer
     memory = PeakMemory(backend.device)
     ids: list[int] = []  # generated so far
@@ -147,8 +166,10 @@ def stream(
         with first_forward(model, backend.device) as prefill, hooks as record:  # record: what the hooks did, or None
             for _ in _generate(model, kwargs, timeout_s, ids, times):
                 if not inside or inside.done:  # an llm-stage method has chosen once the prefill is over
-                    yield result(backend, method, chosen, budget, selected, inside, record, prefill, ids, times, memory)
-        yield result(backend, method, chosen, budget, selected, inside, record, prefill, ids, times, memory, done=True)
+                    yield result(
+                        backend, method, chosen, budget, selected, inside, record, prefill, ids, times, memory, real
+                    )
+        yield result(backend, method, chosen, budget, selected, inside, record, prefill, ids, times, memory, real, True)
 
 
 def result(
@@ -163,10 +184,12 @@ def result(
     ids: list[int],
     times: list[float],
     memory: PeakMemory,
+    real: str | None = None,
     done: bool = False,
 ) -> Result:
     """The `Result` of a run so far: `inside` the llm-stage method's run (None for others), `record` what its
-    hooks did, `prefill` the start and end of the prefill, `ids` the tokens generated and `times` when."""
+    hooks did, `prefill` the start and end of the prefill, `ids` the tokens generated and `times` when;
+    `real` the stored architecture its cost is also computed on (`projection`)."""
     selection = inside.selection() if inside else selected.selection
     tokens = _tokens(backend, selected, selection, chosen.adaptive, inside, len(ids))
     stages = selected.stages()
@@ -193,7 +216,9 @@ def result(
             backend,
             [text + v for v in tokens["visual_per_layer"]],
             [text + v for v in tokens["visual_cached_per_layer"]],
-        ),
+            selected.vision,
+        )
+        | projection(real, selected.vision, tokens),
         geometry=selected.prepared.geometry,
         selection=selection,
         random_weights=backend.random_weights,
@@ -216,7 +241,8 @@ def _tokens(backend, selected: Selected, selection: Selection, adaptive: bool, i
     every = {"visual_per_layer": [len(keep)] * backend.depth, "visual_layer_mean": float(len(keep))}
     every["visual_cached_per_layer"] = every["visual_per_layer"]
     tokens.update(inside.tokens() if inside else {**every, "llm_cuts": []})
-    return {**tokens, "generated": generated, "by_partition": by_partition}
+    tokens.update(generated=generated, by_partition=by_partition)
+    return tokens | ({"by_frame": by_frame(g, keep.cpu(), selected.clip)} if selected.clip else {})
 
 
 @dataclass(frozen=True)
@@ -228,7 +254,7 @@ class Batch:
     tokens: list[dict]
     timing: dict  # seconds: ttft_s, prefill_s, total_s, vision_s, selection_s; decode_tokens_per_s, images_per_s
     memory: dict  # device, peak_bytes
-    cost: dict  # prefill_flops, kv_bytes of the whole batch, padding included
+    cost: dict  # prefill_flops, kv_bytes of the whole batch, padding included; vision_flops of every image
 
 
 def run_batch(
@@ -257,18 +283,14 @@ def run_batch(
     memory = PeakMemory(device)
     with exclusive(backend):
         memory.reset()
-        start, stages, each, tokens = now(), [], [], []
+        start, stages, each, tokens, works = now(), [], [], [], []
         for picture, budget in zip(pictures, budgets):
             _, budget = method_for(backend, method, settings, budget)
             selected = select(backend, picture, prompt, chosen, budget, max_new_tokens)
             stages.append(selected.stages())
+            works.append(selected.vision)
             each.append(backend.generate_inputs(selected.prepared, selected.features, selected.selection.keep))
-            kept = len(selected.selection.keep)
-            tokens.append(
-                {"visual_full": len(selected.prepared.geometry), "visual_budget": selected.budget, "visual_kept": kept}
-                | {"visual_per_layer": [kept] * backend.depth, "visual_cached_per_layer": [kept] * backend.depth}
-                | {"text": selected.prepared.text_tokens}
-            )
+            tokens.append(_batch_tokens(selected, backend.depth))
         inputs = backend.batch_inputs(each)
         stamps = TokenStream()
         options = dict(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
@@ -288,26 +310,59 @@ def run_batch(
         "images_per_s": len(images) / (end - start),
     }
     each_row = costs(backend, [inputs["input_ids"].shape[1]] * backend.depth)  # every row is padded to the longest
-    cost = {key: len(images) * value for key, value in each_row.items()}
+    cost = {key: len(images) * value for key, value in each_row.items()}  # and the vision stage of every image:
+    cost |= {"vision_flops": sum(vision_flops(Encoder.of(model.config), work).total for work in works)}
     return Batch(answers, tokens, timing, {"device": device.type, "peak_bytes": memory.peak()}, cost)
 
 
-def costs(backend, tokens: list[int], cached: list[int] | None = None) -> dict:
+def _batch_tokens(selected: Selected, depth: int) -> dict:
+    """One image's token counts in a batch: every LLM layer sees the kept tokens."""
+    kept = len(selected.selection.keep)
+    counts = {"visual_full": len(selected.prepared.geometry), "visual_budget": selected.budget, "visual_kept": kept}
+    every = {"visual_per_layer": [kept] * depth, "visual_cached_per_layer": [kept] * depth}
+    return counts | every | {"text": selected.prepared.text_tokens}
+
+
+def costs(backend, tokens: list[int], cached: list[int] | None = None, vision: VisionPass | None = None) -> dict:
     """The prefill's FLOPs when LLM layer l holds tokens[l] tokens, and the bytes of the prompt's KV cache
     the decode works on, when layer l's cache holds cached[l] (the same unless the method cuts the caches
-    after the prefill; see `cost`)."""
-    shape = Shape.of(backend.model.config)
-    return {
+    after the prefill; see `cost`); with `vision`, the FLOPs of the vision stage that ran on it."""
+    config = backend.model.config
+    shape = Shape.of(config)
+    cost = {
         "prefill_flops": prefill_flops(shape, tokens),
         "kv_bytes": kv_bytes(shape, tokens if cached is None else cached, backend.model.dtype.itemsize),
     }
+    if vision is not None:
+        flops = vision_flops(Encoder.of(config), vision)
+        parts = {"encoder": flops.encoder, "attention_maps": flops.maps, "projector": flops.projector}
+        cost |= {"vision_flops": flops.total, "vision_flops_parts": parts}
+    return cost
+
+
+def projection(model: str | None, vision: VisionPass, tokens: Tokens) -> dict:
+    """{"projected": ...}: the computed `cost.Footprint` of this run on the stored architecture of the real
+    checkpoint `model` (nothing when None), in bf16 as published, reduced and full (the unreduced run: the
+    encoder and projector on every token, every visual token in every layer). The token counts are this
+    run's, which are the real checkpoint's where the processor geometry is (as for the tiny-* models); the
+    widths and depths are the real config's."""
+    if model is None:
+        return {}
+    config, text, bf16 = stored_config(model), tokens["text"], 2
+    prefill = [text + v for v in tokens["visual_per_layer"]]
+    cached = [text + v for v in tokens["visual_cached_per_layer"]]
+    reduced = footprint(config, vision, prefill, cached, bf16)
+    every = [text + tokens["visual_full"]]
+    full = footprint(config, VisionPass(vision.sequences, vision.windows), every, every, bf16)
+    reduced, full = dataclasses.asdict(reduced), dataclasses.asdict(full)
+    return {"projected": {"model": model, "dtype": "bfloat16", "reduced": reduced, "full": full}}
 
 
 def method_for(backend, name: str, settings: dict | None, budget: Budget | float) -> tuple[Method, Budget | None]:
     """The method with its settings, and its budget: None when it keeps everything or picks its own count.
     A method that cannot run on the backend's model is refused, with the reason."""
     chosen = make(name, **(settings or {}))
-    if reason := unavailable(name, backend):
+    if reason := unavailable(name, backend, clip=True):  # what an image or a clip lacks: `check_media`
         raise ExplorerError(reason)
     budget = budget if isinstance(budget, Budget) else Budget(fraction=budget)
     return chosen, budget if chosen.budgeted and not chosen.adaptive else None  # adaptive: no budget to meet
@@ -318,8 +373,9 @@ def select(backend, picture, prompt: str, chosen: Method, budget: Budget | None,
     family runs (else it ran with the encoder), each stage timed."""
     device = backend.device
     clock = [now()]
+    is_video = isinstance(picture, Clip)
     with torch.inference_mode():
-        prepared = backend.prepare(picture, prompt)
+        prepared = prepare(backend, picture, prompt)
         g = prepared.geometry
         plan = plan_for(backend, prepared, chosen, budget)
         entering = plan.budget if plan.vision and chosen.early_layer is None else len(g)
@@ -343,7 +399,25 @@ def select(backend, picture, prompt: str, chosen: Method, budget: Budget | None,
         clock.append(now())
     keep = selection.keep
     assert keep.dim() == 1 and (keep.diff() > 0).all() and 0 <= keep.min() and keep.max() < len(g), "bad keep"
-    return Selected(prepared, features, selection, plan.budget, tuple(clock))
+    work = vision_pass(backend, prepared, plan, selection, merging is not None)
+    return Selected(prepared, features, selection, plan.budget, tuple(clock), work, picture if is_video else None)
+
+
+def vision_pass(backend, prepared: Prepared, plan: Plan, selection: Selection, merging: bool) -> VisionPass:
+    """What `select`'s vision stage ran on: the encoder on every crop (unmerged: a method that merges inside
+    the encoder is counted as if it did not, an upper bound), the attention maps of the signals it captured
+    (none when it merges), and the projector on every token, or on the kept ones but newlines (`lazy`),
+    plus once more on each kept token that absorbs others (`Backend.merge`)."""
+    g = prepared.geometry
+    maps = () if merging else tuple(name for name in plan.needs if name not in (FEATURES, ROWS))
+    projected, merged = None, 0
+    if plan.lazy:
+        newline = g.names.index("newline") if "newline" in g.names else -1
+        projected = int((g.partition[selection.keep.cpu()] != newline).sum())
+    elif selection.weights is not None:
+        merged = int(backend.mixing(selection).sum())
+    sequences, windows = backend.encoder_sequences(prepared), backend.encoder_windows(prepared)
+    return VisionPass(tuple(sequences), tuple(windows), projected, maps, merged)
 
 
 @dataclass(frozen=True)
@@ -357,10 +431,23 @@ class Plan:
     needs: tuple[str, ...]  # the signals the vision pass captures
 
 
+def media(image) -> Image.Image | Clip:
+    """What a run is on: a `Clip` as it is (`video.load_video`), else an image, loaded and checked."""
+    return image if isinstance(image, Clip) else load_image(image)
+
+
+def prepare(backend, picture: Image.Image | Clip, prompt: str) -> Prepared:
+    """The prompt and the image, or the clip's frames, through the model's processor, with their geometry."""
+    if isinstance(picture, Clip):
+        return backend.prepare_video(picture.frames, prompt, picture.times_s)
+    return backend.prepare(picture, prompt)
+
+
 def plan_for(backend, prepared: Prepared, chosen: Method, budget: Budget | None) -> Plan:
     """The budget in tokens, and what the vision pass must give for it; a method that merges inside the
     encoder of an image whose tokens are not one patch each is refused, with the reason."""
     g = prepared.geometry
+    check_media(chosen, g)
     b = budget.resolve(len(g)) if budget else len(g)
     vision = chosen.stage == "vision"
     lazy = vision and backend.one_patch_each(prepared) and b < len(g) and FEATURES not in chosen.needs
@@ -375,6 +462,20 @@ def plan_for(backend, prepared: Prepared, chosen: Method, budget: Budget | None)
     return Plan(b, step, vision, lazy, tuple(dict.fromkeys(needs)))
 
 
+def check_media(chosen: Method, g: Geometry) -> None:
+    """Refuse a method what the image or clip does not have for it, with the reason."""
+    name = type(chosen).__name__
+    if "clip" in chosen.requires and not is_clip(g):
+        raise ExplorerError(f"{name} keeps whole frames of a video: give it a clip, not an image")
+    if is_clip(g) and "thumbnail" in chosen.requires:
+        raise ExplorerError(f"{name} needs a thumbnail of the whole image beside its crops; a clip's frames have none")
+    if is_clip(g) and chosen.merging is not None:
+        raise ExplorerError(
+            f"{name} merges patches inside the vision encoder, and a clip's visual tokens are pooled from several "
+            "encoder patches each; try tome, which merges after the encoder"
+        )
+
+
 def vision_needs(chosen: Method) -> tuple[str, ...]:
     """The vision signals the method's step before the LLM reads: a vision method's `needs`, an llm-stage
     method's `vision_needs` (empty when it has no such step)."""
@@ -385,7 +486,11 @@ def choose(chosen: Method, signals: Signals) -> Selection:
     """The method's selection before the LLM on the vision signals: a vision method's `select`, an llm-stage
     method's `select_vision`, or every token when it has no step before the LLM."""
     first = chosen.select if chosen.stage == "vision" else chosen.select_vision
-    return first(signals) if first is not None else Selection(keep=torch.arange(len(signals.geometry)))
+    if first is None:
+        return Selection(keep=torch.arange(len(signals.geometry)))
+    if chosen.on_clips == "per frame" and is_clip(signals.geometry):
+        return per_frame(first, signals)
+    return first(signals)
 
 
 def step_budget(chosen: Method, depth: int, n: int, budget: int | None) -> int:

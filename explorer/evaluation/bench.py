@@ -6,8 +6,9 @@ its budget for one that prunes inside it (whose budget is that mean), so that th
 LLM work; a method's own first pass (GemFilter's) is part of its overhead.
 
 Every run generates exactly `max_new_tokens` tokens; warm-up runs are not measured; each time is the
-median over `repeats` runs, and the TTFT's min and max give its spread. Prefill FLOPs and KV-cache
-bytes are computed from the LLM's config and the real token counts (`Result.cost`).
+median over `repeats` runs, and the TTFT's min and max give its spread. The vision stage's FLOPs, the
+LLM prefill's FLOPs and the KV-cache bytes are computed from the config and the real token counts
+(`Result.cost`), never measured.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..methods import METHODS
 TIMES = ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_s", "vision_s", "selection_s")
 DRIFT = ("logprob_diff", "kl", "first_divergence")  # on the unreduced run's answer, see fidelity.drift
 COLUMNS = ("model", "size", "batch", "method", "budget", "visual_kept", "visual_full", "visual_layer_mean", *TIMES)
-COLUMNS += ("ttft_min_s", "ttft_max_s", "images_per_s", "peak_bytes", "prefill_tflops", "kv_bytes")
+COLUMNS += ("ttft_min_s", "ttft_max_s", "images_per_s", "peak_bytes", "vision_tflops", "prefill_tflops", "kv_bytes")
 COLUMNS += ("ttft_ratio", "peak_ratio", "floor_ttft_s", "over_floor", *DRIFT, "answer")
 
 
@@ -152,7 +153,9 @@ def _row(method: str, budget: str, results: list, batch: int) -> dict:
     ttfts = [r.timing["ttft_s"] for r in results]
     row["ttft_min_s"], row["ttft_max_s"], row["images_per_s"] = min(ttfts), max(ttfts), batch / row["total_s"]
     row["peak_bytes"] = int(statistics.median(r.memory["peak_bytes"] for r in results))
-    row["prefill_tflops"], row["kv_bytes"] = results[0].cost["prefill_flops"] / 1e12, results[0].cost["kv_bytes"]
+    cost = results[0].cost
+    row["vision_tflops"], row["prefill_tflops"] = cost["vision_flops"] / 1e12, cost["prefill_flops"] / 1e12
+    row["kv_bytes"] = cost["kv_bytes"]
     row |= dict.fromkeys(DRIFT) | {"answer": answer}
     if batch == 1:
         row["answer_ids"] = results[0].answer_ids  # the unreduced row's are what the others' drift is measured on
@@ -182,6 +185,7 @@ PLOTS = {  # what a sweep can plot against the kept tokens: column -> axis title
     "logprob_diff": "log-prob/token of the full answer, reduced - full",
     "decode_tokens_per_s": "decode (tokens/s)",
     "prefill_s": "prefill (s)",
+    "vision_tflops": "vision encoder and projector (TFLOPs, from the config)",
     "prefill_tflops": "LLM prefill (TFLOPs, from the config)",
     "kv_bytes": "KV cache of the prompt while decoding (bytes)",
     "images_per_s": "images/s",
@@ -246,7 +250,7 @@ def traces(rows: list[dict], column: str, legend: bool = True) -> list:
     return lines
 
 
-def charts(groups: dict[str, list[dict]], columns=("ttft_s", "peak_bytes", "prefill_tflops")):
+def charts(groups: dict[str, list[dict]], columns=("ttft_s", "peak_bytes", "vision_tflops", "prefill_tflops")):
     """One plotly figure for a whole bench: a row of charts (`columns` against the tokens kept) per
     group of rows (model, image size, batch)."""
     from plotly.subplots import make_subplots
@@ -275,7 +279,7 @@ def _full(rows: list[dict]) -> int | None:
 
 
 HEAD = ("method", "budget", "kept/full", "per layer", "TTFT s", "spread", "x full", "x floor", "vision s", "prefill s")
-HEAD += ("decode tok/s", "total s", "select ms", "TFLOPs", "KV MiB", "peak MiB", "x full", "img/s")
+HEAD += ("decode tok/s", "total s", "select ms", "vision TFLOPs", "LLM TFLOPs", "KV MiB", "peak MiB", "x full", "img/s")
 HEAD += ("logp diff", "KL", "parts at")
 
 
@@ -305,6 +309,7 @@ def cells(rows: list[dict]) -> list[list[str]]:
             text(r["decode_tokens_per_s"], ".1f"),
             f"{r['total_s']:.3f}",
             f"{r['selection_s'] * 1e3:.2f}",
+            f"{r['vision_tflops']:.3g}",
             f"{r['prefill_tflops']:.3g}",
             f"{r['kv_bytes'] / 2**20:.1f}",
             f"{r['peak_bytes'] / 2**20:.0f}",

@@ -189,6 +189,7 @@ def numbers(result: Result) -> dict:
         "ttft_s": result.timing["ttft_s"],
         "prefill_flops": result.cost["prefill_flops"],
         "kv_bytes": result.cost["kv_bytes"],
+        "vision_flops": result.cost["vision_flops"],
         "generated": tokens["generated"],
     }
 

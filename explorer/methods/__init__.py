@@ -11,6 +11,7 @@ from .cls import CLS
 from .dart import DART
 from .divprune import DivPrune
 from .fastv import FastV
+from .frames import Frames
 from .gemfilter import GemFilter
 from .globalcom2 import GlobalCom2
 from .hired import HiRED
@@ -55,7 +56,13 @@ METHODS = {
     "aim": AIM,
     "transprune-llm": TransPruneLLM,
     "gemfilter": GemFilter,
+    "frames": Frames,
 }
+
+
+def on_images() -> list[str]:
+    """The methods that run on an image: every one but those that keep whole frames of a video."""
+    return [name for name, method in METHODS.items() if "clip" not in method.requires]
 
 
 def make(name: str, **settings):
@@ -81,9 +88,12 @@ def _is(value, kind: type) -> bool:
     return isinstance(value, (int, float) if kind is float else kind)
 
 
-def unavailable(name: str, backend) -> str | None:
-    """Why the method `name` cannot run on the backend's model, in one line; None when it can."""
+def unavailable(name: str, backend, clip: bool = False) -> str | None:
+    """Why the method `name` cannot run on the backend's model (on a video `clip`, or an image), in one
+    line; None when it can."""
     method = METHODS[name]
+    if "clip" in method.requires and not clip:
+        return f"{name} keeps whole frames of a video: it runs on clips, not on images"
     if "thumbnail" in method.requires and not backend.thumbnail:
         return (
             f"{name} needs a thumbnail of the whole image beside high-resolution crops; "

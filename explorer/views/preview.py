@@ -32,7 +32,7 @@ from backends.signals import FEATURES
 
 from ..core import Budget, ExplorerError, Geometry, Selection, Signals
 from ..engine.measure import now
-from ..engine.pipeline import choose, method_for, model_lock, step_budget, vision_needs
+from ..engine.pipeline import check_media, choose, method_for, model_lock, step_budget, vision_needs
 from .counts import Count, count
 
 PROMPT = "Describe the image."  # the processor wants a prompt; the vision pass does not read it
@@ -174,6 +174,7 @@ def preview(
         meant = count(chosen, fixed, len(g), backend.depth)
         return Preview(g, Selection(keep=torch.arange(len(g))), meant, meant, str(busy), True, cached, 0.0, busy=True)
     g, start = seen.geometry, now()
+    check_media(chosen, g)
     b = fixed.resolve(len(g)) if fixed else len(g)
     selection = Selection(keep=torch.arange(len(g)))
     if not pending:

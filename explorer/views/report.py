@@ -59,9 +59,17 @@ def page(picture, result, full=None, drift: dict | None = None) -> str:
     ]
     if full is not None:
         parts.append(f"<h3>Full</h3><pre class='answer'>{html.escape(full.answer)}</pre>")
+    projected = result.cost.get("projected")
+    real = (
+        f"<p>Times and memory are measured on {html.escape(result.model)}; the rows under “computed for the real "
+        f"{html.escape(projected['model'])}” are computed from that checkpoint's config at this image's token "
+        "counts, never measured.</p>"
+        if projected
+        else ""
+    )
     parts += [
         "<h2>Numbers</h2>",
-        "<table><tr><th></th><th>reduced</th><th>full</th><th>reduced / full</th></tr>" + rows + "</table>",
+        "<table><tr><th></th><th>reduced</th><th>full</th><th>reduced / full</th></tr>" + rows + "</table>" + real,
         "<h2>Method</h2>",
         _markdownish(vis.explain(result.method)),
         "<p class='versions'>" + html.escape(", ".join(f"{k} {v}" for k, v in versions().items())) + "</p>",

@@ -275,6 +275,7 @@ def metrics(reduced, full=None, drift: dict | None = None) -> list[list[str]]:
         ("vision encoder (s)", lambda r: r.timing["vision_s"], "{:.3f}"),
         ("selection (s)", lambda r: r.timing["selection_s"], "{:.4f}"),
         (f"peak memory ({reduced.memory['device']}, MiB)", lambda r: _mib(r.memory["peak_bytes"]), "{:.0f}"),
+        ("vision encoder and projector (TFLOPs, computed)", lambda r: _tera(r.cost.get("vision_flops")), "{:.3g}"),
         ("LLM prefill (TFLOPs, computed)", lambda r: r.cost["prefill_flops"] / 1e12, "{:.3g}"),
         ("KV cache of the prompt, decoding (MiB, computed)", lambda r: _mib(r.cost["kv_bytes"]), "{:.1f}"),
     ]
@@ -283,6 +284,7 @@ def metrics(reduced, full=None, drift: dict | None = None) -> list[list[str]]:
         a, b = get(reduced), get(full) if full is not None else None
         ratio = f"{a / b:.2f}x" if a is not None and b and what != "selection (s)" else ""
         table.append([what, _format(a, form), _format(b, form), ratio])
+    table += projected_rows(reduced, full)
     if drift is not None:
         first = drift["first_divergence"]
         table += [
@@ -291,6 +293,29 @@ def metrics(reduced, full=None, drift: dict | None = None) -> list[list[str]]:
             ["  KL(full || reduced) / token", f"{drift['kl']:.4f}", "", ""],
             ["  greedy choices part at token", "never" if first is None else str(first), "", ""],
         ]
+    return table
+
+
+def projected_rows(first, second=None) -> list[list[str]]:
+    """Rows of (what, first, second, first / second) for the computed cost of two runs on a real checkpoint's
+    architecture (`pipeline.projection`): the reduced and the full run, or two methods; with one run, its
+    reduced and full counts. None when the run has no such cost (a real checkpoint)."""
+    projected = first.cost.get("projected")
+    if projected is None:
+        return []
+    theirs = second.cost.get("projected") if second is not None else None
+    mine, other = projected["reduced"], theirs["reduced"] if theirs else projected["full"]
+    rows = [
+        ("  vision encoder and projector (TFLOPs)", "vision_flops", 1e12, "{:.3g}"),
+        ("  LLM prefill (TFLOPs)", "prefill_flops", 1e12, "{:.3g}"),
+        ("  KV cache of the prompt, decoding (MiB)", "kv_bytes", 2**20, "{:.1f}"),
+        ("  weights (GiB)", "weight_bytes", 2**30, "{:.2f}"),
+    ]
+    title = f"computed for the real {projected['model']} ({projected['dtype']}), at this image's token counts"
+    table = [[title, "", "", ""]]
+    for what, key, scale, form in rows:
+        a, b = mine[key], other[key]
+        table.append([what, form.format(a / scale), form.format(b / scale), f"{a / b:.2f}x" if b else ""])
     return table
 
 
@@ -315,6 +340,10 @@ def strip(pieces: list[str], drift: dict) -> str:
 
 def _mib(n: int | None) -> float | None:
     return None if n is None else n / 2**20
+
+
+def _tera(n: int | None) -> float | None:
+    return None if n is None else n / 1e12
 
 
 def _format(value, form: str) -> str:

@@ -1,0 +1,44 @@
+"""Frames: the uniform frame-subsampling baseline of video, at the same token budget.
+
+Sampling fewer frames is what every video LLM does before any token is dropped, so it is the baseline
+a video method must beat at equal tokens (the video token-reduction papers compare with it: FastVID,
+VidCom2, HoliTom). For a budget of B tokens on a clip whose frames make s tokens each, it keeps
+floor(B / s) whole frames, evenly spaced over the clip, and the remaining B mod s tokens from one more
+frame, spread evenly over that frame's grid, so the count is exact. It reads no signal.
+
+Differs from the paper: there is no paper; the usual baseline samples fewer frames before the encoder
+(saving the encoder's work too), where this one drops whole frames' tokens after it, so that every
+method sees the same frames and is compared at the same count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..core import Method, Selection, Signals
+from .common import spread
+
+
+@dataclass(frozen=True)
+class Frames(Method):
+    summary: ClassVar[str] = (
+        "video: whole frames, evenly spaced, at the same token budget (the frame-sampling baseline)"
+    )
+    on_clips: ClassVar[str] = "clip"
+    requires: ClassVar[tuple[str, ...]] = ("clip",)
+
+    def select(self, s: Signals) -> Selection:
+        g = s.geometry
+        frames = [p for p, name in enumerate(g.names) if name.startswith("frame")]  # "frame i", "frames i-j"
+        size = len(g.members(frames[0]))  # the tokens of one frame (or temporal group)
+        whole, rest = divmod(min(s.budget, size * len(frames)), size)
+        count = whole + (rest > 0)
+        picked = [frames[(2 * i + 1) * len(frames) // (2 * count)] for i in range(count)]  # evenly spaced
+        keep = [g.members(p) for p in picked[:whole]] + ([spread(g, picked[whole], rest)] if rest else [])
+        others = [g.members(p) for p in range(len(g.names)) if p not in frames]  # a newline after the frames
+        beyond = s.budget - whole * size - rest  # a budget past every frame's tokens takes those too
+        keep += [torch.cat(others)[:beyond]] if others and beyond else []
+        return Selection(keep=torch.cat(keep).sort().values)
