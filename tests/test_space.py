@@ -42,7 +42,9 @@ def test_the_readme_front_matter_is_a_working_space_config():
     assert f"gradio=={config['sdk_version']}" in requirements  # the Space runs the Gradio we test
     assert config["python_version"] == "3.12" and config["short_description"]
     assert config["preload_from_hub"] == config["models"] == [app.backends.DEFAULT_MODEL]
-    assert not re.search(r"^torch==", requirements, re.M)  # a pinned CPU torch would break the Space's CUDA
+    pins = dict(re.findall(r"^(torch|torchvision)==(\S+)", requirements, re.M))  # pinned as a pair, CUDA builds
+    assert set(pins) == {"torch", "torchvision"} and not any("+cpu" in v for v in pins.values())  # (a CPU torch
+    # would break the Space's GPU and could not load torchvision, which the video processors need)
 
 
 def test_the_spacefile_is_a_valid_deta_manifest():
