@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import photo
+from test_bench import PUBLISHED as FULL_SIZE
 from torch.utils.flop_counter import FlopCounterMode
 
 import backends
@@ -28,13 +29,8 @@ REAL = {  # tiny model -> the published checkpoint its cost is projected on by d
     "tiny-idefics3": "HuggingFaceTB/SmolVLM-256M-Instruct",
     "tiny-llava-1.5": "llava-hf/llava-1.5-7b-hf",
 }
-PUBLISHED = {  # parameters as the Hub shows them, rounded
-    "llava-hf/llava-v1.6-vicuna-7b-hf": 7.06e9,
-    "llava-hf/llava-v1.6-vicuna-13b-hf": 13.4e9,
-    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": 0.894e9,
-    "llava-hf/llava-onevision-qwen2-7b-ov-hf": 8.03e9,
-    "Qwen/Qwen2-VL-2B-Instruct": 2.21e9,
-    "Qwen/Qwen2-VL-7B-Instruct": 8.29e9,
+PUBLISHED = {  # parameters as the Hub shows them, rounded: test_bench's full-size ones and these
+    **FULL_SIZE,
     "Qwen/Qwen2.5-VL-3B-Instruct": 3.75e9,
     "HuggingFaceTB/SmolVLM-256M-Instruct": 0.256e9,
     "HuggingFaceTB/SmolVLM2-256M-Video-Instruct": 0.256e9,
