@@ -99,7 +99,10 @@ def test_numbers_shown_are_the_librarys(explorer, backend, picture_file):
     assert rows["time to first token (s)"][0] == f"{r.timing['ttft_s']:.3f}"
     assert rows["prefill (s)"][0] == f"{r.timing['prefill_s']:.3f}"
     assert rows["selection (s)"][0] == f"{r.timing['selection_s']:.4f}"
-    assert rows["peak memory (cpu, MiB)"][0] == f"{r.memory['peak_bytes'] / 2**20:.0f}"
+    assert (
+        rows["peak memory (cpu, MiB; the process's high-water mark: see the computed KV cache)"][0]
+        == f"{r.memory['peak_bytes'] / 2**20:.0f}"
+    )
     # the budget chart shows the same counts
     bars = {bar.name: list(bar.y) for bar in last["plot"].data}
     assert bars["kept"] == [p["kept"] for p in r.tokens["by_partition"] if p["full"]]
@@ -530,3 +533,9 @@ def test_an_older_preview_that_finishes_last_changes_nothing():
     assert not previews.newest(first) and previews.newest(second) and previews.newest(other)
     previews.ask("c")  # a third visitor: the oldest is forgotten, and the bound holds
     assert len(previews._asked) == 2 and not previews.newest(second)
+
+
+def test_the_status_says_whose_times_a_random_weight_model_gives(explorer):
+    status = explorer.status()
+    assert "**random weights**" in status and "costs are real" not in status
+    assert "times and memory are this small model's, not llava-hf/llava-v1.6-vicuna-7b-hf's" in status

@@ -83,8 +83,7 @@ class Session:
             b = self.backend()
         except ExplorerError as error:
             return f"⚠️ **{self.model} could not be loaded.** {error}"
-        note = " · **random weights**: answers are gibberish; token counts, overlays and costs are real"
-        line = f"**Model**: {b.name} ({b.family}) on {b.device}" + (note if b.random_weights else "")
+        line = f"**Model**: {b.name} ({b.family}) on {b.device}" + (weights(b) if b.random_weights else "")
         line += f"\n\n⚠️ {self.notice}" if self.notice else ""
         reasons = [reason for name in on_images() if (reason := unavailable(name, b))]
         return line + "".join(f"\n- not on this model: {reason}" for reason in reasons)
@@ -119,6 +118,19 @@ class Session:
         shown = picture(path)
         seen, _ = self.vision.get(self.backend(), shown, (), key)  # the geometry: no model work
         return viewer.scene(shown, seen.geometry, key)
+
+
+def weights(backend) -> str:
+    """What a random-weight model's numbers are: its token counts and overlays the real checkpoint's (same
+    processor geometry); its times and memory its own, which on a small stand-in are not the real one's."""
+    said = " · **random weights**: answers are gibberish; token counts and overlays are real"
+    real = backends.real_architecture(backend)
+    if real == backend.name:
+        return said + "; times and memory are this full-size architecture's"
+    return (
+        said + f"; times and memory are this small model's, not {real}'s: the numbers table adds the real "
+        "architecture's computed cost"
+    )
 
 
 class Newest:

@@ -274,7 +274,7 @@ def metrics(reduced, full=None, drift: dict | None = None) -> list[list[str]]:
         ("total (s)", lambda r: r.timing["total_s"], "{:.3f}"),
         ("vision encoder (s)", lambda r: r.timing["vision_s"], "{:.3f}"),
         ("selection (s)", lambda r: r.timing["selection_s"], "{:.4f}"),
-        (f"peak memory ({reduced.memory['device']}, MiB)", lambda r: _mib(r.memory["peak_bytes"]), "{:.0f}"),
+        (_memory_row(reduced.memory["device"]), lambda r: _mib(r.memory["peak_bytes"]), "{:.0f}"),
         ("vision encoder and projector (TFLOPs, computed)", lambda r: _tera(r.cost.get("vision_flops")), "{:.3g}"),
         ("LLM prefill (TFLOPs, computed)", lambda r: r.cost["prefill_flops"] / 1e12, "{:.3g}"),
         ("KV cache of the prompt, decoding (MiB, computed)", lambda r: _mib(r.cost["kv_bytes"]), "{:.1f}"),
@@ -294,6 +294,14 @@ def metrics(reduced, full=None, drift: dict | None = None) -> list[list[str]]:
             ["  greedy choices part at token", "never" if first is None else str(first), "", ""],
         ]
     return table
+
+
+def _memory_row(device: str) -> str:
+    """The peak memory row's name: on a CPU the process's high-water mark, which one run barely moves (the
+    order of runs can decide which is higher): the computed KV cache below says what the tokens cost."""
+    if device == "cpu":
+        return "peak memory (cpu, MiB; the process's high-water mark: see the computed KV cache)"
+    return f"peak memory ({device}, MiB)"
 
 
 def projected_rows(first, second=None) -> list[list[str]]:
