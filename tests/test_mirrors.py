@@ -25,7 +25,9 @@ PROMPT = "What is shown in this image?"
 # The published chat templates rendered for one user turn [image, PROMPT] with add_generation_prompt
 # (each mirror's chat template, whose source its SOURCES.md gives); the processor then expands the image marker.
 VICUNA = f"USER: <image>\n{PROMPT} ASSISTANT:"
-CHATML = f"<|im_start|>user\n<image>\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+# LLaVA-OneVision's current Hub template ("Update chat_template.json", 826 B): the role and a space, the
+# image, a newline before the text, no newline after <|im_end|> (SOURCES.md of the OneVision mirrors).
+CHATML = f"<|im_start|>user <image>\n{PROMPT}<|im_end|><|im_start|>assistant\n"
 QWEN = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     f"<|vision_start|><|image_pad|><|vision_end|>{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
