@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import transformers  # lazy: its model code loads on first use, not when this file is imported
 
+from .errors import ExplorerError
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -68,6 +70,17 @@ class Prepared:
     source: torch.Tensor
     text_tokens: int  # prompt tokens that are not visual tokens
     video: bool = False  # the visual tokens are a clip's (the model's video token and video inputs), not an image's
+
+
+def check_clip(frames: list, times_s: list[float] | None) -> None:
+    """Refuse, with the reason, a clip a video processor cannot take: no frames, frames of several sizes,
+    or a count of frame times other than the frames'."""
+    if not frames:
+        raise ExplorerError("a clip needs at least one frame")
+    if times_s is not None and len(times_s) != len(frames):
+        raise ExplorerError(f"{len(times_s)} frame times for {len(frames)} frames")
+    if len({frame.size for frame in frames}) > 1:
+        raise ExplorerError("the frames of a clip must all have one size")
 
 
 @dataclass(frozen=True)

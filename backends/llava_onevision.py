@@ -31,7 +31,7 @@ import transformers  # lazy: its model code loads on first use
 
 from .base import Backend
 from .errors import ExplorerError
-from .geometry import Geometry, Prepared, anyres_layout, clip_layout
+from .geometry import Geometry, Prepared, anyres_layout, check_clip, clip_layout
 from .random_models import build_tokenizer, text_config, token_ids, vision_config
 
 DEFAULT = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"  # 7B: llava-hf/llava-onevision-qwen2-7b-ov-hf
@@ -131,12 +131,7 @@ class LlavaOnevision(Backend):
         """Chat template with one video part + the checkpoint's video processor on exactly these PIL frames
         (`do_sample_frames=False`: it samples none of its own), and the geometry of the clip's tokens.
         OneVision's prompt does not say when the frames were taken: `times_s` is only checked."""
-        if not frames:
-            raise ExplorerError("a clip needs at least one frame")
-        if times_s is not None and len(times_s) != len(frames):
-            raise ExplorerError(f"{len(times_s)} frame times for {len(frames)} frames")
-        if len({frame.size for frame in frames}) > 1:
-            raise ExplorerError("the frames of a clip must all have one size")
+        check_clip(frames, times_s)
         text = self.chat(prompt, part="video")
         inputs = self.processor(videos=[frames], text=text, return_tensors="pt", do_sample_frames=False)
         inputs = inputs.to(self.device)

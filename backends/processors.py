@@ -1,6 +1,6 @@
 """Processors without a video processor, for the families whose video the explorer does not run yet
-(Qwen2-VL, SmolVLM): transformers 5 gives them a video processor, every real one of which needs
-torchvision. LLaVA-OneVision loads its full processor, video processor included."""
+(SmolVLM): transformers 5 gives them a video processor, every real one of which needs torchvision.
+LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL load their full processors, video processors included."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import transformers
 
 @functools.cache
 def image_only(processor_class: type) -> type:
-    """`processor_class`, a composite processor (Qwen2-VL, SmolVLM), taking a plain
+    """`processor_class`, a composite processor (SmolVLM), taking a plain
     `BaseVideoProcessor` as its video processor.
 
     transformers 5 insists on a video processor for these, and every real one needs torchvision,

@@ -21,6 +21,15 @@ layers, its window), averaged over the 4 patches of a token, as the LightCompres
 (before the rotary embedding) too are averaged, and "hidden" holds a token's 4 patches side by side,
 as the merger takes them. Qwen2.5-VL runs its layers on patches reordered by window; the signals are
 put back in image order with the model's own window index.
+
+A clip (`prepare_video`) goes through the checkpoint's own video processor (Qwen2VLVideoProcessor) on
+exactly the frames given: every frame resized as an image of its size would be (with the video
+processor's own pixel limits, capped as images are), and each temporal patch folds 2 frames into one
+tube of 2x14x14 pixels; an odd count of frames is padded by the processor, which repeats the last frame.
+The LLM reads the temporal groups one after the other, each its 28-px cells row by row; partitions are
+the groups ("frames 0-1", "frames 2-3", ..., "frame 6" for a last frame padded by its own copy). Their
+M-RoPE time axis is the group's index (Qwen2-VL) or its absolute time (Qwen2.5-VL: `tokens_per_second`
+x `second_per_grid_ts`, the seconds a group spans, from the frame rate of the frames given: their times).
 """
 
 from __future__ import annotations
@@ -33,8 +42,7 @@ import transformers
 
 from .base import Backend
 from .errors import ExplorerError
-from .geometry import Geometry, Prepared
-from .processors import image_only, image_only_processor
+from .geometry import Geometry, Prepared, check_clip
 from .random_models import build_tokenizer, text_config, token_ids
 from .signals import ATTENTION, HIDDEN, KEYS, attention_maps
 
@@ -62,56 +70,147 @@ class Qwen2VL(Backend):
         self.feature_layer = len(self.encoder) - 1  # the merger takes the last block's output
         self.rotary = importlib.import_module(type(vision).__module__).apply_rotary_pos_emb_vision
 
-    @classmethod
-    def load_processor(cls, path: str, **hub):
-        return image_only_processor(getattr(transformers, cls.processor_class), path, **hub)
-
     def image_options(self) -> dict:
         size = self.processor.image_processor.size
         return {"size": {"shortest_edge": size["shortest_edge"], "longest_edge": min(size["longest_edge"], MAX_PIXELS)}}
 
-    def grid(self, image_size: list[int]) -> torch.Tensor:
-        """(1, 3) the (time, rows, columns) of 14-px patches the processor makes of an image of (height, width)."""
+    def video_options(self) -> dict:
+        """The video processor's arguments: its own pixel limits per frame, capped as images are, and its own
+        total-pixel cap setting (transformers' default, off, said explicitly)."""
+        size = self.processor.video_processor.size
+        longest = min(size["longest_edge"], MAX_PIXELS)
+        cap = bool(self.processor.video_processor.cap_pixels_per_frame)
+        return {"size": {"shortest_edge": size["shortest_edge"], "longest_edge": longest}, "cap_pixels_per_frame": cap}
+
+    def grid(self, image_size: list[int], frames: int | None = None) -> torch.Tensor:
+        """(1, 3) the (time, rows, columns) of 14-px patches the processor makes of an image of (height, width),
+        or of a clip of `frames` frames of that size (time: its temporal groups, an odd count padded)."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-        ip, size = self.processor.image_processor, self.image_options()["size"]
+        video = frames is not None
+        ip = self.processor.video_processor if video else self.processor.image_processor
+        options = self.video_options() if video else self.image_options()
+        shortest, longest = options["size"]["shortest_edge"], options["size"]["longest_edge"]
+        factor = ip.patch_size * ip.merge_size
+        if video and options["cap_pixels_per_frame"]:  # the video processor's `resize`: a share of the clip's pixels
+            total = int(ip.max_video_tokens * factor * factor * 0.9)
+            longest = max(min(longest, total * ip.temporal_patch_size // frames), int(shortest * 1.05))
         height, width = image_size
         try:
-            h, w = smart_resize(
-                height, width, ip.patch_size * ip.merge_size, size["shortest_edge"], size["longest_edge"]
-            )
+            h, w = smart_resize(height, width, factor, shortest, longest)
         except ValueError as error:  # aspect ratio over 200
-            raise ExplorerError(f"{self.family} cannot take a {width}x{height} image: {error}") from None
-        return torch.tensor([[1, h // ip.patch_size, w // ip.patch_size]])
+            kind = "video" if video else "image"
+            raise ExplorerError(f"{self.family} cannot take a {width}x{height} {kind}: {error}") from None
+        time = -(-frames // ip.temporal_patch_size) if video else 1
+        return torch.tensor([[time, h // ip.patch_size, w // ip.patch_size]])
 
     def layout(self, image_size: list[int]) -> tuple[Geometry, torch.Tensor]:
         """Geometry of an image of (height, width) pixels; no token is a single patch, so no source row."""
         height, width = image_size
-        grid = self.grid(image_size)
-        _, rows, cols = grid[0].tolist()  # in patches
+        cells, boxes = self.cells(self.grid(image_size), height, width)
+        n = len(cells)
+        geometry = Geometry(("image",), torch.zeros(n, dtype=torch.long), cells, boxes, (width, height))
+        return geometry, torch.full((n,), -1)
+
+    def cells(self, grid: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 2) each token's cell and (N, 4) its box on an image of (height, width), for one temporal slice of
+        `grid`, read off the model's own vision position ids (the rows and columns its rotary embedding uses)."""
         from transformers.vision_utils import get_vision_position_ids
 
+        grid = grid.clone()
+        grid[:, 0] = 1
+        _, rows, cols = grid[0].tolist()  # in patches
         places = get_vision_position_ids(grid, self.merge_size)  # (P, 2) row, col per patch
         cells = places.view(-1, self.merge_size**2, 2) // self.merge_size  # (N, 4, 2) the token of each of its patches
         assert (cells == cells[:, :1]).all(), "a token folds one block of patches"
         i, j = cells[:, 0, 0], cells[:, 0, 1]  # (N,)
         side_y, side_x = height * self.merge_size / rows, width * self.merge_size / cols  # a token's cell on the image
         boxes = torch.stack([j * side_x, i * side_y, (j + 1) * side_x, (i + 1) * side_y], 1)
-        boxes = torch.minimum(boxes, torch.tensor([width, height, width, height]))
-        n = len(i)
-        return Geometry(
-            ("image",), torch.zeros(n, dtype=torch.long), cells[:, 0], boxes.float(), (width, height)
-        ), torch.full((n,), -1)
+        return cells[:, 0], torch.minimum(boxes, torch.tensor([width, height, width, height])).float()
+
+    def video_layout(self, frames: int, size: tuple[int, int]) -> tuple[Geometry, torch.Tensor]:
+        """Geometry of a clip of `frames` frames of `size` (width, height) pixels, without running the model:
+        the temporal groups one after the other, each the layout of one frame; a group is named by the
+        frames it holds among those given ("frames 2-3"; "frame 6" when the processor pads it with a copy)."""
+        width, height = size
+        grid = self.grid([height, width], frames)
+        step = self.processor.video_processor.temporal_patch_size
+        groups = int(grid[0, 0])
+        cells, boxes = self.cells(grid, height, width)
+        spans = [(g * step, min(g * step + step, frames) - 1) for g in range(groups)]
+        names = tuple(f"frames {a}-{b}" if b > a else f"frame {a}" for a, b in spans)
+        partition = torch.arange(groups).repeat_interleave(len(cells))
+        n = len(partition)
+        geometry = Geometry(names, partition, cells.repeat(groups, 1), boxes.repeat(groups, 1), (width, height))
+        return geometry, torch.full((n,), -1)
+
+    def prepare_video(self, frames: list, prompt: str, times_s: list[float] | None = None) -> Prepared:
+        """Chat template with one video part + the checkpoint's video processor on exactly these PIL frames
+        (`do_sample_frames=False`), with the pixel cap of `video_options`, and the clip's geometry. With
+        `times_s`, the processor is told the frames' rate (transformers' `VideoMetadata`: as many frames as
+        given, at the rate their times say), from which Qwen2.5-VL's processor makes `second_per_grid_ts`;
+        without, it assumes its default (24 fps), as stock does on bare frames."""
+        from transformers.video_utils import VideoMetadata
+
+        check_clip(frames, times_s)
+        text, options = self.chat(prompt, part="video"), self.video_options()
+        if times_s is not None and len(times_s) > 1 and times_s[-1] > times_s[0]:
+            rate = (len(times_s) - 1) / (times_s[-1] - times_s[0])  # frames a second
+            width, height = frames[0].size
+            info = VideoMetadata(len(frames), rate, width, height, frames_indices=list(range(len(frames))))
+            options["video_metadata"] = [info]
+        inputs = self.processor(videos=[frames], text=text, return_tensors="pt", do_sample_frames=False, **options)
+        inputs = inputs.to(self.device)
+        geometry, source = self.video_layout(len(frames), frames[0].size)
+        n_video = int((inputs["input_ids"] == self.video_token_id).sum())
+        assert n_video == len(geometry), f"processor inserted {n_video} video tokens, geometry has {len(geometry)}"
+        return Prepared(inputs, geometry, source, inputs["input_ids"].shape[1] - n_video, video=True)
+
+    @property
+    def video_token_id(self) -> int:
+        return self.model.config.video_token_id
+
+    def visual_token_id(self, prepared: Prepared) -> int:
+        return self.video_token_id if prepared.video else self.image_token_id
+
+    def encoder_outputs(self, prepared: Prepared, kept: torch.Tensor) -> dict:
+        """generate()'s `mm_encoder_outputs` for (K, D) kept tokens: a clip's as a list of one (K, D), as
+        get_video_features gives them."""
+        key = "video" if prepared.video else "image"
+        return {key: transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=[kept])}
+
+    def batch_inputs(self, each: list[dict]) -> dict:
+        """As every family's, with the clips' kept tokens as the model takes them: one list, one (K, D) per
+        clip, in the batch's order."""
+        clips = [inputs["mm_encoder_outputs"].get("video") for inputs in each]
+        images = [{k: v for k, v in i["mm_encoder_outputs"].items() if k != "video"} for i in each]
+        rest = [inputs | {"mm_encoder_outputs": kept} for inputs, kept in zip(each, images)]
+        batch = super().batch_inputs(rest)
+        if any(clips):
+            joined = [f for clip in clips if clip is not None for f in clip.pooler_output]
+            batch["mm_encoder_outputs"]["video"] = transformers.modeling_outputs.BaseModelOutputWithPooling(
+                pooler_output=joined
+            )
+        return batch
+
+    @staticmethod
+    def thw(prepared: Prepared) -> torch.Tensor:
+        """(1, 3) the processor's (time, rows, columns) of patches of the image or clip."""
+        return prepared.inputs["video_grid_thw" if prepared.video else "image_grid_thw"]
 
     def image_features(self, prepared: Prepared) -> torch.Tensor:
-        inputs = prepared.inputs
-        out = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        """(N, D) the visual tokens of the image or the clip, by the model's own code."""
+        inputs, model = prepared.inputs, self.model.model
+        if prepared.video:
+            out = model.get_video_features(inputs["pixel_values_videos"], self.thw(prepared), return_dict=True)
+        else:
+            out = model.get_image_features(inputs["pixel_values"], self.thw(prepared), return_dict=True)
         return out.pooler_output[0]  # (N, D)
 
     def encoder_sequences(self, prepared: Prepared) -> list[int]:
         """The patches of each temporal slice (an image has one), each attended over alone, as the model's
         own attention segments cut them: rows x columns, time times."""
-        time, rows, columns = prepared.inputs["video_grid_thw" if prepared.video else "image_grid_thw"][0].tolist()
+        time, rows, columns = self.thw(prepared)[0].tolist()
         return [rows * columns] * time
 
     @contextmanager
@@ -186,11 +285,11 @@ class Qwen2VL(Backend):
     def positions(self, prepared: Prepared) -> torch.Tensor:
         """(3, 1, L) the M-RoPE positions (time, row, column) of the full prompt, as the model computes them."""
         inputs = prepared.inputs
+        grids = {"video_grid_thw": self.thw(prepared)} if prepared.video else {"image_grid_thw": self.thw(prepared)}
+        if "second_per_grid_ts" in inputs:  # Qwen2.5-VL's clips: the seconds each temporal group spans
+            grids["second_per_grid_ts"] = inputs["second_per_grid_ts"]
         positions, _ = self.model.model.get_rope_index(
-            inputs["input_ids"],
-            inputs["mm_token_type_ids"],
-            inputs["image_grid_thw"],
-            attention_mask=inputs["attention_mask"],
+            inputs["input_ids"], inputs["mm_token_type_ids"], attention_mask=inputs["attention_mask"], **grids
         )
         return positions
 
@@ -237,7 +336,7 @@ class Qwen25VL(Qwen2VL):
         from transformers.vision_utils import get_vision_window_index
 
         vision = self.model.model.visual
-        grid = prepared.inputs["video_grid_thw" if prepared.video else "image_grid_thw"]
+        grid = self.thw(prepared)
         _, bounds = get_vision_window_index(
             grid, vision.spatial_merge_size, vision.window_size, vision.patch_size
         )  # (windows + 1,) cumulative patches
@@ -249,7 +348,7 @@ class Qwen25VL(Qwen2VL):
 
         vision = self.model.model.visual
         window, _ = get_vision_window_index(
-            prepared.inputs["image_grid_thw"], vision.spatial_merge_size, vision.window_size, vision.patch_size
+            self.thw(prepared), vision.spatial_merge_size, vision.window_size, vision.patch_size
         )  # (N,) the token at each place of the window order
         return super().in_image_order(prepared, values)[torch.argsort(window).to(values.device)]
 
@@ -258,11 +357,12 @@ RANDOM = {  # name -> (vision, text) sizes as (hidden, layers, heads, mlp)
     "tiny-qwen2-vl": ((32, 3, 4, 64), (32, 4, 4, 64)),
     "tiny-qwen2.5-vl": ((32, 4, 4, 64), (32, 4, 4, 64)),
 }
-CHAT_TEMPLATE = (  # the Qwen2-VL / Qwen2.5-VL chat template, images first
+CHAT_TEMPLATE = (  # the Qwen2-VL / Qwen2.5-VL chat template, images first, then videos
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% for part in message['content'] if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}{% endfor %}"
     "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
     "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -271,9 +371,12 @@ CHAT_TEMPLATE = (  # the Qwen2-VL / Qwen2.5-VL chat template, images first
 def random_parts(name: str):
     """The config and processor of the random-weight model `name`, with the Qwen2-VL-2B / Qwen2.5-VL-3B
     processor geometry (patch 14, 2x2 merge, 3136 to 12845056 pixels; Qwen2.5-VL: 112-px windows,
-    the last block attending to the whole image)."""
-    from transformers import Qwen2VLImageProcessorPil
-    from transformers.video_processing_utils import BaseVideoProcessor
+    the last block attending to the whole image, 2 tokens a second on the time axis) and video processor:
+    the checkpoints publish no video_preprocessor_config.json, so transformers builds their
+    Qwen2VLVideoProcessor from preprocessor_config.json (min/max pixels 3136/12845056 as size, temporal
+    patch 2, merge 2, CLIP mean and std; the rest the class's defaults: bicubic, no frame sampling, no
+    total-pixel cap), checked by loading the mirrors in tests/mirrors/."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
 
     qwen25 = name == "tiny-qwen2.5-vl"
     backend = Qwen25VL if qwen25 else Qwen2VL
@@ -286,16 +389,17 @@ def random_parts(name: str):
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
-    processor = image_only(getattr(transformers, backend.processor_class))(
+    processor = getattr(transformers, backend.processor_class)(
         image_processor=Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056),
         tokenizer=tokenizer,
-        video_processor=BaseVideoProcessor(),  # never used: see `processors.image_only`
+        video_processor=Qwen2VLVideoProcessor(min_pixels=3136, max_pixels=12845056, temporal_patch_size=2),
         chat_template=CHAT_TEMPLATE,
     )
     vision = dict(depth=v_layers, num_heads=v_heads, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     if qwen25:
         vision |= dict(hidden_size=v_hidden, intermediate_size=v_mlp, out_hidden_size=text[0], window_size=112)
         vision |= dict(fullatt_block_indexes=[v_layers - 1])  # as the checkpoints' last block: the whole image
+        vision |= dict(tokens_per_second=2)  # Qwen2.5-VL-3B's
     else:
         vision |= dict(embed_dim=v_hidden, mlp_ratio=v_mlp // v_hidden, hidden_size=text[0])
     ids = {f"{k}_token_id": tokenizer.convert_tokens_to_ids(f"<|{k}|>") for k in ("vision_start", "vision_end")}
