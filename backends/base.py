@@ -106,8 +106,8 @@ class Backend:
         raise ExplorerError(f"{self.family} takes no video here yet")
 
     def visual_token_id(self, prepared: Prepared) -> int:
-        """The id of the prompt's visual tokens: the image token (a clip's, the video token, in families with video)."""
-        return self.image_token_id
+        """The id of the prompt's visual tokens: the image token, or a clip's video token."""
+        return self.model.config.video_token_id if prepared.video else self.image_token_id
 
     def encoder_outputs(self, prepared: Prepared, kept: torch.Tensor) -> dict:
         """generate()'s `mm_encoder_outputs` for (K, D) kept visual tokens of this prompt."""

@@ -162,16 +162,9 @@ class Qwen2VL(Backend):
         inputs = self.processor(videos=[frames], text=text, return_tensors="pt", do_sample_frames=False, **options)
         inputs = inputs.to(self.device)
         geometry, source = self.video_layout(len(frames), frames[0].size)
-        n_video = int((inputs["input_ids"] == self.video_token_id).sum())
+        n_video = int((inputs["input_ids"] == self.model.config.video_token_id).sum())
         assert n_video == len(geometry), f"processor inserted {n_video} video tokens, geometry has {len(geometry)}"
         return Prepared(inputs, geometry, source, inputs["input_ids"].shape[1] - n_video, video=True)
-
-    @property
-    def video_token_id(self) -> int:
-        return self.model.config.video_token_id
-
-    def visual_token_id(self, prepared: Prepared) -> int:
-        return self.video_token_id if prepared.video else self.image_token_id
 
     def encoder_outputs(self, prepared: Prepared, kept: torch.Tensor) -> dict:
         """generate()'s `mm_encoder_outputs` for (K, D) kept tokens: a clip's as a list of one (K, D), as

@@ -4,11 +4,11 @@ time included), kept tokens at their unreduced positions; the unreduced answer e
 
 import functools
 
-import numpy as np
 import pytest
 import torch
 from conftest import assert_tiles
 from PIL import Image
+from test_video_backend import clip as drawn
 from transformers.video_utils import VideoMetadata
 
 import backends
@@ -28,16 +28,9 @@ def model(name: str):
     return backends.load(name, "cpu")
 
 
-def frames(count: int, size: tuple[int, int] = SIZE, seed: int = 0) -> list[Image.Image]:
-    """Frames that differ: a bright square moving across noise, the noise new in every frame."""
-    width, height = size
-    out = []
-    for f in range(count):
-        pixels = np.random.RandomState(seed + f).randint(0, 128, (height, width, 3), dtype=np.uint8)
-        x = f * (width - 30) // max(count - 1, 1)
-        pixels[40:70, x : x + 30] = 255
-        out.append(Image.fromarray(pixels))
-    return out
+def frames(count: int, seed: int = 0) -> list[Image.Image]:
+    """Frames that differ (as test_video_backend draws them): a bright square moving across noise."""
+    return drawn(count, SIZE, seed)
 
 
 def clip(count: int, seed: int = 0) -> Clip:
@@ -118,7 +111,7 @@ def test_the_geometry_counts_the_processor_s_video_tokens_in_temporal_groups(nam
     g = ready.geometry
     groups = (count + 1) // 2
     counted = backend.processor._get_num_multimodal_tokens(video_sizes=[(count, height, width)])
-    assert len(g) == int((ready.inputs["input_ids"] == backend.video_token_id).sum()) == groups * 24
+    assert len(g) == int((ready.inputs["input_ids"] == backend.model.config.video_token_id).sum()) == groups * 24
     assert len(g) == counted["num_video_tokens"][0] and ready.video and (ready.source == -1).all()
     names = [f"frames {2 * i}-{2 * i + 1}" for i in range(count // 2)] + [f"frame {count - 1}"] * (count % 2)
     assert g.names == tuple(names) and g.image_size == SIZE and g.sizes() == [24] * groups
@@ -154,7 +147,7 @@ def test_a_reduced_run_keeps_its_budget_at_the_unreduced_positions(name, method)
     assert length == ready.text_tokens + kept  # the LLM sees exactly the kept visual tokens
     full = backend.positions(ready)  # (3, 1, L) unreduced
     assert torch.equal(positions[-3:], full[..., backend.staying(ready, keep)])
-    video = (ready.inputs["input_ids"][0] == backend.video_token_id).nonzero()[:, 0]
+    video = (ready.inputs["input_ids"][0] == backend.model.config.video_token_id).nonzero()[:, 0]
     start = int(video[0])
     assert torch.equal(positions[-3:, 0, start : start + kept], full[:, 0, video[keep]])
     frames_ = result.tokens["by_frame"]
