@@ -99,10 +99,7 @@ def test_numbers_shown_are_the_librarys(explorer, backend, picture_file):
     assert rows["time to first token (s)"][0] == f"{r.timing['ttft_s']:.3f}"
     assert rows["prefill (s)"][0] == f"{r.timing['prefill_s']:.3f}"
     assert rows["selection (s)"][0] == f"{r.timing['selection_s']:.4f}"
-    assert (
-        rows["peak memory (cpu, MiB; the process's high-water mark: see the computed KV cache)"][0]
-        == f"{r.memory['peak_bytes'] / 2**20:.0f}"
-    )
+    assert rows["peak memory (cpu, MiB, process high-water mark)"][0] == f"{r.memory['peak_bytes'] / 2**20:.0f}"
     # the budget chart shows the same counts
     bars = {bar.name: list(bar.y) for bar in last["plot"].data}
     assert bars["kept"] == [p["kept"] for p in r.tokens["by_partition"] if p["full"]]
@@ -137,7 +134,7 @@ def test_without_compare_only_the_reduced_run_happens(explorer, picture_file):
     last, _ = explore(explorer, {"path": picture_file}, compare=False)
     assert last["full_answer"] == "" and last["memo"] == {}
     rows = last["table"]  # the run's own numbers; the real checkpoint's computed cost (the last rows) has a full column
-    own = rows[: next((i for i, row in enumerate(rows) if row[0].startswith("computed for the real")), len(rows))]
+    own = rows[: next((i for i, row in enumerate(rows) if row[0].startswith("computed: real")), len(rows))]
     assert len(own) < len(rows) and all(row[2] == "" for row in own)
 
 

@@ -61,9 +61,9 @@ def page(picture, result, full=None, drift: dict | None = None) -> str:
         parts.append(f"<h3>Full</h3><pre class='answer'>{html.escape(full.answer)}</pre>")
     projected = result.cost.get("projected")
     real = (
-        f"<p>Times and memory are measured on {html.escape(result.model)}; the rows under “computed for the real "
-        f"{html.escape(projected['model'])}” are computed from that checkpoint's config at this image's token "
-        "counts, never measured.</p>"
+        f"<p>Times and memory are measured on {html.escape(result.model)}; the rows under “computed: real "
+        f"{html.escape(projected['model'].split('/')[-1])}” are computed from {html.escape(projected['model'])}'s "
+        f"config ({projected['dtype']}) at this image's token counts, never measured.</p>"
         if projected
         else ""
     )

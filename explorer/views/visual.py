@@ -300,7 +300,7 @@ def _memory_row(device: str) -> str:
     """The peak memory row's name: on a CPU the process's high-water mark, which one run barely moves (the
     order of runs can decide which is higher): the computed KV cache below says what the tokens cost."""
     if device == "cpu":
-        return "peak memory (cpu, MiB; the process's high-water mark: see the computed KV cache)"
+        return "peak memory (cpu, MiB, process high-water mark)"
     return f"peak memory ({device}, MiB)"
 
 
@@ -319,7 +319,7 @@ def projected_rows(first, second=None) -> list[list[str]]:
         ("  KV cache of the prompt, decoding (MiB)", "kv_bytes", 2**20, "{:.1f}"),
         ("  weights (GiB)", "weight_bytes", 2**30, "{:.2f}"),
     ]
-    title = f"computed for the real {projected['model']} ({projected['dtype']}), at this image's token counts"
+    title = f"computed: real {projected['model'].split('/')[-1]}"  # short: the table's columns stay in sight
     table = [[title, "", "", ""]]
     for what, key, scale, form in rows:
         a, b = mine[key], other[key]
