@@ -149,12 +149,13 @@ RANDOM = {
     "tiny-llava-onevision": ((32, 3, 4, 64), (32, 4, 4, 64))
 }  # name -> (vision, text): hidden, layers, heads, mlp
 PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # llava-onevision-qwen2-*-ov-hf's 36
-CHATML = (  # the Qwen2 chat template of llava-onevision-qwen2-*-ov-hf: images, then videos, then the text
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
-    "{% for part in message['content'] if part['type'] == 'video' %}{{ '<video>\n' }}{% endfor %}"
-    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
-    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+CHATML = (  # the chat template of llava-onevision-qwen2-*-ov-hf as the Hub has it now (tests/mirrors): images,
+    # then videos, then the text: "<|im_start|>user <image>\nQ<|im_end|><|im_start|>assistant\n"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'video' %}{{ '<video>' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ '\n' + part['text'] }}{% endfor %}"
+    "{{ '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
