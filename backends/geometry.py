@@ -58,6 +58,11 @@ class Geometry:
         """The partitions that each show a part of the image at high resolution: "crop R,C" or "tile R,C"."""
         return [p for p, name in enumerate(self.names) if name.startswith(("crop ", "tile "))]
 
+    @property
+    def frames(self) -> list[int]:
+        """A clip's partitions: each a frame, "frame 3", or a temporal group of frames, "frames 2-3"; none for an image."""
+        return [p for p, name in enumerate(self.names) if name.startswith(("frame ", "frames "))]
+
 
 @dataclass(frozen=True)
 class Prepared:

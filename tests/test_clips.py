@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from explorer.core import CLS_FEATURE, FEATURES, HIDDEN_FEATURE, KEYS_FEATURE, Geometry, Signals
-from explorer.engine.clips import by_frame, frames_of, is_clip, per_frame
+from explorer.engine.clips import by_frame, frames_of, per_frame
 from explorer.engine.pipeline import choose
 from explorer.engine.video import Clip
 from explorer.methods import make
@@ -45,7 +45,7 @@ def signals(g: Geometry, budget: int, seed: int = 0) -> Signals:
 
 def test_frames_are_read_off_the_partition_names():
     assert frames_of("frame 3") == [3] and frames_of("frames 2-3") == [2, 3] and frames_of("newline") == []
-    assert is_clip(clip_geometry()) and not is_clip(image_geometry())
+    assert clip_geometry().frames == list(range(FRAMES)) and image_geometry().frames == []
 
 
 @pytest.mark.parametrize("method", ["random", "uniform", "cls", "divprune", "visionzip", "pooling"])

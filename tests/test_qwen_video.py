@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import assert_tiles
 from PIL import Image
+from test_video_backend import answer
 from test_video_backend import clip as drawn
 from transformers.video_utils import VideoMetadata
 
@@ -51,16 +52,8 @@ def stock_inputs(backend, c: Clip) -> dict:
 
 
 def greedy(backend, inputs: dict, tokens: int = 5) -> tuple[list[int], torch.Tensor]:
-    with torch.inference_mode():
-        out = backend.model.generate(
-            **inputs,
-            do_sample=False,
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences[0, -tokens:].tolist(), torch.stack(out.logits)
+    """The greedy answer's ids and logits (test_video_backend's `answer`)."""
+    return answer(backend.model, inputs, tokens)
 
 
 @pytest.mark.parametrize("count", [4, 3])

@@ -80,5 +80,7 @@ def live_picture(session: Session, busy: bool | None = False, **given) -> tuple:
 @shows_errors
 def refresh(session: Session, busy: bool | None, **given) -> tuple:
     """After a run: the preview again, if the last one found the model busy with a run."""
-    check(given)
-    return live_picture(session, busy, **given) if busy else (gr.skip(),) * 3
+    if busy:
+        return live_picture(session, busy, **given)
+    check(given)  # nothing to redraw, but a method or budget out of range is refused as everywhere
+    return (gr.skip(),) * 3

@@ -21,10 +21,6 @@ from ..methods.common import patches_first
 from .video import Clip
 
 
-def is_clip(g: Geometry) -> bool:
-    return any(frames_of(name) for name in g.names)
-
-
 def part(g: Geometry, tokens: torch.Tensor) -> Geometry:
     """The geometry of the tokens `tokens` (sorted, all of one partition) on their own, as one image."""
     p = int(g.partition[tokens[0]])
@@ -39,11 +35,12 @@ def per_frame(select: Callable[[Signals], Selection], s: Signals) -> Selection:
     g, n = s.geometry, len(s.geometry)
     keep, scores, groups, weights = [], torch.full((n,), torch.nan), torch.full((n,), -1), []
     maps: dict[str, torch.Tensor] = {}
-    for p, share in enumerate(patches_first(g, s.budget)):
+    shares, frames = patches_first(g, s.budget), g.frames
+    for p, share in enumerate(shares):
         tokens = g.members(p)  # (M,) this frame's tokens, in LLM order
         if share == 0:
             continue
-        if not frames_of(g.names[p]) or share == len(tokens):  # outside frames, or the whole frame: no choice
+        if p not in frames or share == len(tokens):  # outside frames, or the whole frame: no choice
             keep.append(tokens[:share])
             continue
         mine = {name: _rows(value, tokens, n) for name, value in s.maps.items()}
@@ -65,7 +62,7 @@ def per_frame(select: Callable[[Signals], Selection], s: Signals) -> Selection:
         scores=None if scores.isnan().all() else scores,
         groups=groups if merges else None,
         weights=_joined(weights, kept, n) if weights else None,
-        budgets=dict(zip(g.names, patches_first(g, s.budget))),
+        budgets=dict(zip(g.names, shares)),
         maps=maps,
     )
 

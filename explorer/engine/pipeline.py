@@ -31,7 +31,7 @@ from backends.signals import FEATURES, HIDDEN_FEATURE, ROWS
 
 from ..core import Budget, ExplorerError, Geometry, Method, Selection, Signals
 from ..methods import make, unavailable
-from .clips import by_frame, is_clip, per_frame
+from .clips import by_frame, per_frame
 from .cost import Encoder, Shape, VisionPass, footprint, kv_bytes, prefill_flops, vision_flops
 from .images import load_image
 from .llm import LlmStage, last_count, llm_hooks
@@ -465,11 +465,11 @@ def plan_for(backend, prepared: Prepared, chosen: Method, budget: Budget | None)
 def check_media(chosen: Method, g: Geometry) -> None:
     """Refuse a method what the image or clip does not have for it, with the reason."""
     name = type(chosen).__name__
-    if "clip" in chosen.requires and not is_clip(g):
+    if "clip" in chosen.requires and not g.frames:
         raise ExplorerError(f"{name} keeps whole frames of a video: give it a clip, not an image")
-    if is_clip(g) and "thumbnail" in chosen.requires:
+    if g.frames and "thumbnail" in chosen.requires:
         raise ExplorerError(f"{name} needs a thumbnail of the whole image beside its crops; a clip's frames have none")
-    if is_clip(g) and chosen.merging is not None:
+    if g.frames and chosen.merging is not None:
         raise ExplorerError(
             f"{name} merges patches inside the vision encoder, and a clip's visual tokens are pooled from several "
             "encoder patches each; try tome, which merges after the encoder"
@@ -488,7 +488,7 @@ def choose(chosen: Method, signals: Signals) -> Selection:
     first = chosen.select if chosen.stage == "vision" else chosen.select_vision
     if first is None:
         return Selection(keep=torch.arange(len(signals.geometry)))
-    if chosen.on_clips == "per frame" and is_clip(signals.geometry):
+    if chosen.on_clips == "per frame" and signals.geometry.frames:
         return per_frame(first, signals)
     return first(signals)
 

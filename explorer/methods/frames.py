@@ -32,7 +32,7 @@ class Frames(Method):
 
     def select(self, s: Signals) -> Selection:
         g = s.geometry
-        frames = [p for p, name in enumerate(g.names) if name.startswith("frame")]  # "frame i", "frames i-j"
+        frames = g.frames  # "frame i", or a temporal group "frames i-j"
         size = len(g.members(frames[0]))  # the tokens of one frame (or temporal group)
         whole, rest = divmod(min(s.budget, size * len(frames)), size)
         count = whole + (rest > 0)

@@ -30,16 +30,18 @@ class Count:
     least: float | None = None  # the least layer mean the method's cuts reach, when the budget is below it
 
     def __str__(self) -> str:
+        return self._said(str(self.kept))
+
+    def _said(self, kept: str) -> str:
         if self.kept is None:
             return f"{self.n} visual tokens ({self.budget})"
-        return f"{self.kept} of {self.n} visual tokens {self.counts} ({self.budget})"
+        return f"{kept} of {self.n} visual tokens {self.counts} ({self.budget})"
 
     def line(self, method: str, size: tuple[int, int]) -> str:
         """The count in a sentence about the image (markdown): the number in bold, what the layers see
         for a layer mean, and why the budget cannot be met when it cannot."""
         width, height = size
-        said = str(self).replace(f"{self.kept} of", f"**{self.kept}** of", 1) if self.kept is not None else str(self)
-        said += f" for this {width}x{height} image"
+        said = self._said(f"**{self.kept}**") + f" for this {width}x{height} image"
         if self.counts != LAYER_MEAN:
             return said + "."
         said += f": the layers before {method}'s first cut see all {self.n}, later ones fewer."

@@ -7,7 +7,7 @@ measured run takes, on those cached signals: the preview keeps what Run keeps.
 
     cache = VisionCache()
     shown = preview(backend, picture, "hired", 0.2, cache=cache)   # the first call on an image encodes it
-    str(shown.count)                                                    # "428 of 2144 visual tokens kept (20%)"
+    str(shown.count)                                              # "428 of 2144 visual tokens kept (20%)"
 
 The preview never holds up a run: the vision pass waits at most `wait_s` for the model (the lock a run
 holds, `pipeline.model_lock`) and otherwise says the model is busy; selections on cached signals take
