@@ -166,6 +166,10 @@ class Selection:
     # projection of sum_j weights[k, j] * hidden_j, hidden = the "hidden@feature" signal (which such a
     # method asks for); None: every kept token as it is
     weights: torch.Tensor | None = None
+    # what `weights` mix: "hidden", the encoder outputs before the projector (VisionZip, PruMerge, ToMe: the
+    # projector's MLP would not commute with the mean), or "features", the projected features the LLM
+    # receives (the video methods that merge after the projector: HoliTom, FastVID, DyCoke)
+    mixes: str = "hidden"
     budgets: dict[str, int] = field(default_factory=dict)  # partition name -> its budget
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # intermediate (N,) maps worth teaching
     stats: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. {"content count": {"crop 0,0": 12}}

@@ -389,7 +389,9 @@ def select(backend, picture, prompt: str, chosen: Method, budget: Budget | None,
         if chosen.early_layer is not None:  # a first pass through the LLM's first layers, the method's own time
             maps |= backend.early_pass(prepared, features, chosen.early_layer(backend.depth))
         selection = choose(chosen, Signals(g, plan.step, maps))
-        if selection.weights is not None and not plan.lazy:  # merging: the backend builds what each kept token carries
+        if selection.weights is not None and selection.mixes == "features":  # merged after the projector
+            features = mixed_features(features, selection)
+        elif selection.weights is not None and not plan.lazy:  # the backend projects each kept token's mix
             features = backend.merge(features, maps, selection)
         sync(device)
         clock.append(now())
@@ -403,6 +405,15 @@ def select(backend, picture, prompt: str, chosen: Method, budget: Budget | None,
     return Selected(prepared, features, selection, plan.budget, tuple(clock), work, picture if is_video else None)
 
 
+def mixed_features(features: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """(N, D) features in which kept token keep[k] carries sum_j weights[k, j] * features_j, the mix of
+    projected features a method that merges after the projector asks for (`Selection.mixes`)."""
+    weights = selection.weights.to(device=features.device, dtype=torch.float32)  # sparse (K, N)
+    merged = features.clone()
+    merged[selection.keep.to(features.device)] = (weights @ features.float()).to(features.dtype)  # (K, D)
+    return merged
+
+
 def vision_pass(backend, prepared: Prepared, plan: Plan, selection: Selection, merging: bool) -> VisionPass:
     """What `select`'s vision stage ran on: the encoder on every crop (unmerged: a method that merges inside
     the encoder is counted as if it did not, an upper bound), the attention maps of the signals it captured
@@ -414,7 +425,7 @@ def vision_pass(backend, prepared: Prepared, plan: Plan, selection: Selection, m
     if plan.lazy:
         newline = g.names.index("newline") if "newline" in g.names else -1
         projected = int((g.partition[selection.keep.cpu()] != newline).sum())
-    elif selection.weights is not None:
+    elif selection.weights is not None and selection.mixes == "hidden":
         merged = int(backend.mixing(selection).sum())
     sequences, windows = backend.encoder_sequences(prepared), backend.encoder_windows(prepared)
     return VisionPass(tuple(sequences), tuple(windows), projected, maps, merged)
