@@ -8,6 +8,7 @@ import io
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
+from . import stages
 from . import visual as vis
 
 PACKAGES = ("torch", "transformers", "gradio", "pillow")
@@ -70,6 +71,9 @@ def page(picture, result, full=None, drift: dict | None = None) -> str:
     parts += [
         "<h2>Numbers</h2>",
         "<table><tr><th></th><th>reduced</th><th>full</th><th>reduced / full</th></tr>" + rows + "</table>" + real,
+        "<h2>Where the time goes</h2>",
+        stages.svg({"reduced": result.timing} | ({"full": full.timing} if full is not None else {})),
+        f"<p>{html.escape(stages.sentence(result, full))}</p>",
         "<h2>Method</h2>",
         _markdownish(vis.explain(result.method)),
         "<p class='versions'>" + html.escape(", ".join(f"{k} {v}" for k, v in versions().items())) + "</p>",

@@ -21,6 +21,13 @@ UNDERLAY = (64, 0.5)  # the grey image under a heatmap: brightness l (0..255) ->
 ONLY_A, ONLY_B = (40, 110, 255), (255, 140, 0)  # tints for tokens that only one of two methods kept
 LABEL, FRAME = (242, 242, 242), (154, 160, 166)  # the canvas's panel labels and the lines around panels
 PHOTO = (201, 162, 122)  # a photo's colour, under the legend's swatches
+STAGE = {  # the stages of a run's time (`stages`), in the order they run
+    "preprocessing": (148, 148, 148),
+    "vision encoder": (31, 119, 180),
+    "selection": (214, 39, 40),
+    "LLM prefill": (44, 160, 44),
+    "decode": (255, 127, 14),
+}
 
 
 def hatch_step(shape: tuple[int, int]) -> int:
