@@ -143,3 +143,11 @@ def test_the_bench_the_table_and_the_report_show_the_computed_costs(backend):
     assert real in table and float(table["  LLM prefill (TFLOPs)"][2].rstrip("x")) < 1
     page = report.page(photo(400, 300), result)
     assert "vision encoder and projector (TFLOPs, computed)" in page and "never measured" in page
+
+
+def test_the_cost_is_computed_once_per_count_not_at_every_generated_token(backend):
+    from explorer.engine.pipeline import stream
+
+    results = list(stream(backend, photo(400, 300), PROMPT, "fastv", 0.6, max_new_tokens=4, min_new_tokens=4))
+    assert len(results) == 5 and len({id(r.cost) for r in results}) == 1  # the same counts after the prefill
+    assert results[-1].cost == run(backend, photo(400, 300), PROMPT, "fastv", 0.6, max_new_tokens=1).cost

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import NotRequired, TypedDict
 
 import torch
@@ -153,6 +154,7 @@ def stream(
     memory = PeakMemory(backend.device)
     ids: list[int] = []  # generated so far
     times: list[float] = []  # when each arrived
+    priced: dict = {}  # the computed costs by the tokens each LLM layer holds, the same for every token after the prefill
 
     with exclusive(backend):
         memory.reset()
@@ -164,12 +166,11 @@ def stream(
         if chosen.rerank:  # no KV cache: every generated token reruns the whole sequence, and the method chooses again
             kwargs["use_cache"] = False
         with first_forward(model, backend.device) as prefill, hooks as record:  # record: what the hooks did, or None
+            so_far = partial(result, backend, method, chosen, budget, selected, inside, record, prefill, ids, times)
             for _ in _generate(model, kwargs, timeout_s, ids, times):
                 if not inside or inside.done:  # an llm-stage method has chosen once the prefill is over
-                    yield result(
-                        backend, method, chosen, budget, selected, inside, record, prefill, ids, times, memory, real
-                    )
-        yield result(backend, method, chosen, budget, selected, inside, record, prefill, ids, times, memory, real, True)
+                    yield so_far(memory, priced, real)
+        yield so_far(memory, priced, real, done=True)
 
 
 def result(
@@ -184,12 +185,14 @@ def result(
     ids: list[int],
     times: list[float],
     memory: PeakMemory,
+    priced: dict,
     real: str | None = None,
     done: bool = False,
 ) -> Result:
     """The `Result` of a run so far: `inside` the llm-stage method's run (None for others), `record` what its
     hooks did, `prefill` the start and end of the prefill, `ids` the tokens generated and `times` when;
-    `real` the stored architecture its cost is also computed on (`projection`)."""
+    `real` the stored architecture its cost is also computed on (`projection`); `priced` the costs computed so
+    far in this run, by the tokens each LLM layer holds."""
     selection = inside.selection() if inside else selected.selection
     tokens = _tokens(backend, selected, selection, chosen.adaptive, inside, len(ids))
     stages = selected.stages()
@@ -202,6 +205,10 @@ def result(
         "selection_s": stages["selection_s"] + (record.seconds if record else 0.0),  # + the hooks' in the LLM
     }
     text = selected.prepared.text_tokens
+    held = (tuple(tokens["visual_per_layer"]), tuple(tokens["visual_cached_per_layer"]))
+    if held not in priced:
+        prefilled, cached = [text + v for v in held[0]], [text + v for v in held[1]]
+        priced[held] = costs(backend, prefilled, cached, selected.vision) | projection(real, selected.vision, tokens)
     return Result(
         model=backend.name,
         method=method,
@@ -212,13 +219,7 @@ def result(
         tokens=tokens,
         timing=timing,
         memory={"device": backend.device.type, "peak_bytes": memory.peak()},
-        cost=costs(
-            backend,
-            [text + v for v in tokens["visual_per_layer"]],
-            [text + v for v in tokens["visual_cached_per_layer"]],
-            selected.vision,
-        )
-        | projection(real, selected.vision, tokens),
+        cost=priced[held],
         geometry=selected.prepared.geometry,
         selection=selection,
         random_weights=backend.random_weights,
