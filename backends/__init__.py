@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from . import llava, llava_next, llava_onevision, qwen2_vl, random_models, smolvlm
+from . import llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl, random_models, smolvlm
 from .base import pick_device, pick_dtype
 from .errors import ExplorerError, first_line
 from .geometry import Geometry, Prepared
 
-FAMILIES = (llava_next, llava_onevision, qwen2_vl, smolvlm, llava)  # one file each
+FAMILIES = (llava_next, llava_onevision, qwen2_vl, qwen3_vl, smolvlm, llava)  # one file each
 BACKENDS = {
     b.model_type: b
     for b in (
@@ -26,6 +26,8 @@ BACKENDS = {
         llava_onevision.LlavaOnevision,
         qwen2_vl.Qwen2VL,
         qwen2_vl.Qwen25VL,
+        qwen3_vl.Qwen3VL,
+        qwen3_vl.Qwen3VLMoe,
         smolvlm.SmolVLM,
         smolvlm.SmolVLM2,
         llava.Llava,
@@ -39,6 +41,7 @@ FULL_SIZE = {  # Hub checkpoint -> the tiny model with its processor; its archit
     "llava-hf/llava-onevision-qwen2-7b-ov-hf": "tiny-llava-onevision",
     "Qwen/Qwen2-VL-2B-Instruct": "tiny-qwen2-vl",
     "Qwen/Qwen2-VL-7B-Instruct": "tiny-qwen2-vl",
+    "Qwen/Qwen3-VL-2B-Instruct": "tiny-qwen3-vl",
 }
 OFFLINE = {  # a default checkpoint -> the random-weight model of its family, when it cannot be fetched
     llava_next.DEFAULT: "tiny-llava-next",

@@ -14,7 +14,7 @@ import transformers  # lazy: its model code loads on first use, not when this fi
 
 from .encoder_merge import merged
 from .errors import ExplorerError
-from .geometry import Geometry, Prepared
+from .geometry import Geometry, Prepared, Times
 from .llm_prune import Decoder, early_pass, pruning
 from .signals import FEATURES, HIDDEN, HIDDEN_FEATURE, PADDED, ROWS, encoder_signals, parse
 
@@ -101,8 +101,8 @@ class Backend:
         assert n_image == len(geometry), f"processor inserted {n_image} image tokens, geometry has {len(geometry)}"
         return Prepared(inputs, geometry, source, inputs["input_ids"].shape[1] - n_image)
 
-    def prepare_video(self, frames: list, prompt: str, times_s: list[float] | None = None) -> Prepared:
-        """Chat template + the video processor on exactly these PIL frames (at `times_s`), and the clip's geometry."""
+    def prepare_video(self, frames: list, prompt: str, times_s: Times = None, duration_s: float = 0.0) -> Prepared:
+        """Chat template + video processor on exactly these PIL frames (at `times_s`, of `duration_s`: 0 if unknown)."""
         raise ExplorerError(f"{self.family} takes no video here yet")
 
     def visual_token_id(self, prepared: Prepared) -> int:

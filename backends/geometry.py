@@ -64,6 +64,9 @@ class Geometry:
         return [p for p, name in enumerate(self.names) if name.startswith(("frame ", "frames "))]
 
 
+Times = list[float] | None  # each frame's time in seconds from the video's start; None where not known
+
+
 @dataclass(frozen=True)
 class Prepared:
     """One image (or clip) and prompt, ready for the model."""
@@ -75,6 +78,30 @@ class Prepared:
     source: torch.Tensor
     text_tokens: int  # prompt tokens that are not visual tokens
     video: bool = False  # the visual tokens are a clip's (the model's video token and video inputs), not an image's
+
+
+def clip_metadata(frames: list, times_s: Times, duration_s: float):
+    """transformers' `VideoMetadata` of a clip of these frames taken at `times_s` from a video of `duration_s`
+    seconds (0 if not known), as a video processor that decoded the video and sampled the frames itself has
+    it: their `timestamps` are `times_s`, their `sampled_fps` is frames / duration (of which Qwen2.5-VL's
+    processor makes `second_per_grid_ts`), and `duration` is the video's (SmolVLM2's prompt says it). Frame
+    positions are counted at that rate, so they are whole numbers only where the frames are evenly spaced.
+    Without a duration the frames are taken as evenly spaced, one interval after the last; None (the
+    processor's default, 24 fps, as stock on bare frames) without times, or without a duration and with
+    fewer than two distinct times."""
+    from transformers.video_utils import VideoMetadata
+
+    if times_s is None:
+        return None
+    n, span = len(times_s), times_s[-1] - times_s[0]
+    if duration_s <= 0:
+        if n < 2 or span <= 0:
+            return None
+        duration_s = span * n / (n - 1)
+    rate = n / duration_s  # frames a second: the sampled rate
+    width, height = frames[0].size
+    indices = [t * rate for t in times_s]  # frame positions at that rate
+    return VideoMetadata(n, rate, width, height, duration_s, frames_indices=indices)
 
 
 def check_clip(frames: list, times_s: list[float] | None) -> None:

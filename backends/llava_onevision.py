@@ -31,7 +31,7 @@ import transformers  # lazy: its model code loads on first use
 
 from .base import Backend
 from .errors import ExplorerError
-from .geometry import Geometry, Prepared, anyres_layout, check_clip, clip_layout
+from .geometry import Geometry, Prepared, Times, anyres_layout, check_clip, clip_layout
 from .random_models import build_tokenizer, text_config, token_ids, vision_config
 
 DEFAULT = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"  # 7B: llava-hf/llava-onevision-qwen2-7b-ov-hf
@@ -120,10 +120,10 @@ class LlavaOnevision(Backend):
             return super().encoder_outputs(prepared, kept)
         return {"video": transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=kept[None])}
 
-    def prepare_video(self, frames: list, prompt: str, times_s: list[float] | None = None) -> Prepared:
+    def prepare_video(self, frames: list, prompt: str, times_s: Times = None, duration_s: float = 0.0) -> Prepared:
         """Chat template with one video part + the checkpoint's video processor on exactly these PIL frames
         (`do_sample_frames=False`: it samples none of its own), and the geometry of the clip's tokens.
-        OneVision's prompt does not say when the frames were taken: `times_s` is only checked."""
+        OneVision's prompt does not say when the frames were taken: `times_s` is only checked, `duration_s` unused."""
         check_clip(frames, times_s)
         text = self.chat(prompt, part="video")
         inputs = self.processor(videos=[frames], text=text, return_tensors="pt", do_sample_frames=False)

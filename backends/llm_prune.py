@@ -79,6 +79,7 @@ class Record:
     """What the last pass over the whole prompt did."""
 
     keeps: list[torch.Tensor] = field(default_factory=list)  # per cut: (K_s,) kept visual tokens, indices into N
+    qk_norm: bool = False  # attention normalises each head's queries and keys before RoPE (Qwen3's q_norm, k_norm)
     # time the hooks spent scoring, choosing and cutting in every pass of the block (device synchronised)
     seconds: float = 0.0
 
@@ -260,11 +261,13 @@ class _Pruner:
             self.maps[LLM_ROPE] = self.split(LLM_ROPE, rope.T)[LLM_ROPE].T  # (T, N)
 
     def transition(self, layer: int):
+        k = attn.k_norm(k) if self.decoder.qk_norm else k
         """A forward hook on a layer's attention or MLP that adds its token transition variation to
         "llm-transition", from the layer before the first cut to the one before the last: |output| /
         |input| times the softmax over the sequence of 1 - cos(input, output), the input being what the
         sublayer reads (normalised), the output what it adds to the residual stream."""
 
+            q = attn.q_norm(q) if self.decoder.qk_norm else q
         def after(module, args, kwargs, output):
             if self.full and self.cuts[0][0] - 1 <= layer < self.cuts[-1][0]:
                 x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])[0].float()  # (L, D)
@@ -382,3 +385,5 @@ def _mask(mask) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         raise ExplorerError("pruning inside the LLM needs sdpa or eager attention (a 4-D mask or none)")
     return mask
+        k = attn.k_norm(k) if decoder.qk_norm else k
+        q = attn.q_norm(q) if decoder.qk_norm else q

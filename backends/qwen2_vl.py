@@ -29,7 +29,8 @@ tube of 2x14x14 pixels; an odd count of frames is padded by the processor, which
 The LLM reads the temporal groups one after the other, each its 28-px cells row by row; partitions are
 the groups ("frames 0-1", "frames 2-3", ..., "frame 6" for a last frame padded by its own copy). Their
 M-RoPE time axis is the group's index (Qwen2-VL) or its absolute time (Qwen2.5-VL: `tokens_per_second`
-x `second_per_grid_ts`, the seconds a group spans, from the frame rate of the frames given: their times).
+x `second_per_grid_ts`, the seconds a group spans, from the rate of the frames given: their count over the
+video's duration, as stock has it when it samples the frames itself, evenly spaced or not).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import transformers
 
 from .base import Backend
 from .errors import ExplorerError
-from .geometry import Geometry, Prepared, check_clip
+from .geometry import Geometry, Prepared, Times, check_clip, clip_metadata
 from .random_models import build_tokenizer, text_config, token_ids
 from .signals import ATTENTION, HIDDEN, KEYS, attention_maps
 
@@ -144,21 +145,18 @@ class Qwen2VL(Backend):
         geometry = Geometry(names, partition, cells.repeat(groups, 1), boxes.repeat(groups, 1), (width, height))
         return geometry, torch.full((n,), -1)
 
-    def prepare_video(self, frames: list, prompt: str, times_s: list[float] | None = None) -> Prepared:
+    def prepare_video(self, frames: list, prompt: str, times_s: Times = None, duration_s: float = 0.0) -> Prepared:
         """Chat template with one video part + the checkpoint's video processor on exactly these PIL frames
         (`do_sample_frames=False`), with the pixel cap of `video_options`, and the clip's geometry. With
-        `times_s`, the processor is told the frames' rate (transformers' `VideoMetadata`: as many frames as
-        given, at the rate their times say), from which Qwen2.5-VL's processor makes `second_per_grid_ts`;
-        without, it assumes its default (24 fps), as stock does on bare frames."""
-        from transformers.video_utils import VideoMetadata
-
+        `times_s`, the processor is told when the frames were taken in a video of `duration_s` seconds
+        (`geometry.clip_metadata`), as if it had sampled them itself: Qwen2.5-VL's processor makes
+        `second_per_grid_ts` of their rate, frames / duration, however unevenly they are spaced; without
+        times it assumes its default (24 fps), as stock does on bare frames."""
         check_clip(frames, times_s)
         text, options = self.chat(prompt, part="video"), self.video_options()
-        if times_s is not None and len(times_s) > 1 and times_s[-1] > times_s[0]:
-            rate = (len(times_s) - 1) / (times_s[-1] - times_s[0])  # frames a second
-            width, height = frames[0].size
-            info = VideoMetadata(len(frames), rate, width, height, frames_indices=list(range(len(frames))))
-            options["video_metadata"] = [info]
+        metadata = clip_metadata(frames, times_s, duration_s)
+        if metadata is not None:
+            options["video_metadata"] = [metadata]
         inputs = self.processor(videos=[frames], text=text, return_tensors="pt", do_sample_frames=False, **options)
         inputs = inputs.to(self.device)
         geometry, source = self.video_layout(len(frames), frames[0].size)

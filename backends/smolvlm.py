@@ -3,10 +3,10 @@ global tile, each tile's SigLIP patches folded scale x scale into one token by p
 
 Two kinds of checkpoint share this geometry: `idefics3` (SmolVLM-256M/500M-Instruct, SmolVLM-Instruct,
 Idefics3-8B-Llama3; Idefics3ForConditionalGeneration and Idefics3Processor) and `smolvlm` (the
-SmolVLM2 checkpoints; SmolVLMForConditionalGeneration and SmolVLMProcessor, whose video half the
-explorer leaves out). Their sizes come from the checkpoint: SmolVLM-256M has 512-px tiles of 32x32
-patches of 16 px folded 4x4 into 64 tokens (`scale_factor` 4); SmolVLM-Instruct 384-px tiles of
-27x27 patches folded 3x3 into 81; Idefics3-8B 364-px tiles of 26x26 folded 2x2 into 169.
+SmolVLM2 checkpoints; SmolVLMForConditionalGeneration and SmolVLMProcessor, video included). Their
+sizes come from the checkpoint: SmolVLM-256M has 512-px tiles of 32x32 patches of 16 px folded 4x4 into
+64 tokens (`scale_factor` 4); SmolVLM-Instruct 384-px tiles of 27x27 patches folded 3x3 into 81;
+Idefics3-8B 364-px tiles of 26x26 folded 2x2 into 169.
 
 The processor resizes the image so that its longer side is `size["longest_edge"]` (2048 px on
 SmolVLM-256M; small images are upscaled), then stretches each side up to a multiple of the tile
@@ -20,6 +20,14 @@ SigLIP has no [CLS] token: the "cls" signals are the attention each patch receiv
 `signals.attention_maps`), averaged over the patches of a token, as the LightCompress port averages
 folded patches; keys too are averaged, and "hidden" holds a token's patches side by side, as the
 projector takes them (the encoder's final norm, then the linear projection, is the projector here).
+
+A clip (SmolVLM2's `prepare_video`) goes through the checkpoint's own video processor
+(SmolVLMVideoProcessor) on exactly the frames given: each frame is resized, keeping its aspect, then
+squashed to one tile (`max_image_size`), never split into tiles, and the prompt says how many frames a
+video of how long holds and, before each frame's tokens, its time ("Frame from 00:03:"). The frames' tokens
+are image tokens (SmolVLM has no video token), a tile's worth a frame, one frame after another; partitions
+are the frames ("frame 0", "frame 1", ...), each a grid over the whole frame, like the global tile of an
+image.
 """
 
 from __future__ import annotations
@@ -27,8 +35,7 @@ from __future__ import annotations
 import torch
 
 from .base import Backend
-from .geometry import Geometry, Prepared
-from .processors import image_only, image_only_processor
+from .geometry import Geometry, Prepared, Times, check_clip, clip_metadata
 from .random_models import build_tokenizer, text_config, token_ids, vision_config
 
 DEFAULT = "HuggingFaceTB/SmolVLM-256M-Instruct"  # the smallest, an Idefics3 checkpoint; the default without a GPU
@@ -66,11 +73,7 @@ class SmolVLM(Backend):
         """Geometry of an image of (height, width) pixels; no token is a single patch, so no source row."""
         height, width = image_size
         _, rows, cols = self.processor.image_processor.get_number_of_image_patches(height, width)
-        index = torch.arange(self.patches**2, dtype=torch.float64).view(1, -1, 1)
-        folded = self.folded(index)[:, :, 0].long()  # (T, s * s) the patches each token of a tile folds
-        i, j = folded // self.patches // self.scale, folded % self.patches // self.scale  # (T, s * s) token cells
-        assert (i == i[:, :1]).all() and (j == j[:, :1]).all(), "a token folds a square block of patches"
-        i, j = i[:, 0], j[:, 0]  # (T,) T = side * side tokens a tile
+        i, j = self.cells()  # (T,) each
         n, f64 = self.side, torch.float64
         boxes = []
         ys, xs = torch.linspace(0, height, rows * n + 1, dtype=f64), torch.linspace(0, width, cols * n + 1, dtype=f64)
@@ -78,13 +81,29 @@ class SmolVLM(Backend):
             for c in range(cols):  # tile (r, c) shows 1/rows x 1/cols of the (stretched) image
                 y, x = r * n + i, c * n + j
                 boxes.append(torch.stack([xs[x], ys[y], xs[x + 1], ys[y + 1]], 1))
-        ys, xs = torch.linspace(0, height, n + 1, dtype=f64), torch.linspace(0, width, n + 1, dtype=f64)
-        boxes.append(torch.stack([xs[j], ys[i], xs[j + 1], ys[i + 1]], 1))  # the global tile, last
+        boxes.append(self.whole(height, width))  # the global tile, last
         names = (*(f"tile {r},{c}" for r in range(rows) for c in range(cols)), "global")
         partition = torch.arange(len(names)).repeat_interleave(n * n)
         cells = torch.stack([i, j], 1).repeat(len(names), 1)
         geometry = Geometry(names, partition, cells, torch.cat(boxes).float(), (width, height))
         return geometry, torch.full((len(partition),), -1)
+
+    def cells(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T,) row and (T,) column of each token of a tile in its side x side grid, in LLM order: read off
+        the model's own pixel shuffle, run on patch indices."""
+        index = torch.arange(self.patches**2, dtype=torch.float64).view(1, -1, 1)
+        folded = self.folded(index)[:, :, 0].long()  # (T, s * s) the patches each token of a tile folds
+        i, j = folded // self.patches // self.scale, folded % self.patches // self.scale  # (T, s * s) token cells
+        assert (i == i[:, :1]).all() and (j == j[:, :1]).all(), "a token folds a square block of patches"
+        return i[:, 0], j[:, 0]
+
+    def whole(self, height: int, width: int) -> torch.Tensor:
+        """(T, 4) float64 pixel boxes of a tile's tokens when the tile shows the whole image (the global tile; a
+        clip's frame), in LLM order."""
+        i, j = self.cells()  # (T,) each
+        n, f64 = self.side, torch.float64
+        ys, xs = torch.linspace(0, height, n + 1, dtype=f64), torch.linspace(0, width, n + 1, dtype=f64)
+        return torch.stack([xs[j], ys[i], xs[j + 1], ys[i + 1]], 1)
 
     def image_features(self, prepared: Prepared) -> torch.Tensor:
         inputs = prepared.inputs
@@ -122,11 +141,38 @@ class SmolVLM2(SmolVLM):
     model_class = "SmolVLMForConditionalGeneration"
     default = DEFAULT_2  # the real checkpoint
 
-    @classmethod
-    def load_processor(cls, path: str, **hub):
-        from transformers import SmolVLMProcessor
+    def visual_token_id(self, prepared: Prepared) -> int:
+        """The image token: a clip's frames are images to SmolVLM."""
+        return self.image_token_id
 
-        return image_only_processor(SmolVLMProcessor, path, **hub)
+    def prepare_video(self, frames: list, prompt: str, times_s: Times = None, duration_s: float = 0.0) -> Prepared:
+        """Chat template with one video part + the checkpoint's video processor on exactly these PIL frames
+        (`do_sample_frames=False`), told when they were taken in a video of `duration_s` seconds
+        (`geometry.clip_metadata`: the prompt says the frames' times and the video's length, as stock on the
+        video); without `times_s` it assumes 24 fps, as stock does on bare frames. And the clip's geometry."""
+        check_clip(frames, times_s)
+        text = self.chat(prompt, part="video")
+        metadata = clip_metadata(frames, times_s, duration_s)
+        options = {"video_metadata": [metadata]} if metadata is not None else {}
+        inputs = self.processor(videos=[frames], text=text, return_tensors="pt", do_sample_frames=False, **options)
+        inputs = inputs.to(self.device)
+        geometry, source = self.video_layout(len(frames), frames[0].size)
+        n_video = int((inputs["input_ids"] == self.image_token_id).sum())
+        assert n_video == len(geometry), f"processor inserted {n_video} frame tokens, geometry has {len(geometry)}"
+        return Prepared(inputs, geometry, source, inputs["input_ids"].shape[1] - n_video, video=True)
+
+    def video_layout(self, frames: int, size: tuple[int, int]) -> tuple[Geometry, torch.Tensor]:
+        """Geometry of a clip of `frames` frames of `size` (width, height) pixels: each frame squashed to one
+        tile, its tokens a side x side grid over the whole frame, row by row as the pixel shuffle reads them;
+        no token is a single patch, so no source row."""
+        width, height = size
+        i, j = self.cells()  # (T,) each
+        boxes = self.whole(height, width).float()  # (T, 4)
+        names = tuple(f"frame {f}" for f in range(frames))
+        partition = torch.arange(frames).repeat_interleave(len(i))
+        cells = torch.stack([i, j], 1).repeat(frames, 1)
+        geometry = Geometry(names, partition, cells, boxes.repeat(frames, 1), (width, height))
+        return geometry, torch.full((len(partition),), -1)
 
 
 RANDOM = {  # name -> (vision, text): hidden, layers, heads, mlp
@@ -134,6 +180,18 @@ RANDOM = {  # name -> (vision, text): hidden, layers, heads, mlp
     "tiny-smolvlm": ((32, 3, 4, 64), (32, 4, 4, 64)),  # SmolVLM2 (model type smolvlm)
 }
 TILE, PATCH, SCALE = 512, 16, 4  # SmolVLM-256M-Instruct's tiles, patches and pixel shuffle
+# SmolVLM2-256M-Video-Instruct's video processor as transformers 5.23 builds it from the checkpoint's
+# preprocessor_config.json (tests/mirrors/, its SOURCES.md): the file's `video_sampling` (1 fps, at most 64
+# frames) with its `size` (longest edge 2048, which replaces video_sampling's 512), frames then squashed to
+# one 512-px tile; SigLIP's mean and std, Lanczos resampling
+VIDEO = {
+    "video_sampling": {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 512}},
+    "size": {"longest_edge": 4 * TILE},
+    "max_image_size": {"longest_edge": TILE},
+    "image_mean": [0.5] * 3,
+    "image_std": [0.5] * 3,
+    "resample": 1,
+}
 CHAT_TEMPLATE = (  # SmolVLM-256M-Instruct's
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
     "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
@@ -146,9 +204,9 @@ CHAT_TEMPLATE = (  # SmolVLM-256M-Instruct's
 def random_parts(name: str):
     """The config and processor of the random-weight model `name`, with SmolVLM-256M-Instruct's processor
     geometry: longer side 2048 px, 512-px tiles and a global one, patch 16, 4x4 pixel shuffle; built with
-    the SmolVLM2 classes (tiny-smolvlm) or the Idefics3 ones (tiny-idefics3)."""
+    the SmolVLM2 classes (tiny-smolvlm, with SmolVLM2-256M-Video-Instruct's video processor, VIDEO) or the
+    Idefics3 ones (tiny-idefics3)."""
     import transformers
-    from transformers.video_processing_utils import BaseVideoProcessor
 
     vision, text = RANDOM[name]
     kind = "SmolVLM" if name == "tiny-smolvlm" else "Idefics3"
@@ -174,10 +232,10 @@ def random_parts(name: str):
         image_std=[0.5] * 3,
     )
     parts = {"image_processor": image_processor, "tokenizer": tokenizer}
-    if kind == "SmolVLM":  # never used: see `processors.image_only`
-        parts["video_processor"] = BaseVideoProcessor()
-    processor_class = getattr(transformers, f"{kind}Processor")
-    processor = (image_only(processor_class) if kind == "SmolVLM" else processor_class)(
+    if kind == "SmolVLM":
+        video = {**VIDEO, "video_sampling": dict(VIDEO["video_sampling"])}  # a copy: the processor writes into it
+        parts["video_processor"] = transformers.SmolVLMVideoProcessor(**video)
+    processor = getattr(transformers, f"{kind}Processor")(
         **parts, image_seq_len=(TILE // PATCH) ** 2 // SCALE**2, chat_template=CHAT_TEMPLATE
     )
     config = getattr(transformers, f"{kind}Config")(

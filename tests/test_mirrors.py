@@ -18,6 +18,7 @@ from mirrors import build
 
 import backends
 from backends.qwen2_vl import MAX_PIXELS
+from backends.qwen3_vl import MAX_PIXELS as QWEN3_MAX_PIXELS
 from explorer import run, run_batch
 
 ROOT = Path(__file__).parent.parent
@@ -28,10 +29,14 @@ VICUNA = f"USER: <image>\n{PROMPT} ASSISTANT:"
 # LLaVA-OneVision's current Hub template ("Update chat_template.json", 826 B): the role and a space, the
 # image, a newline before the text, no newline after <|im_end|> (SOURCES.md of the OneVision mirrors).
 CHATML = f"<|im_start|>user <image>\n{PROMPT}<|im_end|><|im_start|>assistant\n"
+# LLaVA-Video-7B-Qwen2-hf: the older OneVision template of the conversion script that made it (its SOURCES.md).
+CHATML_CONVERTED = f"<|im_start|>user\n<image>\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
 QWEN = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     f"<|vision_start|><|image_pad|><|vision_end|>{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
 )
+# Qwen3-VL's template (its SOURCES.md) opens no system turn unless one is given.
+QWEN3 = f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
 SMOLVLM = f"<|im_start|>User:<image>{PROMPT}<end_of_utterance>\nAssistant:"
 IDEFICS3_PROMPT = f"<|begin_of_text|>User:<image>{PROMPT}<end_of_utterance>\nAssistant:"
 # Visual tokens at two image sizes (width x height), by each checkpoint's published processor rule:
@@ -49,6 +54,9 @@ ONEVISION = {(1024, 768): 4725, (1024, 1024): 7371}
 # Qwen2-VL and Qwen2.5-VL (one token per 28x28 px, sides rounded to multiples of 28): 1024x768 ->
 #   1036x756 = 37 x 27 = 999; 672x672 = 24 x 24 = 576. Both are under the backend's cap (MAX_PIXELS).
 QWEN_COUNTS = {(1024, 768): 999, (672, 672): 576}
+# Qwen3-VL (16-px patches: one token per 32x32 px, sides rounded to multiples of 32): 1024x768 = 32 x 24 =
+#   768; 672x672 = 21 x 21 = 441. Both under the backend's cap (backends/qwen3_vl.py MAX_PIXELS).
+QWEN3_COUNTS = {(1024, 768): 768, (672, 672): 441}
 # SmolVLM-256M and SmolVLM2-256M (longer side to 2048 px, 512-px tiles, 64 tokens a tile): 1024x768
 #   -> 2048x1536 = 4x3 tiles + the global one = 13 * 64 = 832; 1024x1024 -> 2048x2048 = 17 * 64 = 1088.
 SMOL_256M = {(1024, 768): 832, (1024, 1024): 1088}
@@ -65,9 +73,11 @@ PUBLISHED = {  # mirror -> (prompt, visual tokens by size)
     "llava-hf--llava-v1.6-vicuna-13b-hf": (VICUNA, NEXT),
     "llava-hf--llava-onevision-qwen2-0.5b-ov-hf": (CHATML, ONEVISION),
     "llava-hf--llava-onevision-qwen2-7b-ov-hf": (CHATML, ONEVISION),
+    "llava-hf--LLaVA-Video-7B-Qwen2-hf": (CHATML_CONVERTED, ONEVISION),
     "Qwen--Qwen2-VL-2B-Instruct": (QWEN, QWEN_COUNTS),
     "Qwen--Qwen2-VL-7B-Instruct": (QWEN, QWEN_COUNTS),
     "Qwen--Qwen2.5-VL-3B-Instruct": (QWEN, QWEN_COUNTS),
+    "Qwen--Qwen3-VL-2B-Instruct": (QWEN3, QWEN3_COUNTS),
     "llava-hf--llava-1.5-7b-hf": (VICUNA, LLAVA),
     "HuggingFaceTB--SmolVLM-256M-Instruct": (SMOLVLM, SMOL_256M),
     "HuggingFaceTB--SmolVLM2-256M-Video-Instruct": (SMOLVLM, SMOL_256M),
@@ -124,7 +134,7 @@ def test_the_published_checkpoint_loads_and_runs_as_published(name):
         assert len(backend.prepare(photo(width, height), PROMPT).geometry) == count, (width, height)
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(PUBLISHED) if n.startswith("Qwen--")])
+@pytest.mark.parametrize("name", [n for n in sorted(PUBLISHED) if n.startswith("Qwen--Qwen2")])
 def test_qwen_caps_the_published_pixel_limit(name):
     """The checkpoints allow 16384 tokens an image; the explorer caps them at MAX_PIXELS (1280 tokens).
     1920x1080: the published rule gives 1932x1092 = 69 x 39 = 2691 tokens; capped, the image is scaled
@@ -134,6 +144,20 @@ def test_qwen_caps_the_published_pixel_limit(name):
     published = backend.processor(images=image, text=QWEN, return_tensors="pt")  # the checkpoint's own limit
     assert int((published["input_ids"] == backend.image_token_id).sum()) == 2691
     assert len(backend.prepare(image, PROMPT).geometry) == 1222 <= MAX_PIXELS // 28**2
+
+
+def test_qwen3_caps_the_published_pixel_limit():
+    """Qwen3-VL's checkpoints allow 16384 tokens an image too; capped at 1280 (backends/qwen3_vl.py MAX_PIXELS).
+    1920x1080: the published rule gives 1920x1088 = 60 x 34 = 2040 tokens; capped, the image is scaled by
+    sqrt(1920 * 1080 / MAX_PIXELS) and its sides floored to multiples of 32: 1504x832 = 47 x 26 = 1222.
+    The published video processor's limits are its own (4096 to 25165824 pixels a frame)."""
+    backend = loaded("Qwen--Qwen3-VL-2B-Instruct")
+    image = photo(1920, 1080)
+    published = backend.processor(images=image, text=QWEN3, return_tensors="pt")  # the checkpoint's own limit
+    assert int((published["input_ids"] == backend.image_token_id).sum()) == 2040
+    assert len(backend.prepare(image, PROMPT).geometry) == 1222 <= QWEN3_MAX_PIXELS // 32**2
+    size = backend.processor.video_processor.size
+    assert (size["shortest_edge"], size["longest_edge"]) == (4096, 25165824)
 
 
 def test_llava_next_without_processor_config_counts_from_the_model_config():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import assert_tiles
 from PIL import Image
+from test_video import write
 from test_video_backend import answer
 from test_video_backend import clip as drawn
 from transformers.video_utils import VideoMetadata
@@ -16,7 +17,7 @@ import backends
 from backends.signals import FEATURES, HIDDEN_FEATURE
 from explorer import run
 from explorer.core import fraction_of
-from explorer.engine.video import Clip
+from explorer.engine.video import Clip, load_video
 
 PROMPT = "What happens in this video?"
 SIZE = (160, 120)  # (width, height) of each frame
@@ -176,3 +177,29 @@ def test_the_signals_of_a_clip_line_up_with_its_tokens(name):
         torch.testing.assert_close(backend.project(signals[HIDDEN_FEATURE]), features)
     assert all(value.shape[0] == len(ready.geometry) == 48 for value in signals.values())
     assert not signals["cls@last"].isnan().any() and (signals["cls@last"] > 0).all()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unevenly_spaced_frames_get_the_time_positions_stock_gives(name, tmp_path):
+    """2.4 fps of a 30-frame 10-fps video: int(30 / 10 * 2.4) = 7 frames, at arange(7) * 30 // 7, unevenly
+    spaced. Stock (transformers' reader's metadata, then the processor) takes their rate as 7 frames in 3 s,
+    so a Qwen2.5-VL group of 2 frames spans 2 / (7 / 3) = 6/7 s; the first-to-last spacing (6 in 2.5 s) would
+    say 5/6 s."""
+    c = load_video(write(tmp_path / "clip.mp4", "mpeg4", count=30), fps=2.4)
+    assert c.indices == [0, 4, 8, 12, 17, 21, 25] and c.duration_s == pytest.approx(3.0)
+    backend = model(name)
+    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": PROMPT}]}]
+    text = backend.processor.apply_chat_template(conversation, add_generation_prompt=True)
+    metadata = VideoMetadata(30, 10.0, *c.size, duration=3.0, frames_indices=c.indices)
+    stock = backend.processor(
+        videos=[c.frames], text=text, return_tensors="pt", do_sample_frames=False, video_metadata=[metadata]
+    )
+    ready = backend.prepare_video(c.frames, PROMPT, c.times_s, c.duration_s)
+    for key in ("input_ids", "pixel_values_videos", "video_grid_thw", *(["second_per_grid_ts"] * ("2.5" in name))):
+        torch.testing.assert_close(ready.inputs[key], stock[key], rtol=0, atol=1e-6, msg=key)
+    if "2.5" in name:
+        assert float(stock["second_per_grid_ts"][0]) == pytest.approx(6 / 7)
+    stock_positions, _ = backend.model.model.get_rope_index(**{k: v for k, v in stock.items() if "pixel" not in k})
+    assert torch.equal(backend.positions(ready), stock_positions)
+    ours = run(backend, c, PROMPT, "none", max_new_tokens=3, min_new_tokens=3)
+    assert list(ours.answer_ids) == greedy(backend, dict(stock), 3)[0]

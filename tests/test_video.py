@@ -237,6 +237,20 @@ def test_huge_frames_are_refused_from_the_header(tmp_path, monkeypatch):
         load_video(write(tmp_path / "clip.webm", "libvpx"))
 
 
+def test_a_clip_s_pixels_are_limited_together_before_decoding(tmp_path, monkeypatch):
+    assert video.MAX_CLIP_PIXELS == 64 * 1920 * 1080  # 64 full-HD frames; 4K (3840x2160) gets 16
+    assert video.MAX_CLIP_PIXELS // (3840 * 2160) == 16 < video.MAX_FRAMES
+    path = write(tmp_path / "clip.mp4", "libx264")  # 30 frames of 64x32 = 2048 pixels
+    monkeypatch.setattr(video, "MAX_CLIP_PIXELS", 8 * WIDTH * HEIGHT)
+    assert len(load_video(path, frames=8).frames) == 8
+    monkeypatch.setattr(video, "_decode", no_decoding)
+    message = "9 frames of 64x32 are 0 megapixels, more than the 0 a clip may hold; ask for at most 8 frames"
+    with pytest.raises(ExplorerError, match=message):
+        load_video(path, frames=9)
+    with pytest.raises(ExplorerError, match="ask for at most 8 frames"):
+        load_video(path, fps=4.0)  # 12 frames
+
+
 @pytest.mark.parametrize("suffix,codec", [("mp4", "libx264"), ("webm", "libvpx"), ("gif", "gif")])
 def test_duration_limit(tmp_path, monkeypatch, suffix, codec):
     path = write(tmp_path / f"clip.{suffix}", codec)  # 3 s

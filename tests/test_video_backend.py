@@ -288,3 +288,30 @@ def test_the_published_checkpoint_runs_a_clip_through_its_published_video_proces
         )
         assert ids == stock_ids
         torch.testing.assert_close(logits, stock_logits)
+
+
+def test_llava_video_runs_a_clip_as_stock_generate_does():
+    """llava-hf/LLaVA-Video-7B-Qwen2-hf (a LLaVA-OneVision checkpoint: its mirror's SOURCES.md) loads by its folder,
+    with its conversion's chat template, and its unreduced answer on a clip equals stock generate()."""
+    name = "llava-hf--LLaVA-Video-7B-Qwen2-hf"
+    with tempfile.TemporaryDirectory() as folder:
+        path = build.build(name, Path(folder) / name)
+        backend = backends.load(str(path), "cpu")
+        assert type(backend).__name__ == "LlavaOnevision" and not backend.random_weights
+        assert type(backend.processor.video_processor).__name__ == "LlavaOnevisionVideoProcessor"
+        frames = clip(3, (200, 150))
+        ready = backend.prepare_video(frames, PROMPT)
+        assert (
+            backend.chat(PROMPT, part="video")
+            == f"<|im_start|>user\n<video>\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+        )
+        assert len(ready.geometry) == 3 * 196 + 1 and ready.geometry.frames == [0, 1, 2]
+        with torch.inference_mode():
+            mine = backend.generate_inputs(ready, backend.image_features(ready), torch.arange(3 * 196 + 1))
+        stock = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        (ids, logits), (stock_ids, stock_logits) = (
+            answer(backend.model, mine, 4),
+            answer(stock, stock_inputs(backend, frames), 4),
+        )
+        assert ids == stock_ids
+        torch.testing.assert_close(logits, stock_logits)

@@ -76,6 +76,7 @@ class Encoder:
     fold: int  # encoder patches per projected token: 1, 2x2 (Qwen's merger), s x s (SmolVLM's pixel shuffle)
     projector: tuple[int, ...]  # the widths of the projector's linear layers, input first, for one token
     windowed: tuple[int, ...] = ()  # layers that attend within windows (Qwen2.5-VL); the rest over whole sequences
+    copies: int = 1  # projectors run side by side on every token (Qwen3-VL: the merger and its DeepStack mergers)
 
     @classmethod
     def of(cls, config) -> Encoder:
@@ -84,6 +85,8 @@ class Encoder:
         v, text = config.vision_config, config.get_text_config().hidden_size
         if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
             return cls._qwen(v, config.model_type == "qwen2_5_vl")
+        if config.model_type in ("qwen3_vl", "qwen3_vl_moe"):
+            return cls._qwen3(v)
         sizes = dict(hidden=v.hidden_size, layers=v.num_hidden_layers, mlp=v.intermediate_size, mlp_matrices=2)
         sizes |= dict(patch_inputs=v.num_channels * v.patch_size**2)
         if config.model_type in ("idefics3", "smolvlm"):  # pixel shuffle: s x s patches side by side, one linear layer
@@ -114,6 +117,25 @@ class Encoder:
             fold=v.spatial_merge_size**2,
             projector=(merged, merged, out),
             windowed=tuple(i for i in range(v.depth) if i not in v.fullatt_block_indexes) if qwen25 else (),
+        )
+
+    @classmethod
+    def _qwen3(cls, v) -> Encoder:
+        """The Qwen3-VL ViT of vision config `v` (a plain MLP, whole-image attention) and its mergers: the
+        one whose output is the LLM's input and one per DeepStack layer, each 2x2 patches side by side, then
+        a 2-layer MLP."""
+        merged = v.hidden_size * v.spatial_merge_size**2
+        return cls(
+            hidden=v.hidden_size,
+            layers=v.depth,
+            mlp=v.intermediate_size,
+            mlp_matrices=2,
+            patch_inputs=v.in_channels * v.temporal_patch_size * v.patch_size**2,
+            cls=False,
+            feature_layer=v.depth - 1,
+            fold=v.spatial_merge_size**2,
+            projector=(merged, merged, v.out_hidden_size),
+            copies=1 + len(v.deepstack_visual_indexes),
         )
 
 
@@ -156,7 +178,8 @@ def vision_flops(encoder: Encoder, work: VisionPass) -> VisionFlops:
     macs = sum(work.sequences) * e.patch_inputs * c + sum(linear + 2 * p * c for p in pairs)
     maps = _map_macs(e, work, lengths)
     projected = sum(work.sequences) // e.fold if work.projected is None else work.projected
-    projector = (projected + work.merged) * sum(a * b for a, b in zip(e.projector, e.projector[1:]))
+    # a merged token runs the first projector once more (Qwen3-VL mixes its DeepStack features after their mergers)
+    projector = (projected * e.copies + work.merged) * sum(a * b for a, b in zip(e.projector, e.projector[1:]))
     return VisionFlops(2 * macs, 2 * maps, 2 * projector)
 
 
@@ -216,7 +239,9 @@ def parameters(config) -> int:
     layer = s.hidden * s.head_dim * (2 * s.heads + 2 * s.kv_heads) + 3 * s.hidden * s.mlp
     llm = s.layers * layer + (1 if tied else 2) * s.vocab * s.hidden
     positions = 0  # the Qwen ViT rotates; CLIP and SigLIP learn a position per patch (and [CLS])
-    if config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+    if config.model_type in ("qwen3_vl", "qwen3_vl_moe"):  # a learnt grid, resampled to each image's
+        positions = v.num_position_embeddings * e.hidden
+    elif config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
         positions = ((v.image_size // v.patch_size) ** 2 + e.cls) * e.hidden
     encoder = e.patch_inputs * e.hidden + positions + e.layers * (4 * e.hidden**2 + e.mlp_matrices * e.hidden * e.mlp)
-    return llm + encoder + sum(a * b for a, b in zip(e.projector, e.projector[1:]))
+    return llm + encoder + sum(a * b for a, b in zip(e.projector, e.projector[1:])) * e.copies

@@ -451,7 +451,7 @@ def media(image) -> Image.Image | Clip:
 def prepare(backend, picture: Image.Image | Clip, prompt: str) -> Prepared:
     """The prompt and the image, or the clip's frames, through the model's processor, with their geometry."""
     if isinstance(picture, Clip):
-        return backend.prepare_video(picture.frames, prompt, picture.times_s)
+        return backend.prepare_video(picture.frames, prompt, picture.times_s, picture.duration_s)
     return backend.prepare(picture, prompt)
 
 

@@ -43,6 +43,9 @@ from . import images
 MAX_FRAMES = 64  # frames sampled from one clip, at most
 CPU_FRAMES, GPU_FRAMES = 8, 16  # the default count of frames on a CPU and on a GPU
 MAX_VIDEO_BYTES = 500_000_000  # 25x the 20 MB image limit: 15 minutes at 4.4 Mbit/s, typical of 1080p web video
+# the pixels of a clip's sampled frames, together: 64 full-HD frames (or 16 4K ones), ~400 MB as decoded RGB, to
+# which each frame's own limit (`images.MAX_PIXELS`, 100 MP) would let 64 frames bring 19 GB
+MAX_CLIP_PIXELS = MAX_FRAMES * 1920 * 1080
 MAX_DURATION_S = 15 * 60  # decoding runs up to the last sampled frame: 15 min at 30 fps is 27,000 frames (of
 # the order of a minute at 1080p, an estimate); it admits MVBench, EgoSchema and Video-MME's short and medium clips
 _ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
@@ -74,6 +77,7 @@ class _Header:
     duration_s: float | None
     start_s: float  # the presentation time of the stream's first frame
     audio: bool
+    size: tuple[int, int]  # (width, height) of its frames as decoded
 
 
 def default_frames(device) -> int:
@@ -108,6 +112,7 @@ def load_video(path: str | Path, frames: int | None = None, fps: float | None = 
         raise ExplorerError(f"{path} has a video stream with no frames")
     count = frames if frames is not None else default_frames(device)
     wanted = _wanted(header.total, count, fps, header.fps)
+    _check_clip_pixels(len(wanted), header.size, path)
     decoded, seen = _decode(path, wanted)
     duration = header.duration_s if header.duration_s is not None else header.total / header.fps
     if len(decoded) < len(wanted):  # the stream ended before its header said: sample the frames it has
@@ -212,7 +217,8 @@ def _header(container, stream, path: Path) -> _Header:
     fps = float(rate) if rate else (total / duration if duration else 0.0)
     if total and fps <= 0:
         raise ExplorerError(f"{path} is corrupt: its video stream has no frame rate")
-    return _Header(total, fps, duration, start, bool(container.streams.audio))
+    size = (stream.codec_context.width, stream.codec_context.height)
+    return _Header(total, fps, duration, start, bool(container.streams.audio), size)
 
 
 def _count_packets(container, stream, path: Path) -> tuple[int, float]:
@@ -231,6 +237,17 @@ def _count_packets(container, stream, path: Path) -> tuple[int, float]:
     except av.error.FFmpegError as e:
         raise ExplorerError(f"{path} is corrupt: reading it failed after {count} frames ({e.strerror})") from None
     return count, end
+
+
+def _check_clip_pixels(count: int, size: tuple[int, int], path: Path) -> None:
+    """Refuse, before decoding, a clip whose sampled frames hold more than MAX_CLIP_PIXELS together."""
+    width, height = size
+    if count * width * height > MAX_CLIP_PIXELS:
+        most = MAX_CLIP_PIXELS // (width * height)
+        raise ExplorerError(
+            f"{path}: {count} frames of {width}x{height} are {count * width * height / 1e6:.0f} megapixels, more "
+            f"than the {MAX_CLIP_PIXELS / 1e6:.0f} a clip may hold; ask for at most {most} frames of this video"
+        )
 
 
 def _check_duration(duration: float, path: Path) -> None:

@@ -1,10 +1,10 @@
 """Build a loadable checkpoint folder from a mirror of a published checkpoint (a folder of this one).
 
 A mirror holds the published configuration files of a Hub checkpoint, never its weights: config.json,
-preprocessor_config.json, processor_config.json and chat_template.json where the Hub repo has them,
-generation_config.json where it was found, and special_tokens.json (the tokenizer's special and added
-tokens with their ids, its bos/eos/unk/pad, whether it prepends bos, and its length); SOURCES.md
-says where each value came from.
+preprocessor_config.json, processor_config.json, video_preprocessor_config.json and chat_template.json
+where the Hub repo has them, generation_config.json where it was found, and special_tokens.json (the
+tokenizer's special and added tokens with their ids, its bos/eos/unk/pad, whether it prepends bos, and
+its length); SOURCES.md says where each value came from.
 
 `build` shrinks only the layer counts and widths of config.json (vision and text: hidden size, layers,
 heads, MLP; Qwen's text keeps the head size its M-RoPE sections need) and keeps every other value:
@@ -25,7 +25,7 @@ import torch
 import transformers
 
 MIRRORS = Path(__file__).parent
-COPIED = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
+COPIED = ("preprocessor_config.json", "processor_config.json", "chat_template.json", "video_preprocessor_config.json")
 VISION = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64}
 TEXT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
 TEXT_MLP = 64
@@ -85,6 +85,12 @@ def shrink(config: dict) -> dict:
         vision |= {"hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "out_hidden_size": text["hidden_size"]}
         vision["fullatt_block_indexes"] = [i for i in range(depth) if (i + 1) * vision["depth"] // depth - 1 in full]
         vision["depth"] = depth
+    elif config["model_type"] == "qwen3_vl":  # DeepStack from blocks 5, 11, 17 of 24 -> 0, 1, 2 of 4
+        depth, stacked = 4, vision["deepstack_visual_indexes"]
+        vision |= {"hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "out_hidden_size": text["hidden_size"]}
+        vision["deepstack_visual_indexes"] = [i * depth // vision["depth"] for i in stacked]
+        vision["depth"] = depth
+        text["num_hidden_layers"] = len(stacked) + 1  # an LLM layer for each DeepStack layer to feed, and one more
     else:
         vision |= VISION
     return config
