@@ -21,6 +21,13 @@ positions stay what they were); those layers' masks then lose the columns of eve
 is never compacted: the model sizes its masks and positions, and generate() its next input, from
 layer 0's cache, which must count every token seen.
 
+With `attend` (DyCoke's decode stage), every decode step chooses again which visual tokens the layers
+from the last cut on attend to: at the last cut's scoring layer the new token's attention to the visual
+tokens in that layer's cache goes to `attend`, and each later layer's cache holds only the rows chosen
+while the layer runs (the text, the chosen visual tokens, the answer so far; a materialised mask loses
+the other columns), then gets back every row it held, with the new token's: a token left out at one
+step may be attended to at the next.
+
 Kept tokens either keep their original positions (gaps where tokens went) or are renumbered: a token's
 new position is its original one minus the tokens dropped before it.
 
@@ -72,6 +79,7 @@ class Decoder:
     # (Qwen2-VL's 3-D M-RoPE positions; None when not known); renumbering moves every axis back by the
     # tokens cut before
     positions: Callable[[], torch.Tensor | None] | None = None
+    qk_norm: bool = False  # attention normalises each head's queries and keys before RoPE (Qwen3's q_norm, k_norm)
 
 
 @dataclass
@@ -79,7 +87,6 @@ class Record:
     """What the last pass over the whole prompt did."""
 
     keeps: list[torch.Tensor] = field(default_factory=list)  # per cut: (K_s,) kept visual tokens, indices into N
-    qk_norm: bool = False  # attention normalises each head's queries and keys before RoPE (Qwen3's q_norm, k_norm)
     # time the hooks spent scoring, choosing and cutting in every pass of the block (device synchronised)
     seconds: float = 0.0
 
@@ -95,6 +102,7 @@ def pruning(
     keep_positions: bool,
     compact_from: int | None = None,
     rerank: bool = False,
+    attend: Callable | None = None,
 ):
     """Cut visual tokens inside the LLM while the `with` block runs; yields a `Record`.
 
@@ -106,6 +114,9 @@ def pruning(
     compact_from: the first layer whose KV cache is cut down to the tokens left after the last cut once
     the prefill is over (None: every layer keeps the cache its prefill filled); see the module's doc.
     rerank: every pass over the whole sequence reads its text up to its last token (see the module's doc).
+    attend(maps, alive) -> (K,) long or None: at each decode step, from "llm-attention" (H, 1, N), the new
+    token's attention at the last cut's scoring layer, the visual tokens (sorted indices into N, alive) the
+    layers from the last cut on attend to in that step, None for all (see the module's doc).
     """
     unknown = set(needs) - set(LLM)
     if unknown:
@@ -122,7 +133,9 @@ def pruning(
             f"cannot compact the caches from layer {compact_from}: layers 1..{len(decoder.layers) - 1} can be "
             "(layer 0's cache must hold every token, the model reads the sequence's length from it)"
         )
-    pruner = _Pruner(decoder, image, prompt, cuts, needs, choose, keep_positions, compact_from, rerank)
+    if attend is not None and (compact_from is not None or rerank):
+        raise ExplorerError("choosing at each decode step needs the caches as the prefill left them, with a cache")
+    pruner = _Pruner(decoder, image, prompt, cuts, needs, choose, keep_positions, compact_from, rerank, attend)
     handles = []
     try:
         for index, layer in enumerate(decoder.layers):
@@ -130,6 +143,8 @@ def pruning(
             if LLM_TRANSITION in needs:
                 for part in (layer.self_attn, layer.mlp):
                     handles.append(part.register_forward_hook(pruner.transition(index), with_kwargs=True))
+            if attend is not None and index >= cuts[-1][0]:
+                handles.append(layer.register_forward_hook(pruner.restore(index), with_kwargs=True))
         yield pruner.record
     finally:
         for handle in handles:
@@ -137,9 +152,14 @@ def pruning(
 
 
 class _Pruner:
-    def __init__(self, decoder, image, prompt, cuts, needs, choose, keep_positions, compact_from=None, rerank=False):
+    def __init__(
+        self, decoder, image, prompt, cuts, needs, choose, keep_positions, compact_from=None, rerank=False, attend=None
+    ):
         self.decoder, self.image, self.prompt, self.cuts = decoder, image, prompt, cuts
         self.needs, self.choose, self.keep_positions, self.rerank = needs, choose, keep_positions, rerank
+        self.attend = attend
+        self.attended: torch.Tensor | None = None  # (R,) with `attend`: the cache rows this decode step attends to
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> its whole cache while narrowed
         # the layers whose caches are cut to the last cut's tokens after the prefill: compact_from up to
         # the last cut's layer (those from it on hold only them already)
         self.compacted_layers = range(cuts[-1][0])[compact_from:] if compact_from is not None else range(0)
@@ -163,8 +183,8 @@ class _Pruner:
                 hidden = self.prefill(layer, hidden, kwargs)
                 _sync(hidden)
                 self.record.seconds += time.perf_counter() - start
-            elif not self.full and layer in self.decode_at:
-                self.view = self.decode_view(layer, hidden, kwargs)
+            elif not self.full:
+                self.decode(layer, hidden, kwargs)
             return (hidden, *args[1:]), {**kwargs, **self.view}
 
         return before
@@ -179,6 +199,7 @@ class _Pruner:
         cache = kwargs.get("past_key_values")
         self.full = cache is None or cache.get_seq_length(0) == 0
         self.view: dict = {}  # the keyword arguments layers get instead of the model's own
+        self.attended = None
         if self.full:
             self.index = torch.arange(hidden.shape[1], device=hidden.device)  # (L,) positions still in the sequence
             self.alive = torch.ones(len(self.image), dtype=torch.bool, device=hidden.device)  # (N,)
@@ -240,11 +261,13 @@ class _Pruner:
         rows = torch.searchsorted(self.index, self.text)  # (T,) the text rows in the current sequence
         cos, sin = kwargs["position_embeddings"]  # (1, L, d) each
         k = attn.k_proj(x).view(1, length, -1, d).transpose(1, 2)  # (1, H_kv, L, d)
+        k = attn.k_norm(k) if self.decoder.qk_norm else k
         k = self.decoder.rope(k, k, cos, sin)[1]
         if LLM_KEYS in self.needs:
             self.maps.update(self.split(LLM_KEYS, k[0].transpose(0, 1).reshape(length, -1)))  # (L, H_kv * d)
         if LLM_ATTENTION in self.needs:
             q = attn.q_proj(x[:, rows]).view(1, len(rows), -1, d).transpose(1, 2)  # (1, H, T, d)
+            q = attn.q_norm(q) if self.decoder.qk_norm else q
             q = self.decoder.rope(q, q, cos[:, rows], sin[:, rows])[0]
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (1, H, L, d): grouped-query heads
             logits = q.float() @ k.float().transpose(-1, -2) * attn.scaling  # (1, H, T, L)
@@ -261,13 +284,11 @@ class _Pruner:
             self.maps[LLM_ROPE] = self.split(LLM_ROPE, rope.T)[LLM_ROPE].T  # (T, N)
 
     def transition(self, layer: int):
-        k = attn.k_norm(k) if self.decoder.qk_norm else k
         """A forward hook on a layer's attention or MLP that adds its token transition variation to
         "llm-transition", from the layer before the first cut to the one before the last: |output| /
         |input| times the softmax over the sequence of 1 - cos(input, output), the input being what the
         sublayer reads (normalised), the output what it adds to the residual stream."""
 
-            q = attn.q_norm(q) if self.decoder.qk_norm else q
         def after(module, args, kwargs, output):
             if self.full and self.cuts[0][0] - 1 <= layer < self.cuts[-1][0]:
                 x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])[0].float()  # (L, D)
@@ -332,6 +353,68 @@ class _Pruner:
             view["attention_mask"] = mask[..., torch.cat([columns.to(mask.device), generated])]
         return view
 
+    def decode(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> None:
+        """A decode step's work before a layer: its view (`decode_view`); with `attend`, the choice at the last
+        cut's scoring layer and, from the last cut on, the narrowed caches."""
+        if layer in self.decode_at:
+            self.view = self.decode_view(layer, hidden, kwargs)
+        if self.attend is None:
+            return
+        last, score_layer = self.cuts[-1]
+        if layer == score_layer:
+            self.attended = self.attended_rows(layer, hidden, {**kwargs, **self.view})
+        if layer >= last and self.attended is not None:
+            store = kwargs["past_key_values"].layers[layer]
+            self.saved[layer] = store.keys, store.values
+            if layer == last and self.view.get("attention_mask") is not None:  # (1, 1, q, kv): the same columns
+                mask = self.view["attention_mask"]
+                new = torch.arange(store.keys.shape[-2], mask.shape[-1], device=mask.device)
+                self.view["attention_mask"] = mask[..., torch.cat([self.attended.to(mask.device), new])]
+            rows = self.attended.to(store.keys.device)
+            store.keys, store.values = store.keys[:, :, rows], store.values[:, :, rows]
+
+    def attended_rows(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+        """The new token's attention at this layer (softmax over its cache and itself, per head) to the visual
+        tokens, handed to `attend`; (R,) the rows of the last cut's caches to attend to in this step (the
+        prompt's but the visual tokens left out, then every generated one), None for all."""
+        block, cache = self.decoder.layers[layer], kwargs["past_key_values"]
+        attn = block.self_attn
+        x = block.input_layernorm(hidden)  # (1, 1, D)
+        d = attn.head_dim
+        cos, sin = kwargs["position_embeddings"]  # (1, 1, d) each
+        q = attn.q_proj(x).view(1, 1, -1, d).transpose(1, 2)  # (1, H, 1, d)
+        k = attn.k_proj(x).view(1, 1, -1, d).transpose(1, 2)  # (1, H_kv, 1, d)
+        if self.decoder.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = self.decoder.rope(q, k, cos, sin)
+        keys = torch.cat([cache.layers[layer].keys, k], dim=-2)  # (1, H_kv, S + 1, d): the cache, then the new token
+        keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)  # (1, H, S + 1, d)
+        a = torch.softmax(q.float() @ keys.float().transpose(-1, -2) * attn.scaling, dim=-1)[0]  # (H, 1, S + 1)
+        visual = a.new_full((*a.shape[:2], len(self.image)), torch.nan)  # (H, 1, N)
+        visual[..., self.alive] = a[..., torch.searchsorted(self.held(layer), self.image[self.alive])]
+        keep = self.attend({LLM_ATTENTION: visual}, self.alive.clone())
+        if keep is None:
+            return None
+        attended = torch.zeros_like(self.alive)
+        attended[keep.to(attended.device)] = True
+        rows = self.rows[-1]  # (L',) the prompt positions the last cut's caches hold
+        stay = ~torch.isin(rows, self.image[self.alive & ~attended])
+        total = cache.layers[self.cuts[-1][0]].keys.shape[-2]  # the prompt's rows, then the generated ones
+        return torch.cat([stay.nonzero()[:, 0], torch.arange(len(rows), total, device=rows.device)])
+
+    def restore(self, layer: int):
+        """A forward hook, with `attend`: a narrowed layer's cache gets back every row it held, then the new ones."""
+
+        def after(module, args, kwargs, output):
+            if layer in self.saved:
+                store = kwargs["past_key_values"].layers[layer]
+                keys, values = self.saved.pop(layer)
+                new = store.keys.shape[-2] - len(self.attended)  # the rows this step added
+                store.keys = torch.cat([keys, store.keys[:, :, -new:]], dim=-2)
+                store.values = torch.cat([values, store.values[:, :, -new:]], dim=-2)
+
+        return after
+
     def rotary_positions(self, kwargs: dict) -> torch.Tensor:
         """The positions the rotary embedding takes in this pass: the decoder's own (M-RoPE), else the layers'."""
         own = self.decoder.positions() if self.decoder.positions else None
@@ -359,8 +442,10 @@ def early_pass(decoder: Decoder, image: torch.Tensor, layer: int, forward: Calla
         d, length = attn.head_dim, x.shape[1]
         cos, sin = kwargs["position_embeddings"]  # (1, L, d) each
         k = attn.k_proj(x).view(1, length, -1, d).transpose(1, 2)  # (1, H_kv, L, d)
+        k = attn.k_norm(k) if decoder.qk_norm else k
         k = decoder.rope(k, k, cos, sin)[1]
         q = attn.q_proj(x[:, -1:]).view(1, 1, -1, d).transpose(1, 2)  # (1, H, 1, d)
+        q = attn.q_norm(q) if decoder.qk_norm else q
         q = decoder.rope(q, q, cos[:, -1:], sin[:, -1:])[0]
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (1, H, L, d)
         found[LLM_LOGITS] = (q.float() @ k.float().transpose(-1, -2))[0, :, 0]  # (H, L)
@@ -385,5 +470,3 @@ def _mask(mask) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         raise ExplorerError("pruning inside the LLM needs sdpa or eager attention (a 4-D mask or none)")
     return mask
-        k = attn.k_norm(k) if decoder.qk_norm else k
-        q = attn.q_norm(q) if decoder.qk_norm else q

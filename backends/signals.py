@@ -51,12 +51,19 @@ LLM_ROPE, LLM_POSITIONS = "llm-rope", "llm-positions"  # SparseVLM v2.0's RoPE-o
 LLM = (LLM_ATTENTION, LLM_KEYS, LLM_HIDDEN, LLM_EMBEDS, LLM_TRANSITION, LLM_ROPE, LLM_POSITIONS)
 LLM_LOGITS = "llm-logits"  # read in a first pass through the LLM's first layers (`llm_prune.early_pass`)
 TEXT = "llm-text-"  # the prefix of the text's signals
+# Read off the run's prompt and a clip's frames by a CLIP model named after the @ (`prompt_clip`), not by the VLM
+PROMPT_FRAME, PROMPT_PATCH = "prompt-frame", "prompt-patch"  # e.g. "prompt-frame@openai/clip-vit-large-patch14-336"
 
 
 def padded(name: str) -> str:
     """The vision signal `name` at every position of every crop the encoder saw: "cls@feature" ->
     "padded cls@feature"."""
     return PADDED + name
+
+
+def prompted(name: str) -> bool:
+    """Whether `name` is a signal a CLIP model reads off the prompt and a clip's frames ("prompt-frame@<model>")."""
+    return name.partition("@")[0] in (PROMPT_FRAME, PROMPT_PATCH)
 
 
 def text_of(name: str) -> str:

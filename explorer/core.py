@@ -37,9 +37,12 @@ from backends.signals import (  # the names of the signals methods read
     LLM_TRANSITION,
     MERGED_AFTER,
     MERGED_INTO,
+    PROMPT_FRAME,
+    PROMPT_PATCH,
     ROWS,
     at,
     padded,
+    prompted,
     text_of,
 )
 
@@ -48,6 +51,7 @@ __all__ += ["CLS", "CLS_0", "CLS_FEATURE", "CLS_LAST", "CLS_LOGITS_LAST", "CLS_O
 __all__ += ["HIDDEN", "HIDDEN_0", "HIDDEN_FEATURE", "KEYS_FEATURE", "KEYS_LAST", "LLM_ATTENTION", "LLM_EMBEDS"]
 __all__ += ["LLM_HIDDEN", "LLM_KEYS", "LLM_LOGITS", "LLM_POSITIONS", "LLM_ROPE", "LLM_TRANSITION", "MERGED_AFTER"]
 __all__ += ["MERGED_INTO", "ROWS", "at", "padded", "text_of"]
+__all__ += ["PROMPT_FRAME", "PROMPT_PATCH", "prompted"]
 
 
 def fraction_of(fraction: float, n: int) -> int:
@@ -132,6 +136,13 @@ class Signals:
     A method whose `early_layer` asks for a first pass through the LLM's first layers reads, beside its
     vision signals, "llm-logits": (H, L), the last prompt token's query times the key of every prompt token
     at that layer, after RoPE, unscaled, per head, in prompt order, and "llm-positions".
+
+    On a clip, a CLIP model beside the VLM reads the prompt and the frames (`backends.prompt_clip`; the
+    VLM's own encoders have no matched text tower), named after the @ (a Hub id or a local folder), (N,)
+    on the CPU, NaN outside frames: "prompt-frame@<model>", each token's frame's similarity to the prompt
+    (cosine of the pooled text and image embeddings; a temporal group: its frames' mean), and
+    "prompt-patch@<model>", the token's own: the prompt's embedding against the projected patch
+    embeddings pooled onto the token's cell (`prompted` tells these names). They are the method's own time.
     """
 
     geometry: Geometry
@@ -203,7 +214,12 @@ class Method:
     cut leaves `budget`. An `adaptive` method keeps what its rule finds, at most each cut's count. A
     method whose decode works on a smaller cache than its prefill filled says from which layer on the
     caches are cut down to the last cut's tokens once the prefill is over: `compact_from(cuts) -> int |
-    None` (MustDrop's decode stage; without it every layer keeps the cache its prefill filled). With
+    None` (MustDrop's decode stage; without it every layer keeps the cache its prefill filled). A method
+    that chooses again at every decode step which visual tokens the layers from its last cut on attend to
+    (DyCoke's decode stage) has `decode_keep(signals, previous) -> Tensor | None`: `signals` hold
+    "llm-attention", (H, 1, N), the new token's attention at the last cut's scoring layer, `previous` the
+    signals of the step before (None at the first); it returns the (K,) sorted indices into N of the
+    tokens to attend to in this step, or None for all of them; the caches keep every token. With
     `rerank` the decode runs without a KV cache: every generated token reruns the whole sequence, and the
     method chooses again in each pass, its text then ending with the newest token (FastV's accuracy mode).
 
@@ -229,6 +245,7 @@ class Method:
     select_vision: Callable[[Signals], Selection] | None = None  # stage "llm": a step before the LLM
     merging: Callable[[Geometry, int], Merging] | None = None  # merging inside the vision encoder
     compact_from: Callable[[list[Cut]], int | None] | None = None  # stage "llm": caches cut after the prefill
+    decode_keep: Callable[[Signals, Signals | None], torch.Tensor | None] | None = None  # stage "llm": per decode step
     mean_cuts: Callable[[int, int, int], list[Cut]] | None = None  # stage "llm": its own cuts for a layer mean B
     early_layer: Callable[[int], int] | None = None  # a first pass through the LLM up to this layer (GemFilter)
 

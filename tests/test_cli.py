@@ -17,7 +17,7 @@ from explorer.cli import main
 
 ROOT = Path(__file__).parent.parent
 TINY = ["--model", "tiny-llava-next"]
-EVERY = "none random uniform pooling cls vtc-cls hired visionzip prumerge+ globalcom2 divprune vispruner tome tome-vit transprune fastv pdrop dart sparsevlm mustdrop aim transprune-llm gemfilter frames".split()
+EVERY = "none random uniform pooling cls vtc-cls hired visionzip prumerge+ globalcom2 divprune vispruner tome tome-vit transprune fastv pdrop dart sparsevlm mustdrop aim transprune-llm gemfilter frames dycoke free-video-llm fastvid holitom vidcom2 evs".split()
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,7 @@ def test_models_tabulates_every_family_on_its_random_weight_model(capsys):
         "`tiny-llava-onevision`": ["3699", "7269"],
         "`tiny-qwen2-vl`": ["576", "1222"],
         "`tiny-qwen2.5-vl`": ["576", "1222"],
+        "`tiny-qwen3-vl`": ["441", "1222"],
         "`tiny-smolvlm`": ["1088", "832"],
         "`tiny-idefics3`": ["1088", "832"],
         "`tiny-llava-1.5`": ["576", "576"],
@@ -204,8 +205,8 @@ def test_bench_runs_every_method_by_default(capsys, image, tmp_path):
     )
     assert code == 0
     rows = list(csv.DictReader(csv_path.open()))
-    measured = [m for m in EVERY if m not in ("uniform", "frames")]  # the floor, measured with each cell unless
-    # --no-floor; frames runs on clips
+    measured = [m for m in EVERY if m != "uniform" and "clip" not in make(m).requires]  # uniform: the floor,
+    # measured with each cell unless --no-floor; frames and the video methods run on clips
     assert [r["method"] for r in rows] == measured
     assert [line.split()[0] for line in out.splitlines()[3 : 3 + len(measured)]] == measured
     inside = [r for r in rows[1:] if make(r["method"]).stage == "llm"]  # 234 as a layer mean
@@ -266,7 +267,8 @@ def test_unreadable_files_and_folders_through_the_cli(capsys, image, tmp_path):
         (["--model", str(tmp_path)], "has no config.json"),
         (
             ["--model", str(tmp_path / "llama")],
-            "is a 'llama' checkpoint; the explorer runs llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, idefics3, smolvlm, "
+            "is a 'llama' checkpoint; the explorer runs llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, "
+            "idefics3, smolvlm, "
             "llava checkpoints",
         ),
     ]

@@ -104,7 +104,7 @@ def test_the_frames_baseline_refuses_an_image():
     class Image:
         geometry = image_geometry()
 
-    with pytest.raises(ExplorerError, match="whole frames of a video"):
+    with pytest.raises(ExplorerError, match="works on the frames of a video"):
         plan_for(None, Image, make("frames"), None)
 
 

@@ -34,12 +34,13 @@ SMOLVLM = {"tiny-smolvlm", "tiny-idefics3"}  # SmolVLM2 (model type smolvlm) and
 PROMPT = "What is in this picture?"
 THUMBNAILED = {"tiny-llava-onevision", *SMOLVLM}  # a thumbnail beside crops: GlobalCom2 applies
 PATCH_TOKENS = {"tiny-llava-1.5", "tiny-llava-onevision"}  # every token one patch (OneVision: unless resampled)
+CLIPS_ONLY = {name for name, method in METHODS.items() if "clip" in method.requires}  # frames, the video methods
 
 
 def cannot(name: str) -> set[str]:
     """The methods that cannot run on the family of the tiny model `name`."""
     thumbnail = set() if name in THUMBNAILED else {"globalcom2"}
-    return {"frames"} | thumbnail | (set() if name in PATCH_TOKENS else {"tome-vit"})  # frames: on clips only
+    return CLIPS_ONLY | thumbnail | (set() if name in PATCH_TOKENS else {"tome-vit"})
 
 
 @functools.cache
@@ -258,9 +259,8 @@ def test_every_method_that_applies_meets_its_budget_end_to_end(family, budget):
         reason = unavailable(method, backend)
         if reason:
             assert method in cannot(name) and "\n" not in reason
-            because = {"tome-vit": "one encoder patch", "frames": "whole frames of a video"}.get(
-                method, "needs a thumbnail"
-            )
+            because = {"tome-vit": "one encoder patch"} | dict.fromkeys(CLIPS_ONLY, "works on the frames of a video")
+            because = because.get(method, "needs a thumbnail")
             with pytest.raises(ExplorerError, match=because):
                 run(backend, image, PROMPT, method, budget, max_new_tokens=1)
             continue
@@ -335,7 +335,7 @@ def test_the_app_offers_only_the_methods_that_run_and_says_why(family):
     assert method["value"] == "hired" and set(swept["value"]) <= set(runs)  # HiRED runs on every family
     assert ("no [CLS] token" in explanation) == (not backend.cls_token) == (layers == ui.layers.RECEIVED)
     status = explorer.status()
-    assert status.count("not on this model") == len(cannot(name) - {"frames"})  # frames: on clips, not images
+    assert status.count("not on this model") == len(cannot(name) - CLIPS_ONLY)  # those run on clips, not images
     read, layer, *_ = ui.layers.read(
         explorer, image=str(ROOT / "assets/rocket.jpg"), prompt=PROMPT
     )  # every layer's (received) attention

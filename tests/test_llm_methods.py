@@ -20,7 +20,7 @@ from explorer.views import teach
 from explorer.views import visual as vis
 
 PROMPT = "What is shown in this image?"
-LLM = [name for name, method in METHODS.items() if method.stage == "llm"]
+LLM = [name for name, method in METHODS.items() if method.stage == "llm" and "clip" not in method.requires]  # on images
 CASES = [("fastv", {}), ("fastv", {"keep_positions": False}), ("pdrop", {}), ("dart", {}), ("sparsevlm", {})]
 CASES += [("mustdrop", {"compact_cache": False})]  # its decode stage off: every layer keeps what its prefill left
 AFTER = {"budget_after_cuts": True}  # the budget is what the last cut leaves

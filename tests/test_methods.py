@@ -98,6 +98,7 @@ def test_top_breaks_ties_towards_the_lower_index():
 
 
 SHAPES = {"cls": (), "cls-onehead": (), "cls-logits": (), "keys": (2, 3), "hidden": (6,)}  # per token
+SHAPES |= {"prompt-frame": (), "prompt-patch": ()}  # a CLIP model's, beside the VLM (Free Video-LLM)
 
 
 def random_signals(budget: int, seed: int = 0) -> Signals:

@@ -68,7 +68,7 @@ def test_a_method_that_reads_the_llm_runs_on_the_clip_s_sequence(onevision, vide
 
 def test_what_a_clip_or_an_image_cannot_take_is_refused_with_the_reason(onevision, video, backend):
     clip = load_video(video, frames=2)
-    with pytest.raises(ExplorerError, match="keeps whole frames of a video: give it a clip"):
+    with pytest.raises(ExplorerError, match="works on the frames of a video: give it a clip"):
         run(onevision, clip.frames[0], PROMPT, "frames", 0.5, max_new_tokens=1)
     with pytest.raises(ExplorerError, match="a clip's frames have none"):
         run(onevision, clip, PROMPT, "globalcom2", 0.5, max_new_tokens=1)

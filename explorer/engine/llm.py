@@ -111,6 +111,8 @@ class LlmStage:
         # the first layer whose cache is cut to the last cut's tokens after the prefill (None: none is)
         self.compact_from = method.compact_from(self.cuts) if method.compact_from is not None else None
         self.chosen: list[Selection] = []  # per cut of the last whole pass, as the method returned it
+        self.attended: list[int] = []  # with `decode_keep`: the visual tokens each decode step attended to
+        self.previous: Signals | None = None  # with `decode_keep`: what the last decode step read
         self.pending: list[Selection] = []  # per cut of the pass under way
         self.final: Selection | None = None
 
@@ -129,6 +131,7 @@ class LlmStage:
         """The tokens to keep at this cut: (K,) sorted indices into the N visual tokens."""
         if cut == 0:
             self.pending = []  # a new pass over the whole prompt (with `rerank`, one per generated token)
+            self.attended, self.previous = [], None
         if self.reduced:  # the hooks see the K tokens that entered: widen to N
             maps = {name: self.widen(name, m) for name, m in maps.items()}
             alive = self.widen("alive", alive)
@@ -143,6 +146,20 @@ class LlmStage:
         if not self.reduced:
             return selection.keep
         return torch.searchsorted(self.entering.to(selection.keep.device), selection.keep)  # (K',) into the K
+
+    def attend(self, maps: dict[str, torch.Tensor], alive: torch.Tensor) -> torch.Tensor | None:
+        """A decode step of a method with `decode_keep`: the visual tokens the layers from its last cut on
+        attend to in this step, (K,) sorted indices into the tokens that entered, None for all."""
+        if self.reduced:
+            maps = {name: self.widen(name, m) for name, m in maps.items()}
+            alive = self.widen("alive", alive)
+        signals = Signals(self.geometry, self.cuts[-1].tokens, maps, alive)
+        keep = self.method.decode_keep(signals, self.previous)
+        self.previous = signals
+        self.attended.append(int(alive.sum()) if keep is None else len(keep))
+        if keep is None or not self.reduced:
+            return keep
+        return torch.searchsorted(self.entering.to(keep.device), keep)
 
     def widen(self, name: str, values: torch.Tensor) -> torch.Tensor:
         """A signal over the K tokens that entered the LLM as one over the N tokens of the image: NaN
@@ -199,7 +216,8 @@ class LlmStage:
         """visual_per_layer: the visual tokens each LLM layer sees in the prefill; visual_layer_mean: their
         mean; visual_cached_per_layer: the visual tokens each layer's KV cache holds while decoding (fewer
         than it saw from `compact_from` to the last cut); llm_cuts; visual_entering: the tokens that
-        entered the LLM."""
+        entered the LLM; with `decode_keep`, visual_attended_per_step: the visual tokens the layers from the
+        last cut on attended to at each decode step."""
         kept = [len(s.keep) for s in self.chosen] if self.done else [c.tokens for c in self.cuts]
         made = [dataclasses.replace(c, tokens=k) for c, k in zip(self.cuts, kept)]  # an adaptive cut may keep fewer
         seen = per_layer(made, len(self.entering), self.depth)
@@ -208,13 +226,14 @@ class LlmStage:
             last = self.cuts[-1].layer
             cached[self.compact_from : last] = [kept[-1]] * len(range(self.compact_from, last))
         cuts = [{"layer": c.layer, "scored_at": c.score_layer, "kept": k} for c, k in zip(self.cuts, kept)]
+        attended = {"visual_attended_per_step": list(self.attended)} if self.method.decode_keep else {}
         return {
             "visual_per_layer": seen,
             "visual_cached_per_layer": cached,
             "visual_layer_mean": sum(seen) / self.depth,
             "llm_cuts": cuts,
             "visual_entering": len(self.entering),
-        }
+        } | attended
 
 
 def llm_hooks(backend, prepared, name: str, method, budget: int, before: Selection | None = None):
@@ -228,4 +247,5 @@ def llm_hooks(backend, prepared, name: str, method, budget: int, before: Selecti
         ids = prepared.inputs["input_ids"][:, backend.staying(prepared, stage.before.keep)]
         prepared = dataclasses.replace(prepared, inputs={**prepared.inputs, "input_ids": ids})
     options = {"compact_from": stage.compact_from, "rerank": method.rerank}
+    options |= {"attend": stage.attend} if method.decode_keep is not None else {}
     return stage, backend.pruning(prepared, stage.pairs, method.needs, stage.choose, method.keep_positions, **options)

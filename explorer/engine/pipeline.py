@@ -26,13 +26,13 @@ from typing import NotRequired, TypedDict
 import torch
 from PIL import Image
 
-from backends import real_architecture, stored_config
+from backends import prompt_clip, real_architecture, stored_config
 from backends.geometry import Prepared
-from backends.signals import FEATURES, HIDDEN_FEATURE, ROWS
+from backends.signals import FEATURES, HIDDEN_FEATURE, ROWS, prompted
 
 from ..core import Budget, ExplorerError, Geometry, Method, Selection, Signals
 from ..methods import make, unavailable
-from .clips import by_frame, per_frame
+from .clips import by_frame, frames_of, per_frame
 from .cost import Encoder, Shape, VisionPass, footprint, kv_bytes, prefill_flops, vision_flops
 from .images import load_image
 from .llm import LlmStage, last_count, llm_hooks
@@ -56,6 +56,7 @@ class Tokens(TypedDict):
     visual_cached_per_layer: list[int]  # visual tokens each layer's KV cache holds while decoding
     llm_cuts: list[dict]  # inside the LLM: {layer, scored_at, kept} per cut
     visual_entering: NotRequired[int]  # inside the LLM: the visual tokens that entered it
+    visual_attended_per_step: NotRequired[list[int]]  # DyCoke: visual tokens attended to at each decode step
     generated: int
     by_partition: list[dict]  # {name, full, kept} per partition
     by_frame: NotRequired[list[dict]]  # a clip's: {frames, time_s, full, kept} per frame or temporal group
@@ -387,6 +388,8 @@ def select(backend, picture, prompt: str, chosen: Method, budget: Budget | None,
         features, maps = backend.encode(prepared, plan.needs, project=not plan.lazy, merging=merging)
         sync(device)
         clock.append(now())
+        if plan.prompted:  # a CLIP model reads the prompt and the frames, the method's own time
+            maps |= prompt_signals(backend, picture, prompt, g, plan.prompted)
         if chosen.early_layer is not None:  # a first pass through the LLM's first layers, the method's own time
             maps |= backend.early_pass(prepared, features, chosen.early_layer(backend.depth))
         selection = choose(chosen, Signals(g, plan.step, maps))
@@ -441,6 +444,7 @@ class Plan:
     vision: bool  # the method selects before the LLM (else every visual token enters it, to be cut inside)
     lazy: bool  # only the kept tokens are projected (the family can, and the method reads no projected features)
     needs: tuple[str, ...]  # the signals the vision pass captures
+    prompted: tuple[str, ...] = ()  # the signals a CLIP model reads off the prompt and a clip's frames
 
 
 def media(image) -> Image.Image | Clip:
@@ -469,16 +473,23 @@ def plan_for(backend, prepared: Prepared, chosen: Method, budget: Budget | None)
             "encoder patch each and patches cannot be merged inside the encoder for them; try a smaller "
             "image, or tome, which merges after the encoder"
         )
-    needs = (*vision_needs(chosen), *([HIDDEN_FEATURE] * lazy))
+    wanted = vision_needs(chosen)
+    needs = (*(name for name in wanted if not prompted(name)), *([HIDDEN_FEATURE] * lazy))
     step = step_budget(chosen, backend.depth, len(g), b if budget else None)
-    return Plan(b, step, vision, lazy, tuple(dict.fromkeys(needs)))
+    return Plan(b, step, vision, lazy, tuple(dict.fromkeys(needs)), tuple(filter(prompted, wanted)))
+
+
+def prompt_signals(backend, clip: Clip, prompt: str, g: Geometry, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The signals `names` a CLIP model reads off the prompt and the clip's frames (`backends.prompt_clip`)."""
+    shown = [frames_of(name) for name in g.names]  # the frames each partition shows
+    return prompt_clip.signals(names, clip.frames, prompt, g, shown, backend.device, backend.model.dtype)
 
 
 def check_media(chosen: Method, g: Geometry) -> None:
     """Refuse a method what the image or clip does not have for it, with the reason."""
     name = type(chosen).__name__
     if "clip" in chosen.requires and not g.frames:
-        raise ExplorerError(f"{name} keeps whole frames of a video: give it a clip, not an image")
+        raise ExplorerError(f"{name} works on the frames of a video: give it a clip, not an image")
     if g.frames and "thumbnail" in chosen.requires:
         raise ExplorerError(f"{name} needs a thumbnail of the whole image beside its crops; a clip's frames have none")
     if g.frames and chosen.merging is not None:

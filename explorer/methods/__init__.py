@@ -5,16 +5,21 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from ..core import FEATURES, ExplorerError
+from ..core import FEATURES, ExplorerError, prompted
 from .aim import AIM
 from .cls import CLS
 from .dart import DART
 from .divprune import DivPrune
+from .dycoke import DyCoke
+from .evs import EVS
 from .fastv import FastV
+from .fastvid import FastVID
 from .frames import Frames
+from .freevideollm import FreeVideoLLM
 from .gemfilter import GemFilter
 from .globalcom2 import GlobalCom2
 from .hired import HiRED
+from .holitom import HoliTom
 from .mustdrop import MustDrop
 from .none import NoReduction
 from .pdrop import PyramidDrop
@@ -27,6 +32,7 @@ from .tome_vit import ToMeViT
 from .transprune import TransPrune
 from .transprune_llm import TransPruneLLM
 from .uniform import Uniform
+from .vidcom2 import VidCom2
 from .visionzip import VisionZip
 from .vispruner import VisPruner
 from .vtccls import VTCCLS
@@ -57,11 +63,17 @@ METHODS = {
     "transprune-llm": TransPruneLLM,
     "gemfilter": GemFilter,
     "frames": Frames,
+    "dycoke": DyCoke,
+    "free-video-llm": FreeVideoLLM,
+    "fastvid": FastVID,
+    "holitom": HoliTom,
+    "vidcom2": VidCom2,
+    "evs": EVS,
 }
 
 
 def on_images() -> list[str]:
-    """The methods that run on an image: every one but those that keep whole frames of a video."""
+    """The methods that run on an image: every one but those that work on the frames of a video."""
     return [name for name, method in METHODS.items() if "clip" not in method.requires]
 
 
@@ -93,7 +105,7 @@ def unavailable(name: str, backend, clip: bool = False) -> str | None:
     line; None when it can."""
     method = METHODS[name]
     if "clip" in method.requires and not clip:
-        return f"{name} keeps whole frames of a video: it runs on clips, not on images"
+        return f"{name} works on the frames of a video: it runs on clips, not on images"
     if "thumbnail" in method.requires and not backend.thumbnail:
         return (
             f"{name} needs a thumbnail of the whole image beside high-resolution crops; "
@@ -107,7 +119,7 @@ def unavailable(name: str, backend, clip: bool = False) -> str | None:
         )
     for signal in method.needs if method.stage == "vision" else method.vision_needs:
         try:
-            if signal != FEATURES:
+            if signal != FEATURES and not prompted(signal):  # a CLIP model beside the VLM gives those
                 backend.signal(signal)
         except ExplorerError as error:
             return f"{name} cannot run on {backend.family}: {error}"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from backends.signals import FEATURES
+from backends.signals import FEATURES, prompted
 
 from ..core import Budget, ExplorerError, Geometry, Selection, Signals
 from ..engine.measure import now
@@ -165,6 +165,7 @@ def preview(
     cache = cache if cache is not None else VisionCache()
     pending = chosen.stage == "llm" and chosen.select_vision is None or chosen.merging is not None
     pending |= chosen.early_layer is not None  # it ranks by a first pass through the LLM, on the prompt
+    pending |= any(map(prompted, vision_needs(chosen)))  # a CLIP model reads the prompt beside the frames
     needs = () if pending else vision_needs(chosen)
     try:
         seen, cached = cache.get(backend, picture, needs, image, wait_s)
@@ -194,6 +195,11 @@ def _note(method: str, chosen, cached: bool, seconds: float) -> str:
         return (
             f"{method} ranks the tokens by a first pass through the LLM's first layers on the prompt: they appear "
             "after Run (the picture shows every token until then)"
+        )
+    if any(map(prompted, vision_needs(chosen))):
+        return (
+            f"{method} chooses by how alike the prompt and each frame are, which a CLIP model beside the VLM reads at "
+            "Run: its tokens appear after Run (the picture shows every token until then)"
         )
     if chosen.stage == "llm" and chosen.select_vision is None:
         return (

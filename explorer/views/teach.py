@@ -47,8 +47,35 @@ CAPTIONS = {
     "transition variation), as a share of the image's total; added to the prompt's attention share to rank.",
     "IGA share": "TransPrune: the prompt's attention to each visual token at the cut layer, heads and text "
     "tokens averaged, as a share of the image's total; added to the transition share to rank.",
+    "similarity to reference": "DyCoke, before the LLM: how alike each token is to the token at the same place "
+    "in its reference frame (the first of its pair, or of its window of 4 frames); a compared frame keeps only its "
+    "least alike tokens, since the rest repeat what the reference already shows. Whole frames are blank.",
+    "reference frame": "DyCoke: the frame each token was compared with; blank for the frames kept whole. Inside "
+    "the LLM, each decode step then attends only to the visual tokens its attention ranks highest.",
     "diverse": "VisPruner: after the important half, the remaining tokens are chosen by removing "
     "near-duplicates round by round, so the second half covers what the first missed.",
+    "DySeg segment": "FastVID, step 1: the segment of alike consecutive frames each token's frame belongs to; "
+    "the clip is cut where neighbouring frames differ most (and wherever they are less alike than tau), so a "
+    "segment shows one scene, and its tokens are merged across its frames.",
+    "density score": "FastVID, step 3: the density score of each anchor frame's tokens that were not kept "
+    "for their attention (its distance to the nearest denser token times its density); the highest become "
+    "anchors, and every other token of the segment is merged into the anchor it resembles most.",
+    "HoliTom window": "HoliTom, step 1: the window of frames each token belongs to; the windows are chosen "
+    "together, by dynamic programming, to merge away as many tokens that stay the same over time as possible.",
+    "static token": "HoliTom, step 2: the tokens that stay alike at their place over their whole window (1), "
+    "merged into one token each over time, and the dynamic ones (0), which keep their most attended tokens.",
+    "prompt-frame similarity": "Free Video-LLM, step 1: how alike each frame is to the prompt, as a CLIP model "
+    "beside the VLM sees them (cosine of its text and image embeddings), one value a frame. The frames most like "
+    "the prompt keep their regions first; the budget decides how many do, so at a low one only the best few stay.",
+    "prompt region": "Free Video-LLM, step 2: in each chosen frame, the box (bright) about the mean place of the "
+    "patches most like the prompt, covering roi_ratio of the frame; only tokens inside it reach the LLM. Dark: "
+    "chosen frames' tokens outside their box, and frames not reached.",
+    "frame uniqueness": "VidCom2, step 1: how unlike the clip's average token each frame's tokens are, one value "
+    "a frame. A softmax over the frames turns it into budget shares, so a frame unlike the rest of the clip (a "
+    "cut, something new) keeps more tokens; within each frame, the tokens least like the clip and the frame stay.",
+    "change from previous frame": "EVS: how much each token changed from the token at the same place one frame "
+    "before (1 - cosine similarity; blank on the first frame, which is kept whole). Static background barely "
+    "changes, so across the whole clip the budget goes to what moves.",
 }
 
 
@@ -159,3 +186,12 @@ def profile(maps: torch.Tensor, token: int, head: int | None, heads: str = "head
         margin=dict(l=60, r=20, t=20, b=40),
     )
     return figure
+
+
+# the video mode's lesson (ui/video.py)
+TEMPORAL = """**Temporal redundancy.** Neighbouring frames of a video mostly show the same things: a still
+background, an object that moved a little. Their visual tokens repeat each other, so a clip can lose many of
+them at little cost. The baselines use it in different ways: **frames** keeps whole frames, evenly spaced, and
+drops the others outright (sampling fewer frames at the same token budget); **uniform** keeps every frame but
+an evenly spaced grid of patches in each; **random** keeps a random share of every frame. Image methods run on
+each frame with its share of the budget; video methods (`frames`, ...) read the whole clip."""
