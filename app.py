@@ -22,7 +22,8 @@ import backends
 from ui import build
 from ui.session import ZERO_GPU, Session
 
-UPLOAD_LIMIT = "20mb"  # refused by the server before anything is decoded
+UPLOAD_LIMIT = "500mb"  # a video's (`explorer.engine.video.MAX_VIDEO_BYTES`), refused by the server before anything
+# is decoded; an image over 20 MB is refused by the app (`ui.request.IMAGE_BYTES`)
 CSS = "#examples th { white-space: normal; }"  # the examples' headers wrap, so the table fits a phone
 
 

@@ -30,6 +30,7 @@ from explorer.views import visual as vis
 from ui.explore import Explored
 from ui.picture import live_picture, refresh
 from ui.session import Newest, Session
+from ui.video import Shown
 
 ROOT = Path(__file__).parent.parent
 OUTPUTS = Explored._fields
@@ -103,6 +104,12 @@ def test_numbers_shown_are_the_librarys(explorer, backend, picture_file):
     # the budget chart shows the same counts
     bars = {bar.name: list(bar.y) for bar in last["plot"].data}
     assert bars["kept"] == [p["kept"] for p in r.tokens["by_partition"] if p["full"]]
+    # where the time went: the reduced and the full run's stages, and what a method before the LLM can save
+    full = last["shown"]["full"]
+    assert last["stages"].startswith("<b>Where the time goes</b>") and last["stages"].count('height="22"') == 10
+    assert f"<title>vision encoder: {r.timing['vision_s']:.3f} s</title>" in last["stages"]
+    assert f"<title>vision encoder: {full.timing['vision_s']:.3f} s</title>" in last["stages"]
+    assert "A method that acts before the LLM shortens only the prefill and the decode" in last["stages"]
 
 
 def test_the_full_run_is_reused_for_the_same_image_and_prompt(explorer, picture_file):
@@ -536,3 +543,167 @@ def test_the_status_says_whose_times_a_random_weight_model_gives(explorer):
     status = explorer.status()
     assert "**random weights**" in status and "costs are real" not in status
     assert "times and memory are this small model's, not llava-hf/llava-v1.6-vicuna-7b-hf's" in status
+
+
+# The video mode (ui/video.py), on tiny-llava-onevision: a clip of 3 frames of 196 tokens and a newline
+
+
+@pytest.fixture(scope="module")
+def clips():
+    """The app's session on tiny-llava-onevision, which takes video."""
+    return Session("tiny-llava-onevision", "cpu")
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory) -> str:
+    from test_video import write
+
+    return str(write(tmp_path_factory.mktemp("clip") / "clip.mp4", "mpeg4", count=12))
+
+
+def kept_in_strip(strip: str) -> list[tuple[int, int]]:
+    return [(int(k), int(n)) for k, n in re.findall(r"<b>(\d+)</b> of (\d+) kept", strip)]
+
+
+def test_the_clip_preview_is_what_a_run_keeps_frame_by_frame_from_one_cached_pass(clips, clip_file):
+    from explorer.engine.video import load_video
+
+    shown = ui.video.live(clips, 1, clip=clip_file, frames=3, method="divprune", budget=20)
+    r = run(clips.backend(), load_video(clip_file, frames=3), "Hi", "divprune", 0.2, max_new_tokens=1)
+    assert torch.equal(shown["shown"]["selection"].keep, r.selection.keep)  # the preview keeps what Run keeps
+    frames = [p for p in r.tokens["by_partition"] if p["name"].startswith("frame")]
+    assert kept_in_strip(shown["strip"]) == [(p["kept"], p["full"]) for p in frames]
+    assert len(viewer.kept_of(shown["viewer"])) == frames[1]["kept"] and shown["viewer"]["n"] == 196  # frame 1
+    assert shown["count"].startswith("117 of 589 visual tokens kept (20%) · 3 frames of 64x32, 1.2 s")
+    assert [bar.y for bar in shown["per_frame"].data] == [(196,) * 3, tuple(p["kept"] for p in frames)]
+    passes = clips.clips.passes
+    again = ui.video.live(clips, 2, clip=clip_file, frames=3, method="divprune", budget=40)
+    assert clips.clips.passes == passes  # a new budget: only the selection ran, on the cached pass
+    assert sum(k for k, _ in kept_in_strip(again["strip"])) == fraction_of(0.4, 589)
+    assert ui.video.frame_value(again["shown"], 0)["key"].endswith(" @0")  # the slider: no model work
+    scene = clips.frame_scene(again["shown"]["key"] + " @2")
+    assert scene["n"] == 196 and scene["names"] == ["frame 2"]
+
+
+def test_a_run_on_a_clip_shows_both_answers_the_numbers_the_drift_and_the_waterfall(clips, clip_file):
+    from explorer.engine.video import load_video
+
+    given = dict(clip=clip_file, frames=3, method="fastv", budget=75, prompt="What?", max_new_tokens=3)
+    last = list(ui.video.run(clips, {}, 0, **given))[-1]
+    backend, clip = clips.backend(), load_video(clip_file, frames=3)
+    reduced = run(backend, clip, "What?", "fastv", 0.75, max_new_tokens=3)
+    full = run(backend, clip, "What?", "none", 1.0, max_new_tokens=3)
+    assert (last["answer"], last["full_answer"]) == (reduced.answer, full.answer)
+    rows = {row[0]: row[1:] for row in last["table"]}
+    assert rows["visual tokens"][:2] == [str(reduced.tokens["visual_kept"]), "589"]
+    assert "  KL(full || reduced) / token" in rows and "KL" in last["drift"]  # the fidelity, as for an image
+    patches = sum(backend.encoder_sequences(backend.prepare_video(clip.frames, "Hi", clip.times_s)))
+    per_layer = reduced.tokens["visual_per_layer"]  # fastv cuts inside the LLM: one bar per layer
+    assert last["waterfall"].data[0].y == (3, patches, 589, 589, *per_layer) and per_layer[-1] < 589
+    assert last["count"] == f"{reduced.tokens['visual_kept']} of 589 visual tokens kept (the last run)"
+
+
+def test_video_methods_are_offered_only_for_clips_and_image_only_ones_are_refused_with_their_reason(clips, clip_file):
+    backend = clips.backend()
+    offered = [name for _, name in ui.video.choices(backend)]
+    assert "frames" in offered and "frames" not in on_images()  # a video method: only in video mode
+    video_first = ["clip" in METHODS[name].requires for name in offered]
+    assert video_first == sorted(video_first, reverse=True)  # the video methods first
+    assert {"uniform", "random", "divprune", "fastv"} <= set(offered) and "tome-vit" not in offered
+    assert "globalcom2" not in offered
+    whole = kept_in_strip(ui.video.live(clips, 0, clip=clip_file, frames=3, method="frames", budget=34)["strip"])
+    assert sum(k for k, _ in whole) == fraction_of(0.34, 589) and (196, 196) in whole  # a whole frame, previewed
+    _, refused = ui.video.for_model(clips)
+    assert "ToMeViT merges patches inside the vision encoder" in refused
+    assert "GlobalCom2 needs a thumbnail" in refused or "globalcom2 needs a thumbnail" in refused
+    with pytest.raises(gr.Error, match="merges patches inside the vision encoder"):
+        list(ui.video.run(clips, {}, 0, clip=clip_file, method="tome-vit", budget=20, prompt="What?"))
+
+
+@pytest.fixture(scope="module")
+def served_clips(clips):
+    demo, url = app.serve(clips, prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+def test_bad_clips_get_one_clear_message_each_and_the_next_run_works(served_clips, clip_file, tmp_path, monkeypatch):
+    from test_video import write, write_audio
+
+    from explorer.engine import video
+
+    asked = dict(frames=2, method="uniform", budget=20, max_new_tokens=1, compare=False, api_name="/video")
+    names = Shown._fields
+    client = Client(served_clips, verbose=False)
+    try:
+        good = dict(zip(names, client.predict(clip=handle_file(clip_file), **asked)))
+        assert good["count"] == "78 of 393 visual tokens kept (the last run)"  # 2 frames, 20%
+        (tmp_path / "empty.mp4").write_bytes(b"")
+        whole = write(tmp_path / "whole.mp4", "libx264").read_bytes()  # its index is at the end, cut off here
+        cut = tmp_path / "cut.mp4"
+        cut.write_bytes(whole[: len(whole) // 2])
+        bad = [
+            (tmp_path / "empty.mp4", r"empty.mp4 is empty \(0 bytes\)"),
+            (cut, "cut.mp4 is corrupt or truncated"),
+            (write_audio(tmp_path / "sound.mp4", "aac"), "sound.mp4 has only audio, no video stream"),
+        ]
+        for path, message in bad:
+            with pytest.raises(AppError, match=message):
+                client.predict(clip=handle_file(str(path)), **asked)
+        monkeypatch.setattr(video, "MAX_DURATION_S", 1)  # a count of frames not sampled before: decoded anew
+        with pytest.raises(AppError, match="clip.mp4 is too long: 1 s, the limit is 1 s"):
+            client.predict(clip=handle_file(clip_file), **{**asked, "frames": 3})
+        monkeypatch.setattr(video, "MAX_VIDEO_BYTES", 100)
+        with pytest.raises(AppError, match="clip.mp4 is too large: .* the limit for a video is"):
+            client.predict(clip=handle_file(clip_file), **{**asked, "frames": 4})
+        monkeypatch.undo()
+        again = dict(zip(names, client.predict(clip=handle_file(clip_file), **asked)))
+        assert again["count"] == good["count"]
+        preview = dict(zip(["count"], client.predict(clip=handle_file(str(cut)), api_name="/video_preview")))
+        assert "cut.mp4 is corrupt" in preview["count"]  # the preview says it on the page, in the count line
+        gif = write(tmp_path / "moving.gif", "gif", count=4)  # an animated GIF is a clip too
+        preview = dict(zip(["count"], client.predict(clip=handle_file(str(gif)), frames=2, api_name="/video_preview")))
+        assert preview["count"].startswith("78 of 393 visual tokens kept (20%) · 2 frames of 64x32")
+    finally:
+        client.close()
+
+
+def test_an_image_over_20_mb_is_refused_by_the_app(served, monkeypatch):
+    from ui import request
+
+    monkeypatch.setattr(request, "IMAGE_BYTES", 1000)
+    client = Client(served, verbose=False)
+    try:
+        with pytest.raises(AppError, match=r"coffee.jpg is too large: 0 MB, the limit for it is 0 MB"):
+            client.predict(image=handle_file(COFFEE), max_new_tokens=1, compare=False, api_name="/explore")
+    finally:
+        client.close()
+
+
+def test_qwen2_vl_s_temporal_groups_are_one_picture_each(clip_file):
+    """Qwen2-VL folds each pair of frames into one group of tokens: the strip and the slider step by group."""
+    session = Session("tiny-qwen2-vl", "cpu")
+    shown = ui.video.live(session, 1, clip=clip_file, frames=4, method="tome", budget=30)
+    g = shown["shown"]["geometry"]
+    assert [g.names[p] for p in g.frames] == ["frames 0-1", "frames 2-3"] and len(kept_in_strip(shown["strip"])) == 2
+    assert shown["viewer"]["text"].endswith("· frames 2-3 shown") and "palette" in shown["viewer"]  # tome merges
+    assert session.frame_scene(shown["shown"]["key"] + " @1")["views"][0]["panels"][0]["label"] == "frames 2-3"
+
+
+@dataclass(frozen=True)
+class EveryFrame(Every):
+    """Every k-th token of the whole clip: a video method defined by this test."""
+
+    requires: ClassVar[tuple[str, ...]] = ("clip",)
+    on_clips: ClassVar[str] = "clip"
+
+
+def test_a_video_method_s_setting_is_in_the_video_tab_and_reaches_the_method(clips, clip_file, monkeypatch):
+    monkeypatch.setitem(METHODS, "every-frame", EveryFrame)
+    with gr.Blocks():
+        asked, _ = ui.video.build(clips)
+    assert "every_frame_k" in asked.settings and "every_k" not in asked.settings  # the video methods' only
+    visible = [update["visible"] for update in ui.video.shown_settings(asked, "every-frame")]
+    assert [name for name, shown in zip(asked.settings, visible) if shown] == ["every_frame_k"]
+    out = ui.video.live(clips, 0, clip=clip_file, frames=3, method="every-frame", budget=10, every_frame_k=3)
+    assert out["shown"]["selection"].keep.tolist() == list(range(0, 3 * 58, 3))  # 10% of 589, every 3rd

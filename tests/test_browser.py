@@ -178,6 +178,7 @@ def use_the_picture(page):
 
 
 TABS = ["Kept vs dropped", "Budget", "PNG files", "Steps", "Layers", "Two methods", "Sweep", "Animation", "Accuracy"]
+TABS += ["Video"]
 
 
 def every_tab_in_reach(page):
@@ -241,6 +242,10 @@ def see_the_results(page):
     expect(overlay).to_be_visible()
     assert overlay.evaluate("image => [image.naturalWidth, image.naturalHeight]") == [600, 400]
     assert page.get_by_label("Reduced answer").input_value() != ""
+    bars = page.locator("#stages svg.stages rect[height='22']")  # where the time went: 5 stages, reduced and full
+    expect(bars).to_have_count(10)
+    assert all(box["width"] > 0 for box in bars.evaluate_all("all => all.map(b => b.getBoundingClientRect())")[:2])
+    expect(page.locator("#stages")).to_contain_text("A method that acts before the LLM shortens only the prefill")
     every_caption_in_full(page)
 
     page.get_by_role("tab", name="Kept vs dropped").click()
@@ -263,3 +268,59 @@ def every_caption_in_full(page):
         assert clipped == 0
         assert "content map" in captions.first.text_content() or len(captions.first.text_content()) > 80
     page.set_viewport_size({"width": 1500, "height": 1300})
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return Session("tiny-llava-onevision", "cpu")
+
+
+def test_video_mode_scrubs_plays_previews_and_runs_a_clip_at_1400_and_400_px(browser, clips):
+    from ui.video import example
+
+    clip = example()  # 24 frames of moving shapes, 256x192
+    demo, url = app.serve(clips, prevent_thread_lock=True, quiet=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    try:
+        expect(page.get_by_text("random weights")).to_be_visible(timeout=120_000)  # the model loaded
+        page.get_by_role("tab", name="Video", exact=True).click()
+        page.locator("#clip input[type=file]").set_input_files(str(clip))
+        line = page.locator("#clip-picture .tdx-count")  # 8 frames (the CPU's default) of 196 tokens, a newline
+        expect(line).to_have_text("313 of 1569 visual tokens kept (20%) · frame 0 shown", timeout=60_000)
+        expect(page.locator("#clip-strip figure")).to_have_count(8)
+        expect(page.get_by_text("Audio is ignored")).to_be_visible()
+        set_number(page, "Frame", 3)
+        expect(line).to_have_text("313 of 1569 visual tokens kept (20%) · frame 3 shown")
+        expect(page.locator("#clip-strip figure.chosen")).to_have_attribute("data-frame", "3")
+        page.get_by_role("button", name="▶ Play").click()
+        expect(line).to_have_text(re.compile(r"frame [4-7] shown"), timeout=20_000)  # it plays on by itself
+        page.get_by_role("button", name="⏸ Pause").click()
+        set_number(page, "Budget: % of the clip's visual tokens", 40)
+        expect(line).to_have_text(re.compile(r"627 of 1569 visual tokens kept \(40%\) · frame \d shown"))
+        page.get_by_role("button", name="Run on the clip").click()
+        expect(page.locator("#video-mode").get_by_text(" · full: ")).to_be_visible(timeout=180_000)  # both runs
+        expect(line).to_have_text(re.compile(r"627 of 1569 visual tokens kept \(the last run\) · frame \d shown"))
+        assert page.get_by_label("Reduced answer (clip)").input_value() != ""
+        page.get_by_role("tab", name="Waterfall").click()
+        expect(page.locator("#video-mode .js-plotly-plot >> visible=true")).to_have_count(1)  # the waterfall
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.locator("#video-mode").screenshot(path=ARTIFACTS / "video-1400.png")
+        page.set_viewport_size({"width": 400, "height": 900})
+        page.locator("#clip-picture canvas").scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+        sideways = page.evaluate(
+            SCROLLING_SIDEWAYS
+        )  # the numbers table scrolls in its own box, as after an image's run
+        assert [box for box in sideways if "virtual-table-viewport" not in box] == []
+        assert 250 < page.locator("#clip-picture canvas").bounding_box()["width"] <= 400
+        page.screenshot(path=ARTIFACTS / "video-400.png")
+    finally:
+        demo.close()
+
+
+def set_number(page, label: str, value: int) -> None:
+    box = page.get_by_label(f"number input for {label}", exact=True)
+    box.fill(str(value))
+    box.press("Enter")

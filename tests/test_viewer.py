@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import photo, toy_geometry
+from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 from explorer.core import Selection
@@ -143,3 +144,53 @@ def test_the_look_and_the_legend_come_from_the_style(page):
     assert all(legend.locator("i").evaluate_all("all => all.map((i) => i.style.cssText)"))
     assert not re.search(r"#[0-9a-fA-F]{3,8}\b|rgba?\(\s*\d|hsla?\(\s*\d", VIEWER["js"])  # no colour of its own
     assert "background" not in VIEWER["css"].split(".tdx-legend", 1)[1]  # nor the legend's CSS
+
+
+def two_frames() -> tuple:
+    """A clip of two flat grey 80x80 frames, each 4x4 tokens of 20 px: tokens 0-15, then 16-31."""
+    from explorer.core import Geometry
+    from explorer.engine.video import Clip
+
+    cells = torch.tensor([(r, c) for r in range(4) for c in range(4)] * 2)
+    boxes = torch.tensor([(20 * c, 20 * r, 20 * c + 20, 20 * r + 20) for r, c in cells.tolist()], dtype=torch.float)
+    g = Geometry(("frame 0", "frame 1"), torch.arange(2).repeat_interleave(16), cells, boxes, (80, 80))
+    grey = Image.new("RGB", (80, 80), (120, 120, 120))
+    return g, Clip([grey, grey], [0, 5], [0.0, 0.5], 10.0, 1.0, False)
+
+
+def test_a_token_merged_into_another_frame_has_its_target_s_colour_in_both_frames(page):
+    from explorer.views import clip as clips
+
+    g, clip = two_frames()
+    groups = torch.full((32,), -1)
+    groups[[0, 5, 21]] = torch.tensor([0, 5, 21])  # kept
+    groups[[1, 17, 18]] = torch.tensor([0, 0, 21])  # 1 and 17 (of frame 1) went into 0; 18 into 21
+    selection = Selection(keep=torch.tensor([0, 5, 21]), groups=groups)
+    tints = []
+    for frame, token in ((0, 1), (1, 17 - 16), (1, 18 - 16)):
+        scene = clips.frame_scene(clip, g, frame, f"k{frame}")
+        value = clips.frame_value(f"k{frame}", g, selection, frame, "line")
+        page.set_content(f"<style>{VIEWER['css']}</style><div id='picture' style='width: 500px'>{VIEWER['html']}</div>")
+        page.evaluate(MOUNT, [VIEWER["js"], scene])
+        page.evaluate("value => window.show(value)", value)
+        expect(page.locator("#picture")).to_have_attribute("data-draws", re.compile(r"\d+"))
+        x, y = on_canvas(scene, scene["views"][0], token, 0.5, 0.5)
+        tints.append(
+            page.locator("#picture canvas").evaluate(f"c => [...c.getContext('2d').getImageData({x}, {y}, 1, 1).data]")
+        )
+    assert tints[0] == tints[1] != tints[2]  # 1 and 17 share 0's colour in both frames; 18 has 21's
+    assert tints[0][:3] != [120, 120, 120]  # tinted, not only greyed
+
+
+def test_the_frame_strip_and_the_waterfall_count_what_the_clip_keeps():
+    from explorer.views import clip as clips
+
+    g, clip = two_frames()
+    selection = Selection(keep=torch.tensor([0, 1, 2, 20]))
+    strip = clips.strip(clip, g, selection, chosen=1)
+    assert re.findall(r"<b>(\d+)</b> of (\d+) kept", strip) == [("3", "16"), ("1", "16")]
+    assert strip.count('class="clip-frame chosen"') == 1 and "frame 1 · 0.5 s" in strip
+    figure = clips.waterfall_figure(clips.Flow(2, 98, 32, 4, (32, 32, 10, 4)), "t")
+    assert list(figure.data[0].x) == ["frames", "encoder patches", "visual tokens", "reach the LLM", *(
+        f"LLM layer {i}" for i in range(4))]  # fmt: skip
+    assert list(figure.data[0].y) == [2, 98, 32, 4, 32, 32, 10, 4]

@@ -10,6 +10,7 @@ column, `form.py`).
     sweep.py      methods x budgets, measured
     animation.py  the budget animation (GIF)
     accuracy.py   a benchmark's summary.json
+    video.py      a video clip in place of the image: its frames, the preview, Run
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import gradio as gr
 
 from explorer import METHODS
 
-from . import accuracy, animation, explore, form, layers, picture, steps, sweep, versus
+from . import accuracy, animation, explore, form, layers, picture, steps, sweep, versus, video
 from .session import Session
 
 GPU_QUEUE = dict(concurrency_id="gpu", concurrency_limit=1)  # one model, one request on it at a time
@@ -59,6 +60,8 @@ def build(session: Session, queue_size: int = 32, eval_dir: str | None = None) -
                 animated = animation.build()
             with gr.Tab("Accuracy"):
                 scored = accuracy.build(eval_dir)
+            with gr.Tab("Video", elem_id="video-mode"):
+                clip, clipped = video.build(session)
         running = explore.wire(session, asked, out, downloads, picked, GPU_QUEUE)
         picture.wire(session, asked, shown, running)
         steps.wire(running, out.shown, cards)
@@ -67,6 +70,7 @@ def build(session: Session, queue_size: int = 32, eval_dir: str | None = None) -
         sweep.wire(session, asked, swept, GPU_QUEUE)
         animation.wire(session, asked, animated)
         accuracy.wire(demo, scored)
+        video.wire(session, demo, asked, clip, clipped, GPU_QUEUE)
         wire_model(session, demo, asked, status, out.explanation, [inside.note, two.other, swept.methods])
     return demo.queue(default_concurrency_limit=1, max_size=queue_size)  # a full queue answers "try again"
 

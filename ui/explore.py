@@ -15,7 +15,7 @@ import torch
 
 from explorer import load_image, stream
 from explorer.engine import fidelity
-from explorer.views import report, viewer
+from explorer.views import report, stages, viewer
 from explorer.views import visual as vis
 
 from .form import Form
@@ -43,6 +43,7 @@ class Explored(NamedTuple):
     shown: gr.State  # the last run: {"picture", "result", "full", "drift"}
     memo: gr.State  # the visitor's last MEMO full runs
     viewer: gr.HTML  # the live picture, showing the run's choice
+    stages: gr.HTML  # where the time went: the run's stages, reduced and full, and a sentence on them
 
 
 class Views(NamedTuple):
@@ -74,10 +75,11 @@ def answers(views: Views, live_picture: gr.HTML) -> Explored:
         full_answer = gr.Textbox(label="Full answer", lines=5, interactive=False)
     strip, live = gr.HTML(), gr.Markdown()
     table = gr.Dataframe(headers=TABLE, interactive=False, wrap=True)
+    times = gr.HTML(label="Where the time goes", elem_id="stages")
     explanation = gr.Markdown(vis.explain("hired"))
     return Explored(
         *views.overlays, *views.heats, views.map_choice, views.plot, answer, full_answer, table, strip, live,
-        explanation, gr.State(), gr.State({}), live_picture,
+        explanation, gr.State(), gr.State({}), live_picture, times,
     )  # fmt: skip
 
 
@@ -121,6 +123,7 @@ def run(session: Session, memo: dict | None = None, **given):
         "full_answer": full.answer if full else "",
         "strip": strip,
         "table": vis.metrics(reduced, full, drift),
+        "stages": "<b>Where the time goes</b>" + stages.html_of(reduced, full),
         "live": speed("reduced", reduced) + (f" · {speed('full', full)}" if full else ""),
         "explanation": session.explain(asked.method),
         "shown": {**shown, "full": full, "drift": drift},

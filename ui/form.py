@@ -53,7 +53,9 @@ class Form(NamedTuple):
 
 
 def form() -> Form:
-    image = gr.Image(type="filepath", label="Image (upload, drop or paste)", sources=["upload", "clipboard"])
+    image = gr.Image(
+        type="filepath", label="Image (upload, drop or paste; up to 20 MB)", sources=["upload", "clipboard"]
+    )
     prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0][1], lines=2)
     method = gr.Dropdown(
         [(f"{name}: {METHODS[name].summary}", name) for name in on_images()], value="hired", label="Method"

@@ -87,6 +87,16 @@ def named(message: str, image) -> str:
     return message.replace(path_of(image), name or Path(path_of(image)).name)
 
 
+IMAGE_BYTES = 20_000_000  # the largest image taken; the server's upload limit is a video's (app.UPLOAD_LIMIT)
+
+
+def check_size(path: str, limit: int) -> None:
+    """Refuse a file over `limit` bytes, before anything decodes it."""
+    size = Path(path).stat().st_size if Path(path).is_file() else 0
+    if size > limit:
+        raise ExplorerError(f"{path} is too large: {size / 1e6:.0f} MB, the limit for it is {limit / 1e6:.0f} MB")
+
+
 class NoImage(ExplorerError):
     """The request has no image."""
 
@@ -96,13 +106,15 @@ def check(given: dict) -> tuple[str, float]:
     return check_method(given.get("method", "none")), check_budget(given.get("budget", 100))
 
 
-def request(given: dict, prompt: bool = False) -> Request:
+def request(given: dict, prompt: bool = False, limit: int | None = None) -> Request:
     """The request the named values make, checked: a known method, a budget in (0, 100] percent, an image
-    (`NoImage`), and with `prompt` a prompt and answer length the model takes."""
+    (`NoImage`) of at most `limit` bytes (default `IMAGE_BYTES`; the server takes uploads up to a video's
+    limit), and with `prompt` a prompt and answer length the model takes."""
     method, budget = check(given)
     image = given.get("image")
     if not image:
         raise NoImage("upload an image first, or pick an example")
+    check_size(path_of(image), IMAGE_BYTES if limit is None else limit)
     asked = Request(
         image=path_of(image),
         method=method,

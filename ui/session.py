@@ -9,6 +9,9 @@ their own `gr.State`, bounded by `MEMO`.
 | `picture`        | the decoded image of an upload                     | 2 images                           |
 | `digest`         | an upload's SHA-256                                | 64 files                           |
 | `Session.previews` | each visitor's newest preview asked              | 1024 visitors                      |
+| `Session.clips`  | a video clip's vision passes and geometry          | the last clip, 4 passes            |
+| `Session.videos` | clip key -> its file and frame count               | 64 clips                           |
+| `video`          | the sampled frames of a clip                       | 2 clips                            |
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from PIL import Image
 
 import backends
 from explorer import METHODS, ExplorerError, load_image, run
+from explorer.engine.video import Clip, load_video
 from explorer.methods import on_images, unavailable
 from explorer.views import viewer
 from explorer.views import visual as vis
+from explorer.views.clip import clip_pass, frame_scene
 from explorer.views.preview import VisionCache, vision_pass
 
 MEMO = 2  # full runs, and sweeps, kept per visitor (each full run with its (T, V) log-probabilities)
@@ -63,6 +68,16 @@ class Session:
 
         self.vision = VisionCache(compute=in_a_worker if ZERO_GPU else vision_pass)
         self.previews = Newest()
+
+        @functools.partial(GPU, duration=60)
+        def clip_on_gpu(clip, needs):
+            return clip_pass(self.backend(), clip, needs).cpu()
+
+        def clip_in_a_worker(backend, clip, needs, wait_s):
+            return clip_on_gpu(clip, needs) if needs else clip_pass(backend, clip, needs)
+
+        self.clips = VisionCache(images=1, entries=4, compute=clip_in_a_worker if ZERO_GPU else clip_pass)
+        self.videos: OrderedDict[str, tuple[str, int]] = OrderedDict()  # clip key -> (file, frames)
 
     @property
     def loaded(self) -> bool:
@@ -119,6 +134,29 @@ class Session:
         seen, _ = self.vision.get(self.backend(), shown, (), key)  # the geometry: no model work
         return viewer.scene(shown, seen.geometry, key)
 
+    def clip_key(self, path: str, frames: int) -> str:
+        """Names a clip sampled to `frames` frames for this model, and remembers its file."""
+        key = f"{self.model} {digest(path)} {frames}"
+        self.videos[key] = (path, frames)
+        self.videos.move_to_end(key)
+        while len(self.videos) > FILES:
+            self.videos.popitem(last=False)
+        return key
+
+    def clip(self, key: str) -> Clip | None:
+        """The clip `key` names (None when it is not one of the last previewed)."""
+        return video(*self.videos[key]) if key in self.videos else None
+
+    def frame_scene(self, key: str) -> dict | None:
+        """The scene of frame (or temporal group) p of a clip, for the page's picture: `key` is
+        "<clip key> @<p>" (None when the clip is not one of the last previewed)."""
+        clip_key, _, p = key.rpartition(" @")
+        clip = self.clip(clip_key)
+        if clip is None:
+            return None
+        seen, _ = self.clips.get(self.backend(), clip, (), clip_key)  # the processor only: no model work
+        return frame_scene(clip, seen.geometry, seen.geometry.frames[int(p)], key)
+
 
 def weights(backend) -> str:
     """What a random-weight model's numbers are: its token counts and overlays the real checkpoint's (same
@@ -162,6 +200,12 @@ class Newest:
 def picture(path: str) -> Image.Image:
     """The image of an upload, decoded once for the previews of the same file."""
     return load_image(path)
+
+
+@functools.lru_cache(maxsize=2)
+def video(path: str, frames: int) -> Clip:
+    """The frames sampled from an upload, decoded once for the previews of the same file and count."""
+    return load_video(path, frames=frames)
 
 
 @functools.lru_cache(maxsize=FILES)

@@ -115,8 +115,9 @@ function decoded(v, scene) {  // the value's arrays, on its own scene only
   for (let i = 0; i < v.n; i++) keep[i] = (bits[i >> 3] >> (i & 7)) & 1;
   const groups = typed(v.groups, Int32Array), scores = typed(v.scores, Float32Array);
   const colour = new Map();  // merge target -> its colour: the palette's, in the targets' order, as visual.overlay
+  const palette = v.palette ? bytes(v.palette) : scene.palette;  // a clip's frame: its groups' colours in the clip
   if (groups) [...new Set(groups.filter((g) => g >= 0))].sort((a, b) => a - b)
-    .forEach((t, i) => colour.set(t, rgb(scene.palette.subarray(3 * i, 3 * i + 3))));
+    .forEach((t, i) => colour.set(t, rgb(palette.subarray(3 * i, 3 * i + 3))));
   return {keep, groups, scores, colour, pending: v.pending, text: v.text, note: v.note};
 }
 

@@ -99,3 +99,9 @@ def sentence(result, full=None) -> str:
             "vision stage's work, so the times above are this small model's proportions, not the real one's."
         )
     return " ".join(words)
+
+
+def html_of(result, full=None) -> str:
+    """The bars of a run (and of the full run, when there is one) and the sentence under them, as HTML."""
+    runs = {"reduced": result.timing} | ({"full": full.timing} if full is not None else {})
+    return f"{svg(runs)}<p class='stages-note'>{html.escape(sentence(result, full))}</p>"
