@@ -63,6 +63,14 @@ class Geometry:
         """A clip's partitions: each a frame, "frame 3", or a temporal group of frames, "frames 2-3"; none for an image."""
         return [p for p, name in enumerate(self.names) if name.startswith(("frame ", "frames "))]
 
+    def frame_grid(self) -> torch.Tensor:
+        """(F, M) long: each frame's (or temporal group's) tokens of a clip, in LLM order; every frame has M."""
+        return torch.stack([self.members(p) for p in self.frames])
+
+    def outside_frames(self) -> torch.Tensor:
+        """(K,) long: a clip's tokens of no frame, in LLM order (LLaVA-OneVision's newline after the last frame)."""
+        return (~torch.isin(self.partition, torch.tensor(self.frames, dtype=torch.long))).nonzero()[:, 0]
+
 
 Times = list[float] | None  # each frame's time in seconds from the video's start; None where not known
 

@@ -101,7 +101,7 @@ class DyCoke(Method):
         """TTM: each compared frame keeps its share of B, its tokens least alike their reference's."""
         g, n = s.geometry, len(s.geometry)
         frames = g.frames
-        members = torch.stack([g.members(p) for p in frames])  # (F, M): every frame has the same grid
+        members = g.frame_grid()  # (F, M)
         features = s[FEATURES].float().cpu()  # (N, D)
         similarity = torch.full((n,), torch.nan)
         reference = torch.full((n,), torch.nan)
@@ -113,8 +113,7 @@ class DyCoke(Method):
             similarity[members[f]] = F.cosine_similarity(a, b, dim=1)
             reference[members[f]] = float(r)
         counts = shares(len(frames), members.shape[1], s.budget - (n - members.numel()))
-        others = [g.members(p) for p in range(len(g.names)) if p not in frames]  # the newline after the frames
-        keep = [torch.cat(others)[: s.budget]] if others else []
+        keep = [g.outside_frames()[: s.budget]]  # the newline after the frames
         for f, count in enumerate(counts):
             if f in compared:
                 keep.append(members[f][similarity[members[f]].topk(count, largest=False).indices])

@@ -39,7 +39,7 @@ class EVS(Method):
 
     def select(self, s: Signals) -> Selection:
         g, n = s.geometry, len(s.geometry)
-        tokens = torch.stack([g.members(p) for p in g.frames])  # (T, M) each frame's tokens, in raster order
+        tokens = g.frame_grid()  # (T, M) each frame's tokens, in raster order
         x = s[FEATURES][tokens.to(s[FEATURES].device)].float()  # (T, M, D)
         change = torch.full((n,), torch.nan)
         change[tokens[1:]] = (1 - F.cosine_similarity(x[1:], x[:-1], dim=-1)).cpu()  # (T-1, M)

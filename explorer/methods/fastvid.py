@@ -90,8 +90,7 @@ class FastVID(Method):
         g, frames = s.geometry, s.geometry.frames
         features = s[FEATURES].float().cpu()  # (N, D)
         attention = s[CLS_FEATURE].float().cpu()  # (N,)
-        others = torch.cat([g.members(p) for p in range(len(g.names)) if p not in frames] + [torch.zeros(0).long()])
-        outside = others[: s.budget]  # kept, as the code keeps the newline
+        outside = g.outside_frames()[: s.budget]  # kept, as the code keeps the newline
         shares = allocate(s.budget - len(outside), [1] * len(frames), [len(g.members(p)) for p in frames])
         segments = dyseg([features[g.members(p)].mean(0) for p in frames], self.segments, self.threshold)
         n = len(g)

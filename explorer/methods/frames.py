@@ -38,7 +38,6 @@ class Frames(Method):
         count = whole + (rest > 0)
         picked = [frames[(2 * i + 1) * len(frames) // (2 * count)] for i in range(count)]  # evenly spaced
         keep = [g.members(p) for p in picked[:whole]] + ([spread(g, picked[whole], rest)] if rest else [])
-        others = [g.members(p) for p in range(len(g.names)) if p not in frames]  # a newline after the frames
-        beyond = s.budget - whole * size - rest  # a budget past every frame's tokens takes those too
-        keep += [torch.cat(others)[:beyond]] if others and beyond else []
+        beyond = s.budget - whole * size - rest  # a budget past every frame's tokens takes the newline too
+        keep.append(g.outside_frames()[:beyond])
         return Selection(keep=torch.cat(keep).sort().values)

@@ -85,14 +85,13 @@ class HoliTom(Method):
     )
 
     def select(self, s: Signals) -> Selection:
-        g, frames = s.geometry, s.geometry.frames
-        places = torch.stack([g.members(p) for p in frames])  # (F, T) the token at each place of each frame
+        g = s.geometry
+        places = g.frame_grid()  # (F, T) the token at each place of each frame
         features = s[FEATURES].float().cpu()  # (N, D)
         attention = s[CLS_FEATURE].float().cpu()  # (N,)
         x = F.normalize(features[places], dim=-1)  # (F, T, D)
         similar = (x[:-1] * x[1:]).sum(-1) > self.threshold  # (F - 1, T)
-        others = torch.cat([g.members(p) for p in range(len(g.names)) if p not in frames] + [torch.zeros(0).long()])
-        outside = others[: s.budget]  # kept, as the code keeps the newline
+        outside = g.outside_frames()[: s.budget]  # kept, as the code keeps the newline
         windows = undone(static_windows(similar, self.max_window), similar, s.budget - len(outside))
         sets = []  # (frames of the window, places): a window's static places, then each frame's dynamic ones
         for start, end in windows:
@@ -122,7 +121,7 @@ class HoliTom(Method):
             window_of[places[start : end + 1]] = i
         for window, where in sets:
             static[places[window][:, where]] = float(len(window) > 1)
-        static[others] = torch.nan
+        static[g.outside_frames()] = torch.nan
         return Selection(
             keep=keep,
             scores=attention,

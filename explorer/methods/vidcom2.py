@@ -60,12 +60,12 @@ class VidCom2(Method):
 
     def select(self, s: Signals) -> Selection:
         g, n = s.geometry, len(s.geometry)
-        tokens = torch.stack([g.members(p) for p in g.frames])  # (T, M) each frame's tokens, in LLM order
+        tokens = g.frame_grid()  # (T, M) each frame's tokens, in LLM order
         video, frame = similarities(s[FEATURES][tokens.flatten().to(s[FEATURES].device)].float(), len(tokens))
         uniqueness = -video.mean(1)  # (T,)
         p = torch.softmax((uniqueness - uniqueness.max()) / self.temperature, 0)
         rates = (1 + p - p.mean()).tolist()  # (T,) each frame's budget relative to r, as the code's scales / r
-        others = (~torch.isin(torch.arange(n), tokens)).nonzero()[:, 0]  # (n - T * M,) tokens outside frames
+        others = g.outside_frames()  # (n - T * M,)
         outside = others[: max(0, min(len(others), s.budget - len(tokens)))]  # the newline, when every frame has 1
         shares = allocate(s.budget - len(outside), [Fraction(x) for x in rates], [tokens.shape[1]] * len(tokens))
         score = -(video + frame)  # (T, M): high for tokens unlike the video and their frame
