@@ -145,9 +145,10 @@ class LlavaOnevision(Backend):
         return geometry, torch.full((len(geometry),), -1)
 
 
-RANDOM = {
-    "tiny-llava-onevision": ((32, 3, 4, 64), (32, 4, 4, 64))
-}  # name -> (vision, text): hidden, layers, heads, mlp
+RANDOM = {  # name -> (vision, text): hidden, layers, heads, mlp
+    "tiny-llava-onevision": ((32, 3, 4, 64), (32, 4, 4, 64)),  # tests and the offline smoke run
+    "small-llava-onevision": ((256, 8, 8, 1024), (512, 8, 8, 1408)),  # CPU video benchmarks, as small-llava-next
+}
 PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # llava-onevision-qwen2-*-ov-hf's 36
 CHATML = (  # the chat template of llava-onevision-qwen2-*-ov-hf as the Hub has it now (tests/mirrors): images,
     # then videos, then the text: "<|im_start|>user <image>\nQ<|im_end|><|im_start|>assistant\n"

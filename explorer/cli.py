@@ -10,10 +10,13 @@ import sys
 import typing
 from pathlib import Path
 
+from PIL import Image
+
 from .core import Budget, ExplorerError
 from .engine import fidelity
 from .engine.images import load_image
-from .engine.pipeline import check_request, run, stream
+from .engine.pipeline import check_media, check_request, prepare, run, stream
+from .engine.video import MAX_FRAMES, Clip, load_video
 from .evaluation import bench
 from .methods import KINDS, METHODS, make, on_images, unavailable
 from .views.visual import save_chart
@@ -122,6 +125,11 @@ def _eval_parser(commands) -> None:
     )
     grid.add_argument("--max-new-tokens", type=int, help="instead of each task's own answer length")
     grid.add_argument("--limit", type=int, help="at most this many questions per task")
+    grid.add_argument(
+        "--frames",
+        type=int,
+        help="frames sampled evenly from each video (default: 8 on a CPU, 16 on a GPU; at most 64)",
+    )
     grid.add_argument("--output", default="eval", help="folder for the results; a cell already there is reused")
     grid.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when there is one)")
     grid.add_argument(
@@ -140,8 +148,11 @@ def _model_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
     shown = parser.add_mutually_exclusive_group(required=True)
     shown.add_argument("--image")
     shown.add_argument("--video", help="a video file (mp4, webm, mov, mkv, animated gif); its audio is ignored")
+    counts = "; several, comma-separated, are measured one after another" if several else ""
     parser.add_argument(
-        "--frames", type=int, help="frames sampled evenly from --video (default: 8 on a CPU, 16 on a GPU; at most 64)"
+        "--frames",
+        type=str if several else int,
+        help=f"frames sampled evenly from --video (default: 8 on a CPU, 16 on a GPU; at most 64){counts}",
     )
     parser.add_argument("--fps", type=float, help="frames sampled from --video at this rate instead (at most 64)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when there is one)")
@@ -319,17 +330,16 @@ def _bench(args) -> int:
     if args.repeats < 1 or args.warmup < 0 or not batches or not all(1 <= b <= 256 for b in batches):
         raise ExplorerError("--repeats must be at least 1, --warmup at least 0 and each --batch 1 to 256")
     check_request(args.prompt, args.max_new_tokens, args.max_new_tokens)
-    if args.video is not None:
-        raise ExplorerError("bench measures images for now: give --image (a video runs with `run --video`)")
-    image = load_image(args.image)
-    sizes = _sizes(args.sizes) if args.sizes else [image.size]
+    if args.video is not None and (args.sizes or batches != [1]):
+        raise ExplorerError("a video is measured one clip a run, at its own size: --sizes and --batch are for images")
+    pictures = _pictures(args)
     groups, measured = {}, []  # "model WxH batch B" -> its rows (for the charts); every row (for the CSV)
     for model in args.model.split(",") if args.model else [None]:  # None: the hardware's default
         backend = _load(args, model)
-        runs = methods or _runnable(backend)
-        for (width, height), batch in itertools.product(sizes, batches):
-            picture = image if (width, height) == image.size else image.resize((width, height))
-            name = f"{backend.name} {width}x{height} batch {batch}"
+        runs = methods or _runnable(backend, pictures[0].picture if args.video else None, args.prompt)
+        for shown, batch in itertools.product(pictures, batches):
+            picture, (width, height) = shown.picture, shown.size
+            name = f"{backend.name} {shown.label} batch {batch}"
             print(f"\n{name}", flush=True)
             done = {}
             rows = bench.sweep(
@@ -338,7 +348,7 @@ def _bench(args) -> int:
             )  # fmt: skip
             floors = [row for (method, *_), row in done.items() if method == "uniform" and row not in rows]
             for row in rows + floors:
-                row.update(model=backend.name, size=f"{width}x{height}")
+                row.update(model=backend.name, size=f"{width}x{height}", frames=shown.frames)
             print(bench.table(rows + floors), flush=True)  # the floors last, their budget a count of tokens
             groups[name] = rows
             measured += rows + floors
@@ -352,6 +362,39 @@ def _bench(args) -> int:
     else:
         print(f"wrote {args.plot}; no PNG ({why}: pip install kaleido, and Chrome or Chromium)")
     return 0
+
+
+class Shown(typing.NamedTuple):
+    """What one group of a bench's rows is measured on: the image at one size, or a clip of some frames."""
+
+    label: str  # "672x672", "8 frames 640x360"
+    picture: Image.Image | Clip
+    size: tuple[int, int]  # (width, height)
+    frames: int | None  # frames sampled, for a clip
+
+
+def _pictures(args) -> list[Shown]:
+    """The image at each of --sizes, or the clip of each of --frames (or at --fps), checked before any model loads."""
+    if args.video is None:
+        if args.frames is not None or args.fps is not None:
+            raise ExplorerError("--frames and --fps sample a video: give --video, not --image")
+        image = load_image(args.image)
+        sizes = _sizes(args.sizes) if args.sizes else [image.size]
+        resized = [image if size == image.size else image.resize(size) for size in sizes]
+        return [Shown(f"{w}x{h}", picture, (w, h), None) for picture, (w, h) in zip(resized, sizes)]
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        counts = [int(n) for n in args.frames.split(",") if n] if args.frames else []
+    except ValueError:
+        raise ExplorerError(f"--frames takes whole numbers, comma-separated, got {args.frames!r}") from None
+    shown = []
+    for count in counts or [None]:  # None: the default for the device, or --fps
+        clip = load_video(args.video, frames=count, fps=args.fps, device=device)
+        w, h = clip.size
+        shown.append(Shown(f"{len(clip.frames)} frames {w}x{h}", clip, clip.size, len(clip.frames)))
+    return shown
 
 
 def _eval(args) -> int:
@@ -373,6 +416,8 @@ def _eval(args) -> int:
         raise ExplorerError("--limit and --max-new-tokens must be at least 1")
     if args.max_new_tokens is not None:
         check_request("-", args.max_new_tokens)
+    if args.frames is not None and not 1 <= args.frames <= MAX_FRAMES:
+        raise ExplorerError(f"--frames must be from 1 to {MAX_FRAMES}, got {args.frames}")
     from .evaluation import evaluate  # lmms-eval: seconds to import, so only now
 
     evaluate.logs_to_stderr()
@@ -380,7 +425,7 @@ def _eval(args) -> int:
     tasks = tuple(t for t in (args.tasks or "").split(",") if t)
     grid = evaluate.Grid(
         args.model, evaluate.cells(methods, budgets, settings), Path(args.output), tasks, args.dataset,
-        args.limit, args.max_new_tokens, args.device, args.random_weights,
+        args.limit, args.max_new_tokens, args.device, args.random_weights, args.frames,
     )  # fmt: skip
     evaluate.run(grid)
     return 0
@@ -400,12 +445,27 @@ def _grid_settings(methods: list[str], pairs: list[str]) -> dict[str, dict]:
     return {m: _settings(m, [p for p, k in zip(pairs, keys) if k in fields[m]]) for m in methods}
 
 
-def _runnable(backend) -> list[str]:
-    """Every method that runs on this model; the others say why on stderr."""
-    skipped = {m: unavailable(m, backend) for m in on_images() if m not in ("none", "uniform")}
+def _runnable(backend, clip: Clip | None = None, prompt: str = "") -> list[str]:
+    """Every method that runs on this model (on this video clip, when given); the others say why on stderr."""
+    if clip is None:
+        skipped = {m: unavailable(m, backend) for m in on_images() if m not in ("none", "uniform")}
+    else:
+        geometry = prepare(backend, clip, prompt).geometry
+        skipped = {m: _on_clip(m, backend, geometry) for m in METHODS if m not in ("none", "uniform")}
     for reason in filter(None, skipped.values()):
         print(f"skipped: {reason}", file=sys.stderr)
     return [m for m, reason in skipped.items() if not reason]
+
+
+def _on_clip(name: str, backend, geometry) -> str | None:
+    """Why the method `name` cannot run on a clip of this `geometry` with the backend's model; None when it can."""
+    if reason := unavailable(name, backend, clip=True):
+        return reason
+    try:
+        check_media(make(name), geometry)
+    except ExplorerError as error:
+        return f"{name}: {error}"
+    return None
 
 
 def _release() -> None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..core import ExplorerError
 from .llm import llm_hooks
 from .pipeline import exclusive, media, method_for, select
 from .video import Clip
@@ -22,11 +23,17 @@ def logprobs(
     backend, image: str | Image.Image | Clip, prompt: str, answer_ids, method="none", budget=1.0, settings=None
 ):
     """(T, V) float32 log-probabilities of the next token at each of the T answer positions, under
-    the model as `method` at `budget` reduces it."""
+    the model as `method` at `budget` reduces it. An answer holding the prompt's image or video placeholder
+    token (gibberish of random weights) cannot follow the prompt, where the model reads that token as a
+    visual one: ExplorerError."""
     chosen, budget = method_for(backend, method, settings, budget)
     picture = media(image)
     with exclusive(backend):
         selected = select(backend, picture, prompt, chosen, budget, len(answer_ids))
+        if backend.visual_token_id(selected.prepared) in list(answer_ids):
+            raise ExplorerError(
+                "the answer holds the visual placeholder token, so it cannot be scored after the prompt"
+            )
         inputs = backend.generate_inputs(selected.prepared, selected.features, selected.selection.keep)
         ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")  # (1, P)
         answer = torch.tensor([list(answer_ids)], dtype=ids.dtype, device=ids.device)  # (1, T)

@@ -1,4 +1,4 @@
-"""`python -m explorer bench`: methods x budgets on one image, each against the unreduced run and
+"""`python -m explorer bench`: methods x budgets on one image or video clip, each against the unreduced run and
 against the floor, the same model fed exactly as many visual tokens with no selection work at all
 (`uniform`: no signal captured, nothing scored). A method's TTFT over its floor is the overhead it costs.
 "As many" is the mean over the LLM's layers, rounded: the tokens kept for a method before the LLM, about
@@ -8,7 +8,8 @@ LLM work; a method's own first pass (GemFilter's) is part of its overhead.
 Every run generates exactly `max_new_tokens` tokens; warm-up runs are not measured; each time is the
 median over `repeats` runs, and the TTFT's min and max give its spread. The vision stage's FLOPs, the
 LLM prefill's FLOPs and the KV-cache bytes are computed from the config and the real token counts
-(`Result.cost`), never measured.
+(`Result.cost`), never measured. The selection's share of the TTFT is the median selection time over the
+median TTFT. On a clip (`video.Clip`) every row also has the tokens kept of each frame or temporal group.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ TIMES = ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_s", "vision_s", "s
 DRIFT = ("logprob_diff", "kl", "first_divergence")  # on the unreduced run's answer, see fidelity.drift
 COLUMNS = ("model", "size", "batch", "method", "budget", "visual_kept", "visual_full", "visual_layer_mean", *TIMES)
 COLUMNS += ("ttft_min_s", "ttft_max_s", "images_per_s", "peak_bytes", "vision_tflops", "prefill_tflops", "kv_bytes")
-COLUMNS += ("ttft_ratio", "peak_ratio", "floor_ttft_s", "over_floor", *DRIFT, "answer")
+COLUMNS += ("ttft_ratio", "peak_ratio", "floor_ttft_s", "over_floor", *DRIFT, "answer", "selection_share")
+COLUMNS += ("frames", "by_frame")  # a clip's: frames sampled, and "kept/full" of each frame or temporal group
 
 
 def sweep(
@@ -152,6 +154,9 @@ def _row(method: str, budget: str, results: list, batch: int) -> dict:
         row[name] = statistics.median(values) if values else None
     ttfts = [r.timing["ttft_s"] for r in results]
     row["ttft_min_s"], row["ttft_max_s"], row["images_per_s"] = min(ttfts), max(ttfts), batch / row["total_s"]
+    row["selection_share"] = row["selection_s"] / row["ttft_s"]
+    parts = tokens.get("by_frame", [])
+    row["by_frame"] = " ".join(f"{part['kept']}/{part['full']}" for part in parts) or None
     row["peak_bytes"] = int(statistics.median(r.memory["peak_bytes"] for r in results))
     cost = results[0].cost
     row["vision_tflops"], row["prefill_tflops"] = cost["vision_flops"] / 1e12, cost["prefill_flops"] / 1e12
@@ -168,7 +173,10 @@ def _drift(backend, image, prompt, rows: list[dict], cells: list) -> None:
     missing = [(row, cell) for row, cell in zip(rows, cells) if row["kl"] is None and row["ttft_s"] is not None]
     if reference is None or not missing:
         return
-    theirs = fidelity.logprobs(backend, image, prompt, reference)
+    try:
+        theirs = fidelity.logprobs(backend, image, prompt, reference)
+    except ExplorerError:  # the unreduced answer cannot be scored (a random-weight model's gibberish): no drift
+        return
     for row, (method, budget) in missing:
         mine = theirs if method == "none" else fidelity.logprobs(backend, image, prompt, reference, method, budget)
         row |= {k: v for k, v in fidelity.drift(mine, theirs, reference).items() if k in DRIFT}
@@ -279,7 +287,8 @@ def _full(rows: list[dict]) -> int | None:
 
 
 HEAD = ("method", "budget", "kept/full", "per layer", "TTFT s", "spread", "x full", "x floor", "vision s", "prefill s")
-HEAD += ("decode tok/s", "total s", "select ms", "vision TFLOPs", "LLM TFLOPs", "KV MiB", "peak MiB", "x full", "img/s")
+HEAD += ("decode tok/s", "total s", "select ms", "select %", "vision TFLOPs", "LLM TFLOPs", "KV MiB", "peak MiB")
+HEAD += ("x full", "img/s")
 HEAD += ("logp diff", "KL", "parts at")
 
 
@@ -309,6 +318,7 @@ def cells(rows: list[dict]) -> list[list[str]]:
             text(r["decode_tokens_per_s"], ".1f"),
             f"{r['total_s']:.3f}",
             f"{r['selection_s'] * 1e3:.2f}",
+            f"{r['selection_share'] * 100:.2f}",
             f"{r['vision_tflops']:.3g}",
             f"{r['prefill_tflops']:.3g}",
             f"{r['kv_bytes'] / 2**20:.1f}",

@@ -73,6 +73,7 @@ class Grid:
     max_new_tokens: int | None = None  # over every task's own
     device: str | None = None
     random_weights: bool = False
+    frames: int | None = None  # sampled from each video (None: 8 on a CPU, 16 on a GPU)
 
 
 def cells(methods: list[str], budgets: list[Budget], settings: dict[str, dict] | None = None) -> tuple[Cell, ...]:
@@ -91,7 +92,7 @@ def run(grid: Grid) -> list[dict]:
     state = Accelerator()  # this process among those `accelerate launch` started (ACCELERATE_USE_CPU: on CPUs)
     grid.output.mkdir(parents=True, exist_ok=True)
     left = _shared(state, lambda: [c.name for c in grid.cells if not _done(grid, c, source)])
-    model = ExplorerModel(grid.model, device=grid.device, random_weights=grid.random_weights)
+    model = ExplorerModel(grid.model, device=grid.device, random_weights=grid.random_weights, frames=grid.frames)
     for cell in grid.cells:
         model.configure(cell.method, cell.budget, cell.settings)  # a method this model cannot run fails now
     for i, cell in enumerate(c for c in grid.cells if c.name in left):
@@ -192,7 +193,7 @@ def _means(records: list[dict]) -> dict:
 def _model_args(grid: Grid, cell: Cell) -> str:
     """The cell as `--model_args` of lmms-eval's own command line."""
     amount = {} if cell.budget is None else {"budget": cell.budget.fraction, "tokens": cell.budget.tokens}
-    pairs = {"pretrained": grid.model, "method": cell.method, **amount, **cell.settings}
+    pairs = {"pretrained": grid.model, "method": cell.method, **amount, "frames": grid.frames, **cell.settings}
     return ",".join(f"{key}={value}" for key, value in pairs.items() if value is not None)
 
 
@@ -200,7 +201,8 @@ def _config(grid: Grid, cell: Cell, source: Tasks) -> dict:
     """What a cell's results depend on (its method and budget are its folder's name): a cell done with
     other values is not reused."""
     fields = dict(model=grid.model, tasks=list(source.names), dataset=source.version, limit=grid.limit)
-    return fields | dict(max_new_tokens=grid.max_new_tokens, random_weights=grid.random_weights, settings=cell.settings)
+    fields |= dict(max_new_tokens=grid.max_new_tokens, random_weights=grid.random_weights, settings=cell.settings)
+    return fields | ({"frames": grid.frames} if grid.frames is not None else {})  # cells of image sets: as before
 
 
 def _done(grid: Grid, cell: Cell, source: Tasks) -> bool:

@@ -1,22 +1,27 @@
-"""The explorer as an lmms-eval model, `explorer`: any lmms-eval image task, answered by the pipeline with
-a method at a budget.
+"""The explorer as an lmms-eval model, `explorer`: any lmms-eval image or video task, answered by the pipeline
+with a method at a budget.
 
     python -m lmms_eval --model explorer --tasks textvqa_val --output_path out \
         --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,method=hired,budget=0.2,alpha=0.5
 
 `model_args`: `pretrained` (a Hub id, a local folder or a tiny-* model), `method` (default `none`), `budget`
-(a fraction) or `tokens` (a count), `device`, `random_weights`, `records` (a file that gets every sample's
-numbers as JSON lines) and any setting of the method as `key=value`. lmms-eval finds the model through the
-entry point group `lmms_eval.models` (pyproject.toml), so the project must be installed (`pip install -e .`).
+(a fraction) or `tokens` (a count), `device`, `random_weights`, `frames` (sampled from each video: default 8
+on a CPU, 16 on a GPU), `records` (a file that gets every sample's numbers as JSON lines) and any setting of
+the method as `key=value`. lmms-eval finds the model through the entry point group `lmms_eval.models`
+(pyproject.toml), so the project must be installed (`pip install -e .`).
 
 Each question goes through `explorer.engine.pipeline.stream` with the task's own prompt (`doc_to_text`, as the
 text of one user turn after the image, in the model's chat template, as lmms-eval's llava_hf does) and its
-generation arguments: greedy, `max_new_tokens`, and the answer cut at the first `until` string (the
-generation stops there). `loglikelihood` (multiple-choice tasks) scores each choice by teacher forcing on
-the reduced model (`fidelity.logprobs`): the mean negative log-probability of its tokens, as lmms-eval's
-models return it. For every sample it keeps the pipeline's own numbers (`records`): visual tokens, full and
-kept, visual tokens per LLM layer, time to first token, prefill FLOPs and KV bytes; a multiple-choice
-question gets them from one more run of its prompt, one token long.
+generation arguments: greedy, `max_new_tokens`, and the answer cut at the first `until` string (the generation
+stops there). A video task's `doc_to_visual` gives the path of its video file, as lmms-eval's video tasks
+(VideoMME, MVBench, EgoSchema) do and as its own video models read it: `frames` frames are sampled from it
+evenly (`engine.video.load_video`, transformers' sampler; lmms-eval's models take `linspace(0, total - 1, n)`,
+first and last frame included) and the clip runs through the pipeline as a clip. `loglikelihood`
+(multiple-choice tasks) scores each choice by teacher forcing on the reduced model (`fidelity.logprobs`): the
+mean negative log-probability of its tokens, as lmms-eval's models return it. For every sample it keeps the
+pipeline's own numbers (`records`): visual tokens, full and kept, visual tokens per LLM layer, time to first
+token, prefill FLOPs and KV bytes; a multiple-choice question gets them from one more run of its prompt, one
+token long.
 
 Under `accelerate launch --num_processes N` each process loads its own model on its own device; lmms-eval
 splits the questions between them and gathers the answers. Questions are answered one at a time.
@@ -39,6 +44,7 @@ import backends
 from ..core import Budget, ExplorerError
 from ..engine import fidelity
 from ..engine.pipeline import Result, method_for, run, stream
+from ..engine.video import Clip, load_video
 from ..methods import METHODS
 
 FULL = Budget(fraction=1.0)
@@ -67,6 +73,7 @@ class ExplorerModel(lmms):
         device: str | None = None,
         random_weights: bool = False,
         records: str = "",
+        frames: int | None = None,
         batch_size=1,  # lmms-eval always passes these two; questions are answered one at a time
         max_batch_size=None,
         **settings,
@@ -83,6 +90,7 @@ class ExplorerModel(lmms):
                     "pass that folder"
                 )
         self.backend = backends.load(str(pretrained), device, bool(random_weights))
+        self.frames = None if frames is None else int(frames)  # sampled from each video; None: the device's default
         self.records_file = str(records or "")
         self.records: list[dict] = []  # every sample's numbers since the last `configure`
         self.configure(method, budget_of(budget, tokens), typed(method, settings))
@@ -108,7 +116,7 @@ class ExplorerModel(lmms):
         answers = []
         for request in self._progress(requests):
             context, options, doc_to_visual, doc_id, task, split = request.args
-            image = self._image(doc_to_visual, task, split, doc_id)
+            image = self._media(doc_to_visual, task, split, doc_id)
             length, until = generation(options)
             result = None
             for result in stream(self.backend, image, context, self.method, self.budget, self.settings, length):
@@ -127,7 +135,7 @@ class ExplorerModel(lmms):
         for request in self._progress(requests):
             context, target, doc_to_visual, doc_id, task, split = request.args
             continuation = target if isinstance(target, str) else str(target(self.task_dict[task][split][doc_id]))
-            image = self._image(doc_to_visual, task, split, doc_id)
+            image = self._media(doc_to_visual, task, split, doc_id)
             ids = self.continuation_ids(context, continuation)
             logprobs = fidelity.logprobs(self.backend, image, context, ids, self.method, self.budget, self.settings)
             wanted = torch.tensor(ids)[:, None]  # (T, 1)
@@ -154,13 +162,16 @@ class ExplorerModel(lmms):
             raise ExplorerError(f"the continuation {continuation!r} has no tokens to score")
         return ids
 
-    def _image(self, doc_to_visual, task: str, split: str, doc_id: int) -> Image.Image:
+    def _media(self, doc_to_visual, task: str, split: str, doc_id: int) -> Image.Image | Clip:
+        """The question's image, or the frames sampled from its video (a task gives a video as its file's path)."""
         visuals = doc_to_visual(self.task_dict[task][split][doc_id])
-        if len(visuals) != 1 or not isinstance(visuals[0], Image.Image):
+        if len(visuals) != 1 or not isinstance(visuals[0], Image.Image | str):
             raise ExplorerError(
                 f"{task}, question {doc_id}: it comes with {len(visuals)} images or videos; the explorer answers "
-                "about one image a question"
+                "about one image or one video a question"
             )
+        if isinstance(visuals[0], str):
+            return load_video(visuals[0], frames=self.frames, device=str(self.device))
         return visuals[0]
 
     def _progress(self, requests: list[Instance]):

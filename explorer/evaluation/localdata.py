@@ -1,13 +1,16 @@
-"""A folder of one's own images as an lmms-eval task: `python -m explorer eval --dataset FOLDER`.
+"""A folder of one's own images or videos as an lmms-eval task: `python -m explorer eval --dataset FOLDER`.
 
-FOLDER/data.jsonl holds one question a line:
+FOLDER/data.jsonl holds one question a line, about an image or a video:
 
     {"id": "red-square", "image": "images/red-square.png", "question": "What colour is the square?", "answers": ["red"]}
+    {"id": "moves-right", "video": "videos/moves-right.mp4", "question": "Which way?", "answers": ["right"]}
 
-(`"answer": "red"` works too). The prompt is the question, verbatim; the metric is `exact_match`: the answer
-and each reference are case-folded, stripped of punctuation and of the articles a, an, the, and their
-whitespace collapsed; the answer is right when it equals any reference. The whole file is checked before
-anything runs: a bad line, a missing image or an empty file is one `ExplorerError`.
+(`"answer": "red"` works too). A video reaches the model as its file's path, as lmms-eval's video tasks give
+it; the model samples its frames (`lmms.ExplorerModel`'s `frames`). The prompt is the question, verbatim;
+the metric is `exact_match`: the answer and each reference are case-folded, stripped of punctuation and of
+the articles a, an, the, and their whitespace collapsed; the answer is right when it equals any reference.
+The whole file is checked before anything runs: a bad line, a missing image or video or an empty file is one
+`ExplorerError` (a video's frames are decoded when its question is asked).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def exact_match(prediction: str, answers: list[str]) -> float:
 
 
 def read(folder: str | Path) -> list[dict]:
-    """The questions of FOLDER/data.jsonl, each {id, image, question, answers}, checked."""
+    """The questions of FOLDER/data.jsonl, each {id, image or video, question, answers}, checked."""
     folder = Path(folder)
     path = folder / "data.jsonl"
     if not path.is_file():
@@ -71,18 +74,21 @@ def _entry(line: str, where: str, folder: Path) -> dict:
         raise ExplorerError(f"{where} is not a JSON object")
     answers = entry.get("answers", [entry["answer"]] if "answer" in entry else None)
     answers = [answers] if isinstance(answers, str) else answers
+    if ("image" in entry) == ("video" in entry):
+        raise ExplorerError(f"{where}: give an 'image' or a 'video' (a path in the folder), one of the two")
+    media = "video" if "video" in entry else "image"
     for key, value, good in [
         ("id", entry.get("id"), isinstance(entry.get("id"), str | int) and str(entry.get("id")).strip()),
-        ("image", entry.get("image"), isinstance(entry.get("image"), str) and entry.get("image", "").strip()),
+        (media, entry[media], isinstance(entry[media], str) and entry[media].strip()),
         ("question", entry.get("question"), isinstance(entry.get("question"), str) and entry["question"].strip()),
         ("answers", answers, isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)),
     ]:
         if not good:
             kind = "a non-empty list of strings (or an 'answer' string)" if key == "answers" else "a non-empty string"
             raise ExplorerError(f"{where}: {key!r} must be {kind}, got {value!r}")
-    if not (folder / entry["image"]).is_file():
-        raise ExplorerError(f"{where}: the image {entry['image']} is not in {folder}")
-    return {"id": str(entry["id"]), "image": entry["image"], "question": entry["question"], "answers": answers}
+    if not (folder / entry[media]).is_file():
+        raise ExplorerError(f"{where}: the {media} {entry[media]} is not in {folder}")
+    return {"id": str(entry["id"]), media: entry[media], "question": entry["question"], "answers": answers}
 
 
 def name_of(folder: str | Path) -> str:
@@ -96,6 +102,9 @@ def fingerprint(folder: str | Path) -> str:
 
 
 def _visual(folder: Path, doc: dict) -> list:
+    """The question's image, or its video's path (the model samples the frames, as for lmms-eval's video tasks)."""
+    if doc["video"] is not None:
+        return [str(folder / doc["video"])]
     return [load_image(str(folder / doc["image"]))]
 
 
@@ -125,5 +134,6 @@ class LocalTask(ConfigurableTask):
         super().__init__(config=config)
 
     def download(self, dataset_kwargs=None) -> None:
-        self.dataset = datasets.DatasetDict({SPLIT: datasets.Dataset.from_list(self.docs)})
-        self.dataset_no_image = self.dataset  # the image is a path, kept in the logged samples
+        docs = [{"image": None, "video": None} | doc for doc in self.docs]  # every row has both columns
+        self.dataset = datasets.DatasetDict({SPLIT: datasets.Dataset.from_list(docs)})
+        self.dataset_no_image = self.dataset  # the image or video is a path, kept in the logged samples
