@@ -20,6 +20,7 @@ from explorer.engine.pipeline import run, run_batch
 from explorer.evaluation import bench
 from explorer.methods import make
 from explorer.methods.uniform import Uniform
+from explorer.views import stages
 
 # Hub checkpoint -> (its parameter count as the Hub shows it, rounded; its family's tiny model)
 PUBLISHED = {
@@ -251,7 +252,9 @@ def test_a_cell_that_runs_out_of_memory_says_so_and_the_others_are_measured(back
     assert cls["kv_bytes"] == 2 * kv_bytes(Shape.of(backend.model.config), [text + cls["visual_kept"]] * 4, 4)
     assert "out of memory on cpu" in bench.table(rows).splitlines()[1]
     chart = bench.charts({"batch 2": rows})  # TTFT (cls and its floor), memory, vision and LLM FLOPs (cls)
-    assert [t.name for t in chart.data] == ["cls", "floor (k tokens, no selection)", "cls", "cls", "cls"]
+    names = ["cls", "floor (k tokens, no selection)", "cls", "cls", "cls", *stages.STAGES]  # then where the time went
+    assert [t.name for t in chart.data] == names and [list(t.x) for t in chart.data[5:]] == [["cls 0.2"]] * 5
+    assert sum(t.y[0] for t in chart.data[5:]) == pytest.approx(cls["total_s"], rel=0.05)  # medians, so near it
     assert chart.layout.xaxis.title.text == f"visual tokens per LLM layer, mean (of {cls['visual_full']})"
 
 

@@ -106,3 +106,57 @@ def test_the_cli_says_what_is_wrong_with_a_video(tmp_path, video):
     assert code != 0 and "broken.mp4" in err and "corrupt" in err
     code, _, err = cli("run", "--image", str(video), "--frames", "4", "--prompt", PROMPT)
     assert code != 0 and "--frames and --fps sample a video" in err
+
+
+@pytest.mark.parametrize("model", ["tiny-llava-onevision", "tiny-qwen2-vl", "tiny-smolvlm"])
+@pytest.mark.parametrize("method", ["frames", "uniform"])
+def test_a_method_reading_no_signal_encodes_only_the_frames_it_keeps(model, method, video):
+    from explorer.engine.pipeline import method_for, select
+
+    backend = loaded(model)
+    clip = load_video(video, frames=6)
+    chosen, budget = method_for(backend, method, None, 0.25)
+    selected = select(backend, clip, PROMPT, chosen, budget, 1)
+    g, keep = selected.prepared.geometry, selected.selection.keep
+    with torch.inference_mode():
+        every, _ = backend.encode(selected.prepared, ())  # (N, D) every frame through the encoder
+    torch.testing.assert_close(selected.features[keep], every[keep])  # the same features for what is kept
+    kept = set(g.partition[keep].tolist()) & set(g.frames)  # the frames (or groups) holding kept tokens
+    assert len(selected.vision.sequences) == len(kept) * len(selected.every.sequences) // len(g.frames)
+    assert selected.every.sequences == tuple(backend.encoder_sequences(selected.prepared))
+    if method == "frames":  # whole frames: fewer frames through the encoder, and a cheaper vision stage
+        assert len(kept) < len(g.frames)
+        result = run(backend, clip, PROMPT, method, 0.25, max_new_tokens=1)
+        projected = result.cost["projected"]
+        assert projected["reduced"]["vision_flops"] < projected["full"]["vision_flops"]
+        assert result.cost["vision_flops"] < run(backend, clip, PROMPT, "none", max_new_tokens=1).cost["vision_flops"]
+
+
+_LOADED: dict = {}
+
+
+def loaded(model: str):
+    """The tiny model `model`, loaded once for this module's tests."""
+    if model not in _LOADED:
+        _LOADED[model] = backends.load(model, "cpu")
+    return _LOADED[model]
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.1])
+def test_every_vision_stage_method_that_runs_on_a_clip_meets_its_budget_exactly(onevision, video, budget):
+    from explorer.methods import METHODS, make, unavailable
+
+    clip = load_video(video, frames=4)
+    n, ran = 4 * 196 + 1, []
+    for name, method in METHODS.items():
+        if method.stage != "vision" or not method.budgeted or unavailable(name, onevision, clip=True):
+            continue
+        if method.merging is not None or "thumbnail" in method.requires or make(name).adaptive:
+            continue  # refused on a clip with the reason (tested above), or picks its own count
+        if any(need.startswith("prompt-") for need in method.needs):
+            continue  # free-video-llm needs a CLIP model: tests/test_freevideollm.py
+        result = run(onevision, clip, PROMPT, name, budget, max_new_tokens=1)
+        assert result.tokens["visual_kept"] == fraction_of(budget, n) == len(result.selection.keep), name
+        assert sum(f["kept"] for f in result.tokens["by_frame"]) == result.tokens["visual_kept"], name
+        ran.append(name)
+    assert {"frames", "vidcom2", "evs", "fastvid", "holitom", "hired", "divprune", "tome"} <= set(ran)

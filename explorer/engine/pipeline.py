@@ -121,6 +121,7 @@ class Selected:
     clock: tuple[float, ...]  # when it started, and when preprocessing, encoding, selection, projection ended
     vision: VisionPass  # what the vision stage ran on, for its computed cost
     clip: Clip | None = None  # the video's frames, when the run is on a clip
+    every: VisionPass | None = None  # the unreduced run's vision stage, where this one skipped frames (`only_kept`)
 
     def stages(self) -> dict:
         """Seconds of the stages before the LLM: preprocessing, the vision encoder with the projector,
@@ -209,7 +210,8 @@ def result(
     held = (tuple(tokens["visual_per_layer"]), tuple(tokens["visual_cached_per_layer"]))
     if held not in priced:
         prefilled, cached = [text + v for v in held[0]], [text + v for v in held[1]]
-        priced[held] = costs(backend, prefilled, cached, selected.vision) | projection(real, selected.vision, tokens)
+        priced[held] = costs(backend, prefilled, cached, selected.vision)
+        priced[held] |= projection(real, selected.vision, tokens, selected.every)
     return Result(
         model=backend.name,
         method=method,
@@ -307,6 +309,7 @@ def run_batch(
         "prefill_s": prefill[1] - prefill[0],
         "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None,  # per image
         "total_s": end - start,
+        "preprocess_s": sum(s["preprocess_s"] for s in stages),
         "vision_s": sum(s["vision_s"] for s in stages),
         "selection_s": sum(s["selection_s"] for s in stages),
         "images_per_s": len(images) / (end - start),
@@ -342,20 +345,20 @@ def costs(backend, tokens: list[int], cached: list[int] | None = None, vision: V
     return cost
 
 
-def projection(model: str | None, vision: VisionPass, tokens: Tokens) -> dict:
+def projection(model: str | None, vision: VisionPass, tokens: Tokens, every: VisionPass | None = None) -> dict:
     """{"projected": ...}: the computed `cost.Footprint` of this run on the stored architecture of the real
     checkpoint `model` (nothing when None), in bf16 as published, reduced and full (the unreduced run: the
     encoder and projector on every token, every visual token in every layer). The token counts are this
     run's, which are the real checkpoint's where the processor geometry is (as for the tiny-* models); the
-    widths and depths are the real config's."""
+    widths and depths are the real config's; `every`, the unreduced run's vision stage where it differs."""
     if model is None:
         return {}
     config, text, bf16 = stored_config(model), tokens["text"], 2
     prefill = [text + v for v in tokens["visual_per_layer"]]
     cached = [text + v for v in tokens["visual_cached_per_layer"]]
     reduced = footprint(config, vision, prefill, cached, bf16)
-    every = [text + tokens["visual_full"]]
-    full = footprint(config, VisionPass(vision.sequences, vision.windows), every, every, bf16)
+    whole = [text + tokens["visual_full"]]
+    full = footprint(config, every or VisionPass(vision.sequences, vision.windows), whole, whole, bf16)
     reduced, full = dataclasses.asdict(reduced), dataclasses.asdict(full)
     return {"projected": {"model": model, "dtype": "bfloat16", "reduced": reduced, "full": full}}
 
@@ -385,6 +388,8 @@ def select(backend, picture, prompt: str, chosen: Method, budget: Budget | None,
         sync(device)
         clock.append(now())
         merging = chosen.merging(g, plan.budget) if plan.lazy and chosen.merging is not None else None
+        if is_video and plan.vision and not (plan.needs or plan.prompted or chosen.early_layer):
+            return only_kept(backend, picture, prompt, prepared, chosen, plan, clock)
         features, maps = backend.encode(prepared, plan.needs, project=not plan.lazy, merging=merging)
         sync(device)
         clock.append(now())
@@ -407,6 +412,38 @@ def select(backend, picture, prompt: str, chosen: Method, budget: Budget | None,
     assert keep.dim() == 1 and (keep.diff() > 0).all() and 0 <= keep.min() and keep.max() < len(g), "bad keep"
     work = vision_pass(backend, prepared, plan, selection, merging is not None)
     return Selected(prepared, features, selection, plan.budget, tuple(clock), work, picture if is_video else None)
+
+
+def only_kept(
+    backend, clip: Clip, prompt: str, prepared: Prepared, chosen: Method, plan: Plan, clock: list
+) -> Selected:
+    """`select` on a clip for a method that reads no signal (`frames`, `uniform`, `random`): it chooses first,
+    then only the frames (or temporal groups) holding a kept token go through the video processor, the
+    encoder and the projector, as a run on fewer frames would; the others' rows stay zero, never read. The
+    same features as encoding every frame where the family sizes each frame on its own; where it sizes them
+    by the clip's length (Qwen3-VL), every frame is encoded, as for any method. The clock keeps each
+    stage's length: the selection, then the vision stage, in the order `stages` reads them."""
+    g, device = prepared.geometry, backend.device
+    selection = choose(chosen, Signals(g, plan.step, {}))
+    chosen_at = now()
+    parts = sorted(set(g.partition[selection.keep].tolist()) & set(g.frames))  # (F',) frames holding kept tokens
+    shown = [i for p in parts for i in frames_of(g.names[p])]  # their frames, in the clip
+    times = [clip.times_s[i] for i in shown]
+    encoded = backend.prepare_video([clip.frames[i] for i in shown], prompt, times, clip.duration_s)
+    h = encoded.geometry
+    if [len(h.members(q)) for q in h.frames] == [len(g.members(p)) for p in parts]:
+        out = backend.image_features(encoded)  # (M, D): the kept frames' tokens, then those of no frame
+        features = out.new_zeros(len(g), out.shape[1])
+        rows = torch.cat([g.members(p) for p in parts] + [g.outside_frames()])  # (M,) theirs in the clip
+        features[rows.to(out.device)] = out[torch.cat([h.members(q) for q in h.frames] + [h.outside_frames()])]
+    else:  # the frames are sized by how many there are: every frame, as a run on the whole clip
+        encoded, (features, _) = prepared, backend.encode(prepared, ())
+    sync(device)
+    vision, choosing = now() - chosen_at, chosen_at - clock[-1]
+    clock += [clock[-1] + vision, clock[-1] + vision + choosing, clock[-1] + vision + choosing]
+    work = vision_pass(backend, encoded, plan, selection, False)
+    every = vision_pass(backend, prepared, plan, Selection(keep=torch.arange(len(g))), False)
+    return Selected(prepared, features, selection, plan.budget, tuple(clock), work, clip, every)
 
 
 def mixed_features(features: torch.Tensor, selection: Selection) -> torch.Tensor:

@@ -23,8 +23,9 @@ from ..core import Budget, ExplorerError
 from ..engine import fidelity
 from ..engine.pipeline import run, run_batch
 from ..methods import METHODS
+from ..views import stages, style
 
-TIMES = ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_s", "vision_s", "selection_s")
+TIMES = ("ttft_s", "prefill_s", "decode_tokens_per_s", "total_s", "preprocess_s", "vision_s", "selection_s")
 DRIFT = ("logprob_diff", "kl", "first_divergence")  # on the unreduced run's answer, see fidelity.drift
 COLUMNS = ("model", "size", "batch", "method", "budget", "visual_kept", "visual_full", "visual_layer_mean", *TIMES)
 COLUMNS += ("ttft_min_s", "ttft_max_s", "images_per_s", "peak_bytes", "vision_tflops", "prefill_tflops", "kv_bytes")
@@ -259,12 +260,12 @@ def traces(rows: list[dict], column: str, legend: bool = True) -> list:
 
 
 def charts(groups: dict[str, list[dict]], columns=("ttft_s", "peak_bytes", "vision_tflops", "prefill_tflops")):
-    """One plotly figure for a whole bench: a row of charts (`columns` against the tokens kept) per
-    group of rows (model, image size, batch)."""
+    """One plotly figure for a whole bench: a row of charts (`columns` against the tokens kept, then where
+    each cell's time went) per group of rows (model, image size, batch)."""
     from plotly.subplots import make_subplots
 
-    titles = [f"{name}: {PLOTS[c]}" for name in groups for c in columns]
-    figure = make_subplots(rows=len(groups), cols=len(columns), subplot_titles=titles, horizontal_spacing=0.06)
+    titles = [f"{name}: {title}" for name in groups for title in [*(PLOTS[c] for c in columns), WHERE]]
+    figure = make_subplots(rows=len(groups), cols=len(columns) + 1, subplot_titles=titles, horizontal_spacing=0.06)
     for i, rows in enumerate(groups.values(), 1):
         reference = next(r for r in rows if r["method"] == "none")
         for j, column in enumerate(columns, 1):
@@ -273,12 +274,33 @@ def charts(groups: dict[str, list[dict]], columns=("ttft_s", "peak_bytes", "visi
             if reference[column] is not None:
                 figure.add_hline(y=reference[column], line_dash="dot", row=i, col=j)
             figure.update_xaxes(title_text=AXIS.format(_full(rows)), row=i, col=j)
+        for bar in stage_bars(rows, legend=i == 1):
+            figure.add_trace(bar, row=i, col=len(columns) + 1)
     figure.update_annotations(font_size=11)
     entries = sum(trace.showlegend is not False for trace in figure.data)  # the legend needs ~20 px each
     height = max(360 * len(groups) + 60, 20 * entries + 100)
     legend = dict(tracegroupgap=0, font=dict(size=11))  # every method is its own group: no gaps
-    figure.update_layout(height=height, width=520 * len(columns) + 160, margin=dict(t=60, b=40), legend=legend)
+    size = dict(height=height, width=520 * (len(columns) + 1) + 160, margin=dict(t=60, b=40))
+    figure.update_layout(**size, legend=legend, barmode="stack")
     return figure
+
+
+WHERE = "where the time goes (s, medians)"
+
+
+def stage_bars(rows: list[dict], legend: bool = True) -> list:
+    """Stacked bars of where each measured cell's time went (`views.stages`: preprocessing, vision encoder,
+    selection, LLM prefill, decode; from its medians): one bar per method and budget, a trace per stage."""
+    import plotly.graph_objects as go
+
+    rows = [r for r in rows if r["ttft_s"] is not None and r["preprocess_s"] is not None]
+    labels = [f"{r['method']} {r['budget']}" for r in rows]
+    parts = [stages.split(r) for r in rows]
+    return [
+        go.Bar(x=labels, y=[p[stage] for p in parts], name=stage, marker_color=style.css(style.STAGE[stage]),
+               legendgroup=stage, showlegend=legend)
+        for stage in stages.STAGES
+    ]  # fmt: skip
 
 
 def _full(rows: list[dict]) -> int | None:

@@ -6,9 +6,10 @@ VidCom2, HoliTom). For a budget of B tokens on a clip whose frames make s tokens
 floor(B / s) whole frames, evenly spaced over the clip, and the remaining B mod s tokens from one more
 frame, spread evenly over that frame's grid, so the count is exact. It reads no signal.
 
-Differs from the paper: there is no paper; the usual baseline samples fewer frames before the encoder
-(saving the encoder's work too), where this one drops whole frames' tokens after it, so that every
-method sees the same frames and is compared at the same count.
+Differs from the paper: there is no paper; the usual baseline samples fewer frames before the decoder
+reads the video, where this one chooses among the frames every method sees, so that all are compared at
+the same count. As it reads no signal, only the frames it keeps go through the encoder
+(`engine.pipeline.only_kept`), so it saves the encoder's work as sampling fewer frames does.
 """
 
 from __future__ import annotations
