@@ -260,7 +260,7 @@ def test_abuse_gets_its_message_and_the_next_request_works(served, explorer, tmp
         cases = [
             (dict(image=handle_file(str(huge))), AppError, "huge.png is too large: over 100 megapixels"),
             (dict(image=handle_file(str(bombed))), AppError, "bomb.png is too large: 12000x12000 is 144 megapixels"),
-            (dict(image=handle_file(str(big))), ValueError, "exceeds the maximum file size"),
+            (dict(image=handle_file(str(big))), AppError, "big.png is too large: 52 MB, the limit for it is 20 MB"),
             (dict(image=handle_file(COFFEE), prompt="why " * 25_000), AppError, "at most 20000 are taken"),
         ]
         for kwargs, error, message in cases:
@@ -280,12 +280,22 @@ def test_abuse_gets_its_message_and_the_next_request_works(served, explorer, tmp
         client.close()
 
 
-def test_a_50mb_upload_is_refused_by_the_server_itself(served, tmp_path):
-    big = tmp_path / "big.png"
-    big.write_bytes(bytes(50 * 2**20))
-    with big.open("rb") as f:
-        response = httpx.post(f"{served}gradio_api/upload", files={"files": ("big.png", f, "image/png")}, timeout=60)
-    assert response.status_code == 413 and "File size exceeded maximum allowed size" in response.text
+def test_an_upload_over_the_limit_is_refused_by_the_server_itself(explorer, tmp_path, monkeypatch):
+    """The server's limit is a video's (500 MB, `MAX_VIDEO_BYTES`); served here with a 10 MB one, so that
+    the test need not send 500 MB: an 11 MB upload never reaches the app."""
+    from explorer.engine.video import MAX_VIDEO_BYTES
+
+    assert app.UPLOAD_LIMIT == f"{MAX_VIDEO_BYTES // 1_000_000}mb"
+    monkeypatch.setattr(app, "UPLOAD_LIMIT", "10mb")
+    demo, url = app.serve(explorer, queue_size=4, prevent_thread_lock=True, quiet=True)
+    try:
+        big = tmp_path / "big.mp4"
+        big.write_bytes(bytes(11 * 10**6))
+        with big.open("rb") as f:
+            response = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.mp4", f, "video/mp4")}, timeout=60)
+        assert response.status_code == 413 and "File size exceeded maximum allowed size" in response.text
+    finally:
+        demo.close()
 
 
 def test_the_operator_sets_model_device_host_port_and_queue_by_flags_or_environment(monkeypatch):
