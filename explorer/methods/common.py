@@ -1,10 +1,12 @@
-"""Small helpers the methods share: budget splits, top-k with fixed tie order, even spacing."""
+"""Small helpers the methods share: budget splits, top-k with fixed tie order, even spacing, density peaks and
+sparse merge weights."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import field
 from fractions import Fraction
+from typing import NamedTuple
 
 import torch
 
@@ -126,3 +128,35 @@ def real_picks(grid: torch.Tensor, c: int, picks: torch.Tensor) -> tuple[torch.T
     """The visual tokens at positions `picks` of encoder crop c, and how many picks fell on padding."""
     tokens = grid[c, picks]
     return tokens[tokens >= 0], int((tokens < 0).sum())
+
+
+def dpc_knn(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(M,) DPC-kNN score of the rows of x (M, D): density exp(-mean squared distance to the k nearest,
+    itself included) times the distance to the nearest denser row (the largest distance for the densest),
+    distances Euclidean over sqrt(D)."""
+    distance = torch.cdist(x, x) / x.shape[1] ** 0.5  # (M, M)
+    nearest = distance.topk(min(k, len(x)), dim=1, largest=False).values  # (M, k)
+    density = (-(nearest**2).mean(1)).exp()  # (M,)
+    denser = density[None, :] > density[:, None]  # (M, M) row i: the rows denser than i
+    parent = torch.where(denser, distance, distance.max()).min(1).values  # (M,)
+    return parent * density
+
+
+class Entries(NamedTuple):
+    """Merge weights, E entries: kept token `rows[e]` carries `values[e]` times token `columns[e]`."""
+
+    rows: torch.Tensor  # (E,) long
+    columns: torch.Tensor  # (E,) long
+    values: torch.Tensor  # (E,) float
+
+
+def sparse_rows(entries: list[Entries], keep: torch.Tensor, n: int) -> torch.Tensor:
+    """(K, N) sparse weights (`Selection.weights`) from the entries, summed where they repeat; a kept
+    token without entries carries itself."""
+    none = torch.zeros(0, dtype=torch.long)
+    rows, columns = torch.cat([e.rows for e in entries] + [none]), torch.cat([e.columns for e in entries] + [none])
+    values = torch.cat([e.values for e in entries] + [torch.zeros(0)])
+    alone = keep[~torch.isin(keep, rows)]
+    index = torch.stack([torch.searchsorted(keep, torch.cat([rows, alone])), torch.cat([columns, alone])])
+    values = torch.cat([values, torch.ones(len(alone))])
+    return torch.sparse_coo_tensor(index, values, (len(keep), n), check_invariants=True).coalesce()

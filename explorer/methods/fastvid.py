@@ -40,13 +40,13 @@ one most like it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ..core import CLS_FEATURE, FEATURES, Method, Selection, Signals
-from .common import allocate, top
+from .common import Entries, allocate, dpc_knn, sparse_rows, top
 
 
 @dataclass(frozen=True)
@@ -159,26 +159,6 @@ def dyseg(global_features: list[torch.Tensor], c: int, tau: float) -> list[list[
     return [list(range(a + 1, b + 1)) for a, b in zip(bounds, bounds[1:])]
 
 
-def dpc_knn(x: torch.Tensor, k: int) -> torch.Tensor:
-    """(M,) DPC-kNN score of the rows of x (M, D): density exp(-mean squared distance to the k nearest,
-    itself included) times the distance to the nearest denser row (the largest distance for the densest),
-    distances Euclidean over sqrt(D)."""
-    distance = torch.cdist(x, x) / x.shape[1] ** 0.5  # (M, M)
-    nearest = distance.topk(min(k, len(x)), dim=1, largest=False).values  # (M, k)
-    density = (-(nearest**2).mean(1)).exp()  # (M,)
-    denser = density[None, :] > density[:, None]  # (M, M) row i: the rows denser than i
-    parent = torch.where(denser, distance, distance.max()).min(1).values  # (M,)
-    return parent * density
-
-
-class Entries(NamedTuple):
-    """Merge weights, E entries: kept token `rows[e]` carries `values[e]` times token `columns[e]`."""
-
-    rows: torch.Tensor  # (E,) long
-    columns: torch.Tensor  # (E,) long
-    values: torch.Tensor  # (E,) float
-
-
 def dtm_weights(anchors: torch.Tensor, pool: torch.Tensor, owner: torch.Tensor, beta: float) -> Entries:
     """DTM: each anchor carries w of itself plus (1 - w) / J of each of the J tokens of `pool` that joined
     it (itself too; `owner` (P,): the anchor each joined), w = max(1 / (J + 1), beta)."""
@@ -186,15 +166,3 @@ def dtm_weights(anchors: torch.Tensor, pool: torch.Tensor, owner: torch.Tensor, 
     w = (1 / (joined + 1)).clamp(min=beta)  # (A,)
     values = torch.cat([w, ((1 - w) / joined.clamp(min=1))[owner]])
     return Entries(torch.cat([anchors, anchors[owner]]), torch.cat([anchors, pool]), values)
-
-
-def sparse_rows(entries: list[Entries], keep: torch.Tensor, n: int) -> torch.Tensor:
-    """(K, N) sparse weights (`Selection.weights`) from the entries, summed where they repeat; a kept
-    token without entries carries itself."""
-    none = torch.zeros(0, dtype=torch.long)
-    rows, columns = torch.cat([e.rows for e in entries] + [none]), torch.cat([e.columns for e in entries] + [none])
-    values = torch.cat([e.values for e in entries] + [torch.zeros(0)])
-    alone = keep[~torch.isin(keep, rows)]
-    index = torch.stack([torch.searchsorted(keep, torch.cat([rows, alone])), torch.cat([columns, alone])])
-    values = torch.cat([values, torch.ones(len(alone))])
-    return torch.sparse_coo_tensor(index, values, (len(keep), n), check_invariants=True).coalesce()

@@ -46,8 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import CLS_FEATURE, FEATURES, Method, Selection, Signals
-from .common import top
-from .fastvid import Entries, dpc_knn, sparse_rows
+from .common import Entries, dpc_knn, sparse_rows, top
 
 
 @dataclass(frozen=True)
