@@ -359,6 +359,18 @@ CHAT_TEMPLATE = (  # the Qwen2-VL / Qwen2.5-VL chat template, images first, then
 )
 
 
+def qwen_tokenizer(corpus: str):
+    """A random-weight model's tokenizer with the Qwen chat and vision special tokens, its words from `corpus`."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
+    return build_tokenizer(
+        [*specials, "<|image_pad|>", "<|video_pad|>"],
+        corpus,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+
+
 def random_parts(name: str):
     """The config and processor of the random-weight model `name`, with the Qwen2-VL-2B / Qwen2.5-VL-3B
     processor geometry (patch 14, 2x2 merge, 3136 to 12845056 pixels; Qwen2.5-VL: 112-px windows,
@@ -372,13 +384,8 @@ def random_parts(name: str):
     qwen25 = name == "tiny-qwen2.5-vl"
     backend = Qwen25VL if qwen25 else Qwen2VL
     (v_hidden, v_layers, v_heads, v_mlp), text = RANDOM[name]
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
-    tokenizer = build_tokenizer(
-        [*specials, "<|image_pad|>", "<|video_pad|>"],
-        "system user assistant You are a helpful assistant. What is shown in this image? Describe the photo.",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    tokenizer = qwen_tokenizer(
+        "system user assistant You are a helpful assistant. What is shown in this image? Describe the photo."
     )
     processor = getattr(transformers, backend.processor_class)(
         image_processor=Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056),

@@ -42,8 +42,8 @@ import transformers
 from .errors import ExplorerError
 from .geometry import Prepared
 from .llm_prune import Decoder
-from .qwen2_vl import CHAT_TEMPLATE, Qwen2VL
-from .random_models import build_tokenizer, text_config, token_ids
+from .qwen2_vl import CHAT_TEMPLATE, Qwen2VL, qwen_tokenizer
+from .random_models import text_config, token_ids
 from .signals import FEATURES
 
 DEFAULT = "Qwen/Qwen3-VL-2B-Instruct"
@@ -239,14 +239,7 @@ def random_parts(name: str):
     from transformers import Qwen2VLImageProcessor, Qwen3VLVideoProcessor
 
     (v_hidden, v_layers, v_heads, v_mlp), text = RANDOM[name]
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
-    tokenizer = build_tokenizer(
-        [*specials, "<|image_pad|>", "<|video_pad|>"],
-        "system user assistant What is shown in this image? Describe the photo.",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    )
+    tokenizer = qwen_tokenizer("system user assistant What is shown in this image? Describe the photo.")
     half = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "patch_size": 16, "merge_size": 2}
     processor = transformers.Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 65536, "longest_edge": 16777216}, **half),
