@@ -1,7 +1,7 @@
 """GemFilter: a first pass through the LLM's first layers picks the visual tokens, then the whole
 prefill runs again on the kept ones. Keeping everything is stock generate(); the second pass sees
 exactly the text and the kept tokens; the choice is the official score recomputed from the model's own
-hidden states; the first pass is the method's own time and not part of the prefill's computed cost."""
+hidden states; the first pass is the method's own time, and its FLOPs are counted in the prefill's."""
 
 import math
 import time
@@ -13,7 +13,7 @@ import transformers
 from conftest import photo, run_seeing_embeds
 
 from explorer import Budget, make, run
-from explorer.engine.cost import Shape, prefill_flops
+from explorer.engine.cost import FirstPass, Shape, first_pass_flops, prefill_flops
 from explorer.evaluation import bench
 from explorer.views import visual as vis
 
@@ -83,16 +83,17 @@ def test_it_keeps_the_top_of_the_official_score_at_the_filter_layer(backend, siz
     image = photo(*size, seed=size[1])
     result = run(backend, image, PROMPT, "gemfilter", budget, max_new_tokens=1)
     layer = make("gemfilter").early_layer(backend.depth)
-    assert layer == math.floor(13 * 4 / 32 + 0.5) == 2  # 13 of 32, scaled to the tiny model's 4 layers
+    assert layer == math.floor(13 * 32 / 32 + 0.5) == 13  # 13 of 32: the tiny model has LLaVA-1.6-7B's 32 layers
     scores = official_scores(backend, image, layer)
     torch.testing.assert_close(result.selection.scores, scores, rtol=1e-4, atol=1e-4)
     k = result.tokens["visual_budget"]
     assert torch.equal(result.selection.keep, scores.topk(k).indices.sort().values)
 
 
-def test_the_first_pass_is_the_methods_own_time_and_not_the_prefills_cost(backend):
+def test_the_first_pass_is_the_methods_own_time_and_its_flops_are_counted(backend):
     """The first pass (from the LLM's first call to the filter layer) lies inside selection_s; the
-    computed prefill FLOPs are the second pass's, as the floor's (uniform keeping as many) are."""
+    computed prefill FLOPs are the second pass's, as the floor's (uniform keeping as many) are, plus the
+    first pass's on the whole prompt (checked against torch's count in tests/test_cost_merged_and_first_pass.py)."""
     lm = backend.model.model.language_model
     layer = make("gemfilter").early_layer(backend.depth)
     stamps = {}
@@ -115,13 +116,16 @@ def test_the_first_pass_is_the_methods_own_time_and_not_the_prefills_cost(backen
     assert timing["ttft_s"] >= timing["selection_s"] + timing["prefill_s"]
     shape = Shape.of(backend.model.config)
     text = result.tokens["text"]
-    assert result.cost["prefill_flops"] == prefill_flops(shape, [text + 468] * backend.depth)
+    first = first_pass_flops(shape, FirstPass(text + result.tokens["visual_full"], layer))
+    assert result.cost["first_pass_flops"] == first > 0
+    assert result.cost["prefill_flops"] == prefill_flops(shape, [text + 468] * backend.depth) + first
     done = {}
     rows = bench.sweep(
         backend, photo(640, 480), PROMPT, ["gemfilter"], [Budget(fraction=0.2)], 1, 1, 0, done, floor=True
     )
     gem, floor = rows[1], done["uniform", "468 tokens", 1]  # the floor keeps as many, with no first pass
-    assert gem["over_floor"] == gem["ttft_s"] / floor["ttft_s"] and gem["prefill_tflops"] == floor["prefill_tflops"]
+    assert gem["over_floor"] == gem["ttft_s"] / floor["ttft_s"]
+    assert gem["prefill_tflops"] == pytest.approx(floor["prefill_tflops"] + first / 1e12, rel=1e-12)
 
 
 def test_it_is_explained_with_its_first_pass():

@@ -17,7 +17,7 @@ import queue
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -28,12 +28,22 @@ from PIL import Image
 
 from backends import prompt_clip, real_architecture, stored_config
 from backends.geometry import Prepared
-from backends.signals import FEATURES, HIDDEN_FEATURE, ROWS, prompted
+from backends.signals import FEATURES, HIDDEN_FEATURE, MERGED_AFTER, ROWS, prompted
 
 from ..core import Budget, ExplorerError, Geometry, Method, Selection, Signals
 from ..methods import make, unavailable
 from .clips import by_frame, frames_of, per_frame
-from .cost import Encoder, Shape, VisionPass, footprint, kv_bytes, prefill_flops, vision_flops
+from .cost import (
+    Encoder,
+    FirstPass,
+    Shape,
+    VisionPass,
+    first_pass_flops,
+    footprint,
+    kv_bytes,
+    prefill_flops,
+    vision_flops,
+)
 from .images import load_image
 from .llm import LlmStage, last_count, llm_hooks
 from .measure import PeakMemory, TokenStream, first_forward, now, sync
@@ -210,8 +220,10 @@ def result(
     held = (tuple(tokens["visual_per_layer"]), tuple(tokens["visual_cached_per_layer"]))
     if held not in priced:
         prefilled, cached = [text + v for v in held[0]], [text + v for v in held[1]]
-        priced[held] = costs(backend, prefilled, cached, selected.vision)
-        priced[held] |= projection(real, selected.vision, tokens, selected.every)
+        whole = text + tokens["visual_full"]  # a first pass (GemFilter) runs on the whole prompt
+        first = None if chosen.early_layer is None else FirstPass(whole, chosen.early_layer(backend.depth))
+        priced[held] = costs(backend, prefilled, cached, selected.vision, first)
+        priced[held] |= projection(real, selected.vision, tokens, selected.every, chosen.early_layer)
     return Result(
         model=backend.name,
         method=method,
@@ -317,7 +329,18 @@ def run_batch(
     each_row = costs(backend, [inputs["input_ids"].shape[1]] * backend.depth)  # every row is padded to the longest
     cost = {key: len(images) * value for key, value in each_row.items()}  # and the vision stage of every image:
     cost |= {"vision_flops": sum(vision_flops(Encoder.of(model.config), work).total for work in works)}
+    cost |= _first_passes(backend, chosen, tokens, cost["prefill_flops"])
     return Batch(answers, tokens, timing, {"device": device.type, "peak_bytes": memory.peak()}, cost)
+
+
+def _first_passes(backend, chosen: Method, tokens: list[dict], prefill: int) -> dict:
+    """A batch's cost of each image's first pass through the LLM (GemFilter), added to its prefill's FLOPs;
+    nothing for a method without one. `tokens`: each image's counts (`_batch_tokens`)."""
+    if chosen.early_layer is None:
+        return {}
+    shape, layer = Shape.of(backend.model.config), chosen.early_layer(backend.depth)
+    first = sum(first_pass_flops(shape, FirstPass(t["text"] + t["visual_full"], layer)) for t in tokens)
+    return {"first_pass_flops": first, "prefill_flops": prefill + first}
 
 
 def _batch_tokens(selected: Selected, depth: int) -> dict:
@@ -328,16 +351,26 @@ def _batch_tokens(selected: Selected, depth: int) -> dict:
     return counts | every | {"text": selected.prepared.text_tokens}
 
 
-def costs(backend, tokens: list[int], cached: list[int] | None = None, vision: VisionPass | None = None) -> dict:
+def costs(
+    backend,
+    tokens: list[int],
+    cached: list[int] | None = None,
+    vision: VisionPass | None = None,
+    first: FirstPass | None = None,
+) -> dict:
     """The prefill's FLOPs when LLM layer l holds tokens[l] tokens, and the bytes of the prompt's KV cache
     the decode works on, when layer l's cache holds cached[l] (the same unless the method cuts the caches
-    after the prefill; see `cost`); with `vision`, the FLOPs of the vision stage that ran on it."""
+    after the prefill; see `cost`); with `vision`, the FLOPs of the vision stage that ran on it; with
+    `first`, the method's first pass through the LLM (GemFilter) counted in the prefill's FLOPs, and apart."""
     config = backend.model.config
     shape = Shape.of(config)
     cost = {
         "prefill_flops": prefill_flops(shape, tokens),
         "kv_bytes": kv_bytes(shape, tokens if cached is None else cached, backend.model.dtype.itemsize),
     }
+    if first is not None:
+        cost["first_pass_flops"] = first_pass_flops(shape, first)
+        cost["prefill_flops"] += cost["first_pass_flops"]
     if vision is not None:
         flops = vision_flops(Encoder.of(config), vision)
         parts = {"encoder": flops.encoder, "attention_maps": flops.maps, "projector": flops.projector}
@@ -345,18 +378,25 @@ def costs(backend, tokens: list[int], cached: list[int] | None = None, vision: V
     return cost
 
 
-def projection(model: str | None, vision: VisionPass, tokens: Tokens, every: VisionPass | None = None) -> dict:
+def projection(
+    model: str | None,
+    vision: VisionPass,
+    tokens: Tokens,
+    every: VisionPass | None = None,
+    early_layer: Callable[[int], int] | None = None,
+) -> dict:
     """{"projected": ...}: the computed `cost.Footprint` of this run on the stored architecture of the real
     checkpoint `model` (nothing when None), in bf16 as published, reduced and full (the unreduced run: the
     encoder and projector on every token, every visual token in every layer). The token counts are this
     run's, which are the real checkpoint's where the processor geometry is (as for the tiny-* models); the
-    widths and depths are the real config's; `every`, the unreduced run's vision stage where it differs."""
+    widths and depths are the real config's; `every`, the unreduced run's vision stage where it differs;
+    `early_layer`, the method's first pass through the LLM (GemFilter), at the real depth."""
     if model is None:
         return {}
     config, text, bf16 = stored_config(model), tokens["text"], 2
     prefill = [text + v for v in tokens["visual_per_layer"]]
     cached = [text + v for v in tokens["visual_cached_per_layer"]]
-    reduced = footprint(config, vision, prefill, cached, bf16)
+    reduced = footprint(config, vision, prefill, cached, bf16, early_layer, text + tokens["visual_full"])
     whole = [text + tokens["visual_full"]]
     full = footprint(config, every or VisionPass(vision.sequences, vision.windows), whole, whole, bf16)
     reduced, full = dataclasses.asdict(reduced), dataclasses.asdict(full)
@@ -410,7 +450,7 @@ def select(backend, picture, prompt: str, chosen: Method, budget: Budget | None,
         clock.append(now())
     keep = selection.keep
     assert keep.dim() == 1 and (keep.diff() > 0).all() and 0 <= keep.min() and keep.max() < len(g), "bad keep"
-    work = vision_pass(backend, prepared, plan, selection, merging is not None)
+    work = vision_pass(backend, prepared, plan, selection, maps.get(MERGED_AFTER) if merging else None)
     return Selected(prepared, features, selection, plan.budget, tuple(clock), work, picture if is_video else None)
 
 
@@ -441,8 +481,8 @@ def only_kept(
     sync(device)
     vision, choosing = now() - chosen_at, chosen_at - clock[-1]
     clock += [clock[-1] + vision, clock[-1] + vision + choosing, clock[-1] + vision + choosing]
-    work = vision_pass(backend, encoded, plan, selection, False)
-    every = vision_pass(backend, prepared, plan, Selection(keep=torch.arange(len(g))), False)
+    work = vision_pass(backend, encoded, plan, selection, None)
+    every = vision_pass(backend, prepared, plan, Selection(keep=torch.arange(len(g))), None)
     return Selected(prepared, features, selection, plan.budget, tuple(clock), work, clip, every)
 
 
@@ -455,12 +495,16 @@ def mixed_features(features: torch.Tensor, selection: Selection) -> torch.Tensor
     return merged
 
 
-def vision_pass(backend, prepared: Prepared, plan: Plan, selection: Selection, merging: bool) -> VisionPass:
-    """What `select`'s vision stage ran on: the encoder on every crop (unmerged: a method that merges inside
-    the encoder is counted as if it did not, an upper bound), the attention maps of the signals it captured
-    (none when it merges), and the projector on every token, or on the kept ones but newlines (`lazy`),
-    plus once more on each kept token that absorbs others (`Backend.merge`)."""
+def vision_pass(
+    backend, prepared: Prepared, plan: Plan, selection: Selection, merged_after: torch.Tensor | None
+) -> VisionPass:
+    """What `select`'s vision stage ran on: the encoder on every crop, on fewer tokens block after block where
+    a method merges inside it (`merged_after`, its (N,) MERGED_AFTER signal: the block after which each
+    token was folded away, NaN never), the attention maps of the signals it captured (none when it merges),
+    and the projector on every token, or on the kept ones but newlines (`lazy`), plus once more on each
+    kept token that absorbs others (`Backend.merge`)."""
     g = prepared.geometry
+    merging = merged_after is not None
     maps = () if merging else tuple(name for name in plan.needs if name not in (FEATURES, ROWS))
     projected, merged = None, 0
     if plan.lazy:
@@ -469,7 +513,24 @@ def vision_pass(backend, prepared: Prepared, plan: Plan, selection: Selection, m
     elif selection.weights is not None and selection.mixes == "hidden":
         merged = int(backend.mixing(selection).sum())
     sequences, windows = backend.encoder_sequences(prepared), backend.encoder_windows(prepared)
-    return VisionPass(tuple(sequences), tuple(windows), projected, maps, merged)
+    counted = merges_by_crop(prepared.source, merged_after, sequences) if merging else {}
+    return VisionPass(tuple(sequences), tuple(windows), projected, maps, merged, **counted)
+
+
+def merges_by_crop(source: torch.Tensor, merged_after: torch.Tensor, sequences: list[int]) -> dict:
+    """`VisionPass.merges` and `mergeable` of a pass that merged inside the encoder, from `source` (N,),
+    each token's row in the flat encoder output (-1 for newlines), the crops `sequences` (as many patches
+    each) and the (N,) MERGED_AFTER signal: per crop, the tokens folded away after each block, and those
+    that may merge (the ones that reach the LLM: [CLS] and padding never merge)."""
+    real = source.cpu() >= 0
+    crop = source.cpu()[real] // sequences[0]  # (N',) the crop of each token that reaches the LLM
+    block = merged_after.cpu()[real]  # (N',) float, NaN never folded away
+    folded = ~block.isnan()
+    merges = torch.zeros(len(sequences), int(block[folded].max()) + 1 if folded.any() else 0, dtype=torch.long)
+    ones = torch.ones(int(folded.sum()), dtype=torch.long)
+    merges.index_put_((crop[folded], block[folded].long()), ones, accumulate=True)  # (crops, blocks)
+    mergeable = torch.bincount(crop, minlength=len(sequences))  # (crops,)
+    return {"merges": tuple(map(tuple, merges.tolist())), "mergeable": tuple(mergeable.tolist())}
 
 
 @dataclass(frozen=True)

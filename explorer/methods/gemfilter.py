@@ -9,8 +9,10 @@ tokens (my_baseline/GemFilter/gem_filter_utils.py L6-34). The B visual tokens wi
 are kept with every text token, and the second pass runs the whole prefill again, from layer 0, on
 that shorter prompt alone, its positions numbered afresh (my_utils/my_generation.py L72-90); the
 answer is decoded from it. The first pass is this method's own work: it is timed in `selection_s`
-(and so in the time to first token), and `cost.prefill_flops` counts the second pass only, the
-prefill the answer is decoded from. Every layer of that prefill sees the B kept tokens, so B is also
+(and so in the time to first token), and its FLOPs (`cost.first_pass_flops`: the layers below the
+filter layer on the whole prompt, and that layer's keys and last query) are added to the computed
+prefill FLOPs, beside those of the second pass, the prefill the answer is decoded from (the cost's
+`first_pass_flops` gives them apart). Every layer of that prefill sees the B kept tokens, so B is also
 the mean visual tokens per LLM layer.
 
 The filter layer is numbered as in a 32-layer LLM and scaled to the model's depth: layer l becomes

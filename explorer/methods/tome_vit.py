@@ -27,7 +27,8 @@ about nine crops, and then it is refused). Elsewhere the LLM's tokens are made f
 after the encoder (SmolVLM and Qwen2-VL fold several patches into one token), so a group of merged
 patches is not a set of whole tokens; `tome` merges after the encoder on every family. [CLS] is
 protected where the encoder has one (CLIP); SigLIP has none, so every patch may merge. The time the
-matching takes is spent inside the encoder and counted there.
+matching takes is spent inside the encoder and counted there; so are its computed FLOPs
+(`cost.vision_flops`: every block on the tokens its crop still has, and the matching's products).
 """
 
 from __future__ import annotations
