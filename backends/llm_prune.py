@@ -34,6 +34,10 @@ new position is its original one minus the tokens dropped before it.
 The "llm-transition" signal (TransPrune's token transition variation) also hooks each layer's
 attention and MLP, which are called as `self_attn(hidden_states=...)` and `mlp(hidden_states)`.
 
+With `mix` (HoliTom's merge inside the LLM), a cut may also merge: before its layer, each kept visual
+token's hidden state becomes a weighted sum of the hidden states of the visual tokens still there (the
+residual stream as it is, not normalised), then the sequence is cut as above; its KV caches hold the mixes.
+
 With `rerank` (a decode without a KV cache, where every generated token reruns the whole sequence),
 every pass chooses again, and its text runs to the newest token. Without it, a pass longer than the
 prompt (teacher forcing) reads the prompt's text alone, as the prefill did.
@@ -61,6 +65,7 @@ from .signals import (
     LLM_KEYS,
     LLM_LOGITS,
     LLM_POSITIONS,
+    LLM_RESIDUAL,
     LLM_ROPE,
     LLM_TRANSITION,
     text_of,
@@ -80,6 +85,21 @@ class Decoder:
     # tokens cut before
     positions: Callable[[], torch.Tensor | None] | None = None
     qk_norm: bool = False  # attention normalises each head's queries and keys before RoPE (Qwen3's q_norm, k_norm)
+    gated_query: bool = False  # q_proj gives each head's query, then its output gate (Qwen3.5's gated attention)
+    # layers that keep a recurrent state instead of a KV cache (Qwen3.5's linear attention): the backend refuses
+    # what needs their attention or cuts their caches; `explorer.methods.unavailable` refuses such methods by name
+    recurrent: tuple[int, ...] = ()
+    # each layer's kind, when the kinds get masks and rotary embeddings of their own (Gemma 3's "sliding_attention"
+    # and "full_attention"); empty when every layer gets the same. With kinds, the arguments a cut narrows are
+    # narrowed again from the layer's own at each change of kind, and `rotary` takes the kind: rotary(x, ids, kind)
+    kinds: tuple[str, ...] = ()
+
+    def queries(self, attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(1, H, L, d) the attention's queries of x (1, L, D) before RoPE, normalised per head when it does so;
+        with `gated_query`, the first half of each head's q_proj output (the second is the head's output gate)."""
+        d = attn.head_dim
+        q = attn.q_proj(x).view(1, x.shape[1], -1, 2 * d if self.gated_query else d)[..., :d].transpose(1, 2)
+        return attn.q_norm(q) if self.qk_norm else q
 
 
 @dataclass
@@ -103,6 +123,7 @@ def pruning(
     compact_from: int | None = None,
     rerank: bool = False,
     attend: Callable | None = None,
+    mix: Callable | None = None,
 ):
     """Cut visual tokens inside the LLM while the `with` block runs; yields a `Record`.
 
@@ -117,6 +138,8 @@ def pruning(
     attend(maps, alive) -> (K,) long or None: at each decode step, from "llm-attention" (H, 1, N), the new
     token's attention at the last cut's scoring layer, the visual tokens (sorted indices into N, alive) the
     layers from the last cut on attend to in that step, None for all (see the module's doc).
+    mix(cut) -> (K, N) sparse float or None, asked right after `choose` at that cut: kept token keep[k]
+    enters the cut layer as sum_j mix[k, j] * h_j, h the hidden states there, j alive tokens (None: as it is).
     """
     unknown = set(needs) - set(LLM)
     if unknown:
@@ -135,7 +158,7 @@ def pruning(
         )
     if attend is not None and (compact_from is not None or rerank):
         raise ExplorerError("choosing at each decode step needs the caches as the prefill left them, with a cache")
-    pruner = _Pruner(decoder, image, prompt, cuts, needs, choose, keep_positions, compact_from, rerank, attend)
+    pruner = _Pruner(decoder, image, prompt, cuts, needs, choose, keep_positions, compact_from, rerank, attend, mix)
     handles = []
     try:
         for index, layer in enumerate(decoder.layers):
@@ -153,11 +176,22 @@ def pruning(
 
 class _Pruner:
     def __init__(
-        self, decoder, image, prompt, cuts, needs, choose, keep_positions, compact_from=None, rerank=False, attend=None
+        self,
+        decoder,
+        image,
+        prompt,
+        cuts,
+        needs,
+        choose,
+        keep_positions,
+        compact_from=None,
+        rerank=False,
+        attend=None,
+        mix=None,
     ):
         self.decoder, self.image, self.prompt, self.cuts = decoder, image, prompt, cuts
         self.needs, self.choose, self.keep_positions, self.rerank = needs, choose, keep_positions, rerank
-        self.attend = attend
+        self.attend, self.mix = attend, mix
         self.attended: torch.Tensor | None = None  # (R,) with `attend`: the cache rows this decode step attends to
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> its whole cache while narrowed
         # the layers whose caches are cut to the last cut's tokens after the prefill: compact_from up to
@@ -177,6 +211,9 @@ class _Pruner:
             hidden = args[0]  # (1, L, D); decoder layers take the hidden states positionally
             if layer == 0:
                 self.begin(hidden, kwargs)
+            self.layer = layer
+            if self.view and self.new_kind(layer):  # narrow this kind's own arguments
+                self.view = self.prefill_view(kwargs, hidden) if self.full else self.decode_view(layer, hidden, kwargs)
             if self.full and layer in self.busy:
                 _sync(hidden)  # so that only this work is timed
                 start = time.perf_counter()
@@ -221,11 +258,13 @@ class _Pruner:
     def compact(self, cache) -> None:
         """Cut the caches of the compacted layers down to the prompt positions left after the last cut,
         `rows[-1]`; each keeps its keys' rotary positions."""
-        from transformers.cache_utils import DynamicLayer
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
         for layer in self.compacted_layers:
             store = cache.layers[layer]
-            if type(store) is not DynamicLayer:  # not a sliding window's, nor a static cache
+            # a sliding window's cache that has not slid yet holds every token, as a dynamic one (Gemma 3's)
+            unslid = type(store) is DynamicSlidingWindowLayer and store.cumulative_length < store.sliding_window
+            if type(store) is not DynamicLayer and not unslid:  # not a sliding window's, nor a static cache
                 raise ExplorerError(f"cutting the KV caches after the prefill needs a dynamic cache, not {store!r}")
             held = self.held(layer)
             assert store.keys.shape[-2] == len(held), "a compacted layer's cache holds what its prefill left"
@@ -266,8 +305,7 @@ class _Pruner:
         if LLM_KEYS in self.needs:
             self.maps.update(self.split(LLM_KEYS, k[0].transpose(0, 1).reshape(length, -1)))  # (L, H_kv * d)
         if LLM_ATTENTION in self.needs:
-            q = attn.q_proj(x[:, rows]).view(1, len(rows), -1, d).transpose(1, 2)  # (1, H, T, d)
-            q = attn.q_norm(q) if self.decoder.qk_norm else q
+            q = self.decoder.queries(attn, x[:, rows])  # (1, H, T, d)
             q = self.decoder.rope(q, q, cos[:, rows], sin[:, rows])[0]
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (1, H, L, d): grouped-query heads
             logits = q.float() @ k.float().transpose(-1, -2) * attn.scaling  # (1, H, T, L)
@@ -302,11 +340,15 @@ class _Pruner:
     def cut(self, s: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         if LLM_HIDDEN in self.needs:
             self.maps.update(self.split(LLM_HIDDEN, self.decoder.norm(hidden)[0]))
+        if LLM_RESIDUAL in self.needs:
+            self.maps.update(self.split(LLM_RESIDUAL, hidden[0]))
         if LLM_TRANSITION in self.needs:
             self.maps.update({name: m[:, 0] for name, m in self.split(LLM_TRANSITION, self.ttv[:, None]).items()})
         if LLM_POSITIONS in self.needs:
             self.maps |= {LLM_POSITIONS: self.image, text_of(LLM_POSITIONS): self.text}
         keep = self.choose(s, dict(self.maps), self.alive.clone()).to(hidden.device)  # (K,) indices into N
+        weights = self.mix(s) if self.mix is not None else None  # (K, N) sparse, or None
+        hidden = hidden if weights is None else self.mixed(hidden, keep, weights)
         alive = torch.zeros_like(self.alive)
         alive[keep] = True
         assert (keep.diff() > 0).all() and not (alive & ~self.alive).any(), "keep must be sorted alive tokens"
@@ -318,6 +360,20 @@ class _Pruner:
         self.view = self.prefill_view(kwargs, hidden)
         return hidden[:, stay]
 
+    def mixed(self, hidden: torch.Tensor, keep: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """hidden (1, L, D) with each kept visual token's row replaced by its mix, sum_j weights[k, j] * h_j
+        over the visual tokens j alive at this cut, summed in float32 (`weights` (K, N) sparse)."""
+        w = weights.coalesce()
+        rows, columns = w.indices().to(hidden.device)  # (E,) each: entry e adds token columns[e] into keep[rows[e]]
+        assert self.alive[columns].all(), "a merge mixes tokens still in the sequence"
+        values = w.values().to(hidden.device, torch.float32)  # (E,)
+        place = torch.searchsorted(self.index, self.image)  # (N,) each alive visual token's row in the sequence
+        sources = hidden[0, place[columns]].float() * values[:, None]  # (E, D)
+        mixes = sources.new_zeros(len(keep), hidden.shape[-1]).index_add_(0, rows, sources)  # (K, D)
+        hidden = hidden.clone()
+        hidden[0, place[keep]] = mixes.to(hidden.dtype)
+        return hidden
+
     def prefill_view(self, kwargs: dict, hidden: torch.Tensor) -> dict:
         """The model's keyword arguments, over the whole sequence, cut to the positions left."""
         idx = self.index  # (L',) sorted original positions
@@ -328,7 +384,7 @@ class _Pruner:
             view["position_embeddings"] = (cos[:, idx], sin[:, idx])
         else:
             rotary = self.rotary_positions(kwargs)[..., idx]
-            view["position_embeddings"] = self.decoder.rotary(hidden, self.place(rotary, cut_before))
+            view["position_embeddings"] = self.rotary(hidden, self.place(rotary, cut_before))
         if kwargs.get("cache_position") is not None:
             view["cache_position"] = self.place(kwargs["cache_position"][idx], cut_before)
         if kwargs.get("attention_mask") is not None:
@@ -343,7 +399,7 @@ class _Pruner:
             cut_before = self.prompt - len(held)  # every cut token came before the new ones
             view["position_ids"] = self.place(kwargs["position_ids"], cut_before)
             rotary = self.rotary_positions(kwargs)
-            view["position_embeddings"] = self.decoder.rotary(hidden, self.place(rotary, cut_before))
+            view["position_embeddings"] = self.rotary(hidden, self.place(rotary, cut_before))
             if kwargs.get("cache_position") is not None:
                 view["cache_position"] = self.place(kwargs["cache_position"], cut_before)
         if kwargs.get("attention_mask") is not None:  # (1, 1, q, kv): the prompt's kept columns, then the rest
@@ -382,10 +438,9 @@ class _Pruner:
         x = block.input_layernorm(hidden)  # (1, 1, D)
         d = attn.head_dim
         cos, sin = kwargs["position_embeddings"]  # (1, 1, d) each
-        q = attn.q_proj(x).view(1, 1, -1, d).transpose(1, 2)  # (1, H, 1, d)
+        q = self.decoder.queries(attn, x)  # (1, H, 1, d)
         k = attn.k_proj(x).view(1, 1, -1, d).transpose(1, 2)  # (1, H_kv, 1, d)
-        if self.decoder.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
+        k = attn.k_norm(k) if self.decoder.qk_norm else k
         q, k = self.decoder.rope(q, k, cos, sin)
         keys = torch.cat([cache.layers[layer].keys, k], dim=-2)  # (1, H_kv, S + 1, d): the cache, then the new token
         keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)  # (1, H, S + 1, d)
@@ -414,6 +469,17 @@ class _Pruner:
                 store.values = torch.cat([values, store.values[:, :, -new:]], dim=-2)
 
         return after
+
+    def new_kind(self, layer: int) -> bool:
+        """Whether the layer's kind differs from the layer's before it (`Decoder.kinds`), and so its mask and rotary embedding."""
+        kinds = self.decoder.kinds
+        return bool(kinds) and layer > 0 and kinds[layer] != kinds[layer - 1]
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin at these positions: the decoder's rotary embedding, of the current layer's kind when kinds differ."""
+        if self.decoder.kinds:
+            return self.decoder.rotary(hidden, positions, self.decoder.kinds[self.layer])
+        return self.decoder.rotary(hidden, positions)
 
     def rotary_positions(self, kwargs: dict) -> torch.Tensor:
         """The positions the rotary embedding takes in this pass: the decoder's own (M-RoPE), else the layers'."""
@@ -444,8 +510,7 @@ def early_pass(decoder: Decoder, image: torch.Tensor, layer: int, forward: Calla
         k = attn.k_proj(x).view(1, length, -1, d).transpose(1, 2)  # (1, H_kv, L, d)
         k = attn.k_norm(k) if decoder.qk_norm else k
         k = decoder.rope(k, k, cos, sin)[1]
-        q = attn.q_proj(x[:, -1:]).view(1, 1, -1, d).transpose(1, 2)  # (1, H, 1, d)
-        q = attn.q_norm(q) if decoder.qk_norm else q
+        q = decoder.queries(attn, x[:, -1:])  # (1, H, 1, d)
         q = decoder.rope(q, q, cos[:, -1:], sin[:, -1:])[0]
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (1, H, L, d)
         found[LLM_LOGITS] = (q.float() @ k.float().transpose(-1, -2))[0, :, 0]  # (H, L)

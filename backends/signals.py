@@ -48,7 +48,8 @@ LLM_ATTENTION, LLM_KEYS, LLM_HIDDEN, LLM_EMBEDS, LLM_TRANSITION = (
     "llm-transition",
 )
 LLM_ROPE, LLM_POSITIONS = "llm-rope", "llm-positions"  # SparseVLM v2.0's RoPE-only map; prompt positions
-LLM = (LLM_ATTENTION, LLM_KEYS, LLM_HIDDEN, LLM_EMBEDS, LLM_TRANSITION, LLM_ROPE, LLM_POSITIONS)
+LLM_RESIDUAL = "llm-residual"  # the hidden states entering the cut layer as they are, what a merge there mixes
+LLM = (LLM_ATTENTION, LLM_KEYS, LLM_HIDDEN, LLM_EMBEDS, LLM_TRANSITION, LLM_ROPE, LLM_POSITIONS, LLM_RESIDUAL)
 LLM_LOGITS = "llm-logits"  # read in a first pass through the LLM's first layers (`llm_prune.early_pass`)
 TEXT = "llm-text-"  # the prefix of the text's signals
 # Read off the run's prompt and a clip's frames by a CLIP model named after the @ (`prompt_clip`), not by the VLM

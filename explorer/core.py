@@ -33,6 +33,7 @@ from backends.signals import (  # the names of the signals methods read
     LLM_KEYS,
     LLM_LOGITS,
     LLM_POSITIONS,
+    LLM_RESIDUAL,
     LLM_ROPE,
     LLM_TRANSITION,
     MERGED_AFTER,
@@ -52,6 +53,7 @@ __all__ += ["HIDDEN", "HIDDEN_0", "HIDDEN_FEATURE", "KEYS_FEATURE", "KEYS_LAST",
 __all__ += ["LLM_HIDDEN", "LLM_KEYS", "LLM_LOGITS", "LLM_POSITIONS", "LLM_ROPE", "LLM_TRANSITION", "MERGED_AFTER"]
 __all__ += ["MERGED_INTO", "ROWS", "at", "padded", "text_of"]
 __all__ += ["PROMPT_FRAME", "PROMPT_PATCH", "prompted"]
+__all__ += ["LLM_RESIDUAL"]
 
 
 def fraction_of(fraction: float, n: int) -> int:
@@ -126,6 +128,8 @@ class Signals:
     - "llm-keys": (N, C), that layer's keys after RoPE, heads concatenated ("llm-text-keys": (T, C));
     - "llm-hidden": (N, D), the hidden states entering the cut layer, through the model's final norm
       ("llm-text-hidden": (T, D));
+    - "llm-residual": (N, D), the same as they are, not normalised: what a merge at the cut mixes
+      (`Selection.mixes`; "llm-text-residual": (T, D));
     - "llm-embeds": (N, D), the LLM's input embeddings ("llm-text-embeds": (T, D));
     - "llm-transition": (N,), TransPrune's token transition variation summed over the attention and
       MLP of every layer from the one before the first cut to the one before this cut ("llm-text-transition": (T,));
@@ -179,11 +183,16 @@ class Selection:
     weights: torch.Tensor | None = None
     # what `weights` mix: "hidden", the encoder outputs before the projector (VisionZip, PruMerge, ToMe: the
     # projector's MLP would not commute with the mean), or "features", the projected features the LLM
-    # receives (the video methods that merge after the projector: HoliTom, FastVID, DyCoke)
+    # receives (the video methods that merge after the projector: HoliTom, FastVID, DyCoke); at a cut inside the
+    # LLM, "llm-residual": keep[k] enters the next layers as sum_j weights[k, j] * h_j, h the hidden states
+    # entering the cut layer as they are ("llm-residual"), j the tokens alive at the cut (HoliTom's merge there)
     mixes: str = "hidden"
     budgets: dict[str, int] = field(default_factory=dict)  # partition name -> its budget
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # intermediate (N,) maps worth teaching
     stats: dict[str, dict[str, float]] = field(default_factory=dict)  # e.g. {"content count": {"crop 0,0": 12}}
+    # a stat keyed by a clip's frame (partition) names is a per-frame fact the frame strip shows beside the frame;
+    # stats["segment"] {frame name: index} marks the runs of consecutive frames a video method treats together
+    # (FastVID's DySeg segments, HoliTom's windows, DyCoke's windows of 4), drawn as bands under the strip
 
 
 class Method:
@@ -203,7 +212,9 @@ class Method:
     A method of stage "llm" prunes inside the LLM: `cuts(depth, n, budget) -> list[Cut]` says before
     which layers it cuts and how many tokens each cut leaves (the last leaves `budget`), its
     `keep_positions` setting whether kept tokens keep their positions, and `select` is called at each cut
-    with the signals of that point (`Signals.alive` marks the tokens still in the sequence). Its budget
+    with the signals of that point (`Signals.alive` marks the tokens still in the sequence); a cut may
+    also merge, its selection's `weights` with `mixes = "llm-residual"` mixing the hidden states there
+    into the kept tokens, and its `groups` saying where each went (HoliTom). Its budget
     B is, by default, the mean number of visual tokens over the LLM's layers, as the papers count it
     (`explorer.engine.llm.plan`: the last cut's count whose cuts make that mean at most B, or the method's own
     `mean_cuts(depth, n, budget)`); with its `budget_after_cuts` setting B is what the last cut leaves.

@@ -2,7 +2,9 @@
 tokens and a newline; tiny Qwen2-VL, temporal groups of 2 frames), given the count the code keeps, it
 finds the code's windows, keeps the code's tokens, each kept token carries the code's merge of the
 projected features, and every merged token joins the code's centre; and it meets every budget on a clip
-end to end.
+end to end. Inside the LLM, at layer k, it prunes the tokens the code prunes and merges each where the code
+does (holitom/modeling_qwen2.py), on synthetic signals and on two clips, where the layers from k on run
+on the code's merged, shorter sequence.
 
 The reference below is our own reading of cokeshao/HoliTom e9b2972, holitom/llava_arch.py (the lines
 named), not a copy, with the environment's defaults (BETA=0.6, D=0, K=7, MAX_WINDOW_SIZE=1024, NO_BETA
@@ -16,12 +18,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import toy_geometry
 from test_qwen_video import clip as qwen_clip
 from test_video import write
 
 import backends
-from explorer import Signals, make, run
-from explorer.core import CLS_FEATURE, FEATURES, fraction_of
+from explorer import ExplorerError, Signals, make, run
+from explorer.core import CLS_FEATURE, FEATURES, Budget, fraction_of
 from explorer.engine.pipeline import mixed_features, prepare
 from explorer.engine.video import load_video
 
@@ -133,6 +136,7 @@ def holitom_code(x, attn, r: float, tau: float, d=0.0, beta=0.6, k=7):
     return fed, joins, windows
 
 
+VISION = {"merge_ratio": 0.0}  # nothing merged inside the LLM: the step before it keeps the budget
 CASES = {  # model, clip, settings
     "onevision": ("tiny-llava-onevision", "write", {}),
     "onevision, contextual": ("tiny-llava-onevision", "write", {"contextual": 0.4}),
@@ -150,7 +154,7 @@ def test_holitom_keeps_and_merges_what_the_official_code_does(video, case, r):
     tau = settings.get("threshold", 0.8)
     fed, joins, windows = holitom_code(x, attn, r, tau, d=settings.get("contextual", 0.0))
     outside = len(g) - places.numel()  # OneVision's newline, which the code keeps
-    selection = make("holitom", **settings).select(Signals(g, len(fed) + outside, maps))
+    selection = make("holitom", **settings, **VISION).select_vision(Signals(g, len(fed) + outside, maps))
     assert list(selection.stats["windows"].values()) == [b - a + 1 for a, b in windows]
     flat = places.flatten()
     assert set(selection.keep.tolist()) == {int(flat[i]) for i in fed} | set(range(places.numel(), len(g)))
@@ -166,14 +170,26 @@ def test_holitom_keeps_and_merges_what_the_official_code_does(video, case, r):
 @pytest.mark.parametrize("budget", [0.25, 0.1])
 def test_holitom_meets_the_budget_on_a_clip_and_by_frame_adds_up(video, name, budget):
     clip = load_video(video, frames=4)
-    result = run(model(name), clip, PROMPT, "holitom", budget, max_new_tokens=1)
+    result = run(model(name), clip, PROMPT, "holitom", budget, settings=VISION, max_new_tokens=1)
     t = result.tokens
     assert t["visual_kept"] == fraction_of(budget, t["visual_full"]) == len(result.selection.keep)
+    assert t["visual_entering"] == t["visual_kept"] == t["visual_layer_mean"]  # w/o M: the LLM keeps them all
     assert sum(f["full"] for f in t["by_frame"]) == t["visual_full"]
     assert sum(f["kept"] for f in t["by_frame"]) == t["visual_kept"]
-    weights = result.selection.weights.to_dense()  # (K, N): every kept token a convex mix
-    torch.testing.assert_close(weights.sum(1), torch.ones(len(result.selection.keep)))
-    assert result.selection.mixes == "features" and (weights >= 0).all()
+
+
+@pytest.mark.parametrize("name", ["tiny-llava-onevision", "tiny-qwen2-vl"])
+def test_holitom_with_its_merge_inside_the_llm_meets_the_layer_mean_budget(video, name):
+    clip, depth = load_video(video, frames=4), model(name).depth
+    result = run(model(name), clip, PROMPT, "holitom", 0.25, max_new_tokens=1)
+    t, m = result.tokens, result.tokens["visual_entering"]
+    b, k = fraction_of(0.25, t["visual_full"]), 18 * depth // 28
+    assert t["llm_cuts"] == [{"layer": k, "scored_at": k - 1, "kept": round(m / 2)}]  # r = 0.5, as the code
+    assert t["visual_per_layer"] == [m] * k + [round(m / 2)] * (depth - k)
+    assert t["visual_layer_mean"] <= b < (k * (m + 2) + (depth - k) * (round(m / 2) + 1)) / depth  # the most that fit
+    assert sum(f["kept"] for f in t["by_frame"]) == t["visual_kept"] == len(result.selection.keep) == round(m / 2)
+    with pytest.raises(ExplorerError, match="raise the budget, or set budget_after_cuts"):
+        run(model(name), clip, PROMPT, "holitom", Budget(tokens=1), max_new_tokens=1)  # 2 enter: a mean over 1
 
 
 @pytest.mark.parametrize("settings", [{}, {"contextual": 0.5}])
@@ -181,8 +197,92 @@ def test_holitom_meets_any_budget_with_convex_merges(video, settings):
     g, maps, _ = encoded("tiny-llava-onevision", load_video(video, frames=8))
     n = len(g)
     for budget in [1, 2, 50, n // 2, n - 1, n]:
-        selection = make("holitom", **settings).select(Signals(g, budget, maps))
+        selection = make("holitom", **settings, **VISION).select_vision(Signals(g, budget, maps))
         keep, groups = selection.keep, selection.groups
         assert len(keep) == budget == sum(selection.budgets.values())
         assert (groups[keep] == keep).all() and torch.isin(groups[groups >= 0], keep).all()
         torch.testing.assert_close(selection.weights.to_dense().sum(1), torch.ones(budget))
+
+
+# --- inside the LLM: holitom/modeling_qwen2.py -----------------------------------------------------
+
+
+def merge_code(hidden: torch.Tensor, attention: torch.Tensor, r: float):
+    """Qwen2Model_holitom.forward at layer HOLITOM_k, holitom/modeling_qwen2.py L146-197, on the M visual
+    tokens of one sequence: hidden (M, D) entering layer k, attention (M,) the last token's at layer k - 1,
+    heads averaged (L148-156). Returns (the kept tokens, sorted (L185-197), their hidden states after the
+    merge, {merged token: the kept token it joined})."""
+    m = len(attention)
+    top = attention.topk(round(m * (1 - r))).indices  # L158-160
+    others = torch.arange(m)[~torch.isin(torch.arange(m), top)]  # L166-168
+    norms = hidden.norm(dim=-1)
+    similarity = hidden[others] @ hidden[top].T / (norms[others, None] * norms[None, top])  # L169-174
+    best = top[similarity.max(-1).indices]  # L175, L180
+    merged = hidden.clone()
+    for o, into in zip(others.tolist(), best.tolist()):  # L177-181: one after another, each the mean of the two
+        merged[into] = (merged[into] + merged[o]) / 2
+    keep = top.sort().values
+    return keep, merged[keep], dict(zip(others.tolist(), best.tolist()))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("r", [0.5, 0.3])
+def test_holitom_merges_at_layer_k_what_the_official_code_merges(seed, r):
+    generator = torch.Generator().manual_seed(seed)
+    n = 88  # visual tokens (of the toy geometry); 45 alive at the cut (the others gone before the LLM: NaN)
+    alive = torch.randperm(n, generator=generator)[:45].sort().values
+    hidden = torch.full((n, 16), torch.nan)
+    hidden[alive] = torch.randn(45, 16, generator=generator)
+    attention = torch.full((2, 3, n), torch.nan)  # (H, T, N)
+    attention[..., alive] = torch.rand(2, 3, 45, generator=generator)
+    keep, merged, joins = merge_code(hidden[alive], attention[:, -1, alive].mean(0), r)
+    maps = {"llm-attention": attention, "llm-residual": hidden}
+    s = Signals(toy_geometry(), round(45 * (1 - r)), maps, torch.isin(torch.arange(n), alive))
+    selection = make("holitom", merge_ratio=r).select(s)
+    assert selection.keep.tolist() == alive[keep].tolist() and selection.mixes == "llm-residual"
+    assert {int(alive[o]): int(alive[into]) for o, into in joins.items()} == {
+        t: int(selection.groups[t]) for t in alive.tolist() if t not in selection.keep
+    }
+    mixed = selection.weights.to_dense() @ hidden.nan_to_num()  # (K, D): what enters layer k
+    torch.testing.assert_close(mixed, merged, rtol=1e-5, atol=1e-6)
+    assert (selection.groups[~torch.isin(torch.arange(n), alive)] == -1).all()
+
+
+@pytest.mark.parametrize("frames, prompt", [(4, PROMPT), (6, "Which colour moves, and where to?")])
+def test_holitom_the_llm_runs_on_the_official_merge_after_layer_k(video, frames, prompt):
+    backend = model("tiny-llava-onevision")
+    depth, clip = backend.depth, load_video(video, frames=frames)
+    k = 18 * depth // 28
+    seen = {}
+
+    def before(i: int):  # registered before the method's hooks: what layer i gets
+        def hook(module, args):
+            seen.setdefault(i, args[0][0].clone())
+
+        return hook
+
+    def after(module, args, output):  # what layer k ran on, after the merge and the cut
+        seen.setdefault("after", args[0][0].clone())
+
+    layers = backend.language_model.layers
+    handles = [layers[i].register_forward_pre_hook(before(i)) for i in (k - 1, k, k + 1)]
+    handles.append(layers[k].register_forward_hook(after))
+    try:
+        result = run(backend, clip, prompt, "holitom", 0.25, max_new_tokens=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    attention = result.selection.scores  # (N,) the last prompt token's at layer k - 1, heads averaged
+    entering = attention.isfinite().nonzero()[:, 0]  # (M,) the tokens HoliTom's step before the LLM kept
+    m = result.tokens["visual_entering"]
+    prepared = prepare(backend, clip, prompt)
+    start = int((prepared.inputs["input_ids"][0] == backend.visual_token_id(prepared)).nonzero()[0])
+    full = seen[k]  # (L, D) entering layer k, the M visual tokens from `start` on
+    keep, merged, joins = merge_code(full[start : start + m], attention[entering], 0.5)
+    assert len(entering) == m and result.selection.keep.tolist() == entering[keep].tolist()
+    for o, into in joins.items():
+        assert int(result.selection.groups[entering[o]]) == int(entering[into])
+    short = seen["after"]  # (L - M + K, D): the layer runs on the shorter sequence
+    assert len(seen[k - 1]) == len(full) and len(short) == len(seen[k + 1]) == len(full) - m + len(keep)
+    torch.testing.assert_close(short[start : start + len(keep)], merged, rtol=1e-5, atol=1e-5)
+    assert torch.equal(short[:start], full[:start]) and torch.equal(short[start + len(keep) :], full[start + m :])

@@ -11,7 +11,9 @@ With the method's `budget_after_cuts` setting, B is what the last cut leaves.
 A method that also reduces before the LLM (MustDrop, AIM: `select_vision`, see `explorer.methods`)
 hands the LLM only the K tokens its vision step kept; the hooks then see those K, and `LlmStage`
 widens what they read back to the N tokens of the image (NaN for the tokens gone before the LLM), so
-that the method's `select` always works on indices into N."""
+that the method's `select` always works on indices into N. A cut may also merge (HoliTom): the weights
+of its selection (`Selection.mixes` "llm-residual") go to the hooks (`LlmStage.mix`), which mix the
+hidden states there before cutting, and its `groups` say where each merged token went."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from contextlib import nullcontext
 
 import torch
 
-from backends.signals import LLM_ATTENTION, LLM_ROPE, TEXT
+from backends.signals import LLM_ATTENTION, LLM_RESIDUAL, LLM_ROPE, TEXT
 
 from ..core import Cut, ExplorerError, Geometry, Method, Selection, Signals
 
@@ -161,6 +163,22 @@ class LlmStage:
             return keep
         return torch.searchsorted(self.entering.to(keep.device), keep)
 
+    def mix(self, cut: int) -> torch.Tensor | None:
+        """For the hooks, right after `choose` at this cut: the merge weights of its selection when it mixes
+        the hidden states there (`Selection.mixes` "llm-residual"), (K, K_in) sparse, the columns indices into
+        the tokens that entered; None for a plain cut."""
+        chosen = self.pending[cut]
+        if chosen.weights is None:
+            return None
+        assert chosen.mixes == LLM_RESIDUAL, "a merge at a cut inside the LLM mixes the hidden states there"
+        weights = chosen.weights.coalesce()
+        if not self.reduced:
+            return weights
+        rows, columns = weights.indices()
+        columns = torch.searchsorted(self.entering, columns)
+        size = (len(chosen.keep), len(self.entering))
+        return torch.sparse_coo_tensor(torch.stack([rows, columns]), weights.values(), size, check_invariants=True)
+
     def widen(self, name: str, values: torch.Tensor) -> torch.Tensor:
         """A signal over the K tokens that entered the LLM as one over the N tokens of the image: NaN
         (False for `alive`) for the tokens gone before it; the text signals as they are."""
@@ -199,10 +217,8 @@ class LlmStage:
             scored = [(c, s) for c, s in zip(self.cuts, self.chosen) if s.scores is not None]
             maps.update({f"layer {c.score_layer}": s.scores.cpu() for c, s in scored})
         keep, groups = last.keep.cpu(), before.groups
-        if groups is not None:  # a token merged before the LLM stays with its owner while the owner stays
-            left = torch.zeros(len(groups), dtype=torch.bool)
-            left[keep] = True
-            groups = torch.where(left[groups.clamp(min=0)] & (groups >= 0), groups, -1)
+        if groups is not None or any(s.groups is not None for s in self.chosen):
+            groups = self.followed(before)
         return Selection(
             keep=keep,
             scores=None if last.scores is None else last.scores.cpu(),
@@ -211,6 +227,22 @@ class LlmStage:
             maps=maps,
             stats={**before.stats, **last.stats},
         )
+
+    def followed(self, before: Selection) -> torch.Tensor:
+        """(N,) where each token went, followed through the cuts: a token merged before the LLM or at a cut
+        (`Selection.groups`) goes with the token it merged into, wherever that goes; -1 where it was dropped."""
+        n = len(self.geometry)
+        if before.groups is not None:
+            groups = before.groups.cpu()  # (N,)
+        else:
+            groups = torch.full((n,), -1)
+            groups[self.entering] = self.entering
+        for chosen in self.chosen:
+            step = torch.full((n,), -1)  # where each token alive at this cut went
+            step[chosen.keep.cpu()] = chosen.keep.cpu()
+            step = step if chosen.groups is None else chosen.groups.cpu()
+            groups = torch.where(groups >= 0, step[groups.clamp(min=0)], -1)
+        return groups
 
     def tokens(self) -> dict:
         """visual_per_layer: the visual tokens each LLM layer sees in the prefill; visual_layer_mean: their
@@ -248,4 +280,5 @@ def llm_hooks(backend, prepared, name: str, method, budget: int, before: Selecti
         prepared = dataclasses.replace(prepared, inputs={**prepared.inputs, "input_ids": ids})
     options = {"compact_from": stage.compact_from, "rerank": method.rerank}
     options |= {"attend": stage.attend} if method.decode_keep is not None else {}
+    options |= {"mix": stage.mix}  # a cut that merges (`Selection.mixes` "llm-residual")
     return stage, backend.pruning(prepared, stage.pairs, method.needs, stage.choose, method.keep_positions, **options)

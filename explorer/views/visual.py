@@ -395,6 +395,8 @@ LLM_SIGNALS = {  # read inside the LLM, where a method cuts
     signals.LLM_ROPE: "what rotary position embedding alone adds to each text token's attention logit for each "
     "visual token",
     signals.LLM_POSITIONS: "the positions of the visual and text tokens in the prompt",
+    signals.LLM_RESIDUAL: "the LLM's hidden states of the visual and text tokens where it cuts, as they are (not "
+    "normalised): what a merge there mixes",
     signals.LLM_LOGITS: "the last prompt token's query-key products with every prompt token at an early LLM layer, "
     "in a first pass",
 }
