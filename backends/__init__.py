@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from . import llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl, random_models, smolvlm
+from . import gemma3, internvl, llava, llava_next, llava_onevision, qwen2_vl, qwen3_5, qwen3_vl, random_models, smolvlm
 from .base import pick_device, pick_dtype
 from .errors import ExplorerError, first_line
 from .geometry import Geometry, Prepared
 
-FAMILIES = (llava_next, llava_onevision, qwen2_vl, qwen3_vl, smolvlm, llava)  # one file each
+FAMILIES = (llava_next, llava_onevision, qwen2_vl, qwen3_vl, qwen3_5, smolvlm, llava, gemma3, internvl)  # one file each
 BACKENDS = {
     b.model_type: b
     for b in (
@@ -28,9 +28,13 @@ BACKENDS = {
         qwen2_vl.Qwen25VL,
         qwen3_vl.Qwen3VL,
         qwen3_vl.Qwen3VLMoe,
+        qwen3_5.Qwen35,
+        qwen3_5.Qwen35Moe,
         smolvlm.SmolVLM,
         smolvlm.SmolVLM2,
         llava.Llava,
+        gemma3.Gemma3,
+        internvl.InternVL,
     )
 }  # config.model_type -> backend
 RANDOM = {name: f.random_parts for f in FAMILIES for name in f.RANDOM}  # random-weight model -> (config, processor)
@@ -42,6 +46,10 @@ FULL_SIZE = {  # Hub checkpoint -> the tiny model with its processor; its archit
     "Qwen/Qwen2-VL-2B-Instruct": "tiny-qwen2-vl",
     "Qwen/Qwen2-VL-7B-Instruct": "tiny-qwen2-vl",
     "Qwen/Qwen3-VL-2B-Instruct": "tiny-qwen3-vl",
+    "Qwen/Qwen3.5-0.8B": "tiny-qwen3.5",
+    "Qwen/Qwen3.5-27B": "tiny-qwen3.5",  # sizes as public copies give them (tests/test_qwen3_5.py)
+    "google/gemma-3-4b-it": "tiny-gemma3",
+    "OpenGVLab/InternVL3-1B-hf": "tiny-internvl3",
 }
 OFFLINE = {  # a default checkpoint -> the random-weight model of its family, when it cannot be fetched
     llava_next.DEFAULT: "tiny-llava-next",

@@ -29,10 +29,12 @@ FAMILIES = [
     "tiny-smolvlm",
     "tiny-idefics3",
     "tiny-llava-1.5",
+    "tiny-internvl3",
 ]
 SMOLVLM = {"tiny-smolvlm", "tiny-idefics3"}  # SmolVLM2 (model type smolvlm) and SmolVLM-256M (idefics3)
 PROMPT = "What is in this picture?"
-THUMBNAILED = {"tiny-llava-onevision", *SMOLVLM}  # a thumbnail beside crops: GlobalCom2 applies
+THUMBNAILED = {"tiny-llava-onevision", *SMOLVLM, "tiny-internvl3"}  # a thumbnail beside crops: GlobalCom2 applies
+CLS_TOKEN = {"tiny-llava-1.5", "tiny-internvl3"}  # CLIP's and InternViT's [CLS] (test_internvl.py checks the latter)
 PATCH_TOKENS = {"tiny-llava-1.5", "tiny-llava-onevision"}  # every token one patch (OneVision: unless resampled)
 CLIPS_ONLY = {name for name, method in METHODS.items() if "clip" in method.requires}  # frames, the video methods
 
@@ -62,10 +64,11 @@ def qwen(request):
     return request.param, loaded(request.param)
 
 
-@pytest.fixture(scope="session", params=[f for f in FAMILIES if f != "tiny-llava-1.5"])
+@pytest.fixture(scope="session", params=[f for f in FAMILIES if f not in CLS_TOKEN])
 def clsless(request):
-    """(preset name, backend) of the families whose encoder has no [CLS] token (LLaVA-1.5's CLIP has
-    one; tests/test_vision_methods.py compares [CLS] attention with stock CLIP)."""
+    """(preset name, backend) of the families whose encoder has no [CLS] token (LLaVA-1.5's CLIP and
+    InternVL's InternViT have one; tests/test_vision_methods.py and tests/test_internvl.py compare their [CLS]
+    attention with the stock encoders')."""
     return request.param, loaded(request.param)
 
 
@@ -166,9 +169,9 @@ def pixels_of_tokens(name: str, backend, prepared) -> tuple[torch.Tensor, torch.
     if name.startswith("tiny-qwen"):  # (P, 3 * 2 * 14 * 14) patches, 4 per token
         patches = values.view(-1, 4, 3, 2, 14, 14)[:, :, :, 0]  # first frame
         return patches.mean((1, 3, 4)) * std + mean, torch.ones(len(patches), dtype=torch.bool)
-    if name in SMOLVLM:  # (1, tiles, 3, 512, 512), 8x8 tokens of 64 px per tile
-        side, cell = backend.side, values.shape[-1] // backend.side
-        tiles = values[0].view(-1, 3, side, cell, side, cell).mean((3, 5))  # (tiles, 3, 8, 8)
+    if name in SMOLVLM or name == "tiny-internvl3":  # (1, tiles, 3, 512, 512), 8x8 tokens of 64 px per tile;
+        side, cell = backend.side, values.shape[-1] // backend.side  # InternVL: (tiles, 3, 448, 448), 16x16 of 28
+        tiles = values.flatten(0, -4).view(-1, 3, side, cell, side, cell).mean((3, 5))  # (tiles, 3, side, side)
         ones = torch.ones(len(tiles) * side**2, dtype=torch.bool)
         return tiles.permute(0, 2, 3, 1).reshape(-1, 3) * std + mean, ones
     side = backend.model.config.vision_config.image_size // 14  # SigLIP's 384 px make 27 patches of 14

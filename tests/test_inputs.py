@@ -180,7 +180,10 @@ def test_a_checkpoint_of_another_family_is_named(tmp_path):
     import transformers
 
     transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp_path)
-    families = "llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, idefics3, smolvlm, llava"
+    families = (
+        "llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe, idefics3, smolvlm, "
+        "llava, gemma3, internvl"
+    )
     with pytest.raises(ExplorerError, match=f"is a 'llama' checkpoint; the explorer runs {families} checkpoints"):
         backends.load(str(tmp_path), "cpu")
 

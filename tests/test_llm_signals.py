@@ -19,8 +19,14 @@ FAMILIES = [
     "tiny-smolvlm",
     "tiny-idefics3",
     "tiny-llava-1.5",
+    "tiny-qwen3.5",
+    "tiny-gemma3",
+    "tiny-internvl3",
 ]
 NEEDS = (LLM_ATTENTION, LLM_HIDDEN, LLM_EMBEDS)  # each also gives its text counterpart
+# Qwen3.5 scores only at full-attention layers (its first: 3, the first entry of the attentions it records) and
+# cuts after it; the others cut before layer 2, scored at layer 1
+LAYER, RECORDED = {"tiny-qwen3.5": 4}, {"tiny-qwen3.5": 0}
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -37,7 +43,7 @@ def test_the_llm_signals_are_what_the_stock_model_computes(name):
         seen.update(maps)
         return alive.nonzero()[:, 0]
 
-    layer = 2  # a cut before layer 2, scored at layer 1
+    layer = LAYER.get(name, 2)  # a cut before this layer, scored at the one before
     with torch.inference_mode():
         features, _ = backend.encode(prepared, ())
         inputs = backend.generate_inputs(prepared, features, torch.arange(len(prepared.geometry)))
@@ -50,7 +56,7 @@ def test_the_llm_signals_are_what_the_stock_model_computes(name):
             entering[image] += features[:, d * layer : d * (layer + 1)].to(entering.dtype)
         hidden = backend.decoder().norm(entering)  # (L, D) entering the layer, through the final norm
     embeds = stock.hidden_states[0][0]  # (L, D)
-    attention = stock.attentions[layer - 1][0]  # (H, L, L) at the scoring layer
+    attention = stock.attentions[RECORDED.get(name, layer - 1)][0]  # (H, L, L) at the scoring layer
     close = dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(seen[LLM_EMBEDS].float(), embeds[image].float(), **close)
     torch.testing.assert_close(seen[text_of(LLM_EMBEDS)].float(), embeds[text].float(), **close)

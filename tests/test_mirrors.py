@@ -37,6 +37,8 @@ QWEN = (
 )
 # Qwen3-VL's template (its SOURCES.md) opens no system turn unless one is given.
 QWEN3 = f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+# Qwen3.5's (its SOURCES.md) as the backend renders it: thinking turned off, an empty thinking block opens the answer.
+QWEN35 = f"{QWEN3}<think>\n\n</think>\n\n"
 SMOLVLM = f"<|im_start|>User:<image>{PROMPT}<end_of_utterance>\nAssistant:"
 IDEFICS3_PROMPT = f"<|begin_of_text|>User:<image>{PROMPT}<end_of_utterance>\nAssistant:"
 # Visual tokens at two image sizes (width x height), by each checkpoint's published processor rule:
@@ -66,6 +68,15 @@ SMOL_INSTRUCT = {(1024, 768): 1053, (1024, 1024): 1377}
 # Idefics3-8B (longer side to 1456 px, 364-px tiles, (364/14)^2 / 2^2 = 169 tokens a tile): 1024x768
 #   -> 1456x1092 = 4x3 tiles + 1 = 13 * 169 = 2197; 1024x1024 -> 1456x1456 = 17 * 169 = 2873.
 IDEFICS3 = {(1024, 768): 2197, (1024, 1024): 2873}
+# Gemma 3 (896-px SigLIP, 64x64 patches pooled 4x4): 256 tokens at any size, pan-and-scan off as published.
+GEMMA3 = {(1024, 768): 256, (672, 672): 256}
+GEMMA3_PROMPT = f"<start_of_turn>user\n<start_of_image>{PROMPT}<end_of_turn>\n<start_of_turn>model\n"  # <bos> added
+# InternVL3 (1 to 12 tiles of 448 px, the grid's aspect ratio closest to the image's, a thumbnail beside several,
+#   256 tokens a tile): 1024x768 -> 4x3 tiles + 1 = 3328; 672x672 -> 2x2 (ties 1x1 and 3x3: more tiles while the
+#   image has over half their area) + 1 = 1280.
+INTERNVL = {(1024, 768): 3328, (672, 672): 1280}
+# InternVL3-1B-hf's template (its SOURCES.md): no system turn; the processor expands <IMG_CONTEXT>.
+INTERNVL_PROMPT = f"<|im_start|>user\n<IMG_CONTEXT>\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
 # LLaVA-1.5: the central 336x336 crop, (336/14)^2 = 576 tokens at any size.
 LLAVA = {(1024, 768): 576, (336, 336): 576}
 PUBLISHED = {  # mirror -> (prompt, visual tokens by size)
@@ -78,11 +89,14 @@ PUBLISHED = {  # mirror -> (prompt, visual tokens by size)
     "Qwen--Qwen2-VL-7B-Instruct": (QWEN, QWEN_COUNTS),
     "Qwen--Qwen2.5-VL-3B-Instruct": (QWEN, QWEN_COUNTS),
     "Qwen--Qwen3-VL-2B-Instruct": (QWEN3, QWEN3_COUNTS),
+    "Qwen--Qwen3.5-0.8B": (QWEN35, QWEN3_COUNTS),  # Qwen3-VL's processor
     "llava-hf--llava-1.5-7b-hf": (VICUNA, LLAVA),
     "HuggingFaceTB--SmolVLM-256M-Instruct": (SMOLVLM, SMOL_256M),
     "HuggingFaceTB--SmolVLM2-256M-Video-Instruct": (SMOLVLM, SMOL_256M),
     "HuggingFaceTB--SmolVLM-Instruct": (SMOLVLM, SMOL_INSTRUCT),
     "HuggingFaceM4--Idefics3-8B-Llama3": (IDEFICS3_PROMPT, IDEFICS3),
+    "OpenGVLab--InternVL3-1B-hf": (INTERNVL_PROMPT, INTERNVL),
+    "google--gemma-3-4b-it": (GEMMA3_PROMPT, GEMMA3),
 }
 FOLDERS: dict[str, tempfile.TemporaryDirectory] = {}  # kept until the tests end
 
@@ -100,7 +114,7 @@ def loaded(name: str):
 
 def test_every_checkpoint_the_readme_and_docs_name_has_a_mirror():
     text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
-    named = set(re.findall(r"\b(llava-hf|Qwen|HuggingFaceTB|HuggingFaceM4)/([\w.-]+\w)", text))
+    named = set(re.findall(r"\b(llava-hf|Qwen|HuggingFaceTB|HuggingFaceM4|google|OpenGVLab)/([\w.-]+\w)", text))
     assert {f"{owner}--{name}" for owner, name in named} <= set(build.names())
     assert set(PUBLISHED) == set(build.names())
 

@@ -28,6 +28,7 @@ REAL = {  # tiny model -> the published checkpoint its cost is projected on by d
     "tiny-smolvlm": "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
     "tiny-idefics3": "HuggingFaceTB/SmolVLM-256M-Instruct",
     "tiny-llava-1.5": "llava-hf/llava-1.5-7b-hf",
+    "tiny-gemma3": "google/gemma-3-4b-it",
 }
 PUBLISHED = {  # parameters as the Hub shows them, rounded: test_bench's full-size ones and these
     **FULL_SIZE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from ..core import FEATURES, ExplorerError, prompted
+from ..core import FEATURES, LLM_TRANSITION, ExplorerError, prompted
 from .aim import AIM
 from .cls import CLS
 from .dart import DART
@@ -117,6 +117,14 @@ def unavailable(name: str, backend, clip: bool = False) -> str | None:
             f"encoder patch, projected on its own (LLaVA-NeXT, LLaVA-1.5, LLaVA-OneVision); {backend.family} "
             "makes its tokens from the patches after the encoder. tome merges after the encoder on every family"
         )
+    if method.stage == "llm" and backend.decoder().recurrent:  # LLM layers with a recurrent state, no KV cache
+        transition = LLM_TRANSITION in method.needs
+        if transition or method.compact_from is not None or method.decode_keep is not None:
+            does = "reads every layer's token transition" if transition else "cuts KV caches while decoding"
+            return (
+                f"{name} {does}; most of {backend.family}'s LLM layers are linear-attention ones, whose recurrent "
+                "state sums up every token seen, with no attention to read and no cache to cut"
+            )
     for signal in method.needs if method.stage == "vision" else method.vision_needs:
         try:
             if signal != FEATURES and not prompted(signal):  # a CLIP model beside the VLM gives those

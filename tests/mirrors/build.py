@@ -91,6 +91,16 @@ def shrink(config: dict) -> dict:
         vision["deepstack_visual_indexes"] = [i * depth // vision["depth"] for i in stacked]
         vision["depth"] = depth
         text["num_hidden_layers"] = len(stacked) + 1  # an LLM layer for each DeepStack layer to feed, and one more
+    elif config["model_type"] == "qwen3_5":  # one group of three linear-attention layers and a full-attention one
+        vision |= {"depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "out_hidden_size": 32}
+        rope = text["rope_parameters"]  # a head rotates partial_rotary_factor of itself, in the M-RoPE sections
+        text |= {"num_hidden_layers": 4, "layer_types": text["layer_types"][:4], "hidden_size": 32}
+        text["head_dim"] = int(2 * sum(rope["mrope_section"]) / rope["partial_rotary_factor"])
+        text |= {"linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16}
+        text["linear_value_head_dim"] = 16
+    elif config["model_type"] == "gemma3":  # five sliding-window layers and a global one; heads of the small width
+        vision |= VISION
+        text |= {"num_hidden_layers": 6, "head_dim": text["hidden_size"] // text["num_attention_heads"]}
     else:
         vision |= VISION
     return config
