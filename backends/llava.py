@@ -95,7 +95,10 @@ def llava_processor(path: str, **hub):
     )
 
 
-RANDOM = {"tiny-llava-1.5": ((32, 3, 4, 64), (32, 4, 4, 64))}  # name -> (vision, text) as (hidden, layers, heads, mlp)
+RANDOM = {  # name -> (vision, text) sizes as (hidden, layers, heads, mlp), LLM positions: tiny widths, and the
+    # LLM depth and positions of the checkpoint it follows (backends/configs/, tests/mirrors/)
+    "tiny-llava-1.5": ((32, 3, 4, 64), (32, 32, 4, 64), 4096),  # llava-1.5-7b-hf: 32 layers, 4096 positions
+}
 
 
 def random_parts(name: str):
@@ -103,7 +106,7 @@ def random_parts(name: str):
     (shorter side to 336 px, central 336x336 crop, patch 14)."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaProcessor
 
-    vision, text = RANDOM[name]
+    vision, text, positions = RANDOM[name]
     tokenizer = llama_tokenizer()
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
@@ -114,7 +117,7 @@ def random_parts(name: str):
         chat_template=VICUNA,
     )
     config = LlavaConfig(
-        text_config=text_config(tokenizer, text, model_type="llama"),
+        text_config=text_config(tokenizer, text, positions, model_type="llama"),
         vision_config=vision_config("clip_vision_model", vision, image_size=336, patch_size=14),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,

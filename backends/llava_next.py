@@ -74,9 +74,10 @@ def modeling_llava_next():
 
 # Random-weight models with the llava-hf 1.6 processor geometry (336-px crops, patch 14, the llava-hf
 # grid pinpoints): token counts and overlays are real, answers are gibberish.
-RANDOM = {  # name -> (vision, text) sizes as (hidden, layers, heads, mlp)
-    "tiny-llava-next": ((32, 3, 4, 64), (32, 4, 4, 64)),  # tests and the offline smoke run
-    "small-llava-next": ((256, 8, 8, 1024), (512, 8, 8, 1408)),  # CPU benchmarks
+RANDOM = {  # name -> (vision, text) sizes as (hidden, layers, heads, mlp), LLM positions
+    # tests and the offline smoke run: tiny widths, llava-v1.6-vicuna-7b-hf's LLM depth and positions (32, 4096)
+    "tiny-llava-next": ((32, 3, 4, 64), (32, 32, 4, 64), 4096),
+    "small-llava-next": ((256, 8, 8, 1024), (512, 8, 8, 1408), 4096),  # CPU benchmarks: a mid-size stand-in
 }
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
@@ -86,7 +87,7 @@ def random_parts(name: str):
     from transformers import LlavaNextConfig, LlavaNextProcessor
     from transformers.models.llava_next import LlavaNextImageProcessorPil
 
-    vision, text = RANDOM[name]
+    vision, text, positions = RANDOM[name]
     tokenizer = llama_tokenizer()
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=PINPOINTS
@@ -100,7 +101,7 @@ def random_parts(name: str):
         num_additional_image_tokens=1,
     )
     config = LlavaNextConfig(
-        text_config=text_config(tokenizer, text, model_type="llama"),
+        text_config=text_config(tokenizer, text, positions, model_type="llama"),
         vision_config=vision_config("clip_vision_model", vision, image_size=336, patch_size=14),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=PINPOINTS,

@@ -145,9 +145,10 @@ class LlavaOnevision(Backend):
         return geometry, torch.full((len(geometry),), -1)
 
 
-RANDOM = {  # name -> (vision, text): hidden, layers, heads, mlp
-    "tiny-llava-onevision": ((32, 3, 4, 64), (32, 4, 4, 64)),  # tests and the offline smoke run
-    "small-llava-onevision": ((256, 8, 8, 1024), (512, 8, 8, 1408)),  # CPU video benchmarks, as small-llava-next
+RANDOM = {  # name -> (vision, text): hidden, layers, heads, mlp; LLM positions
+    # tests and the offline smoke run: tiny widths, llava-onevision-qwen2-0.5b-ov-hf's LLM depth and positions
+    "tiny-llava-onevision": ((32, 3, 4, 64), (32, 24, 4, 64), 32768),
+    "small-llava-onevision": ((256, 8, 8, 1024), (512, 8, 8, 1408), 4096),  # CPU video benchmarks, as small-llava-next
 }
 PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # llava-onevision-qwen2-*-ov-hf's 36
 CHATML = (  # the chat template of llava-onevision-qwen2-*-ov-hf as the Hub has it now (tests/mirrors): images,
@@ -173,7 +174,7 @@ def random_parts(name: str):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
     from transformers.models.llava_onevision import LlavaOnevisionImageProcessorPil
 
-    vision, text = RANDOM[name]
+    vision, text, positions = RANDOM[name]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
     tokenizer = build_tokenizer(
         specials,
@@ -197,7 +198,7 @@ def random_parts(name: str):
         vision_aspect_ratio="anyres_max_9",
     )
     config = LlavaOnevisionConfig(
-        text_config=text_config(tokenizer, text, model_type="qwen2"),
+        text_config=text_config(tokenizer, text, positions, model_type="qwen2"),
         vision_config=vision_config(
             "siglip_vision_model", vision, image_size=384, patch_size=14, vision_use_head=False
         ),

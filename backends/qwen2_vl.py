@@ -344,9 +344,10 @@ class Qwen25VL(Qwen2VL):
         return super().in_image_order(prepared, values)[torch.argsort(window).to(values.device)]
 
 
-RANDOM = {  # name -> (vision, text) sizes as (hidden, layers, heads, mlp)
-    "tiny-qwen2-vl": ((32, 3, 4, 64), (32, 4, 4, 64)),
-    "tiny-qwen2.5-vl": ((32, 4, 4, 64), (32, 4, 4, 64)),
+RANDOM = {  # name -> (vision, text) sizes as (hidden, layers, heads, mlp), LLM positions: tiny widths, and the
+    # LLM depth and positions of the checkpoint each follows (backends/configs/, tests/mirrors/)
+    "tiny-qwen2-vl": ((32, 3, 4, 64), (32, 28, 4, 64), 32768),  # Qwen2-VL-2B-Instruct: 28 layers, 32768 positions
+    "tiny-qwen2.5-vl": ((32, 4, 4, 64), (32, 36, 4, 64), 128000),  # Qwen2.5-VL-3B-Instruct: 36, 128000
 }
 CHAT_TEMPLATE = (  # the Qwen2-VL / Qwen2.5-VL chat template, images first, then videos
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -383,7 +384,7 @@ def random_parts(name: str):
 
     qwen25 = name == "tiny-qwen2.5-vl"
     backend = Qwen25VL if qwen25 else Qwen2VL
-    (v_hidden, v_layers, v_heads, v_mlp), text = RANDOM[name]
+    (v_hidden, v_layers, v_heads, v_mlp), text, positions = RANDOM[name]
     tokenizer = qwen_tokenizer(
         "system user assistant You are a helpful assistant. What is shown in this image? Describe the photo."
     )
@@ -406,6 +407,7 @@ def random_parts(name: str):
         text_config=text_config(
             tokenizer,
             text,
+            positions,
             model_type=f"{backend.model_type}_text",
             num_key_value_heads=2,  # grouped-query attention, as the checkpoints
             rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1000000.0},

@@ -218,8 +218,9 @@ class Qwen3VLMoe(Qwen3VL):
     model_class = "Qwen3VLMoeForConditionalGeneration"
 
 
-RANDOM = {  # name -> (vision, text) sizes as (hidden, layers, heads, mlp)
-    "tiny-qwen3-vl": ((32, 4, 4, 64), (32, 4, 4, 64)),
+RANDOM = {  # name -> (vision, text) sizes as (hidden, layers, heads, mlp), LLM positions: tiny widths, and the
+    # LLM depth and positions of the checkpoint it follows (backends/configs/, tests/mirrors/)
+    "tiny-qwen3-vl": ((32, 4, 4, 64), (32, 28, 4, 64), 262144),  # Qwen3-VL-2B-Instruct: 28 layers, 262144 positions
 }
 # Qwen3-VL's chat template, reduced to what the explorer renders (one user turn, the image first, the
 # text): no default system turn, unlike Qwen2-VL's (tests/mirrors/Qwen--Qwen3-VL-2B-Instruct holds the
@@ -238,7 +239,7 @@ def random_parts(name: str):
     first three layers (the checkpoint's: 5, 11 and 17 of 24)."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLVideoProcessor
 
-    (v_hidden, v_layers, v_heads, v_mlp), text = RANDOM[name]
+    (v_hidden, v_layers, v_heads, v_mlp), text, positions = RANDOM[name]
     tokenizer = qwen_tokenizer("system user assistant What is shown in this image? Describe the photo.")
     half = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "patch_size": 16, "merge_size": 2}
     processor = transformers.Qwen3VLProcessor(
@@ -255,7 +256,13 @@ def random_parts(name: str):
     ids = {f"{k}_token_id": tokenizer.convert_tokens_to_ids(f"<|{k}|>") for k in ("vision_start", "vision_end")}
     config = transformers.Qwen3VLConfig(
         text_config=text_config(
-            tokenizer, text, model_type="qwen3_vl_text", num_key_value_heads=2, head_dim=head, rope_parameters=rope
+            tokenizer,
+            text,
+            positions,
+            model_type="qwen3_vl_text",
+            num_key_value_heads=2,
+            head_dim=head,
+            rope_parameters=rope,
         ),
         vision_config=vision,
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),

@@ -48,13 +48,14 @@ def llama_tokenizer():
     )
 
 
-def text_config(tokenizer, sizes: tuple[int, int, int, int], **settings) -> dict:
-    """A tiny LLM's config: sizes (hidden, layers, heads, mlp), the tokenizer's vocabulary and bos, eos
-    and pad ids, 4096 positions; `settings` add to it (model_type first of all)."""
+def text_config(tokenizer, sizes: tuple[int, int, int, int], positions: int = 4096, **settings) -> dict:
+    """A tiny LLM's config: sizes (hidden, layers, heads, mlp), `positions` (max_position_embeddings: the
+    checkpoint's, which with its depth the tiny models keep; 4096 is Vicuna's), the tokenizer's vocabulary
+    and bos, eos and pad ids; `settings` add to it (model_type first of all)."""
     hidden, layers, heads, mlp = sizes
     sized = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp)
     return (
-        dict(vocab_size=len(tokenizer), num_key_value_heads=heads, max_position_embeddings=4096)
+        dict(vocab_size=len(tokenizer), num_key_value_heads=heads, max_position_embeddings=positions)
         | sized
         | {
             **token_ids(tokenizer),
@@ -85,10 +86,19 @@ def token_ids(tokenizer) -> dict[str, int]:
 
 
 def save_random(model_class: str, config, processor, folder: Path) -> None:
-    """Save a random-weight model of `config`, seeded, and its processor, to `folder`."""
+    """Save a random-weight model of `config`, seeded, and its processor, to `folder`. The output rows of its
+    image and video placeholder tokens are zero, so that it never answers with one, as a real model does not
+    (an answer holding one cannot be read back after the prompt: the drift could not be scored)."""
     torch.manual_seed(0)
-    getattr(transformers, model_class)(config).save_pretrained(folder)
+    model = getattr(transformers, model_class)(config)
+    placeholders = [v for k, v in config.to_dict().items() if k.endswith(PLACEHOLDERS)]
+    with torch.no_grad():
+        model.get_output_embeddings().weight[placeholders] = 0  # (V, D): a logit of 0, in practice below the largest
+    model.save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+PLACEHOLDERS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")  # config keys
 
 
 def full_size(model_class: str, tiny, stored: dict, device: torch.device, dtype: torch.dtype):

@@ -175,9 +175,10 @@ class SmolVLM2(SmolVLM):
         return geometry, torch.full((len(partition),), -1)
 
 
-RANDOM = {  # name -> (vision, text): hidden, layers, heads, mlp
-    "tiny-idefics3": ((32, 3, 4, 64), (32, 4, 4, 64)),  # SmolVLM-256M-Instruct (model type idefics3)
-    "tiny-smolvlm": ((32, 3, 4, 64), (32, 4, 4, 64)),  # SmolVLM2 (model type smolvlm)
+RANDOM = {  # name -> (vision, text): hidden, layers, heads, mlp; LLM positions: tiny widths, and the LLM depth
+    # and positions of the checkpoint each follows (backends/configs/, tests/mirrors/): 30 layers, 8192 positions
+    "tiny-idefics3": ((32, 3, 4, 64), (32, 30, 4, 64), 8192),  # SmolVLM-256M-Instruct (model type idefics3)
+    "tiny-smolvlm": ((32, 3, 4, 64), (32, 30, 4, 64), 8192),  # SmolVLM2-256M-Video-Instruct (model type smolvlm)
 }
 TILE, PATCH, SCALE = 512, 16, 4  # SmolVLM-256M-Instruct's tiles, patches and pixel shuffle
 # SmolVLM2-256M-Video-Instruct's video processor as transformers 5.23 builds it from the checkpoint's
@@ -208,7 +209,7 @@ def random_parts(name: str):
     Idefics3 ones (tiny-idefics3)."""
     import transformers
 
-    vision, text = RANDOM[name]
+    vision, text, positions = RANDOM[name]
     kind = "SmolVLM" if name == "tiny-smolvlm" else "Idefics3"
     markers = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>"]
@@ -239,7 +240,7 @@ def random_parts(name: str):
         **parts, image_seq_len=(TILE // PATCH) ** 2 // SCALE**2, chat_template=CHAT_TEMPLATE
     )
     config = getattr(transformers, f"{kind}Config")(
-        text_config=text_config(tokenizer, text, model_type="llama"),
+        text_config=text_config(tokenizer, text, positions, model_type="llama"),
         vision_config=vision_config(f"{kind.lower()}_vision", vision, image_size=TILE, patch_size=PATCH),
         scale_factor=SCALE,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),

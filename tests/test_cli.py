@@ -92,9 +92,11 @@ def test_run_summarises_where_an_llm_stage_method_cut(capsys, image):
     assert code == 0 and err == ""
     assert "pdrop (stages=2, ratio=0.5, keep_positions=True, budget_after_cuts=True), budget 300 tokens (left" in out
     assert "visual tokens kept 300 of 2340" in out
-    # 4 layers in 3 stages: cuts before layers 1 and 2; layers see 2340, 600, 300, 300 visual tokens
-    assert "inside the LLM: 600 from layer 1 (scored at 1), 300 from layer 2 (scored at 2); " in out
-    assert "visual tokens per layer, averaged: 885.0" in out
+    # 32 layers in 3 stages: cuts before layers 32 * 1 // 3 = 10 and 32 * 2 // 3 = 21, keeping the official
+    # int(2340 / 2^s) = 1170, 585 scaled by 300 / 585: 600 and 300; layers 0-9 see 2340, 10-20 600, 21-31 300:
+    # (10 * 2340 + 11 * 600 + 11 * 300) / 32 = 33300 / 32 = 1040.625
+    assert "inside the LLM: 600 from layer 10 (scored at 10), 300 from layer 21 (scored at 21); " in out
+    assert "visual tokens per layer, averaged: 1040.6" in out
 
 
 def test_run_says_an_llm_stage_budget_is_a_layer_mean_and_when_the_decode_reranks(capsys, image):
@@ -102,11 +104,13 @@ def test_run_says_an_llm_stage_budget_is_a_layer_mean_and_when_the_decode_rerank
     code, out, err = cli(capsys, "run", *TINY, *args, "--set", "rerank=true")
     assert code == 0 and err == ""
     assert "budget 1200 tokens (visual tokens per LLM layer, averaged)" in out
-    # layers 0-1 see 2340, layers 2-3 the R kept: the largest R with (2 * 2340 + 2 R) / 4 <= 1200 is 60
-    assert "inside the LLM: 60 from layer 2 (scored at 1); visual tokens per layer, averaged: 1200.0" in out
+    # layers 0-1 see 2340, layers 2-31 the R kept: the largest R with (2 * 2340 + 30 R) / 32 <= 1200 is
+    # (32 * 1200 - 4680) / 30 = 1124, a mean of exactly 1200
+    assert "inside the LLM: 1124 from layer 2 (scored at 1); visual tokens per layer, averaged: 1200.0" in out
     assert "decode without a KV cache, the tokens chosen again at every new token (slow" in out
-    code, _, err = cli(capsys, "run", *TINY, *args[:-4], "--tokens", "1000", "--max-new-tokens", "1")
-    assert code == 2 and "fastv: a budget of 1000 visual tokens per LLM layer on average is less than" in err
+    code, _, err = cli(capsys, "run", *TINY, *args[:-4], "--tokens", "100", "--max-new-tokens", "1")
+    assert code == 2 and "fastv: a budget of 100 visual tokens per LLM layer on average is less than" in err
+    assert "averages 147.2 over the 32 layers" in err  # 1 token kept: (2 * 2340 + 30) / 32 = 147.1875
 
 
 def test_methods_lists_every_method_with_its_settings(capsys):
@@ -132,6 +136,9 @@ def test_models_tabulates_every_family_on_its_random_weight_model(capsys):
         "`tiny-smolvlm`": ["1088", "832"],
         "`tiny-idefics3`": ["1088", "832"],
         "`tiny-llava-1.5`": ["576", "576"],
+        "`tiny-gemma3`": ["256", "256"],
+        "`tiny-internvl3`": ["1280", "2304"],  # 2x2 448-px tiles + the thumbnail; 4x2 tiles + it (1920x1080), 256 each
+        "`tiny-qwen3.5`": ["441", "1222"],  # Qwen3-VL's processor: one token per 32x32 pixels
     }
     assert "| Qwen2-VL | `qwen2_vl` | `Qwen/Qwen2-VL-2B-Instruct` |" in out and "| `globalcom2`, `tome-vit` |" in out
     assert cli(capsys, "models", "--sizes", "672")[0] == 2
@@ -148,7 +155,7 @@ def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
         "--methods",
         "hired,fastv",
         "--budgets",
-        "1,0.6,0.2",
+        "1,0.6,0.05",
         "--repeats",
         "2",
         "--warmup",
@@ -170,16 +177,19 @@ def test_bench_prints_a_table_and_writes_csv(capsys, image, tmp_path):
         ("none", "-", "2340", 2340),
         ("hired", "1", "2304", 2304),
         ("hired", "0.6", "1404", 1404),
-        ("hired", "0.2", "468", 468),
+        ("hired", "0.05", "117", 117),
         ("fastv", "1", "2340", 2340),
-        ("fastv", "0.6", "468", (2 * 2340 + 2 * 468) / 4),  # a layer mean: layers 0-1 see all, 2-3 the kept
-        ("fastv", "0.2", "", None),  # 468 as a layer mean is out of reach: the row says why
+        # a layer mean of 1404 on 32 layers: layers 0-1 see all 2340, 2-31 the R kept, the largest R with
+        # (2 * 2340 + 30 R) / 32 <= 1404 is 1341
+        ("fastv", "0.6", "1341", (2 * 2340 + 30 * 1341) / 32),
+        ("fastv", "0.05", "", None),  # 117 as a layer mean is out of reach (1 kept averages 147.2): the row says why
         ("uniform", "2304 tokens", "2304", 2304),  # the floors: as many tokens per layer, no selection work
-        ("uniform", "1404 tokens", "1404", 1404),  # hired's and fastv's at 0.6
-        ("uniform", "468 tokens", "468", 468),
+        ("uniform", "1404 tokens", "1404", 1404),  # hired's at 0.6
+        ("uniform", "117 tokens", "117", 117),
+        ("uniform", "1403 tokens", "1403", 1403),  # fastv's at 0.6: its mean 1403.4375, rounded
     ]
-    assert "fastv: a budget of 468 visual tokens per LLM layer on average is less than" in rows[6]["answer"]
-    assert rows[5]["floor_ttft_s"] == rows[2]["floor_ttft_s"] == rows[8]["ttft_s"]
+    assert "fastv: a budget of 117 visual tokens per LLM layer on average is less than" in rows[6]["answer"]
+    assert rows[2]["floor_ttft_s"] == rows[8]["ttft_s"] and rows[5]["floor_ttft_s"] == rows[10]["ttft_s"]
     assert float(rows[0]["ttft_ratio"]) == 1.0 and all(float(r["ttft_s"]) > 0 for r in rows if r["ttft_s"])
     # drift on the unreduced answer: none against itself is zero; fastv at 0.6 cuts most tokens at layer 2
     assert (rows[0]["logprob_diff"], rows[0]["kl"], rows[0]["first_divergence"]) == ("0.0", "0.0", "")
@@ -268,8 +278,7 @@ def test_unreadable_files_and_folders_through_the_cli(capsys, image, tmp_path):
         (
             ["--model", str(tmp_path / "llama")],
             "is a 'llama' checkpoint; the explorer runs llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, "
-            "idefics3, smolvlm, "
-            "llava checkpoints",
+            "qwen3_5, qwen3_5_moe, idefics3, smolvlm, llava, gemma3, internvl checkpoints",
         ),
     ]
     for args, message in cases:

@@ -4,16 +4,12 @@ method meets it as closely as whole counts allow from below, says clearly when i
 numbers each method's docstring quotes are what its code gives. SparseVLM keeps the official v2.0
 stage counts on a 32-layer LLM, layer by layer as the official code counts them."""
 
-import copy
 import inspect
 
 import pytest
-import torch
-import transformers
 from conftest import photo
 from test_families import loaded
 
-from backends.llava import Llava
 from explorer import METHODS, Budget, ExplorerError, make, run
 from explorer.engine.llm import layer_mean, least_mean, plan
 from explorer.engine.pipeline import step_budget
@@ -27,7 +23,7 @@ LLM = [name for name, method in METHODS.items() if method.stage == "llm" and "cl
 def test_every_llm_method_meets_its_budget_as_a_layer_mean(backend, name):
     result = run(backend, photo(640, 480, seed=1), PROMPT, name, 0.7, max_new_tokens=1)
     t = result.tokens
-    b, depth = 1638, backend.depth  # 70% of 2340, on the tiny model's 4 layers
+    b, depth = 1638, backend.depth  # 70% of 2340, on tiny-llava-next's 32 layers (LLaVA-1.6-7B's)
     assert t["visual_budget"] == b and t["visual_kept"] == len(result.selection.keep) < b
     assert t["visual_layer_mean"] == sum(t["visual_per_layer"]) / depth <= b
     method, entering, kept = make(name), t["visual_entering"], t["visual_kept"]
@@ -41,30 +37,35 @@ def test_every_llm_method_meets_its_budget_as_a_layer_mean(backend, name):
 
 def test_a_budget_the_layers_cannot_meet_is_refused_and_the_next_run_works(backend):
     image = photo(640, 480, seed=1)
+    # 5% of 2340 is 117; FastV's layers 0-1 see all 2340, so 1 token kept from layer 2 of 32 averages
+    # (2 * 2340 + 30 * 1) / 32 = 4710 / 32 = 147.1875
     message = (
-        "fastv: a budget of 468 visual tokens per LLM layer on average is less than its cuts can reach with "
+        "fastv: a budget of 117 visual tokens per LLM layer on average is less than its cuts can reach with "
         "the 2340 visual tokens that enter the LLM: the layers before its first cut see them all, so even keeping "
-        "1 token after its cuts averages 1170.5 over the 4 layers"
+        "1 token after its cuts averages 147.2 over the 32 layers"
     )
     with pytest.raises(ExplorerError, match=message):
-        run(backend, image, PROMPT, "fastv", 0.2, max_new_tokens=1)
-    with pytest.raises(ExplorerError, match="sparsevlm: a budget of 468 visual tokens per LLM layer on average"):
-        run(backend, image, PROMPT, "sparsevlm", 0.2, max_new_tokens=1)
-    after = run(backend, image, PROMPT, "fastv", 0.2, settings={"budget_after_cuts": True}, max_new_tokens=1)
-    assert after.tokens["visual_kept"] == 468 and after.tokens["visual_layer_mean"] == (2 * 2340 + 2 * 468) / 4
-    assert least_mean(make("fastv"), 4, 2340) == 1170.5
+        run(backend, image, PROMPT, "fastv", 0.05, max_new_tokens=1)
+    with pytest.raises(ExplorerError, match="sparsevlm: a budget of 117 visual tokens per LLM layer on average"):
+        run(backend, image, PROMPT, "sparsevlm", 0.05, max_new_tokens=1)
+    after = run(backend, image, PROMPT, "fastv", 0.05, settings={"budget_after_cuts": True}, max_new_tokens=1)
+    assert after.tokens["visual_kept"] == 117 and after.tokens["visual_layer_mean"] == (2 * 2340 + 30 * 117) / 32
+    assert least_mean(make("fastv"), 32, 2340) == 147.1875
+    assert least_mean(make("fastv"), 4, 2340) == (2 * 2340 + 2 * 1) / 4 == 1170.5  # a 4-layer LLM reaches far less
 
 
 def test_the_bench_compares_at_equal_mean_and_goes_on_past_a_budget_out_of_reach(backend):
     done = {}
-    budgets = [Budget(fraction=0.6), Budget(fraction=0.2)]
+    budgets = [Budget(fraction=0.6), Budget(fraction=0.05)]
     rows = bench.sweep(backend, photo(640, 480), "What?", ["fastv"], budgets, 1, 1, 0, done, floor=True)
     fastv, missed = rows[1], rows[2]
-    assert (fastv["visual_kept"], fastv["visual_layer_mean"]) == (468, 1404)
-    floor = done["uniform", "1404 tokens", 1]  # as many tokens per layer as fastv's mean, no selection
+    # B = 60% of 2340 = 1404 on 32 layers: the largest R with (2 * 2340 + 30 R) / 32 <= 1404 is
+    # floor((32 * 1404 - 4680) / 30) = floor(1341.6) = 1341, a mean of (4680 + 30 * 1341) / 32 = 1403.4375
+    assert (fastv["visual_kept"], fastv["visual_layer_mean"]) == (1341, 1403.4375)
+    floor = done["uniform", "1403 tokens", 1]  # as many tokens per layer as fastv's mean, rounded, no selection
     assert fastv["floor_ttft_s"] == floor["ttft_s"] and fastv["over_floor"] == fastv["ttft_s"] / floor["ttft_s"]
-    assert missed["ttft_s"] is None and "less than its cuts can reach" in missed["answer"]
-    assert [trace.x for trace in bench.traces(rows, "ttft_s")][0] == (1404,)  # drawn at its layer mean
+    assert missed["ttft_s"] is None and "less than its cuts can reach" in missed["answer"]  # 117 < 147.1875
+    assert [trace.x for trace in bench.traces(rows, "ttft_s")][0] == (1403.4375,)  # drawn at its layer mean
 
 
 # --- SparseVLM's official schedules ----------------------------------------------------------------
@@ -94,13 +95,10 @@ def test_sparsevlm_keeps_the_official_stage_counts_on_32_layers_and_else_the_mea
 
 @pytest.fixture(scope="module")
 def deep_llava():
-    """The tiny LLaVA-1.5 (576 visual tokens) with 32 LLM layers, as LLaVA-1.5-7B."""
+    """The tiny LLaVA-1.5 (576 visual tokens), with LLaVA-1.5-7B's 32 LLM layers."""
     backend = loaded("tiny-llava-1.5")
-    config = copy.deepcopy(backend.model.config)
-    config.text_config.num_hidden_layers = 32
-    torch.manual_seed(3)
-    model = transformers.LlavaForConditionalGeneration(config).eval()
-    return Llava(model, backend.processor, "tiny-llava-1.5, 32 layers", random_weights=True)
+    assert backend.depth == 32
+    return backend
 
 
 @pytest.mark.parametrize("paper", [192, 64])

@@ -1,8 +1,9 @@
 """Methods that prune inside the LLM (FastV, PyramidDrop, DART, SparseVLM): the sequence really gets
 shorter after the cut, the cache stays consistent while decoding, keeping everything changes nothing,
 the recomputed attention equals eager attention, and each method's rule on synthetic signals. Where a
-test needs a cut's count, it counts the budget after the cuts (`budget_after_cuts`); the 4-layer tiny
-model's first layers see every token, so a layer mean reaches only large budgets."""
+test needs a cut's count, it counts the budget after the cuts (`budget_after_cuts`); as a layer mean it
+would depend on the depth (the tiny model's 32 layers, LLaVA-1.6-7B's), the layers before a cut seeing every
+token."""
 
 import copy
 import json
@@ -231,7 +232,7 @@ def test_stream_reports_the_cut_after_the_prefill(backend, name):
     assert [r.done for r in results] == [False, False, False, True]  # nothing before the prefill has chosen
     assert [len(r.answer_ids) for r in results] == [1, 2, 3, 3]
     final = results[-1]
-    n, b, depth = 2340, 468, 4
+    n, b, depth = 2340, 468, backend.depth  # 32 layers, LLaVA-1.6-7B's
     assert all(r.tokens["visual_kept"] == len(r.selection.keep) == b for r in results)
     assert all(r.selection is final.selection for r in results)
     cuts = final.tokens["llm_cuts"]
@@ -261,8 +262,8 @@ def test_stream_reports_the_cut_after_the_prefill(backend, name):
 @pytest.mark.parametrize(
     "name, settings, message",
     [
-        ("fastv", {"layer": 4}, r"fastv: cannot cut before layer\(s\) \[4\]: the LLM has 4 layers"),
-        ("dart", {"layer": 9}, r"dart: cannot cut before layer\(s\) \[9\]"),
+        ("fastv", {"layer": 32}, r"fastv: cannot cut before layer\(s\) \[32\]: the LLM has 32 layers"),
+        ("dart", {"layer": 40}, r"dart: cannot cut before layer\(s\) \[40\]"),
         ("sparsevlm", {"layers": "2,x"}, "sparsevlm: layers must be 1 to 3 rising layer numbers"),
         ("sparsevlm", {"layers": "6,2"}, "sparsevlm: layers must be 1 to 3 rising layer numbers"),
     ],
@@ -287,14 +288,15 @@ def test_fidelity_scores_an_answer_under_the_model_pruned_inside(backend, name):
 def test_the_app_shows_the_cuts_and_the_tokens_per_layer(backend):
     result = run(backend, photo(640, 480), PROMPT, "pdrop", 0.2, settings=AFTER, max_new_tokens=1)
     rows = {row[0]: row[1:] for row in vis.metrics(result)}
-    # 2340 and the official int(2340 / 2^s) = 1170, 585, 292 scaled by 468 / 292: 1875, 937, 468
+    # 2340 and the official int(2340 / 2^s) = 1170, 585, 292 scaled by 468 / 292: 1875, 937, 468, cut before
+    # layers 8, 16 and 24 of 32: 8 layers each, a mean of (2340 + 1875 + 937 + 468) / 4 = 1405
     assert rows["visual tokens"][0] == "468" and rows["visual tokens per LLM layer, mean"][0] == "1405"
-    assert vis.budget_figure(result).layout.title.text.endswith(", cut before LLM layer 1, 2, 3")
+    assert vis.budget_figure(result).layout.title.text.endswith(", cut before LLM layer 8, 16, 24")
     captions = [caption for _, caption in teach.steps(photo(640, 480), result)]
     assert any(
-        c.startswith("What reaches the LLM's layers from layer 3 on: 468 of 2340 visual tokens") for c in captions
+        c.startswith("What reaches the LLM's layers from layer 24 on: 468 of 2340 visual tokens") for c in captions
     )
-    assert any("its intermediate map “layer 1”" in c for c in captions)  # each cut's scores
+    assert any("its intermediate map “layer 8”" in c for c in captions)  # each cut's scores
 
 
 def test_the_app_explains_what_each_llm_method_reads_and_where():

@@ -20,11 +20,12 @@ IMAGES = [(336, 336), (640, 480), (400, 700)]  # a square image and two non-squa
 
 @pytest.fixture(scope="module")
 def deep(backend):
-    """The tiny LLaVA-NeXT with 32 LLM layers of 16 heads (LLaVA-7B has 32 of 32), so that the official
-    layers and SparseVLM's 14 heads exist."""
+    """The tiny LLaVA-NeXT (LLaVA-1.6-7B's 32 LLM layers, so that the official layers exist) with 16 heads a
+    layer (LLaVA-7B has 32), so that SparseVLM's 14 heads exist."""
     config = copy.deepcopy(backend.model.config)
     text = config.text_config
-    text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads, text.head_dim = 32, 16, 16, 8
+    assert text.num_hidden_layers == 32
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim = 16, 16, 8
     torch.manual_seed(2)
     model = transformers.LlavaNextForConditionalGeneration(config).eval()
     return LlavaNext(model, backend.processor, "tiny-llava-next, 32 layers", random_weights=True)

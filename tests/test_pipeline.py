@@ -116,10 +116,11 @@ def test_every_run_removes_its_hooks(backend):
     reference = run(backend, image, PROMPT, "none", max_new_tokens=12).answer_ids
     for method in on_images():
         after = {"budget_after_cuts": True} if METHODS[method].stage == "llm" else {}  # 0.1 as a layer mean is
-        run(backend, image, PROMPT, method, 0.1, settings=after, max_new_tokens=2)  # too little for 4 layers
+        run(backend, image, PROMPT, method, 0.1, settings=after, max_new_tokens=2)  # below PDrop's (8 of 32 see all)
         assert hook_count(backend.model) == before
-    with pytest.raises(ExplorerError, match="fastv: a budget of 175 visual tokens per LLM layer"):
-        run(backend, image, PROMPT, "fastv", 0.1, max_new_tokens=2)
+    # 5% of 1752 is 87; FastV's first 2 of 32 layers see all 1752: at least (2 * 1752 + 30) / 32 = 110.4
+    with pytest.raises(ExplorerError, match="fastv: a budget of 87 visual tokens per LLM layer"):
+        run(backend, image, PROMPT, "fastv", 0.05, max_new_tokens=2)
     assert hook_count(backend.model) == before
     assert run(backend, image, PROMPT, "none", max_new_tokens=12).answer_ids == reference
 

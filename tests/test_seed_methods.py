@@ -281,7 +281,8 @@ def test_transprune_llm_meets_the_budget_and_keeping_everything_is_the_unreduced
     image = photo(640, 480, seed=5)
     settings = {"layers": "8,16,24", "budget_after_cuts": True}
     result = run(backend, image, PROMPT, "transprune-llm", 0.1, settings=settings, max_new_tokens=2)
-    assert [(c["layer"], c["kept"]) for c in result.tokens["llm_cuts"]] == [(1, 1638), (2, 1170), (3, 234)]
+    # on 32 layers: cuts before 8, 16, 24, keeping 234 * 0.875 / 0.125, 234 * 0.625 / 0.125 and 234
+    assert [(c["layer"], c["kept"]) for c in result.tokens["llm_cuts"]] == [(8, 1638), (16, 1170), (24, 234)]
     assert result.tokens["visual_kept"] == len(result.selection.keep) == 234
     image = photo(336, 336, seed=5)
     full = run(backend, image, PROMPT, "none", max_new_tokens=8)

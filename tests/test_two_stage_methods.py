@@ -175,7 +175,7 @@ def test_mustdrop_meets_the_budget_and_its_key_set_survives_every_cut(backend, s
     assert result.tokens["visual_kept"] == len(result.selection.keep) == b
     key = result.selection.maps["key set"].nonzero()[:, 0]
     assert 0 < len(key) <= b and torch.isin(key, result.selection.keep).all()
-    for layer in ("layer 0", "layer 1"):  # scored (alive) at both cuts
+    for layer in ("layer 2", "layer 6", "layer 10", "layer 14"):  # scored (alive) at every cut: 2, 6, 10, 14 of 32
         assert result.selection.maps[layer][key].isfinite().all()
     merged = result.selection.stats["MustDrop before the LLM"]["windows merged"]
     assert result.tokens["visual_entering"] == n - 8 * merged
@@ -330,9 +330,13 @@ def test_aim_meets_the_budget_and_follows_its_schedule_end_to_end(backend):
     image = photo(640, 480, seed=5)
     result = run(backend, image, PROMPT, "aim", 0.2, settings={"start": 7, "stop": 14, **AFTER}, max_new_tokens=2)
     assert result.tokens["visual_entering"] == math.floor(2340 * 0.2**0.5) == 1046
-    assert [(c["layer"], c["kept"]) for c in result.tokens["llm_cuts"]] == [(2, 541), (3, 468)]
+    # layers 7-14 of 28 scaled to 32 (l * 32 // 28): 8, 9, ..., 14 and 16, each cutting before the next layer,
+    # linear from the 1046 that enter to 468: 1046 - 578 i // 8 for i = 1..8
+    cuts = [(9, 974), (10, 902), (11, 830), (12, 757), (13, 685), (14, 613), (15, 541), (17, 468)]
+    assert [(c["layer"], c["kept"]) for c in result.tokens["llm_cuts"]] == cuts
     assert result.tokens["visual_kept"] == len(result.selection.keep) == 468
-    assert result.tokens["visual_layer_mean"] == (1046 + 1046 + 541 + 468) / 4
+    mean = (9 * 1046 + 974 + 902 + 830 + 757 + 685 + 613 + 2 * 541 + 15 * 468) / 32  # layers 0-8 see all 1046
+    assert result.tokens["visual_layer_mean"] == mean == 696.15625
 
 
 def test_aim_keeping_everything_is_the_unreduced_model(backend):

@@ -33,7 +33,7 @@ token but LLaVA-OneVision's newline and the last frame token (its image_token_le
 which always stay, keeps int(R (1 - pruning)) of the R ranked, and a step whose attention is within `threshold` of
 the step before's attends to every token. Its attention is recomputed from the layer's queries and
 keys, as the official code computes it; the step before is this answer's (the official code carries it
-across samples). The layer is clamped to the LLM's last (the tiny test models have 4).
+across samples). The layer is clamped to the LLM's last (for an LLM of 3 layers or fewer).
 """
 
 from __future__ import annotations
