@@ -304,6 +304,7 @@ def test_video_mode_scrubs_plays_previews_and_runs_a_clip_at_1400_and_400_px(bro
         assert page.get_by_label("Reduced answer (clip)").input_value() != ""
         page.get_by_role("tab", name="Waterfall").click()
         expect(page.locator("#video-mode .js-plotly-plot >> visible=true")).to_have_count(1)  # the waterfall
+        see_a_video_method_s_steps_and_the_stage_bars(page)
         ARTIFACTS.mkdir(exist_ok=True)
         page.locator("#video-mode").screenshot(path=ARTIFACTS / "video-1400.png")
         page.set_viewport_size({"width": 400, "height": 900})
@@ -318,6 +319,28 @@ def test_video_mode_scrubs_plays_previews_and_runs_a_clip_at_1400_and_400_px(bro
         page.screenshot(path=ARTIFACTS / "video-400.png")
     finally:
         demo.close()
+
+
+def see_a_video_method_s_steps_and_the_stage_bars(page):
+    """After a run on the clip: what the method did, in words, and where the time went; then DyCoke's windows
+    under the strip, and after its run, its decode-time cut against the KV cache."""
+    expect(page.locator("#clip-steps")).to_contain_text("What uniform did on your clip")
+    bars = page.locator("#clip-stages svg.stages")
+    bars.scroll_into_view_if_needed()
+    expect(bars).to_be_visible()
+    expect(bars.locator("text", has_text="full")).to_have_count(1)  # the reduced and the full run's bars
+    page.get_by_label("Method (video methods only here)").click()
+    page.get_by_role("option", name="dycoke:").click()
+    bands = page.locator("#clip-strip .clip-band")
+    expect(bands).to_have_count(8)  # one under each frame, labelled where a window of 4 frames starts
+    expect(bands.first).to_have_text("window 0: frames 0-3")
+    expect(bands.nth(4)).to_have_text("window 1: frames 4-7")
+    expect(page.locator("#clip-steps")).to_contain_text("TTM compared 5 frames with a reference frame")
+    page.get_by_role("button", name="Run on the clip").click()
+    expect(page.locator("#clip-steps")).to_contain_text("While decoding, at", timeout=180_000)
+    page.get_by_role("tab", name="Decode: the KV cache").click()
+    expect(page.locator("#video-mode .js-plotly-plot >> visible=true")).to_have_count(1)  # the decode chart
+    expect(page.locator("#video-mode").get_by_text("in the KV cache")).to_be_visible()  # its legend
 
 
 def set_number(page, label: str, value: int) -> None:

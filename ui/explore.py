@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import gradio as gr
 import torch
 
-from explorer import load_image, stream
+from explorer import Result, load_image, stream
 from explorer.engine import fidelity
 from explorer.views import report, stages, viewer
 from explorer.views import visual as vis
@@ -94,41 +95,75 @@ def run(session: Session, memo: dict | None = None, **given):
     """The method, then the full model unless it ran on this image, prompt and length before (`memo`);
     yields {output name: value} as things change (the names are `Explored`'s)."""
     asked = request(given, prompt=True)
-    picture, memo = load_image(asked.image), memo or {}
+    picture = load_image(asked.image)
+
+    def drawn(reduced) -> tuple[dict, dict]:
+        values, looks = pictures(picture, reduced)
+        values["viewer"] = last_run(session.key(asked.image), reduced)
+        shown = {"picture": picture, "result": reduced, "full": None, "drift": None}
+        return {**restyled(values, looks), "explanation": session.explain(asked.method), "shown": shown}, values
+
     key = (digest(asked.image), asked.prompt, asked.max_new_tokens)
+    ran = yield from compared(session, picture, asked, key, memo or {}, drawn)
+    yield {
+        **ran.last("strip"),
+        "explanation": session.explain(asked.method),
+        "shown": {"picture": picture, "result": ran.reduced, "full": ran.full, "drift": ran.drift},
+    }
+
+
+class Ran(NamedTuple):
+    """What `compared` ran: the reduced run, the full one (None when not compared), the drift and its strip
+    of tokens, the visitor's memo of full runs, and the pictures of the reduced run for the last update."""
+
+    reduced: Result
+    full: Result | None
+    drift: dict | None
+    strip: str
+    memo: dict
+    pictures: dict
+
+    def last(self, strip: str) -> dict:
+        """The run's last update, complete, so an API call's result is: the pictures, the answers, the numbers,
+        the drift's strip of tokens (output `strip`), where the time went, the speeds and the memo."""
+        reduced, full = self.reduced, self.full
+        return {
+            **self.pictures,
+            "answer": reduced.answer,
+            "full_answer": full.answer if full else "",
+            strip: self.strip,
+            "table": vis.metrics(reduced, full, self.drift),
+            "stages": "<b>Where the time goes</b>" + stages.html_of(reduced, full),
+            "live": speed("reduced", reduced) + (f" · {speed('full', full)}" if full else ""),
+            "memo": self.memo,
+        }
+
+
+def compared(session: Session, media, asked: Request, key: tuple, memo: dict, drawn: Callable):
+    """The run both modes share, on `media` (an image or a clip): the method, its answer streaming, then
+    `drawn(reduced)`'s first dict (its pictures); then the full model unless `memo` holds it under `key`
+    (media, prompt, length), streaming, then the drift. Yields {output name: value}; returns what it ran
+    (`Ran`, with `drawn`'s second dict), for the mode's last, complete update."""
     full, full_lp = memo.get(key, (None, None)) if asked.compare else (None, None)
     loading = "" if session.loaded else "loading the model (once)… "
     yield {"answer": "", "full_answer": full.answer if full else "", "live": f"{loading}running the method…"}
     backend, ticks = session.backend(), Ticks()
-    for r in stream(backend, picture, asked.prompt, asked.method, asked.fraction, asked.settings, asked.max_new_tokens):
+    for r in stream(backend, media, asked.prompt, asked.method, asked.fraction, asked.settings, asked.max_new_tokens):
         if ticks.due(r):  # light updates: drawing now would slow the run
             yield {"answer": r.answer, "table": vis.metrics(r, full), "live": speed("reduced", r)}
     reduced = r
-    values, looks = pictures(picture, reduced)
-    values["viewer"] = last_run(session.key(asked.image), reduced)
-    shown = {"picture": picture, "result": reduced, "full": None, "drift": None}
-    yield {**restyled(values, looks), "explanation": session.explain(asked.method), "shown": shown}
+    first, pictured = drawn(reduced)
+    yield first
     drift, strip = None, ""
     if asked.compare:
         if full is None:
-            for full in stream(backend, picture, asked.prompt, "none", 1.0, max_new_tokens=asked.max_new_tokens):
+            for full in stream(backend, media, asked.prompt, "none", 1.0, max_new_tokens=asked.max_new_tokens):
                 if ticks.due(full):
                     yield {"full_answer": full.answer, "table": vis.metrics(reduced, full), "live": speed("full", full)}
-            full_lp = fidelity.logprobs(backend, picture, asked.prompt, full.answer_ids)
+            full_lp = fidelity.logprobs(backend, media, asked.prompt, full.answer_ids)
             memo = dict(list({**memo, key: (full, full_lp)}.items())[-MEMO:])
-        drift, strip = drifted(backend, picture, asked, full, full_lp)
-    yield {  # everything, so an API call's result is complete
-        **values,
-        "answer": reduced.answer,
-        "full_answer": full.answer if full else "",
-        "strip": strip,
-        "table": vis.metrics(reduced, full, drift),
-        "stages": "<b>Where the time goes</b>" + stages.html_of(reduced, full),
-        "live": speed("reduced", reduced) + (f" · {speed('full', full)}" if full else ""),
-        "explanation": session.explain(asked.method),
-        "shown": {**shown, "full": full, "drift": drift},
-        "memo": memo,
-    }
+        drift, strip = drifted(backend, media, asked, full, full_lp)
+    return Ran(reduced, full, drift, strip, memo, pictured)
 
 
 def drifted(backend, picture, asked: Request, full, full_lp) -> tuple[dict, str]:

@@ -16,21 +16,19 @@ from typing import NamedTuple
 import gradio as gr
 import torch
 
-from explorer import ExplorerError, Geometry, make, stream
-from explorer.engine import fidelity
+from explorer import ExplorerError, Geometry, make
 from explorer.engine.pipeline import check_media
 from explorer.engine.video import CPU_FRAMES, GPU_FRAMES, MAX_DURATION_S, MAX_FRAMES, MAX_VIDEO_BYTES, default_frames
 from explorer.methods import METHODS, unavailable
 from explorer.views import clip as clips
-from explorer.views import teach
-from explorer.views import visual as vis
+from explorer.views import clip_steps, teach
 from explorer.views.preview import preview
 
-from .explore import Ticks, drifted, speed
+from .explore import compared
 from .form import Form, control
 from .picture import LIVE, VIEWER
 from .request import NoImage, Request, named, request, setting_name, shows_errors
-from .session import GPU, MEMO, Session, video
+from .session import GPU, Session, video
 
 TYPES = [".mp4", ".webm", ".mov", ".mkv", ".gif"]
 PROMPT = "What moves in this video, and where does it go?"
@@ -77,6 +75,9 @@ class Shown(NamedTuple):
     table: gr.Dataframe
     drift: gr.HTML
     live: gr.Markdown
+    steps: gr.HTML  # what the method did on the clip, in words (`clip_steps.html`)
+    decode: gr.Plot  # DyCoke's decode-time cut: visual tokens attended at each decode step, against the cache
+    stages: gr.HTML  # where the time went: the run's stages, reduced and full
     shown: gr.State  # what the picture shows: {"key", "geometry", "selection", "line", "note", "pending"}
     memo: gr.State  # the visitor's last MEMO full runs on clips
 
@@ -137,6 +138,7 @@ def build(session: Session) -> tuple[Inputs, Shown]:
         with gr.Column(scale=3, min_width=320):
             count = gr.Markdown("Upload a clip to see its frames and what the method keeps of each.")
             strip = gr.HTML(elem_id="clip-strip")
+            steps = gr.HTML(elem_id="clip-steps")
             html = dict(html_template=VIEWER["html"], css_template=VIEWER["css"], js_on_load=VIEWER["js"])
             viewer = gr.HTML(None, **html, apply_default_css=False, server_functions=[scene], elem_id="clip-picture")
             with gr.Row():
@@ -146,15 +148,19 @@ def build(session: Session) -> tuple[Inputs, Shown]:
                 per_frame = gr.Plot(label="Kept tokens per frame")
             with gr.Tab("Waterfall"):
                 waterfall = gr.Plot(label="From frames to the LLM")
+            with gr.Tab("Decode: the KV cache"):
+                gr.Markdown("After a run of a method that cuts at each decode step (DyCoke): what the cache holds.")
+                decode = gr.Plot(label="Visual tokens at each decode step")
             with gr.Row():
                 answer = gr.Textbox(label="Reduced answer (clip)", lines=4, interactive=False)
                 full_answer = gr.Textbox(label="Full answer (clip)", lines=4, interactive=False)
             drift, live = gr.HTML(), gr.Markdown()
             table = gr.Dataframe(headers=["", "reduced", "full", "reduced / full"], interactive=False, wrap=True)
+            times = gr.HTML(label="Where the time goes", elem_id="clip-stages")
     asked = Inputs(clip, frames, prompt, method, budget, go, stop, refused, settings, play,
                    gr.Timer(1.0, active=False), gr.State(False))  # fmt: skip
-    shown = Shown(count, strip, viewer, frame, per_frame, waterfall, answer, full_answer, table, drift, live,
-                  gr.State(), gr.State({}))  # fmt: skip
+    shown = Shown(count, strip, viewer, frame, per_frame, waterfall, answer, full_answer, table, drift, live, steps,
+                  decode, times, gr.State(), gr.State({}))  # fmt: skip
     return asked, shown
 
 
@@ -229,16 +235,17 @@ def asked_clip(given: dict, default: int, prompt: bool = False) -> Asked:
     return Asked(asked, frames)
 
 
-def drawn(clip, key: str, g, selection, flow: clips.Flow, texts: Texts, frame: int = 0) -> dict:
-    """The video mode's pictures of a clip's selection: the strip, the chosen frame's picture and the slider,
-    the per-frame chart and the waterfall."""
+def drawn(clip, key: str, g, selection, flow: clips.Flow, texts: Texts, frame=0, method="", tokens=None) -> dict:
+    """The video mode's pictures of a clip's selection by `method`: the strip, the chosen frame's picture and
+    the slider, the per-frame chart, the waterfall and what the method did (with a run's `tokens`: its decode)."""
     frame = min(int(frame or 0), len(g.frames) - 1)
     # no frames in a visitor's state, which outlives the session's bounded caches: the key finds them there
     state = dict(key=key, geometry=g, selection=selection, **texts._asdict())
     counts = clips.frame_counts(clip, g, selection.keep)
     title = f"{len(selection.keep)} of {len(g)} visual tokens kept over {len(clip.frames)} frames"
     return {
-        "strip": clips.strip(clip, g, selection, frame),
+        "strip": clips.strip(clip, g, selection, frame, clip_steps.WORDS.get(method, "segment")),
+        "steps": clip_steps.html(method, g, selection, tokens) if method else "",
         "viewer": frame_value(state, frame),
         "frame": gr.update(maximum=max(1, len(g.frames) - 1), value=frame, interactive=len(g.frames) > 1),
         "per_frame": clips.per_frame_figure(counts, title),
@@ -267,13 +274,13 @@ def live(session: Session, frame=0, clip=None, **given) -> dict:
     try:
         asked, frames = asked_clip({**given, "clip": clip}, frame_default(session))
     except NoImage as error:
-        return {"count": f"{error}.", "viewer": None, "strip": "", "shown": None}
+        return {"count": f"{error}.", "viewer": None, "strip": "", "steps": "", "shown": None}
     try:
         shown, key = video(asked.image, frames), session.clip_key(asked.image, frames)
         backend = session.backend()
         seen = preview(backend, shown, asked.method, asked.fraction, asked.settings, session.clips, key)
     except ExplorerError as error:  # the clip, or the method on it
-        return {"count": f"⚠️ {named(str(error), clip)}", "viewer": None, "strip": "", "shown": None}
+        return {"count": f"⚠️ {named(str(error), clip)}", "viewer": None, "strip": "", "steps": "", "shown": None}
     patches = session.clips.get(backend, shown, (), key)[0].patches
     entering = len(seen.geometry) if seen.pending else len(seen.selection.keep)
     flow = clips.Flow(len(shown.frames), patches, len(seen.geometry), entering)
@@ -281,7 +288,8 @@ def live(session: Session, frame=0, clip=None, **given) -> dict:
     line = f"{seen.count} · {len(shown.frames)} frames of {width}x{height}, {shown.duration_s:.1f} s"
     count = f"{line}{' · the clip has audio: ignored' if shown.audio else ''}"
     texts = Texts(str(seen.count), seen.note, seen.pending)
-    return {"count": count, **drawn(shown, key, seen.geometry, seen.selection, flow, texts, frame)}
+    drew = drawn(shown, key, seen.geometry, seen.selection, flow, texts, frame, "" if seen.pending else asked.method)
+    return {"count": count, **drew}
 
 
 def run(session: Session, memo: dict | None = None, frame=0, clip=None, **given):
@@ -294,41 +302,21 @@ def run(session: Session, memo: dict | None = None, frame=0, clip=None, **given)
 def _run(session: Session, memo: dict, frame, image=None, **given):
     asked, frames = asked_clip({**given, "clip": image}, frame_default(session), prompt=True)
     shown, key = video(asked.image, frames), session.clip_key(asked.image, frames)
-    remembered = (key, asked.prompt, asked.max_new_tokens)
-    full, full_lp = memo.get(remembered, (None, None)) if asked.compare else (None, None)
-    loading = "" if session.loaded else "loading the model (once)… "
-    yield {"answer": "", "full_answer": full.answer if full else "", "live": f"{loading}running the method…"}
-    backend, ticks = session.backend(), Ticks()
-    for r in stream(backend, shown, asked.prompt, asked.method, asked.fraction, asked.settings, asked.max_new_tokens):
-        if ticks.due(r):
-            yield {"answer": r.answer, "table": vis.metrics(r, full), "live": speed("reduced", r)}
-    reduced = r
-    patches = session.clips.get(backend, shown, (), key)[0].patches
-    flow = clips.flow_of(len(shown.frames), patches, reduced.tokens)
-    where = "after its last cut inside the LLM" if reduced.tokens["llm_cuts"] else "what reached the LLM"
-    line = f"{reduced.tokens['visual_kept']} of {reduced.tokens['visual_full']} visual tokens kept (the last run)"
-    texts = Texts(line, f"The last run's choice: {where}; move the budget to preview", False)
-    pictures = drawn(shown, key, reduced.geometry, reduced.selection, flow, texts, frame)
-    yield {**pictures, "count": line}
-    drift, strip = None, ""
-    if asked.compare:
-        if full is None:
-            for full in stream(backend, shown, asked.prompt, "none", 1.0, max_new_tokens=asked.max_new_tokens):
-                if ticks.due(full):
-                    yield {"full_answer": full.answer, "table": vis.metrics(reduced, full), "live": speed("full", full)}
-            full_lp = fidelity.logprobs(backend, shown, asked.prompt, full.answer_ids)
-            memo = dict(list({**memo, remembered: (full, full_lp)}.items())[-MEMO:])
-        drift, strip = drifted(backend, shown, asked, full, full_lp)
-    yield {  # everything, so an API call's result is complete
-        **pictures,
-        "count": line,
-        "answer": reduced.answer,
-        "full_answer": full.answer if full else "",
-        "drift": strip,
-        "table": vis.metrics(reduced, full, drift),
-        "live": speed("reduced", reduced) + (f" · {speed('full', full)}" if full else ""),
-        "memo": memo,
-    }
+
+    def pictures(reduced) -> tuple[dict, dict]:
+        patches = session.clips.get(session.backend(), shown, (), key)[0].patches
+        flow = clips.flow_of(len(shown.frames), patches, reduced.tokens)
+        t = reduced.tokens
+        where = "after its last cut inside the LLM" if t["llm_cuts"] else "what reached the LLM"
+        line = f"{t['visual_kept']} of {t['visual_full']} visual tokens kept (the last run)"
+        texts = Texts(line, f"The last run's choice: {where}; move the budget to preview", False)
+        g, selection = reduced.geometry, reduced.selection
+        drew = drawn(shown, key, g, selection, flow, texts, frame, asked.method, t)
+        drew |= {"count": line, "decode": clip_steps.decode_figure(t)}
+        return drew, drew
+
+    ran = yield from compared(session, shown, asked, (key, asked.prompt, asked.max_new_tokens), memo, pictures)
+    yield ran.last("drift")  # the drift's strip of tokens: "strip" is the frames' here
 
 
 def gpu_seconds(memo=None, frame=0, **given) -> int:
@@ -354,13 +342,13 @@ def wire(session: Session, demo: gr.Blocks, form: Form, asked: Inputs, out: Show
     button and Run."""
     named_in = dict(clip=asked.clip, frames=asked.frames, method=asked.method, budget=asked.budget)
     named_in |= form.settings | asked.settings  # a video method's settings are the Video tab's
-    views = [out.count, out.strip, out.viewer, out.frame, out.per_frame, out.waterfall, out.shown]
+    views = [out.count, out.strip, out.viewer, out.frame, out.per_frame, out.waterfall, out.steps, out.shown]
     by_name = out._asdict()
 
     def previewed(frame=0, **given):
         changes = live(session, frame, **given)
         return [changes.get(name, gr.skip()) for name in ("count", "strip", "viewer", "frame", "per_frame",
-                                                           "waterfall", "shown")]  # fmt: skip
+                                                           "waterfall", "steps", "shown")]  # fmt: skip
 
     changes = [asked.clip.change, asked.frames.change, asked.method.change, asked.budget.change]
     changes += [control.change for control in asked.settings.values()]

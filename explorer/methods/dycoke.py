@@ -123,7 +123,10 @@ class DyCoke(Method):
                 keep.append(spread(g, frames[f], count))
         budgets = {g.names[p]: count for p, count in zip(frames, counts)}
         maps = {"similarity to reference": similarity, "reference frame": reference}
-        return Selection(keep=torch.cat(keep).sort().values, scores=1 - similarity, budgets=budgets, maps=maps)
+        windows = {"segment": {g.names[p]: f // 4 for f, p in enumerate(frames)}}  # the official windows of 4
+        return Selection(
+            keep=torch.cat(keep).sort().values, scores=1 - similarity, budgets=budgets, maps=maps, stats=windows
+        )
 
     @property
     def decode_keep(self):

@@ -51,4 +51,5 @@ class EVS(Method):
             scores=change,
             budgets=dict(zip(g.names, kept)),
             maps={"change from previous frame": change},
+            stats={"mean change": {g.names[p]: change[t].mean().item() for p, t in zip(g.frames[1:], tokens[1:])}},
         )

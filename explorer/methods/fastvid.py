@@ -131,7 +131,10 @@ class FastVID(Method):
             mixes="features",
             budgets={name: int((g.partition[keep] == p).sum()) for p, name in enumerate(g.names)},
             maps={"DySeg segment": segment_of, "density score": density},
-            stats={"segments": {f"segment {i}": len(segment) for i, segment in enumerate(segments)}},
+            stats={
+                "segments": {f"segment {i}": len(segment) for i, segment in enumerate(segments)},
+                "segment": {g.names[frames[f]]: i for i, segment in enumerate(segments) for f in segment},
+            },
         )
 
     def counts(self, shares: list[int], sizes: list[int]) -> tuple[list[int], list[int]]:

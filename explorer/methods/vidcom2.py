@@ -82,6 +82,7 @@ class VidCom2(Method):
             scores=scores,
             budgets=budgets,
             maps={"frame uniqueness": unique},
+            stats={"uniqueness": {g.names[q]: u for q, u in zip(g.frames, uniqueness.tolist())}},
         )
 
 

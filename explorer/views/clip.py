@@ -12,6 +12,7 @@ of another frame has that token's colour in every frame.
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,7 +26,7 @@ from ..core import Geometry, Selection
 from ..engine.clips import frames_of, part
 from ..engine.pipeline import model_lock
 from ..engine.video import Clip
-from . import viewer
+from . import clip_steps, viewer
 from . import visual as vis
 from .preview import WAIT_S, Busy, Seen
 from .style import palette
@@ -139,19 +140,23 @@ def frame_counts(clip: Clip, g: Geometry, keep: torch.Tensor) -> list[FrameCount
     return counted
 
 
-def strip(clip: Clip, g: Geometry, selection: Selection, chosen: int = 0) -> str:
+def strip(clip: Clip, g: Geometry, selection: Selection, chosen: int = 0, word: str = "segment") -> str:
     """HTML: a thumbnail of every frame (or temporal group) with its dropped patches greyed and its kept
-    count, the chosen one outlined."""
+    count, the chosen one outlined; under each, a band in its segment's colour (`clip_steps.bands`, the
+    segments called `word`) and the frame's budget and facts (`clip_steps.facts`)."""
     cards = []
     keep = selection.keep.cpu()
+    bands = clip_steps.bands(g, selection, word)
     for i, (p, counted) in enumerate(zip(g.frames, frame_counts(clip, g, keep))):
         tokens = g.members(p)
         drawn = thumbnail(frame_of(clip, g, p), g.boxes[tokens[~torch.isin(tokens, keep)]])
         mark = " chosen" if i == chosen else ""
+        said = clip_steps.facts(g, selection, p)
         cards.append(
             f'<figure class="clip-frame{mark}" data-frame="{i}"><img src="{viewer._jpeg(drawn, 80)}" '
-            f'alt="{counted.name}"><figcaption>{counted.name} · {counted.time_s:.1f} s<br>'
-            f"<b>{counted.kept}</b> of {counted.full} kept</figcaption></figure>"
+            f'alt="{counted.name}">{bands[i]}<figcaption>{counted.name} · {counted.time_s:.1f} s<br>'
+            f"<b>{counted.kept}</b> of {counted.full} kept"
+            f"{f'<br><span class=clip-facts>{html.escape(said)}</span>' if said else ''}</figcaption></figure>"
         )
     return f'<style>{STRIP_CSS}</style><div class="clip-strip">{"".join(cards)}</div>'
 
@@ -174,6 +179,8 @@ STRIP_CSS = """
 .clip-frame { margin: 0; flex: 0 0 auto; width: 104px; font-size: 12px; line-height: 1.3; }
 .clip-frame img { width: 100%; height: auto; display: block; border-radius: 4px; border: 3px solid transparent; }
 .clip-frame.chosen img { border-color: #f0a800; }
+.clip-band { margin-top: 3px; min-height: 6px; border-radius: 3px; padding: 0 3px; font-size: 11px; color: #111; }
+.clip-facts { color: #666; }
 """
 
 

@@ -194,4 +194,6 @@ background, an object that moved a little. Their visual tokens repeat each other
 them at little cost. The baselines use it in different ways: **frames** keeps whole frames, evenly spaced, and
 drops the others outright (sampling fewer frames at the same token budget); **uniform** keeps every frame but
 an evenly spaced grid of patches in each; **random** keeps a random share of every frame. Image methods run on
-each frame with its share of the budget; video methods (`frames`, ...) read the whole clip."""
+each frame with its share of the budget; video methods (`frames`, ...) read the whole clip. Under the frame strip,
+a video method's steps on your clip: the segments (or windows) of frames it treats together as coloured bands,
+each frame's budget, what it did, and which merged tokens span several frames."""
