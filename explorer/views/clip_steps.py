@@ -192,7 +192,9 @@ SAID = {  # method -> what it did on this clip, from its selection
     "holitom": _runs(
         "window",
         "the tokens alike at their place over a whole window became one token each over time, and each frame's "
-        "other tokens kept their most attended ones and joined their nearest cluster centres.",
+        "other tokens kept their most attended ones and joined their nearest cluster centres; then, inside the LLM "
+        "at its merge layer, the least attended of those were merged into their most similar kept ones (unless "
+        "its merge ratio is 0).",
     ),
     "dycoke": _dycoke,
     "evs": _evs,
