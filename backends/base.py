@@ -16,7 +16,7 @@ from .encoder_merge import merged
 from .errors import ExplorerError
 from .geometry import Geometry, Prepared, Times
 from .llm_prune import Decoder, early_pass, pruning
-from .signals import FEATURES, HIDDEN, HIDDEN_FEATURE, PADDED, ROWS, encoder_signals, parse
+from .signals import CLIP_TAPS, FEATURES, HIDDEN, HIDDEN_FEATURE, PADDED, ROWS, Taps, encoder_signals, parse
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -46,6 +46,7 @@ class Backend:
     model_class: str  # the transformers class that loads it
     default: str  # its real checkpoint on the Hub that the explorer suggests
     cls_token: bool = True  # whether the vision encoder has a [CLS] token
+    taps: Taps = CLIP_TAPS  # the modules of its layers the signal hooks read
     thumbnail: bool = False  # whether a low-resolution view of the whole image comes beside high-resolution crops
     # whether `vision_tower` runs the encoder alone, so that only kept tokens are projected (on images
     # whose every token is one patch: `one_patch_each`)
@@ -165,7 +166,7 @@ class Backend:
 
     def hooks(self, prepared: Prepared, wants: dict[int, set[str]]):
         """A context manager that captures the signals of the chosen layers during the vision stage."""
-        return encoder_signals(self.encoder, wants, cls=self.cls_token)
+        return encoder_signals(self.encoder, wants, cls=self.cls_token, taps=self.taps)
 
     def image_features(self, prepared: Prepared) -> torch.Tensor:
         """(N, D) the projected visual tokens the LLM receives, in LLM order."""

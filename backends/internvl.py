@@ -34,7 +34,6 @@ InternVL's video input (frames as 1-tile images, "Frame1: <img>...</img>") is no
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 
 import torch
 import transformers
@@ -44,10 +43,11 @@ from .errors import ExplorerError
 from .geometry import Geometry, Prepared
 from .llm_prune import Decoder
 from .random_models import build_tokenizer, text_config, token_ids
-from .signals import ATTENTION, HIDDEN, KEYS, attention_maps
+from .signals import Taps
 
 DEFAULT = "OpenGVLab/InternVL3-1B-hf"
 QK_NORM_LLMS = ("qwen3", "qwen3_moe")  # InternVL3.5's LLMs normalise queries and keys per head
+INTERNVIT = Taps("attention", "q_norm", "k_norm")  # its attention normalises q and k after projecting them
 
 
 class InternVL(Backend):
@@ -56,7 +56,8 @@ class InternVL(Backend):
     model_class = "InternVLForConditionalGeneration"
     default = DEFAULT  # the real checkpoint
     thumbnail = True
-    cls_token = True
+    cls_token = True  # first in every tile
+    taps = INTERNVIT
 
     def __init__(self, model, processor, name: str, random_weights: bool = False):
         super().__init__(model, processor, name, random_weights)
@@ -160,64 +161,10 @@ class InternVL(Backend):
         output = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=torch.cat(joined)[None])
         return batch | {"mm_encoder_outputs": {"image": output}}
 
-    def hooks(self, prepared: Prepared, wants: dict[int, set[str]]):
-        return internvit_signals(self.encoder, wants)
-
     def decoder(self, positions=None) -> Decoder:
         """As every family's; InternVL3.5's Qwen3 LLMs normalise each head's queries and keys before RoPE."""
         qk_norm = self.model.config.text_config.model_type in QK_NORM_LLMS
         return dataclasses.replace(super().decoder(positions), qk_norm=qk_norm)
-
-
-@contextmanager
-def internvit_signals(layers: torch.nn.ModuleList, wants: dict[int, set[str]]):
-    """`signals.encoder_signals` for InternViT, whose layers call their attention `attention` and normalise
-    its queries and keys after projecting them (`q_norm`, `k_norm`): the hooks read them there, as the attention
-    uses them. The first token of every tile is [CLS]: its row of queries gives the attention kinds, and it is
-    left out of every signal. Yields (kind, layer) -> float32 (tiles, T, ...) filled during the forward pass."""
-    out: dict[tuple[str, int], torch.Tensor] = {}
-    queries: dict[int, torch.Tensor] = {}
-
-    def on_q(layer):
-        def hook(module, args, q):  # q: (tiles, 1 + T, D), normalised
-            queries[layer] = q[:, :1]
-
-        return hook
-
-    def on_k(layer, kinds):
-        attn = layers[layer].attention
-
-        def hook(module, args, k):  # k: (tiles, 1 + T, D), normalised
-            k = k.unflatten(-1, (attn.num_heads, attn.head_dim)).float()  # (tiles, 1 + T, h, d)
-            if KEYS in kinds:
-                out[KEYS, layer] = k[:, 1:]
-            if layer in queries:
-                q = queries.pop(layer).unflatten(-1, (attn.num_heads, attn.head_dim)).float()
-                maps = attention_maps(q, k, kinds, attn.scale, cls=True)
-                out.update({(kind, layer): m for kind, m in maps.items()})
-
-        return hook
-
-    def on_output(layer):
-        def hook(module, args, hidden):  # hidden: (tiles, 1 + T, C)
-            out[HIDDEN, layer] = hidden[:, 1:].float()
-
-        return hook
-
-    handles = []
-    try:
-        for layer, kinds in sorted(wants.items()):
-            attention = layers[layer].attention
-            if kinds & set(ATTENTION):
-                handles.append(attention.q_norm.register_forward_hook(on_q(layer)))
-            if kinds & {*ATTENTION, KEYS}:
-                handles.append(attention.k_norm.register_forward_hook(on_k(layer, kinds)))
-            if HIDDEN in kinds:
-                handles.append(layers[layer].register_forward_hook(on_output(layer)))
-        yield out
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # Random-weight models with InternVL3-1B-hf's processor geometry and its LLM's depth and positions (Qwen2.5-0.5B:

@@ -10,6 +10,7 @@ visual token is. The LLM's signals (LLM) are read inside the LLM by `llm_prune`.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
@@ -142,13 +143,26 @@ def _attention(q: torch.Tensor, k: torch.Tensor, scale: float, cls: bool) -> tor
     return total / q.shape[2]
 
 
+class Taps(NamedTuple):
+    """Where the hooks read an encoder layer: its attention module, and the modules in that which give the
+    queries and the keys as the attention uses them (CLIP's and SigLIP's projections; InternViT's `attention`
+    normalises them after projecting, `q_norm` and `k_norm`)."""
+
+    attention: str = "self_attn"
+    queries: str = "q_proj"
+    keys: str = "k_proj"
+
+
+CLIP_TAPS = Taps()  # CLIP's and SigLIP's
+
+
 @contextmanager
-def encoder_signals(layers: torch.nn.ModuleList, wants: dict[int, set[str]], cls: bool = True):
+def encoder_signals(layers: torch.nn.ModuleList, wants: dict[int, set[str]], cls: bool = True, taps: Taps = CLIP_TAPS):
     """Capture what methods read from chosen layers of a CLIP or SigLIP encoder during one forward pass.
 
     `wants` maps a layer to the kinds asked of it: the attention kinds of `attention_maps`, "keys"
     (the layer's key projections) and "hidden" (the layer's output). Attention is recomputed from
-    the layer's own q/k projections (hooks on q_proj and k_proj), so the encoder keeps running its
+    the layer's own q/k projections (hooks on q_proj and k_proj, or the modules `taps` names), so the encoder keeps running its
     fast attention kernel. `cls`: whether the first token of each crop is a [CLS] token, which is
     then left out of every signal. Yields a dict filled during the forward pass: (kind, layer) ->
     float32 (crops, T', ...), T' the patches: (crops, T') for attention, (crops, T', heads, head_dim)
@@ -165,7 +179,7 @@ def encoder_signals(layers: torch.nn.ModuleList, wants: dict[int, set[str]], cls
         return hook
 
     def on_k(layer, kinds):
-        attn = layers[layer].self_attn
+        attn = getattr(layers[layer], taps.attention)
 
         def hook(module, args, k):  # k: (crops, T, D)
             k = k.unflatten(-1, (attn.num_heads, attn.head_dim)).float()  # (crops, T, h, d)
@@ -187,11 +201,11 @@ def encoder_signals(layers: torch.nn.ModuleList, wants: dict[int, set[str]], cls
     handles = []
     try:
         for layer, kinds in sorted(wants.items()):
-            attention = layers[layer].self_attn
+            attention = getattr(layers[layer], taps.attention)
             if kinds & set(ATTENTION):
-                handles.append(attention.q_proj.register_forward_hook(on_q(layer)))
+                handles.append(getattr(attention, taps.queries).register_forward_hook(on_q(layer)))
             if kinds & {*ATTENTION, KEYS}:
-                handles.append(attention.k_proj.register_forward_hook(on_k(layer, kinds)))
+                handles.append(getattr(attention, taps.keys).register_forward_hook(on_k(layer, kinds)))
             if HIDDEN in kinds:
                 handles.append(layers[layer].register_forward_hook(on_output(layer)))
         yield out
