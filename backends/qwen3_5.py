@@ -44,7 +44,7 @@ from .errors import ExplorerError
 from .geometry import Prepared
 from .llm_prune import Decoder
 from .qwen2_vl import Qwen2VL
-from .qwen3_vl import Qwen3VL
+from .qwen3_vl import Qwen3VL, qwen3_processor
 from .random_models import build_tokenizer, text_config, token_ids
 from .signals import LLM_TRANSITION
 
@@ -178,8 +178,6 @@ def random_parts(name: str):
     patch 16, 2x2 merge, 65536 to 16777216 pixels, mean and std 0.5; the video processor's 4096 to 25165824
     pixels), its LLM's 24 layers (three linear-attention ones, then a full-attention one, six times), partial
     interleaved M-RoPE (a quarter of each head) and 262144 positions, at tiny widths."""
-    from transformers import Qwen2VLImageProcessor, Qwen3VLVideoProcessor
-
     (v_hidden, v_layers, v_heads, v_mlp), (hidden, layers, heads, mlp), positions = RANDOM[name]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
     tokenizer = build_tokenizer(
@@ -189,13 +187,7 @@ def random_parts(name: str):
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
-    half = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "patch_size": 16, "merge_size": 2}
-    processor = transformers.Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 65536, "longest_edge": 16777216}, **half),
-        tokenizer=tokenizer,
-        video_processor=Qwen3VLVideoProcessor(size={"shortest_edge": 4096, "longest_edge": 25165824}, **half),
-        chat_template=CHAT_TEMPLATE,
-    )
+    processor = qwen3_processor(tokenizer, CHAT_TEMPLATE)
     vision = dict(depth=v_layers, hidden_size=v_hidden, intermediate_size=v_mlp, num_heads=v_heads)
     vision |= dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden)
     vision |= dict(num_position_embeddings=2304)

@@ -237,17 +237,9 @@ def random_parts(name: str):
     (patch 16, 2x2 merge, 65536 to 16777216 pixels, mean and std 0.5; the video processor's 4096 to
     25165824 pixels), interleaved M-RoPE, and DeepStack from the vision layers 0, 1 and 2 into the LLM's
     first three layers (the checkpoint's: 5, 11 and 17 of 24)."""
-    from transformers import Qwen2VLImageProcessor, Qwen3VLVideoProcessor
-
     (v_hidden, v_layers, v_heads, v_mlp), text, positions = RANDOM[name]
     tokenizer = qwen_tokenizer("system user assistant What is shown in this image? Describe the photo.")
-    half = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "patch_size": 16, "merge_size": 2}
-    processor = transformers.Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 65536, "longest_edge": 16777216}, **half),
-        tokenizer=tokenizer,
-        video_processor=Qwen3VLVideoProcessor(size={"shortest_edge": 4096, "longest_edge": 25165824}, **half),
-        chat_template=CHAT_TEMPLATE_3,
-    )
+    processor = qwen3_processor(tokenizer, CHAT_TEMPLATE_3)
     vision = dict(depth=v_layers, hidden_size=v_hidden, intermediate_size=v_mlp, num_heads=v_heads)
     vision |= dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text[0])
     vision |= dict(num_position_embeddings=2304, deepstack_visual_indexes=[0, 1, 2])
@@ -271,3 +263,17 @@ def random_parts(name: str):
         **token_ids(tokenizer),
     )
     return config, processor
+
+
+def qwen3_processor(tokenizer, chat_template: str):
+    """A random-weight model's processor with the Qwen3-VL checkpoints' geometry (also Qwen3.5's): patch 16,
+    2x2 merge, 65536 to 16777216 pixels an image, 4096 to 25165824 a clip's frames, mean and std 0.5."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLVideoProcessor
+
+    half = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "patch_size": 16, "merge_size": 2}
+    return transformers.Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size={"shortest_edge": 65536, "longest_edge": 16777216}, **half),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(size={"shortest_edge": 4096, "longest_edge": 25165824}, **half),
+        chat_template=chat_template,
+    )
