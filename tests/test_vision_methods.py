@@ -15,6 +15,7 @@ from test_methods import random_signals
 from explorer import ExplorerError, Signals, make, run
 from explorer.core import Geometry
 from explorer.methods import on_images
+from explorer.methods.divprune import DistanceRows, farthest_walk, max_min_diverse
 from explorer.views import visual as vis
 
 PROMPT = "What is shown in this image?"
@@ -256,6 +257,43 @@ def test_divprune_spreads_as_far_as_a_greedy_rerun(budget):
     rerun = naive_greedy(x, budget)
     assert keep == sorted(rerun)
     assert min_pairwise(x, keep) >= min_pairwise(x, rerun) - 1e-6
+
+
+def whole_matrix_walk(x: torch.Tensor, k: int) -> tuple[list[int], torch.Tensor]:
+    """The walk on the whole (N, N) distance matrix, built at once: the picks in order and each token's
+    distance to the nearest pick."""
+    u = F.normalize(x, dim=-1)
+    distance = 1 - u @ u.T
+    picks = [int(distance.clone().fill_diagonal_(torch.inf).amin(1).argmax())]
+    to_set = distance[picks[0]].clone()
+    to_set[picks[0]] = -torch.inf
+    while len(picks) < k:
+        picks.append(int(to_set.argmax()))
+        to_set = torch.minimum(to_set, distance[picks[-1]])
+        to_set[picks[-1]] = -torch.inf
+    return picks, to_set.clamp(min=0)
+
+
+@pytest.mark.parametrize("k", [1, 40, 140, 699])
+def test_divprune_computes_few_rows_and_walks_as_the_whole_matrix_would(k):
+    generator = torch.Generator().manual_seed(k)
+    centres = torch.randn(12, 32, generator=generator)
+    x = centres[torch.randint(12, (700,), generator=generator)] + 0.3 * torch.randn(700, 32, generator=generator)
+    rows = DistanceRows(F.normalize(x, dim=-1))
+    picked, distance = farthest_walk(rows, rows.most_isolated(), k, exclude_picked=True)
+    expected, to_set = whole_matrix_walk(x, k)
+    assert picked.tolist() == expected
+    torch.testing.assert_close(torch.from_numpy(distance).clamp(min=0), to_set)  # a block's products may differ in the last bit
+    if k <= 140:  # the walk read its picks' rows and a few likely ones: not the whole matrix
+        assert len(rows.rows) < len(x) / 2
+
+
+def test_divprune_breaks_ties_as_the_whole_matrix_does():
+    x = torch.eye(300, 290)  # tokens 290..299 repeat no one: rows of zeros, 1 from everyone; 0..289 one-hot
+    x[290:] = torch.eye(290)[:10]  # ... now 290..299 repeat 0..9: distances 0 and 1 only, ties everywhere
+    for k in (1, 5, 200, 285):
+        assert max_min_diverse(x, k)[0].tolist() == whole_matrix_walk(x, k)[0]
+    assert max_min_diverse(x, 1)[0].tolist() == [10]  # the first with no duplicate
 
 
 def test_divprune_never_picks_a_token_twice_when_only_duplicates_are_left():

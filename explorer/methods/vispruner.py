@@ -120,28 +120,31 @@ def important_and_diverse(scores, x, members: torch.Tensor, k: int, n: int, stab
     by score, and (k - n,) the rest, in order of score, left after dropping duplicates. Equal scores go
     to the lower index, or as torch's unstable sort leaves them (`stable=False`, as the official code)."""
     ranked = members[torch.argsort(scores[members], descending=True, stable=stable)]  # (M,) by attention
-    local = x.index_select(0, ranked.to(x.device))  # (M, C) in order of attention
-    return ranked[:n], ranked[without_duplicates(local @ local.T, k - n, start=n, stable=stable)]
+    rest = x.index_select(0, ranked[n:].to(x.device))  # (M - n, C) the others, in order of attention
+    return ranked[:n], ranked[n:][without_duplicates(rest @ rest.T, k - n, stable=stable)]
 
 
-def without_duplicates(
-    similarity: torch.Tensor, k: int, start: int = 0, per_round: int = 8, stable: bool = True
-) -> torch.Tensor:
-    """The k of tokens start, start + 1, ... (rows of the (M, M) cosine `similarity`, in this order)
-    left after dropping, round after round, the most duplicated, as VisPruner does (equal scores: see
+def without_duplicates(similarity: torch.Tensor, k: int, per_round: int = 8, stable: bool = True) -> torch.Tensor:
+    """The k of tokens 0, 1, ... (rows of the (M, M) cosine `similarity`, in this order) left after
+    dropping, round after round, the most duplicated, as VisPruner does (equal scores: see
     `important_and_diverse`). The rounds run on the host, in numpy (a stable sort there orders as torch's
     stable sort does), but for the unstable sort, which stays torch's on the similarity's device: its
     order of equal scores is the device's."""
     columns = similarity.T.contiguous().cpu().numpy()  # (M, M): row j holds every token's similarity to token j
-    tokens = np.arange(start, len(columns))  # (M - start,) in the order of the last round
+    kept = np.arange(len(columns))  # (M,) the tokens that rows and columns of `columns` stand for
+    tokens = kept  # (M',) positions in `kept`, in the order of the last round
     if k == 0:
-        return torch.from_numpy(tokens[:0])
+        return torch.from_numpy(kept[:0])
     while (r := min(per_round, len(tokens) - k)) > 0:
+        if 2 * len(tokens) < len(kept):  # the rounds read whole rows: keep them no longer than twice what is left
+            columns, kept, tokens = columns.take(tokens, 0).take(tokens, 1), kept[tokens], np.arange(len(tokens))
         a, b = tokens[::2], tokens[1::2]
-        duplication = columns[b].max(0)[a]  # (|A|,) the highest similarity to B: whole rows read, no column gather
+        duplication = columns.take(b, 0).max(0)[
+            a
+        ]  # (|A|,) the highest similarity to B: whole rows read, no column gather
         if stable:  # -x ascending, ties in order: torch's argsort(descending=True, stable=True), with no torch call
             order = np.argsort(-duplication, kind="stable")  # (|A|,)
         else:
             order = torch.from_numpy(duplication).to(similarity.device).argsort(descending=True).cpu().numpy()
         tokens = np.concatenate([a[order[r:]], b])
-    return torch.from_numpy(tokens)
+    return torch.from_numpy(kept[tokens])
