@@ -356,8 +356,13 @@ def _bench(args) -> int:
         _release()
     bench.write_csv(measured, args.csv)
     print(f"\nwrote {args.csv}")
+    try:
+        figure = bench.charts(groups)
+    except ImportError as error:  # plotly: installed with the app, maybe not where only the bench runs
+        print(f"wrote no chart ({error}: pip install plotly)")
+        return 0
     png = str(Path(args.plot).with_suffix(".png"))
-    if (why := save_chart(bench.charts(groups), args.plot)) is None:
+    if (why := save_chart(figure, args.plot)) is None:
         print(f"wrote {args.plot} and {png}")
     else:
         print(f"wrote {args.plot}; no PNG ({why}: pip install kaleido, and Chrome or Chromium)")

@@ -253,7 +253,9 @@ def test_a_cell_that_runs_out_of_memory_says_so_and_the_others_are_measured(back
     assert cls["ttft_s"] > 0 and cls["ttft_ratio"] is None and cls["batch"] == 2 and cls["images_per_s"] > 0
     text = backend.prepare(photo(500, 300), "What?").text_tokens
     assert cls["kv_bytes"] == 2 * kv_bytes(Shape.of(backend.model.config), [text + cls["visual_kept"]] * 32, 4)
-    assert "out of memory on cpu" in bench.table(rows).splitlines()[1]
+    printed = bench.table(rows).splitlines()  # the reason under the table, the column as wide as its numbers
+    assert "see (1)" in printed[1] and "out of memory" not in printed[1]
+    assert printed[-1].startswith("(1) none -: out of memory on cpu")
     chart = bench.charts({"batch 2": rows})  # TTFT (cls and its floor), memory, vision and LLM FLOPs (cls)
     names = ["cls", "floor (k tokens, no selection)", "cls", "cls", "cls", *stages.STAGES]  # then where the time went
     assert [t.name for t in chart.data] == names and [list(t.x) for t in chart.data[5:]] == [["cls 0.2"]] * 5

@@ -225,6 +225,20 @@ def test_bench_runs_every_method_by_default(capsys, image, tmp_path):
     assert missed and all(float(r["visual_layer_mean"]) <= 234 for r in inside if r not in missed)
 
 
+def test_bench_without_plotly_writes_its_rows_and_says_there_is_no_chart(capsys, image, tmp_path, monkeypatch):
+    from explorer.evaluation import bench
+
+    def charts(groups):  # as where only the bench's needs are installed (a lent GPU machine)
+        raise ImportError("No module named 'plotly'")
+
+    monkeypatch.setattr(bench, "charts", charts)
+    csv_path, args = tmp_path / "b.csv", ["--methods", "cls", "--budgets", "0.5", "--repeats", "1", "--warmup", "0"]
+    code, out, _ = cli(capsys, "bench", *TINY, "--image", image, *args, "--max-new-tokens", "1", "--no-floor",
+                       "--csv", str(csv_path), "--plot", str(tmp_path / "b.html"))  # fmt: skip
+    assert code == 0 and [r["method"] for r in csv.DictReader(csv_path.open())] == ["none", "cls"]
+    assert "wrote no chart (No module named 'plotly': pip install plotly)" in out and not (tmp_path / "b.html").exists()
+
+
 def test_run_labels_an_adaptive_count(capsys, image):
     args = ["--image", image, "--prompt", "What?", "--method", "prumerge+", "--set", "adaptive=true"]
     code, out, err = cli(capsys, "run", *TINY, *args, "--max-new-tokens", "2")

@@ -356,10 +356,17 @@ def cells(rows: list[dict]) -> list[list[str]]:
 
 
 def table(rows: list[dict]) -> str:
-    """The rows as an aligned text table."""
-    lines = [list(HEAD), *cells(rows)]
+    """The rows as an aligned text table; a cell that failed says "see (i)" in its kept column, and why
+    under the table, where a sentence does not widen a column."""
+    lines, notes = [list(HEAD)], []
+    for line, r in zip(cells(rows), rows):
+        if r["ttft_s"] is None:
+            notes.append(f"({len(notes) + 1}) {r['method']} {r['budget']}: {r['answer']}")
+            line[2] = f"see ({len(notes)})"
+        lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(HEAD))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines)
+    aligned = ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines]
+    return "\n".join(aligned + ([""] + notes if notes else []))
 
 
 def write_csv(rows: list[dict], path: str) -> None:
