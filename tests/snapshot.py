@@ -58,7 +58,14 @@ IMAGES = ("coffee.jpg", "chart.png", "astronaut.jpg", "panorama.jpg", "rocket.jp
 PROMPT = "What is in this picture?"
 BENCH_COLUMNS = ("method", "budget", "visual_kept", "visual_full", "visual_layer_mean", "prefill_tflops", "kv_bytes")
 BENCH_COLUMNS += (*bench.DRIFT, "answer")
-VIDEO_MODELS = ("tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-smolvlm")  # families with video
+VIDEO_MODELS = (
+    "tiny-llava-onevision",
+    "tiny-qwen2-vl",
+    "tiny-qwen2.5-vl",
+    "tiny-qwen3-vl",
+    "tiny-qwen3.5",
+    "tiny-smolvlm",
+)
 CLIP_BUDGETS = ("0.25", "0.1")
 CLIP_PROMPT = "What happens in this video?"
 
