@@ -131,20 +131,19 @@ def without_duplicates(similarity: torch.Tensor, k: int, per_round: int = 8, sta
     stable sort does), but for the unstable sort, which stays torch's on the similarity's device: its
     order of equal scores is the device's."""
     columns = similarity.T.contiguous().cpu().numpy()  # (M, M): row j holds every token's similarity to token j
-    kept = np.arange(len(columns))  # (M,) the tokens that rows and columns of `columns` stand for
-    tokens = kept  # (M',) positions in `kept`, in the order of the last round
+    ids = np.arange(len(columns))  # (M,) the token each row (and column) of `columns` stands for
+    tokens = ids  # (M',) the tokens left, as rows of `columns`, in the order of the last round
     if k == 0:
-        return torch.from_numpy(kept[:0])
+        return torch.from_numpy(ids[:0])
     while (r := min(per_round, len(tokens) - k)) > 0:
-        if 2 * len(tokens) < len(kept):  # the rounds read whole rows: keep them no longer than twice what is left
-            columns, kept, tokens = columns.take(tokens, 0).take(tokens, 1), kept[tokens], np.arange(len(tokens))
+        if 2 * len(tokens) < len(ids):  # the rounds read whole rows: keep them at most twice as long as needed
+            columns, ids, tokens = columns.take(tokens, 0).take(tokens, 1), ids[tokens], np.arange(len(tokens))
         a, b = tokens[::2], tokens[1::2]
-        duplication = columns.take(b, 0).max(0)[
-            a
-        ]  # (|A|,) the highest similarity to B: whole rows read, no column gather
+        # (|A|,) the highest similarity to B: whole rows read, no column gather
+        duplication = columns.take(b, 0).max(0)[a]
         if stable:  # -x ascending, ties in order: torch's argsort(descending=True, stable=True), with no torch call
             order = np.argsort(-duplication, kind="stable")  # (|A|,)
         else:
             order = torch.from_numpy(duplication).to(similarity.device).argsort(descending=True).cpu().numpy()
         tokens = np.concatenate([a[order[r:]], b])
-    return torch.from_numpy(kept[tokens])
+    return torch.from_numpy(ids[tokens])
