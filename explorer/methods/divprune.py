@@ -115,7 +115,7 @@ class DistanceRows:
     def fill(self, asked: np.ndarray) -> None:
         asked = np.unique(asked[self.slot[asked] < 0])
         self.slot[asked] = np.arange(len(self.rows), len(self.rows) + len(asked))
-        self.rows += list((1 - self.x[torch.from_numpy(asked)] @ self.x.T).numpy())  # (B, N) one rounding each
+        self.rows += list((1 - self.x[torch.from_numpy(asked)] @ self.x.T).cpu().numpy())  # (B, N) one rounding each
 
     def most_isolated(self, sample: int = 64, block: int = 64) -> int:
         """The token farthest from its nearest other token (the first of equal ones). Each token's
@@ -123,7 +123,7 @@ class DistanceRows:
         rows are computed only for the tokens whose bound does not rule them out, highest bound first."""
         n = len(self.x)
         columns = torch.arange(0, n, max(1, n // sample))  # (S,)
-        similar = (self.x @ self.x[columns].T).numpy()  # (N, S)
+        similar = (self.x @ self.x[columns].T).cpu().numpy()  # (N, S)
         similar[columns, np.arange(len(columns))] = -np.inf  # not itself
         bound = 1 - similar.max(1)  # (N,) at least each token's nearest distance, but for rounding
         order = np.argsort(-bound, kind="stable")  # (N,) the farthest bound first
