@@ -605,6 +605,13 @@ def test_a_run_on_a_clip_shows_both_answers_the_numbers_the_drift_and_the_waterf
     per_layer = reduced.tokens["visual_per_layer"]  # fastv cuts inside the LLM: one bar per layer
     assert last["waterfall"].data[0].y == (3, patches, 589, 589, *per_layer) and per_layer[-1] < 589
     assert last["count"] == f"{reduced.tokens['visual_kept']} of 589 visual tokens kept (the last run)"
+    page, data = ui.explore.download(last["ran"])  # the report: the strip of frames, the answers, the numbers
+    text = Path(page).read_text()
+    kept = [k for k, _ in kept_in_strip(text)]  # each frame's kept count, under its thumbnail
+    assert len(kept) == 3 and sum(kept) == len(reduced.selection.keep) and "src='http" not in text
+    assert text.count("data:image/jpeg;base64,") == 3 and "<p>3 frames of 64x32 from a 1.2 s clip.</p>" in text
+    assert html.escape(last["answer"]) in text and html.escape(last["full_answer"]) in text
+    assert json.loads(Path(data).read_text())["tokens"]["visual_full"] == 589
 
 
 def test_video_methods_are_offered_only_for_clips_and_image_only_ones_are_refused_with_their_reason(clips, clip_file):
@@ -705,7 +712,7 @@ class EveryFrame(Every):
 def test_a_video_method_s_setting_is_in_the_video_tab_and_reaches_the_method(clips, clip_file, monkeypatch):
     monkeypatch.setitem(METHODS, "every-frame", EveryFrame)
     with gr.Blocks():
-        asked, _ = ui.video.build(clips)
+        asked, *_ = ui.video.build(clips)
     assert "every_frame_k" in asked.settings and "every_k" not in asked.settings  # the video methods' only
     visible = [update["visible"] for update in ui.video.shown_settings(asked, "every-frame")]
     assert [name for name, shown in zip(asked.settings, visible) if shown] == ["every_frame_k"]

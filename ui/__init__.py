@@ -61,7 +61,7 @@ def build(session: Session, queue_size: int = 32, eval_dir: str | None = None) -
             with gr.Tab("Accuracy"):
                 scored = accuracy.build(eval_dir)
             with gr.Tab("Video", elem_id="video-mode"):
-                clip, clipped = video.build(session)
+                clip, clipped, clip_files = video.build(session)
         running = explore.wire(session, asked, out, downloads, picked, GPU_QUEUE)
         picture.wire(session, asked, shown, running)
         steps.wire(running, out.shown, cards)
@@ -70,7 +70,7 @@ def build(session: Session, queue_size: int = 32, eval_dir: str | None = None) -
         sweep.wire(session, asked, swept, GPU_QUEUE)
         animation.wire(session, asked, animated)
         accuracy.wire(demo, scored)
-        video.wire(session, demo, asked, clip, clipped, GPU_QUEUE)
+        video.wire(session, demo, asked, clip, clipped, clip_files, GPU_QUEUE)
         wire_model(session, demo, asked, status, out.explanation, [inside.note, two.other, swept.methods])
     return demo.queue(default_concurrency_limit=1, max_size=queue_size)  # a full queue answers "try again"
 

@@ -24,7 +24,7 @@ from explorer.views import clip as clips
 from explorer.views import clip_steps, teach
 from explorer.views.preview import preview
 
-from .explore import compared
+from .explore import Downloads, compared, download, downloads
 from .form import Form, control
 from .picture import LIVE, VIEWER
 from .request import NoImage, Request, named, request, setting_name, shows_errors
@@ -80,6 +80,7 @@ class Shown(NamedTuple):
     stages: gr.HTML  # where the time went: the run's stages, reduced and full
     shown: gr.State  # what the picture shows: {"key", "geometry", "selection", "line", "note", "pending"}
     memo: gr.State  # the visitor's last MEMO full runs on clips
+    ran: gr.State  # the last run, for its report: {"picture" (the clip), "result", "full", "drift"}
 
 
 def example() -> Path:
@@ -107,7 +108,7 @@ def example() -> Path:
     return path
 
 
-def build(session: Session) -> tuple[Inputs, Shown]:
+def build(session: Session) -> tuple[Inputs, Shown, Downloads]:
     def scene(key: str) -> dict | None:  # the picture asks for each frame's scene once: `server.scene(key)`
         return session.frame_scene(key)
 
@@ -157,11 +158,12 @@ def build(session: Session) -> tuple[Inputs, Shown]:
             drift, live = gr.HTML(), gr.Markdown()
             table = gr.Dataframe(headers=["", "reduced", "full", "reduced / full"], interactive=False, wrap=True)
             times = gr.HTML(label="Where the time goes", elem_id="clip-stages")
+            files = downloads()
     asked = Inputs(clip, frames, prompt, method, budget, go, stop, refused, settings, play,
                    gr.Timer(1.0, active=False), gr.State(False))  # fmt: skip
     shown = Shown(count, strip, viewer, frame, per_frame, waterfall, answer, full_answer, table, drift, live, steps,
-                  decode, times, gr.State(), gr.State({}))  # fmt: skip
-    return asked, shown
+                  decode, times, gr.State(), gr.State({}), gr.State())  # fmt: skip
+    return asked, shown, files
 
 
 def shown_settings(asked: Inputs, method: str) -> list:
@@ -316,7 +318,8 @@ def _run(session: Session, memo: dict, frame, image=None, **given):
         return drew, drew
 
     ran = yield from compared(session, shown, asked, (key, asked.prompt, asked.max_new_tokens), memo, pictures)
-    yield ran.last("drift")  # the drift's strip of tokens: "strip" is the frames' here
+    last = {"picture": shown, "result": ran.reduced, "full": ran.full, "drift": ran.drift}
+    yield ran.last("drift") | {"ran": last}  # the drift's strip of tokens: "strip" is the frames' here
 
 
 def gpu_seconds(memo=None, frame=0, **given) -> int:
@@ -337,9 +340,9 @@ def toggled(playing: bool | None) -> tuple:
     return playing, gr.Timer(active=playing), gr.update(value="⏸ Pause" if playing else "▶ Play")
 
 
-def wire(session: Session, demo: gr.Blocks, form: Form, asked: Inputs, out: Shown, queue: dict) -> None:
+def wire(session: Session, demo: gr.Blocks, form: Form, asked: Inputs, out: Shown, files: Downloads, queue: dict):
     """The preview on every change of clip, frames, method, budget or setting; the frame slider, the play
-    button and Run."""
+    button, Run and the last run's report."""
     named_in = dict(clip=asked.clip, frames=asked.frames, method=asked.method, budget=asked.budget)
     named_in |= form.settings | asked.settings  # a video method's settings are the Video tab's
     views = [out.count, out.strip, out.viewer, out.frame, out.per_frame, out.waterfall, out.steps, out.shown]
@@ -372,6 +375,7 @@ def wire(session: Session, demo: gr.Blocks, form: Form, asked: Inputs, out: Show
     running = asked.go.click(by_component, [out.memo, out.frame], list(out), inputs_kwargs=everything,
                              api_name="video", preprocess=False, **queue)  # fmt: skip
     asked.stop.click(None, cancels=running, api_name="video_stop")
+    files.export.click(download, out.ran, files.exported, api_name="video_report")
     asked.method.change(lambda method: shown_settings(asked, method), asked.method, list(asked.settings.values()),
                         api_name="video_settings")  # fmt: skip
     demo.load(lambda: for_model(session), None, [asked.method, asked.refused], api_name="video_methods")

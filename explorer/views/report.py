@@ -8,7 +8,7 @@ import io
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-from . import stages
+from . import clip, stages
 from . import visual as vis
 
 PACKAGES = ("torch", "transformers", "gradio", "pillow")
@@ -31,13 +31,11 @@ def data(result, full=None, drift: dict | None = None) -> dict:
 
 
 def page(picture, result, full=None, drift: dict | None = None) -> str:
-    """The HTML report: overlays and heatmaps on the image, the numbers, the answers and the settings."""
+    """The HTML report: overlays and heatmaps on the image (on a clip, `picture` an `engine.video.Clip`: its
+    strip of frames, each frame's dropped patches greyed and its kept count), the numbers, the answers and the
+    settings."""
     g, selection = result.geometry, result.selection
-    figures = []
-    for name, tokens in vis.views(g).items():
-        figures.append((f"{name}: kept and dropped", vis.overlay(picture, g, selection, tokens)))
-        if selection.scores is not None and not selection.scores[tokens].isnan().all():
-            figures.append((f"{name}: scores", vis.heatmap(picture, g, selection.scores, tokens)))
+    pictures = clip.strip(picture, g, selection, chosen=-1) if g.frames else figures(picture, g, selection)
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
         for row in vis.metrics(result, full, drift)
@@ -49,12 +47,8 @@ def page(picture, result, full=None, drift: dict | None = None) -> str:
         f"<h1>{html.escape(result.method)} on {html.escape(result.model)}{note}</h1>",
         f"<p>Budget {html.escape(str(budget))}; {html.escape(settings)}; "
         f"{result.tokens['visual_kept']} of {result.tokens['visual_full']} visual tokens kept.</p>",
-        "<div class='pictures'>"
-        + "".join(
-            f"<figure><img src='{_png(image)}' alt='{html.escape(t)}'><figcaption>{html.escape(t)}</figcaption></figure>"
-            for t, image in figures
-        )
-        + "</div>",
+        _clip_line(picture) if g.frames else "",
+        pictures,
         "<h2>Answers</h2>",
         f"<h3>Reduced</h3><pre class='answer'>{html.escape(result.answer)}</pre>",
     ]
@@ -64,7 +58,7 @@ def page(picture, result, full=None, drift: dict | None = None) -> str:
     real = (
         f"<p>Times and memory are measured on {html.escape(result.model)}; the rows under “computed: real "
         f"{html.escape(projected['model'].split('/')[-1])}” are computed from {html.escape(projected['model'])}'s "
-        f"config ({projected['dtype']}) at this image's token counts, never measured.</p>"
+        f"config ({projected['dtype']}) at this {'clip' if g.frames else 'image'}'s token counts, never measured.</p>"
         if projected
         else ""
     )
@@ -88,6 +82,30 @@ def page(picture, result, full=None, drift: dict | None = None) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
     )
+
+
+def figures(picture, g, selection) -> str:
+    """HTML: each view of the image (the thumbnail, the crops) with the kept and dropped tokens drawn, and
+    with the method's scores where it has any."""
+    drawn = []
+    for name, tokens in vis.views(g).items():
+        drawn.append((f"{name}: kept and dropped", vis.overlay(picture, g, selection, tokens)))
+        if selection.scores is not None and not selection.scores[tokens].isnan().all():
+            drawn.append((f"{name}: scores", vis.heatmap(picture, g, selection.scores, tokens)))
+    return (
+        "<div class='pictures'>"
+        + "".join(
+            f"<figure><img src='{_png(image)}' alt='{html.escape(t)}'><figcaption>{html.escape(t)}</figcaption></figure>"
+            for t, image in drawn
+        )
+        + "</div>"
+    )
+
+
+def _clip_line(shown) -> str:
+    width, height = shown.size
+    audio = "; its audio was ignored" if shown.audio else ""
+    return f"<p>{len(shown.frames)} frames of {width}x{height} from a {shown.duration_s:.1f} s clip{audio}.</p>"
 
 
 def _png(image) -> str:
