@@ -631,6 +631,32 @@ def test_video_methods_are_offered_only_for_clips_and_image_only_ones_are_refuse
         list(ui.video.run(clips, {}, 0, clip=clip_file, method="tome-vit", budget=20, prompt="What?"))
 
 
+def test_two_methods_on_a_clip_show_where_they_agree_frame_by_frame(clips, clip_file):
+    from explorer.engine.video import load_video
+
+    given = dict(frames=3, prompt="What?", method="vidcom2", budget=25, max_new_tokens=2)
+    strip, answer_a, answer_b, table = ui.video_versus.versus(clips, "uniform", image=clip_file, **given)
+    clip, backend = load_video(clip_file, frames=3), clips.backend()
+    a = run(backend, clip, "What?", "vidcom2", 0.25, max_new_tokens=2)
+    b = run(backend, clip, "What?", "uniform", 0.25, max_new_tokens=2)
+    assert (answer_a, answer_b) == (a.answer, b.answer)
+    keep_a, keep_b, g = set(a.selection.keep.tolist()), set(b.selection.keep.tolist()), a.geometry
+    drawn = re.findall(r"<figcaption>(frame \d+)<br>both (\d+), only A (\d+), only B (\d+), neither (\d+)", strip)
+    expected = []
+    for p in g.frames:
+        tokens = set(g.members(p).tolist())
+        both, only_a, only_b = keep_a & keep_b & tokens, (keep_a - keep_b) & tokens, (keep_b - keep_a) & tokens
+        counts = (len(both), len(only_a), len(only_b), len(tokens) - len(both) - len(only_a) - len(only_b))
+        expected.append((g.names[p], *map(str, counts)))
+    assert drawn == expected and len(drawn) == 3 and strip.count("data:image/jpeg;base64,") == 3
+    assert any(int(only_a) for _, _, only_a, _, _ in drawn)  # they differ somewhere
+    assert {row[0]: row[1:3] for row in table}["visual tokens"] == [str(len(keep_a)), str(len(keep_b))]
+    with pytest.raises(gr.Error, match="merges patches inside the vision encoder"):
+        ui.video_versus.versus(clips, "tome-vit", image=clip_file, **given)
+    with pytest.raises(gr.Error, match="upload a clip first"):
+        ui.video_versus.versus(clips, "uniform", **given)
+
+
 @pytest.fixture(scope="module")
 def served_clips(clips):
     demo, url = app.serve(clips, prevent_thread_lock=True, quiet=True)

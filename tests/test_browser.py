@@ -307,6 +307,7 @@ def test_video_mode_scrubs_plays_previews_and_runs_a_clip_at_1400_and_400_px(bro
         see_a_video_method_s_steps_and_the_stage_bars(page)
         ARTIFACTS.mkdir(exist_ok=True)
         page.locator("#video-mode").screenshot(path=ARTIFACTS / "video-1400.png")
+        compare_two_methods_and_download_the_report(page)
         page.set_viewport_size({"width": 400, "height": 900})
         page.locator("#clip-picture canvas").scroll_into_view_if_needed()
         page.wait_for_timeout(500)
@@ -314,7 +315,8 @@ def test_video_mode_scrubs_plays_previews_and_runs_a_clip_at_1400_and_400_px(bro
         sideways = page.evaluate(
             SCROLLING_SIDEWAYS
         )  # the numbers table scrolls in its own box, as after an image's run
-        assert [box for box in sideways if "virtual-table-viewport" not in box] == []
+        own = ("virtual-table-viewport", "file-preview-holder")  # the table's and the report files' own boxes
+        assert [box for box in sideways if not any(name in box for name in own)] == []
         assert 250 < page.locator("#clip-picture canvas").bounding_box()["width"] <= 400
         page.screenshot(path=ARTIFACTS / "video-400.png")
     finally:
@@ -341,6 +343,20 @@ def see_a_video_method_s_steps_and_the_stage_bars(page):
     page.get_by_role("tab", name="Decode: the KV cache").click()
     expect(page.locator("#video-mode .js-plotly-plot >> visible=true")).to_have_count(1)  # the decode chart
     expect(page.locator("#video-mode").get_by_text("in the KV cache")).to_be_visible()  # its legend
+
+
+def compare_two_methods_and_download_the_report(page):
+    """The last run's report, then DyCoke (A, the method picked) against uniform (B) on every frame."""
+    expect(page.locator("#video-mode").get_by_text(" · full: ")).to_be_visible(timeout=180_000)  # the run ended
+    page.locator("#video-mode").get_by_role("button", name="Download report").click()
+    expect(page.locator("#video-mode").get_by_text(re.compile(r"^dycoke-\d+$")).first).to_be_visible(timeout=30_000)
+    page.get_by_text("Two methods on the clip").click()
+    page.get_by_role("button", name="Compare on the clip").click()
+    pairs = page.locator("#clip-versus figure")
+    expect(pairs).to_have_count(8, timeout=180_000)
+    expect(pairs.first).to_contain_text(re.compile(r"frame 0\s*both \d+, only A \d+, only B \d+, neither \d+"))
+    assert page.get_by_label("Answer B").input_value() != ""
+    page.locator("#clip-versus").screenshot(path=ARTIFACTS / "video-versus.png")
 
 
 def set_number(page, label: str, value: int) -> None:

@@ -11,6 +11,7 @@ column, `form.py`).
     animation.py  the budget animation (GIF)
     accuracy.py   a benchmark's summary.json
     video.py      a video clip in place of the image: its frames, the preview, Run
+    video_versus.py  two methods on the clip
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import gradio as gr
 
 from explorer import METHODS
 
-from . import accuracy, animation, explore, form, layers, picture, steps, sweep, versus, video
+from . import accuracy, animation, explore, form, layers, picture, steps, sweep, versus, video, video_versus
 from .session import Session
 
 GPU_QUEUE = dict(concurrency_id="gpu", concurrency_limit=1)  # one model, one request on it at a time
@@ -62,6 +63,7 @@ def build(session: Session, queue_size: int = 32, eval_dir: str | None = None) -
                 scored = accuracy.build(eval_dir)
             with gr.Tab("Video", elem_id="video-mode"):
                 clip, clipped, clip_files = video.build(session)
+                clip_pair = video_versus.build()
         running = explore.wire(session, asked, out, downloads, picked, GPU_QUEUE)
         picture.wire(session, asked, shown, running)
         steps.wire(running, out.shown, cards)
@@ -71,6 +73,7 @@ def build(session: Session, queue_size: int = 32, eval_dir: str | None = None) -
         animation.wire(session, asked, animated)
         accuracy.wire(demo, scored)
         video.wire(session, demo, asked, clip, clipped, clip_files, GPU_QUEUE)
+        video_versus.wire(session, demo, asked, clip, clip_pair, GPU_QUEUE)
         wire_model(session, demo, asked, status, out.explanation, [inside.note, two.other, swept.methods])
     return demo.queue(default_concurrency_limit=1, max_size=queue_size)  # a full queue answers "try again"
 

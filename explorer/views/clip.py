@@ -161,6 +161,22 @@ def strip(clip: Clip, g: Geometry, selection: Selection, chosen: int = 0, word: 
     return f'<style>{STRIP_CSS}</style><div class="clip-strip">{"".join(cards)}</div>'
 
 
+def agreement_strip(clip: Clip, g: Geometry, keep_a: torch.Tensor, keep_b: torch.Tensor) -> str:
+    """HTML: every frame (or temporal group) with two methods' choices drawn as `visual.agreement` draws them
+    on an image (kept by both untouched, by one tinted with its colour, by neither greyed and darkened),
+    and its counts under it."""
+    cards = []
+    for p in g.frames:
+        drawn, counts = vis.agreement(frame_of(clip, g, p), g, keep_a, keep_b, g.members(p))
+        small = drawn.resize((THUMB, max(1, round(drawn.height * THUMB / drawn.width))), reducing_gap=2.0)
+        said = ", ".join(f"{k} {v}" for k, v in counts.items())
+        cards.append(
+            f'<figure class="clip-frame clip-pair"><img src="{viewer._jpeg(small, 85)}" alt="{g.names[p]}">'
+            f"<figcaption>{g.names[p]}<br>{said}</figcaption></figure>"
+        )
+    return f'<style>{STRIP_CSS}</style><div class="clip-strip">{"".join(cards)}</div>'
+
+
 def thumbnail(picture: Image.Image, dropped: torch.Tensor) -> Image.Image:
     """The frame THUMB pixels wide with the patches of `dropped` (D, 4) boxes on it greyed, as the picture
     greys them (`visual.dimmed`); a few milliseconds, where the full overlay takes tens."""
@@ -179,6 +195,7 @@ STRIP_CSS = """
 .clip-frame { margin: 0; flex: 0 0 auto; width: 104px; font-size: 12px; line-height: 1.3; }
 .clip-frame img { width: 100%; height: auto; display: block; border-radius: 4px; border: 3px solid transparent; }
 .clip-frame.chosen img { border-color: #f0a800; }
+.clip-frame.clip-pair { width: 160px; }
 .clip-band { margin-top: 3px; min-height: 6px; border-radius: 3px; padding: 0 3px; font-size: 11px; color: #111; }
 .clip-facts { color: #666; }
 """
