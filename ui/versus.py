@@ -35,11 +35,15 @@ def build() -> Versus:
         other = gr.Dropdown(on_images(), value="cls", label="Method B (default settings)")
         go = gr.Button("Compare")
     views = pair("thumbnail", "crops")
+    return Versus(other, go, views, *answers())
+
+
+def answers() -> tuple[gr.Textbox, gr.Textbox, gr.Dataframe]:
+    """A's and B's answers side by side, then their numbers (this tab's and the Video tab's pair)."""
     with gr.Row():
         answer_a = gr.Textbox(label="Answer A", lines=3, interactive=False)
         answer_b = gr.Textbox(label="Answer B", lines=3, interactive=False)
-    table = gr.Dataframe(headers=["", "A", "B", "A / B"], interactive=False, wrap=True)
-    return Versus(other, go, views, answer_a, answer_b, table)
+    return answer_a, answer_b, gr.Dataframe(headers=["", "A", "B", "A / B"], interactive=False, wrap=True)
 
 
 @shows_errors

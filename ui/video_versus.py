@@ -14,6 +14,7 @@ from explorer.views import visual as vis
 from .form import Form
 from .request import check_method, shows_errors
 from .session import GPU, Session, video
+from .versus import answers
 from .video import Inputs, asked_clip, choices, frame_default, gpu_seconds
 
 
@@ -36,11 +37,7 @@ def build() -> VideoVersus:
             other = gr.Dropdown(choices(None), value="uniform", label="Method B (default settings)", scale=3)
             go = gr.Button("Compare on the clip", scale=1)
         strip = gr.HTML(elem_id="clip-versus")
-        with gr.Row():
-            answer_a = gr.Textbox(label="Answer A", lines=3, interactive=False)
-            answer_b = gr.Textbox(label="Answer B", lines=3, interactive=False)
-        table = gr.Dataframe(headers=["", "A", "B", "A / B"], interactive=False, wrap=True)
-    return VideoVersus(other, go, strip, answer_a, answer_b, table)
+        return VideoVersus(other, go, strip, *answers())
 
 
 @shows_errors
