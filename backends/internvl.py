@@ -27,8 +27,17 @@ inside the encoder (tome-vit) and the official-code variants that read every enc
 signals: HiRED's, VisionZip's and VisPruner's `paper_code`) are refused with the reason.
 
 Inside the LLM: Qwen2's attention (InternVL3); Qwen3's normalises each head's queries and keys before RoPE
-(InternVL3.5), which the hooks that score tokens do as well. Positions are the plain 1-D ones. Images only:
-InternVL's video input (frames as 1-tile images, "Frame1: <img>...</img>") is not wired here.
+(InternVL3.5), which the hooks that score tokens do as well. Positions are the plain 1-D ones.
+
+A clip (`prepare_video`) goes through the checkpoint's own video processor (InternVLVideoProcessor) on exactly
+the frames given: each frame squashed to one 448-px tile (never split, no thumbnail), 256 tokens after the
+pixel shuffle, as an image that gets a single tile. The prompt numbers the frames, each one's tokens between
+their own `<img>` and `</img>`: "Frame1: <img>...</img>\nFrame2: <img>...</img>\n" and then the text, as
+OpenGVLab's own video evaluation writes it (internvl_chat/eval/mvbench/evaluate_mvbench.py, `__getitem__`:
+"Frame{i}: <image>" lines, each frame one 448-px patch); it says no time. To the model the frames are images:
+their tokens are `<IMG_CONTEXT>` (InternVL has no video token), their pixels join `pixel_values`, one tile a
+frame, and the LLM reads them one frame after another. Partitions are the frames ("frame 0", "frame 1", ...),
+each a 16x16 grid over the whole frame, like a single-tile image's "global".
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ import transformers
 
 from .base import Backend
 from .errors import ExplorerError
-from .geometry import Geometry, Prepared
+from .geometry import Geometry, Prepared, Times, check_clip
 from .llm_prune import Decoder
 from .random_models import build_tokenizer, text_config, token_ids
 from .signals import Taps
@@ -102,6 +111,34 @@ class InternVL(Backend):
         geometry = Geometry(names, partition, cells, torch.cat(boxes).float(), (width, height))
         return geometry, torch.full((len(partition),), -1)
 
+    def visual_token_id(self, prepared: Prepared) -> int:
+        """The image token: a clip's frames are images to InternVL."""
+        return self.image_token_id
+
+    def prepare_video(self, frames: list, prompt: str, times_s: Times = None, duration_s: float = 0.0) -> Prepared:
+        """Chat template with one video part + the checkpoint's video processor on exactly these PIL frames
+        (`do_sample_frames=False`: it samples none of its own), and the clip's geometry. InternVL's prompt
+        numbers the frames but does not say when they were taken: `times_s` is only checked, `duration_s` unused."""
+        check_clip(frames, times_s)
+        text = self.chat(prompt, part="video")
+        inputs = self.processor(videos=[frames], text=text, return_tensors="pt", do_sample_frames=False)
+        inputs = inputs.to(self.device)
+        geometry, source = self.video_layout(len(frames), frames[0].size)
+        n_video = int((inputs["input_ids"] == self.image_token_id).sum())
+        assert n_video == len(geometry), f"processor inserted {n_video} frame tokens, geometry has {len(geometry)}"
+        return Prepared(inputs, geometry, source, inputs["input_ids"].shape[1] - n_video, video=True)
+
+    def video_layout(self, frames: int, size: tuple[int, int]) -> tuple[Geometry, torch.Tensor]:
+        """Geometry of a clip of `frames` frames of `size` (width, height) pixels: each frame one tile over the
+        whole frame, its tokens the cells of a 16x16 grid as the pixel shuffle folds them; no token is a single
+        patch, so no source row."""
+        width, height = size
+        names = tuple(f"frame {f}" for f in range(frames))
+        partition = torch.arange(frames).repeat_interleave(self.side**2)
+        cells = torch.stack(self.cells(), 1).repeat(frames, 1)
+        boxes = self.boxes((0, 0, width, height)).float().repeat(frames, 1)
+        return Geometry(names, partition, cells, boxes, (width, height)), torch.full((len(partition),), -1)
+
     def cells(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(T,) row and (T,) column of each token of a tile in its side x side grid, in LLM order: read off
         the model's own pixel shuffle, run on patch indices."""
@@ -133,10 +170,11 @@ class InternVL(Backend):
         return out.pooler_output.flatten(0, 1)  # (tiles * 256, D)
 
     def crops(self, prepared: Prepared) -> torch.Tensor:
-        return prepared.inputs["pixel_values"]  # (tiles, 3, 448, 448), the thumbnail last
+        return prepared.inputs["pixel_values"]  # (tiles, 3, 448, 448), the thumbnail last; a clip's: (F, 3, 448, 448)
 
     def encoder_sequences(self, prepared: Prepared) -> list[int]:
-        """Every tile and the thumbnail, patches x patches each ([CLS] not counted), attended over alone."""
+        """Every tile and the thumbnail (a clip: every frame), patches x patches each ([CLS] not counted),
+        attended over alone."""
         return [self.patches**2] * len(self.crops(prepared))
 
     def tokens_of(self, prepared: Prepared, values: torch.Tensor, fold: str) -> torch.Tensor:
@@ -183,13 +221,17 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
 )
 IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+# InternVL3-1B-hf's video processor (tests/mirrors/, its SOURCES.md): every frame squashed to one 448-px tile,
+# bicubic, ImageNet's mean and std, as the image processor's tiles
+VIDEO = {"size": {"height": 448, "width": 448}, "resample": 3, **IMAGENET}
 MARKERS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
 
 
 def random_parts(name: str):
     """The config and processor of the random-weight model `name`, with InternVL3-1B-hf's processor geometry
-    (448-px tiles, 1 to 12 of them plus the thumbnail, ImageNet mean and std, bicubic; 256 tokens a tile) and
-    its model's settings (patch 14, downsample ratio 0.5, GELU projector, the last layer without [CLS])."""
+    (448-px tiles, 1 to 12 of them plus the thumbnail, ImageNet mean and std, bicubic; 256 tokens a tile), its
+    video processor (VIDEO: a frame one tile) and its model's settings (patch 14, downsample ratio 0.5, GELU
+    projector, the last layer without [CLS])."""
     from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLProcessor, InternVLVideoProcessor
 
     (v_hidden, v_layers, v_heads, v_mlp), text, positions = RANDOM[name]
@@ -205,7 +247,7 @@ def random_parts(name: str):
     processor = InternVLProcessor(
         image_processor=GotOcr2ImageProcessor(size=tile, min_patches=1, max_patches=12, **IMAGENET),
         tokenizer=tokenizer,
-        video_processor=InternVLVideoProcessor(size=tile, **IMAGENET),
+        video_processor=InternVLVideoProcessor(**VIDEO),
         image_seq_length=256,
         chat_template=CHAT_TEMPLATE,
     )

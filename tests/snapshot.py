@@ -65,6 +65,7 @@ VIDEO_MODELS = (
     "tiny-qwen3-vl",
     "tiny-qwen3.5",
     "tiny-smolvlm",
+    "tiny-internvl3",
 )
 CLIP_BUDGETS = ("0.25", "0.1")
 CLIP_PROMPT = "What happens in this video?"

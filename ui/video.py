@@ -38,7 +38,7 @@ ONE_FRAME = Geometry(  # the least a clip's geometry is: what `check_media` refu
 LIMITS = (
     f"mp4, webm, mov, mkv or animated GIF, up to {MAX_VIDEO_BYTES // 1_000_000} MB and {MAX_DURATION_S // 60} "
     f"minutes (an image: up to 20 MB); at most {MAX_FRAMES} frames are sampled. **Audio is ignored**: only the "
-    "frames reach the model. Video runs on LLaVA-OneVision (and LLaVA-Video), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and SmolVLM2. A method's settings are "
+    "frames reach the model. Video runs on LLaVA-OneVision (and LLaVA-Video), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, SmolVLM2 and InternVL3. A method's settings are "
     "the left column's (Method settings) for an image method, the Video tab's for a video method."
 )
 MARK = """(frame) => {
