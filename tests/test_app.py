@@ -29,7 +29,7 @@ from explorer.views import teach, viewer
 from explorer.views import visual as vis
 from ui.explore import Explored
 from ui.picture import live_picture, refresh
-from ui.session import Newest, Session
+from ui.session import Newest, Session, digest
 from ui.video import Shown
 
 ROOT = Path(__file__).parent.parent
@@ -655,6 +655,32 @@ def test_two_methods_on_a_clip_show_where_they_agree_frame_by_frame(clips, clip_
         ui.video_versus.versus(clips, "tome-vit", image=clip_file, **given)
     with pytest.raises(gr.Error, match="upload a clip first"):
         ui.video_versus.versus(clips, "uniform", **given)
+
+
+def test_a_sweep_on_the_video_tab_s_clip_equals_single_runs_on_its_frames(clips, clip_file):
+    from explorer.engine.video import load_video
+
+    asked = dict(clip=clip_file, frames=3, prompt="What?", max_new_tokens=2)
+    figure, table, rows, cache = ui.sweep.sweep(
+        clips, ["frames", "vidcom2"], "50,25", "kl", {}, lambda *a, **k: None, "clip", **asked
+    )
+    assert [(r["method"], r["budget"]) for r in rows] == [("none", "-")] + [
+        (m, b) for m in ("frames", "vidcom2") for b in ("0.5", "0.25")
+    ]
+    clip = load_video(clip_file, frames=3)
+    for row in rows[1:]:
+        alone = run(clips.backend(), clip, "What?", row["method"], float(row["budget"]), max_new_tokens=2)
+        assert (row["visual_kept"], row["visual_full"], row["answer"]) == (
+            alone.tokens["visual_kept"],
+            589,
+            alone.answer,
+        )
+    assert [trace.name for trace in figure.data] == ["frames", "vidcom2"] and len(table) == len(rows)
+    assert list(cache) == [(digest(clip_file), 3, "What?", 2)]  # the clip's cells, apart from any image's
+    offered = ui.sweep.offered("clip", clips)["choices"]
+    assert "vidcom2" in offered and "globalcom2" not in offered and "none" not in offered
+    with pytest.raises(gr.Error, match="upload a clip first"):
+        ui.sweep.sweep(clips, ["uniform"], "50", "kl", {}, lambda *a, **k: None, "clip", prompt="What?")
 
 
 @pytest.fixture(scope="module")

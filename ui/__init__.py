@@ -69,7 +69,7 @@ def build(session: Session, queue_size: int = 32, eval_dir: str | None = None) -
         steps.wire(running, out.shown, cards)
         layers.wire(session, asked, inside, GPU_QUEUE)
         versus.wire(session, asked, two, GPU_QUEUE)
-        sweep.wire(session, asked, swept, GPU_QUEUE)
+        sweep.wire(session, asked, swept, clip, GPU_QUEUE)
         animation.wire(session, asked, animated)
         accuracy.wire(demo, scored)
         video.wire(session, demo, asked, clip, clipped, clip_files, GPU_QUEUE)

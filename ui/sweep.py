@@ -12,14 +12,16 @@ from explorer import Budget, ExplorerError, load_image
 from explorer.evaluation import bench
 from explorer.methods import on_images
 
+from . import video as video_tab
 from .form import Form
 from .request import check_budget, check_method, request, shows_errors
-from .session import GPU, MEMO, Session, digest
+from .session import GPU, MEMO, Session, digest, video
 
 HEADERS = [*bench.HEAD, "answer"]
 
 
 class Sweep(NamedTuple):
+    media: gr.Radio  # the image on the left, or the Video tab's clip
     methods: gr.CheckboxGroup
     budgets: gr.Textbox
     column: gr.Dropdown
@@ -31,6 +33,10 @@ class Sweep(NamedTuple):
 
 
 def build() -> Sweep:
+    media = gr.Radio(
+        [("the image", "image"), ("the Video tab's clip", "clip")], value="image", label="Sweep on",
+        info="a clip: its frames as the Video tab samples them, and the methods that run on a clip",
+    )  # fmt: skip
     with gr.Row():
         methods = gr.CheckboxGroup(on_images()[1:], value=["cls", "hired", "random"], label="Methods")
         budgets = gr.Textbox("100,60,40,20,10,5", label="Budgets (%)")
@@ -39,20 +45,26 @@ def build() -> Sweep:
         go = gr.Button("Run the sweep")
     plot = gr.Plot(label="Against the visual tokens kept")
     rows = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True)
-    return Sweep(methods, budgets, column, go, plot, rows, gr.State([]), gr.State({}))
+    return Sweep(media, methods, budgets, column, go, plot, rows, gr.State([]), gr.State({}))
 
 
 @shows_errors
-def sweep(session: Session, methods, budgets, column, cache, progress=gr.Progress(), **given) -> tuple:
-    """Every chosen method at every budget (one run each), measured against the unreduced run and the
-    floor (`uniform` keeping as many tokens, no selection work). Returns the chart, the table, the rows and
-    the cache."""
+def sweep(session: Session, methods, budgets, column, cache, progress=gr.Progress(), media="image", **given) -> tuple:
+    """Every chosen method at every budget (one run each) on the image, or on the Video tab's clip (`media`
+    "clip": `clip` and `frames` given), measured against the unreduced run and the floor (`uniform` keeping as
+    many tokens, no selection work). Returns the chart, the table, the rows and the cache."""
     if not methods:
         raise ExplorerError("pick at least one method to sweep")
     methods = [check_method(m) for m in methods]
-    fractions, asked = percents(budgets), request(given, prompt=True)
-    picture, n = load_image(asked.image), asked.max_new_tokens
-    key = (digest(asked.image), asked.prompt, n)
+    fractions = percents(budgets)
+    if media == "clip":
+        asked, frames = video_tab.asked_clip(given, video_tab.frame_default(session), prompt=True)
+        picture, key = video(asked.image, frames), (digest(asked.image), frames)
+    else:
+        asked = request(given, prompt=True)
+        picture, key = load_image(asked.image), (digest(asked.image),)
+    n = asked.max_new_tokens
+    key = (*key, asked.prompt, n)
     done = dict(cache.get(key, {}))
     progress(0, desc="starting" if session.loaded else "loading the model")
     backend = session.backend()
@@ -83,16 +95,26 @@ def sweep_seconds(methods=None, budgets="", column=None, cache=None, **given) ->
     return min(600, 10 + cells * (5 + int(given.get("max_new_tokens", 64)) // 10))
 
 
-def wire(session: Session, form: Form, tab: Sweep, queue: dict) -> None:
-    def swept(methods, budgets, column, cache, progress=gr.Progress(), **given):
-        return sweep(session, methods, budgets, column, cache, progress, **given)
+def offered(media: str, session: Session):
+    """The methods to sweep: those that run on an image, or on a clip of the loaded model."""
+    if media != "clip":
+        return gr.update(choices=on_images()[1:], value=["cls", "hired", "random"])
+    runs = [name for _, name in video_tab.choices(session.backend() if session.loaded else None) if name != "none"]
+    return gr.update(choices=runs, value=["frames", "uniform", "random"])
+
+
+def wire(session: Session, form: Form, tab: Sweep, clip: video_tab.Inputs, queue: dict) -> None:
+    def swept(methods, budgets, column, cache, progress=gr.Progress(), media="image", **given):
+        return sweep(session, methods, budgets, column, cache, progress, media, **given)
 
     def redraw(column, rows):
         return bench.figure(rows, column) if rows else None
 
     asked = form.named("image", "prompt", "max_new_tokens", settings=False)
+    asked |= dict(media=tab.media, clip=clip.clip, frames=clip.frames)
     inputs = [tab.methods, tab.budgets, tab.column, tab.cache]
     outputs = [tab.plot, tab.rows, tab.measured, tab.cache]
     on_gpu = GPU(swept, duration=sweep_seconds)
     tab.go.click(on_gpu, inputs, outputs, inputs_kwargs=asked, api_name="sweep", **queue)
     tab.column.change(redraw, [tab.column, tab.measured], tab.plot, api_name="replot")
+    tab.media.change(lambda media: offered(media, session), tab.media, tab.methods, api_name="sweep_methods")
