@@ -1,5 +1,6 @@
 """Everything runs on CPU and offline, on random-weight models built with the real processor geometry."""
 
+import contextlib
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never reach the Hub
@@ -75,3 +76,17 @@ def run_seeing_embeds(backend, image, prompt: str, method: str, budget: float):
         return run(backend, image, prompt, method, budget, max_new_tokens=1), embeds
     finally:
         hook.remove()
+
+
+@contextlib.contextmanager
+def first_layers(backend, count: int):
+    """The model runs its first `count` LLM layers only, for a reference that reads nothing after them: a
+    layer's input and attention depend on the layers before it alone, and every later (eager) layer would
+    only add time and keep its L x L maps."""
+    lm = backend.language_model
+    layers = lm.layers
+    lm.layers = layers[:count]
+    try:
+        yield
+    finally:
+        lm.layers = layers

@@ -52,17 +52,20 @@ def test_full_size_architectures_are_the_real_ones(name):
     assert (built.depth, Shape.of(built.model.config).hidden) == (stored["num_hidden_layers"], stored["hidden_size"])
 
 
-def test_random_weights_build_and_run_the_full_size_model(capsys):
+def test_random_weights_build_and_run_the_full_size_model(capsys, tmp_path):
     """The smallest stored architecture, LLaVA-OneVision 0.5B, built for real on the CPU by the CLI
     and run: the LLM sees the kept tokens of a real-size prompt."""
+    image = tmp_path / "square.png"  # small and square: the thumbnail and one crop (1485 tokens), the fewest
+    photo(384, 384).save(image)  # SigLIP passes; what is asserted does not depend on the image's size
     code = main(
         ["run", "--model", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "--random-weights", "--device", "cpu"]
-        + ["--image", "assets/rocket.jpg", "--prompt", "What is it?", "--method", "cls", "--budget", "0.1"]
+        + ["--image", str(image), "--prompt", "What is it?", "--method", "cls", "--budget", "0.1"]
         + ["--max-new-tokens", "2", "--json"]
     )
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["random_weights"] and out["model"] == "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
     assert out["tokens"]["visual_kept"] == out["tokens"]["visual_full"] // 10 and out["tokens"]["generated"] == 2
+    assert out["tokens"]["visual_full"] == 1485
 
 
 def test_an_architecture_without_a_stored_config_is_refused():

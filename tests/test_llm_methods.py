@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import photo, toy_geometry
+from conftest import first_layers, photo, toy_geometry
 
 from backends.llava_next import LlavaNext
 from explorer import METHODS, ExplorerError, Signals, make, run, stream
@@ -197,7 +197,7 @@ def test_fastv_on_the_model_keeps_the_top_of_the_last_tokens_eager_attention_row
     stage, pruning = hooks(backend, prepared, "fastv", 100, **AFTER)
     with torch.no_grad(), pruning:
         backend.model(**inputs)
-    with torch.no_grad():
+    with torch.no_grad(), first_layers(eager, 2):  # layer 1's maps are all that is read
         attentions = eager.model(**inputs, output_attentions=True).attentions
     image = (inputs["input_ids"][0] == backend.model.config.image_token_id).nonzero()[:, 0]
     row = attentions[1][0, :, -1, image].mean(0)  # layer K - 1 = 1, last prompt token, heads averaged

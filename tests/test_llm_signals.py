@@ -5,7 +5,7 @@ their text counterparts, against the stock model's `output_hidden_states` and ea
 
 import pytest
 import torch
-from conftest import photo
+from conftest import first_layers, photo
 
 import backends
 from explorer.core import LLM_ATTENTION, LLM_EMBEDS, LLM_HIDDEN, text_of
@@ -27,6 +27,7 @@ NEEDS = (LLM_ATTENTION, LLM_HIDDEN, LLM_EMBEDS)  # each also gives its text coun
 # Qwen3.5 scores only at full-attention layers (its first: 3, the first entry of the attentions it records) and
 # cuts after it; the others cut before layer 2, scored at layer 1
 LAYER, RECORDED = {"tiny-qwen3.5": 4}, {"tiny-qwen3.5": 0}
+HOOKED = {"tiny-qwen3.5"}  # its pruning hooks every linear-attention layer, so it runs all its layers
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -47,9 +48,12 @@ def test_the_llm_signals_are_what_the_stock_model_computes(name):
     with torch.inference_mode():
         features, _ = backend.encode(prepared, ())
         inputs = backend.generate_inputs(prepared, features, torch.arange(len(prepared.geometry)))
-        stock = backend.model(**inputs, output_hidden_states=True, output_attentions=True)
-        with backend.pruning(prepared, [(layer, layer - 1)], NEEDS, choose, True):
-            backend.model(**inputs)
+        with first_layers(backend, layer + 1):  # all that is read: up to the cut, the input of layer `layer`
+            stock = backend.model(**inputs, output_hidden_states=True, output_attentions=True)
+        assert len(stock.hidden_states) == layer + 2  # the embeddings, then each layer run: `layer` is not the last
+        with first_layers(backend, backend.depth if name in HOOKED else layer + 1):
+            with backend.pruning(prepared, [(layer, layer - 1)], NEEDS, choose, True):
+                backend.model(**inputs)
         entering = stock.hidden_states[layer][0].clone()  # (L, D) the output of the layer before, as recorded
         if name == "tiny-qwen3-vl":  # DeepStack: that output gets its feature at the visual tokens before the
             d = entering.shape[1]  # layer reads it, which transformers records without: (N, 4D) features
