@@ -27,6 +27,22 @@ def checkpoint(backend) -> str:
     return backends._random_checkpoint("tiny-llava-next").name
 
 
+@pytest.fixture(scope="module")
+def clip_session():
+    """The app's session on tiny-llava-onevision, which takes video (a module's own: its caches start empty)."""
+    from ui.session import Session
+
+    return Session("tiny-llava-onevision", "cpu")
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory) -> str:
+    """A clip of 12 frames of moving shapes, 64x32, encoded with PyAV (`test_video.write`)."""
+    from test_video import write
+
+    return str(write(tmp_path_factory.mktemp("clip") / "clip.mp4", "mpeg4", count=12))
+
+
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     """A noisy RGB image, so attention differs from token to token."""
     pixels = np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)

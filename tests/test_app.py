@@ -552,49 +552,36 @@ def test_the_status_says_whose_times_a_random_weight_model_gives(explorer):
 # The video mode (ui/video.py), on tiny-llava-onevision: a clip of 3 frames of 196 tokens and a newline
 
 
-@pytest.fixture(scope="module")
-def clips():
-    """The app's session on tiny-llava-onevision, which takes video."""
-    return Session("tiny-llava-onevision", "cpu")
-
-
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory) -> str:
-    from test_video import write
-
-    return str(write(tmp_path_factory.mktemp("clip") / "clip.mp4", "mpeg4", count=12))
-
-
 def kept_in_strip(strip: str) -> list[tuple[int, int]]:
     return [(int(k), int(n)) for k, n in re.findall(r"<b>(\d+)</b> of (\d+) kept", strip)]
 
 
-def test_the_clip_preview_is_what_a_run_keeps_frame_by_frame_from_one_cached_pass(clips, clip_file):
+def test_the_clip_preview_is_what_a_run_keeps_frame_by_frame_from_one_cached_pass(clip_session, clip_file):
     from explorer.engine.video import load_video
 
-    shown = ui.video.live(clips, 1, clip=clip_file, frames=3, method="divprune", budget=20)
-    r = run(clips.backend(), load_video(clip_file, frames=3), "Hi", "divprune", 0.2, max_new_tokens=1)
+    shown = ui.video.live(clip_session, 1, clip=clip_file, frames=3, method="divprune", budget=20)
+    r = run(clip_session.backend(), load_video(clip_file, frames=3), "Hi", "divprune", 0.2, max_new_tokens=1)
     assert torch.equal(shown["shown"]["selection"].keep, r.selection.keep)  # the preview keeps what Run keeps
     frames = [p for p in r.tokens["by_partition"] if p["name"].startswith("frame")]
     assert kept_in_strip(shown["strip"]) == [(p["kept"], p["full"]) for p in frames]
     assert len(viewer.kept_of(shown["viewer"])) == frames[1]["kept"] and shown["viewer"]["n"] == 196  # frame 1
     assert shown["count"].startswith("117 of 589 visual tokens kept (20%) · 3 frames of 64x32, 1.2 s")
     assert [bar.y for bar in shown["per_frame"].data] == [(196,) * 3, tuple(p["kept"] for p in frames)]
-    passes = clips.clips.passes
-    again = ui.video.live(clips, 2, clip=clip_file, frames=3, method="divprune", budget=40)
-    assert clips.clips.passes == passes  # a new budget: only the selection ran, on the cached pass
+    passes = clip_session.clips.passes
+    again = ui.video.live(clip_session, 2, clip=clip_file, frames=3, method="divprune", budget=40)
+    assert clip_session.clips.passes == passes  # a new budget: only the selection ran, on the cached pass
     assert sum(k for k, _ in kept_in_strip(again["strip"])) == fraction_of(0.4, 589)
     assert ui.video.frame_value(again["shown"], 0)["key"].endswith(" @0")  # the slider: no model work
-    scene = clips.frame_scene(again["shown"]["key"] + " @2")
+    scene = clip_session.frame_scene(again["shown"]["key"] + " @2")
     assert scene["n"] == 196 and scene["names"] == ["frame 2"]
 
 
-def test_a_run_on_a_clip_shows_both_answers_the_numbers_the_drift_and_the_waterfall(clips, clip_file):
+def test_a_run_on_a_clip_shows_both_answers_the_numbers_the_drift_and_the_waterfall(clip_session, clip_file):
     from explorer.engine.video import load_video
 
     given = dict(clip=clip_file, frames=3, method="fastv", budget=75, prompt="What?", max_new_tokens=3)
-    last = list(ui.video.run(clips, {}, 0, **given))[-1]
-    backend, clip = clips.backend(), load_video(clip_file, frames=3)
+    last = list(ui.video.run(clip_session, {}, 0, **given))[-1]
+    backend, clip = clip_session.backend(), load_video(clip_file, frames=3)
     reduced = run(backend, clip, "What?", "fastv", 0.75, max_new_tokens=3)
     full = run(backend, clip, "What?", "none", 1.0, max_new_tokens=3)
     assert (last["answer"], last["full_answer"]) == (reduced.answer, full.answer)
@@ -614,29 +601,31 @@ def test_a_run_on_a_clip_shows_both_answers_the_numbers_the_drift_and_the_waterf
     assert json.loads(Path(data).read_text())["tokens"]["visual_full"] == 589
 
 
-def test_video_methods_are_offered_only_for_clips_and_image_only_ones_are_refused_with_their_reason(clips, clip_file):
-    backend = clips.backend()
+def test_video_methods_are_offered_only_for_clips_and_image_only_ones_are_refused_with_their_reason(
+    clip_session, clip_file
+):
+    backend = clip_session.backend()
     offered = [name for _, name in ui.video.choices(backend)]
     assert "frames" in offered and "frames" not in on_images()  # a video method: only in video mode
     video_first = ["clip" in METHODS[name].requires for name in offered]
     assert video_first == sorted(video_first, reverse=True)  # the video methods first
     assert {"uniform", "random", "divprune", "fastv"} <= set(offered) and "tome-vit" not in offered
     assert "globalcom2" not in offered
-    whole = kept_in_strip(ui.video.live(clips, 0, clip=clip_file, frames=3, method="frames", budget=34)["strip"])
+    whole = kept_in_strip(ui.video.live(clip_session, 0, clip=clip_file, frames=3, method="frames", budget=34)["strip"])
     assert sum(k for k, _ in whole) == fraction_of(0.34, 589) and (196, 196) in whole  # a whole frame, previewed
-    _, refused = ui.video.for_model(clips)
+    _, refused = ui.video.for_model(clip_session)
     assert "ToMeViT merges patches inside the vision encoder" in refused
     assert "GlobalCom2 needs a thumbnail" in refused or "globalcom2 needs a thumbnail" in refused
     with pytest.raises(gr.Error, match="merges patches inside the vision encoder"):
-        list(ui.video.run(clips, {}, 0, clip=clip_file, method="tome-vit", budget=20, prompt="What?"))
+        list(ui.video.run(clip_session, {}, 0, clip=clip_file, method="tome-vit", budget=20, prompt="What?"))
 
 
-def test_two_methods_on_a_clip_show_where_they_agree_frame_by_frame(clips, clip_file):
+def test_two_methods_on_a_clip_show_where_they_agree_frame_by_frame(clip_session, clip_file):
     from explorer.engine.video import load_video
 
     given = dict(frames=3, prompt="What?", method="vidcom2", budget=25, max_new_tokens=2)
-    strip, answer_a, answer_b, table = ui.video_versus.versus(clips, "uniform", image=clip_file, **given)
-    clip, backend = load_video(clip_file, frames=3), clips.backend()
+    strip, answer_a, answer_b, table = ui.video_versus.versus(clip_session, "uniform", image=clip_file, **given)
+    clip, backend = load_video(clip_file, frames=3), clip_session.backend()
     a = run(backend, clip, "What?", "vidcom2", 0.25, max_new_tokens=2)
     b = run(backend, clip, "What?", "uniform", 0.25, max_new_tokens=2)
     assert (answer_a, answer_b) == (a.answer, b.answer)
@@ -652,24 +641,24 @@ def test_two_methods_on_a_clip_show_where_they_agree_frame_by_frame(clips, clip_
     assert any(int(only_a) for _, _, only_a, _, _ in drawn)  # they differ somewhere
     assert {row[0]: row[1:3] for row in table}["visual tokens"] == [str(len(keep_a)), str(len(keep_b))]
     with pytest.raises(gr.Error, match="merges patches inside the vision encoder"):
-        ui.video_versus.versus(clips, "tome-vit", image=clip_file, **given)
+        ui.video_versus.versus(clip_session, "tome-vit", image=clip_file, **given)
     with pytest.raises(gr.Error, match="upload a clip first"):
-        ui.video_versus.versus(clips, "uniform", **given)
+        ui.video_versus.versus(clip_session, "uniform", **given)
 
 
-def test_a_sweep_on_the_video_tab_s_clip_equals_single_runs_on_its_frames(clips, clip_file):
+def test_a_sweep_on_the_video_tab_s_clip_equals_single_runs_on_its_frames(clip_session, clip_file):
     from explorer.engine.video import load_video
 
     asked = dict(clip=clip_file, frames=3, prompt="What?", max_new_tokens=2)
     figure, table, rows, cache = ui.sweep.sweep(
-        clips, ["frames", "vidcom2"], "50,25", "kl", {}, lambda *a, **k: None, "clip", **asked
+        clip_session, ["frames", "vidcom2"], "50,25", "kl", {}, lambda *a, **k: None, "clip", **asked
     )
     assert [(r["method"], r["budget"]) for r in rows] == [("none", "-")] + [
         (m, b) for m in ("frames", "vidcom2") for b in ("0.5", "0.25")
     ]
     clip = load_video(clip_file, frames=3)
     for row in rows[1:]:
-        alone = run(clips.backend(), clip, "What?", row["method"], float(row["budget"]), max_new_tokens=2)
+        alone = run(clip_session.backend(), clip, "What?", row["method"], float(row["budget"]), max_new_tokens=2)
         assert (row["visual_kept"], row["visual_full"], row["answer"]) == (
             alone.tokens["visual_kept"],
             589,
@@ -677,15 +666,15 @@ def test_a_sweep_on_the_video_tab_s_clip_equals_single_runs_on_its_frames(clips,
         )
     assert [trace.name for trace in figure.data] == ["frames", "vidcom2"] and len(table) == len(rows)
     assert list(cache) == [(digest(clip_file), 3, "What?", 2)]  # the clip's cells, apart from any image's
-    offered = ui.sweep.offered("clip", clips)["choices"]
+    offered = ui.sweep.offered("clip", clip_session)["choices"]
     assert "vidcom2" in offered and "globalcom2" not in offered and "none" not in offered
     with pytest.raises(gr.Error, match="upload a clip first"):
-        ui.sweep.sweep(clips, ["uniform"], "50", "kl", {}, lambda *a, **k: None, "clip", prompt="What?")
+        ui.sweep.sweep(clip_session, ["uniform"], "50", "kl", {}, lambda *a, **k: None, "clip", prompt="What?")
 
 
 @pytest.fixture(scope="module")
-def served_clips(clips):
-    demo, url = app.serve(clips, prevent_thread_lock=True, quiet=True)
+def served_clips(clip_session):
+    demo, url = app.serve(clip_session, prevent_thread_lock=True, quiet=True)
     yield url
     demo.close()
 
@@ -761,12 +750,12 @@ class EveryFrame(Every):
     on_clips: ClassVar[str] = "clip"
 
 
-def test_a_video_method_s_setting_is_in_the_video_tab_and_reaches_the_method(clips, clip_file, monkeypatch):
+def test_a_video_method_s_setting_is_in_the_video_tab_and_reaches_the_method(clip_session, clip_file, monkeypatch):
     monkeypatch.setitem(METHODS, "every-frame", EveryFrame)
     with gr.Blocks():
-        asked, *_ = ui.video.build(clips)
+        asked, *_ = ui.video.build(clip_session)
     assert "every_frame_k" in asked.settings and "every_k" not in asked.settings  # the video methods' only
     visible = [update["visible"] for update in ui.video.shown_settings(asked, "every-frame")]
     assert [name for name, shown in zip(asked.settings, visible) if shown] == ["every_frame_k"]
-    out = ui.video.live(clips, 0, clip=clip_file, frames=3, method="every-frame", budget=10, every_frame_k=3)
+    out = ui.video.live(clip_session, 0, clip=clip_file, frames=3, method="every-frame", budget=10, every_frame_k=3)
     assert out["shown"]["selection"].keep.tolist() == list(range(0, 3 * 58, 3))  # 10% of 589, every 3rd

@@ -270,16 +270,11 @@ def every_caption_in_full(page):
     page.set_viewport_size({"width": 1500, "height": 1300})
 
 
-@pytest.fixture(scope="module")
-def clips():
-    return Session("tiny-llava-onevision", "cpu")
-
-
-def test_video_mode_scrubs_plays_previews_and_runs_a_clip_at_1400_and_400_px(browser, clips):
+def test_video_mode_scrubs_plays_previews_and_runs_a_clip_at_1400_and_400_px(browser, clip_session):
     from ui.video import example
 
     clip = example()  # 24 frames of moving shapes, 256x192
-    demo, url = app.serve(clips, prevent_thread_lock=True, quiet=True)
+    demo, url = app.serve(clip_session, prevent_thread_lock=True, quiet=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url)
     try:

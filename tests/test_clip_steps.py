@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from test_video import write
 
 import ui.video
 from backends.signals import FEATURES
@@ -19,26 +18,15 @@ from explorer.methods.dycoke import DyCoke, references
 from explorer.methods.fastvid import dyseg
 from explorer.methods.vidcom2 import similarities
 from explorer.views.clip import clip_pass
-from ui.session import Session
 
 FRAMES = 6
 RUN = dict(frames=FRAMES, prompt="What moves?", max_new_tokens=4)
 
 
 @pytest.fixture(scope="module")
-def clips():
-    return Session("tiny-llava-onevision", "cpu")
-
-
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory) -> str:
-    return str(write(tmp_path_factory.mktemp("clip") / "clip.mp4", "mpeg4", count=12))
-
-
-@pytest.fixture(scope="module")
-def features(clips, clip_file):
+def features(clip_session, clip_file):
     """The clip's geometry and projected features, (N, D), from one vision pass of its frames."""
-    seen = clip_pass(clips.backend(), load_video(clip_file, frames=FRAMES), (FEATURES,))
+    seen = clip_pass(clip_session.backend(), load_video(clip_file, frames=FRAMES), (FEATURES,))
     return seen.geometry, seen.maps[FEATURES].float().cpu()
 
 
@@ -51,10 +39,10 @@ def facts(strip: str) -> list[str]:
     return re.findall(r"<span class=clip-facts>([^<]*)</span>", strip)
 
 
-def test_fastvid_s_segments_are_drawn_under_the_strip_as_dyseg_cuts_the_clip(clips, clip_file, features):
+def test_fastvid_s_segments_are_drawn_under_the_strip_as_dyseg_cuts_the_clip(clip_session, clip_file, features):
     g, x = features
     settings = dict(fastvid_segments=3, fastvid_threshold=-1.0)  # only the 2 least alike transitions cut
-    last = list(ui.video.run(clips, {}, 0, clip=clip_file, method="fastvid", budget=30, compare=False, **RUN,
+    last = list(ui.video.run(clip_session, {}, 0, clip=clip_file, method="fastvid", budget=30, compare=False, **RUN,
                              **settings))[-1]  # fmt: skip
     want = dyseg([x[g.members(p)].mean(0) for p in g.frames], 3, -1.0)  # the frames of each segment
     assert len(want) == 3
@@ -68,8 +56,8 @@ def test_fastvid_s_segments_are_drawn_under_the_strip_as_dyseg_cuts_the_clip(cli
     assert f"{int(((groups >= 0) & (groups != torch.arange(len(g)))).sum())} tokens merged into" in last["steps"]
 
 
-def test_holitom_s_windows_and_its_merge_groups_across_frames_are_what_it_merged(clips, clip_file):
-    out = ui.video.live(clips, 0, clip=clip_file, frames=FRAMES, method="holitom", budget=25)
+def test_holitom_s_windows_and_its_merge_groups_across_frames_are_what_it_merged(clip_session, clip_file):
+    out = ui.video.live(clip_session, 0, clip=clip_file, frames=FRAMES, method="holitom", budget=25)
     g, selection = out["shown"]["geometry"], out["shown"]["selection"]
     window = selection.maps["HoliTom window"]
     drawn = [label for label in bands(out["strip"]) if label]
@@ -93,9 +81,9 @@ def test_holitom_s_windows_and_its_merge_groups_across_frames_are_what_it_merged
     assert f"Spanning more than one frame: {len(several)} of {len(took)}{widest}." in out["steps"]
 
 
-def test_vidcom2_s_budget_and_uniqueness_are_beside_each_frame_s_kept_count(clips, clip_file, features):
+def test_vidcom2_s_budget_and_uniqueness_are_beside_each_frame_s_kept_count(clip_session, clip_file, features):
     g, x = features
-    out = ui.video.live(clips, 0, clip=clip_file, frames=FRAMES, method="vidcom2", budget=30)
+    out = ui.video.live(clip_session, 0, clip=clip_file, frames=FRAMES, method="vidcom2", budget=30)
     video, _ = similarities(x[g.frame_grid().flatten()], FRAMES)
     uniqueness = (-video.mean(1)).tolist()  # (F,) the method's step 3, on the same features
     budgets = out["shown"]["selection"].budgets
@@ -109,8 +97,8 @@ def test_vidcom2_s_budget_and_uniqueness_are_beside_each_frame_s_kept_count(clip
     assert bands(out["strip"]) == []  # no segments
 
 
-def test_dycoke_s_windows_and_its_compared_frames_are_said(clips, clip_file):
-    out = ui.video.live(clips, 0, clip=clip_file, frames=FRAMES, method="dycoke", budget=60)
+def test_dycoke_s_windows_and_its_compared_frames_are_said(clip_session, clip_file):
+    out = ui.video.live(clip_session, 0, clip=clip_file, frames=FRAMES, method="dycoke", budget=60)
     assert [label for label in bands(out["strip"]) if label] == ["window 0: frames 0-3", "window 1: frames 4-5"]
     pairs = ", ".join(f"frame {f} against frame {r}" for f, r in sorted(references(FRAMES).items()))
     assert f"TTM compared 4 frames with a reference frame ({pairs})" in out["steps"]
@@ -132,11 +120,13 @@ class Recorded(DyCoke):
 CHOSEN: list[int] = []
 
 
-def test_dycoke_s_decode_chart_counts_what_its_decode_stage_chose_against_the_cache(clips, clip_file, monkeypatch):
+def test_dycoke_s_decode_chart_counts_what_its_decode_stage_chose_against_the_cache(
+    clip_session, clip_file, monkeypatch
+):
     monkeypatch.setitem(METHODS, "dycoke-recorded", Recorded)
     CHOSEN.clear()
     given = dict(clip=clip_file, method="dycoke-recorded", budget=40, compare=False, **{**RUN, "max_new_tokens": 6})
-    last = list(ui.video.run(clips, {}, 0, **given))[-1]
+    last = list(ui.video.run(clip_session, {}, 0, **given))[-1]
     held, attended = last["decode"].data
     kept = int(re.search(r"(\d+) of \d+ visual tokens kept", last["count"]).group(1))
     assert list(attended.y) == CHOSEN and len(CHOSEN) == 5  # one per decode step after the first token
@@ -145,8 +135,8 @@ def test_dycoke_s_decode_chart_counts_what_its_decode_stage_chose_against_the_ca
     assert f"at {len(cut)} of 5 steps the LLM" in last["steps"] and f"of the {kept} visual tokens" in last["steps"]
 
 
-def test_the_video_tab_shows_where_the_time_goes_for_both_runs(clips, clip_file):
-    last = list(ui.video.run(clips, {}, 0, clip=clip_file, method="evs", budget=30, **RUN))[-1]
+def test_the_video_tab_shows_where_the_time_goes_for_both_runs(clip_session, clip_file):
+    last = list(ui.video.run(clip_session, {}, 0, clip=clip_file, method="evs", budget=30, **RUN))[-1]
     assert last["stages"].startswith("<b>Where the time goes</b><svg")
     assert ">reduced</text>" in last["stages"] and ">full</text>" in last["stages"]
     assert "of its time to first token in the vision encoder" in html.unescape(last["stages"])  # the sentence
