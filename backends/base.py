@@ -16,6 +16,7 @@ from .encoder_merge import merged
 from .errors import ExplorerError
 from .geometry import Geometry, Prepared, Times
 from .llm_prune import Decoder, early_pass, pruning
+from .loading import LOADING
 from .signals import CLIP_TAPS, FEATURES, HIDDEN, HIDDEN_FEATURE, PADDED, ROWS, Taps, encoder_signals, parse
 
 
@@ -62,12 +63,12 @@ class Backend:
     @classmethod
     def load(cls, path: str, device: torch.device, name: str, random_weights=False, **hub) -> Backend:
         processor = cls.load_processor(path, **hub)
-        # accelerate spreads the model over the GPUs, then CPU, when it does not fit one device; a GPU named
-        # by its index (one process per GPU, as under `accelerate launch`) gets the whole model
+        # accelerate spreads the model over the GPUs, then CPU; a GPU named by its index gets the whole model
         placement = {"device_map": "auto"} if device.type == "cuda" and device.index is None else {}
-        model = getattr(transformers, cls.model_class).from_pretrained(
-            path, dtype=pick_dtype(device), **placement, **hub
-        )
+        with LOADING:  # one model built at a time (loading.py)
+            model = getattr(transformers, cls.model_class).from_pretrained(
+                path, dtype=pick_dtype(device), **placement, **hub
+            )
         return cls(model.to(device) if not placement else model, processor, name, random_weights)
 
     @classmethod

@@ -22,6 +22,7 @@ from PIL import Image
 
 from .errors import ExplorerError
 from .geometry import Geometry
+from .loading import LOADING
 from .signals import PROMPT_FRAME, PROMPT_PATCH, at
 
 
@@ -53,7 +54,8 @@ class Embedded:
 def load(name: str, device: torch.device, dtype: torch.dtype) -> PromptClip:
     """The CLIP model `name` (a Hub id or a local folder) on `device`, loaded once."""
     try:
-        model = transformers.CLIPModel.from_pretrained(name, dtype=dtype).to(device).eval()
+        with LOADING:  # one model built at a time (loading.py)
+            model = transformers.CLIPModel.from_pretrained(name, dtype=dtype).to(device).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(name)
         processor = transformers.CLIPImageProcessor.from_pretrained(name)
     except OSError as error:

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import transformers  # lazy: its model code loads on first use
 
+from .loading import LOADING
+
 CORPUS = "USER: ASSISTANT: What is shown in this image? Describe the photo, the chart and the text in it."
 VICUNA = (  # llava-hf's chat template for LLaVA-1.5 and LLaVA-1.6 Vicuna: "USER: <image>\n... ASSISTANT:"
     "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
@@ -89,8 +91,9 @@ def save_random(model_class: str, config, processor, folder: Path) -> None:
     """Save a random-weight model of `config`, seeded, and its processor, to `folder`. The output rows of its
     image and video placeholder tokens are zero, so that it never answers with one, as a real model does not
     (an answer holding one cannot be read back after the prompt: the drift could not be scored)."""
-    torch.manual_seed(0)
-    model = getattr(transformers, model_class)(config)
+    with LOADING:  # one model built at a time (loading.py)
+        torch.manual_seed(0)
+        model = getattr(transformers, model_class)(config)
     placeholders = [v for k, v in config.to_dict().items() if k.endswith(PLACEHOLDERS)]
     with torch.no_grad():
         model.get_output_embeddings().weight[placeholders] = 0  # (V, D): a logit of 0, in practice below the largest
@@ -108,8 +111,8 @@ def full_size(model_class: str, tiny, stored: dict, device: torch.device, dtype:
     ids = tiny.to_dict()
     stored = stored | {"text_config": stored["text_config"] | _token_ids(ids["text_config"])}  # the tiny tokenizer's
     config = type(tiny).from_dict(stored | _token_ids(ids))
-    torch.manual_seed(0)
-    with torch.device(device):
+    with LOADING, torch.device(device):  # one model built at a time (loading.py)
+        torch.manual_seed(0)
         return getattr(transformers, model_class)._from_config(config, dtype=dtype).eval()
 
 
