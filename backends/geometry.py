@@ -112,6 +112,15 @@ def clip_metadata(frames: list, times_s: Times, duration_s: float):
     return VideoMetadata(n, rate, width, height, duration_s, frames_indices=indices)
 
 
+def clip_prepared(inputs, layout: tuple[Geometry, torch.Tensor], token_id: int) -> Prepared:
+    """A clip's Prepared: the processor's `inputs` and the clip's geometry and source rows (a backend's
+    `video_layout`), checked against the `token_id` placeholders the processor inserted."""
+    geometry, source = layout
+    n = int((inputs["input_ids"] == token_id).sum())
+    assert n == len(geometry), f"processor inserted {n} visual tokens, geometry has {len(geometry)}"
+    return Prepared(inputs, geometry, source, inputs["input_ids"].shape[1] - n, video=True)
+
+
 def check_clip(frames: list, times_s: list[float] | None) -> None:
     """Refuse, with the reason, a clip a video processor cannot take: no frames, frames of several sizes,
     or a count of frame times other than the frames'."""

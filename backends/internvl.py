@@ -49,7 +49,7 @@ import transformers
 
 from .base import Backend
 from .errors import ExplorerError
-from .geometry import Geometry, Prepared, Times, check_clip
+from .geometry import Geometry, Prepared, Times, check_clip, clip_prepared
 from .llm_prune import Decoder
 from .random_models import build_tokenizer, text_config, token_ids
 from .signals import Taps
@@ -122,11 +122,8 @@ class InternVL(Backend):
         check_clip(frames, times_s)
         text = self.chat(prompt, part="video")
         inputs = self.processor(videos=[frames], text=text, return_tensors="pt", do_sample_frames=False)
-        inputs = inputs.to(self.device)
-        geometry, source = self.video_layout(len(frames), frames[0].size)
-        n_video = int((inputs["input_ids"] == self.image_token_id).sum())
-        assert n_video == len(geometry), f"processor inserted {n_video} frame tokens, geometry has {len(geometry)}"
-        return Prepared(inputs, geometry, source, inputs["input_ids"].shape[1] - n_video, video=True)
+        layout = self.video_layout(len(frames), frames[0].size)
+        return clip_prepared(inputs.to(self.device), layout, self.image_token_id)
 
     def video_layout(self, frames: int, size: tuple[int, int]) -> tuple[Geometry, torch.Tensor]:
         """Geometry of a clip of `frames` frames of `size` (width, height) pixels: each frame one tile over the

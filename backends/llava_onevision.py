@@ -31,7 +31,7 @@ import transformers  # lazy: its model code loads on first use
 
 from .base import Backend
 from .errors import ExplorerError
-from .geometry import Geometry, Prepared, Times, anyres_layout, check_clip, clip_layout
+from .geometry import Geometry, Prepared, Times, anyres_layout, check_clip, clip_layout, clip_prepared
 from .random_models import build_tokenizer, text_config, token_ids, vision_config
 
 DEFAULT = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"  # 7B: llava-hf/llava-onevision-qwen2-7b-ov-hf
@@ -127,11 +127,8 @@ class LlavaOnevision(Backend):
         check_clip(frames, times_s)
         text = self.chat(prompt, part="video")
         inputs = self.processor(videos=[frames], text=text, return_tensors="pt", do_sample_frames=False)
-        inputs = inputs.to(self.device)
-        geometry, source = self.video_layout(len(frames), frames[0].size)
-        n_video = int((inputs["input_ids"] == self.model.config.video_token_id).sum())
-        assert n_video == len(geometry), f"processor inserted {n_video} video tokens, geometry has {len(geometry)}"
-        return Prepared(inputs, geometry, source, inputs["input_ids"].shape[1] - n_video, video=True)
+        layout = self.video_layout(len(frames), frames[0].size)
+        return clip_prepared(inputs.to(self.device), layout, self.model.config.video_token_id)
 
     def video_layout(self, frames: int, size: tuple[int, int]) -> tuple[Geometry, torch.Tensor]:
         """Geometry of a clip of `frames` frames of `size` (width, height) pixels, without running the model,

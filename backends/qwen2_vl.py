@@ -43,7 +43,7 @@ import transformers
 
 from .base import Backend
 from .errors import ExplorerError
-from .geometry import Geometry, Prepared, Times, check_clip, clip_metadata
+from .geometry import Geometry, Prepared, Times, check_clip, clip_metadata, clip_prepared
 from .random_models import build_tokenizer, text_config, token_ids
 from .signals import ATTENTION, HIDDEN, KEYS, attention_maps
 
@@ -158,11 +158,8 @@ class Qwen2VL(Backend):
         if metadata is not None:
             options["video_metadata"] = [metadata]
         inputs = self.processor(videos=[frames], text=text, return_tensors="pt", do_sample_frames=False, **options)
-        inputs = inputs.to(self.device)
-        geometry, source = self.video_layout(len(frames), frames[0].size)
-        n_video = int((inputs["input_ids"] == self.model.config.video_token_id).sum())
-        assert n_video == len(geometry), f"processor inserted {n_video} video tokens, geometry has {len(geometry)}"
-        return Prepared(inputs, geometry, source, inputs["input_ids"].shape[1] - n_video, video=True)
+        layout = self.video_layout(len(frames), frames[0].size)
+        return clip_prepared(inputs.to(self.device), layout, self.model.config.video_token_id)
 
     def encoder_outputs(self, prepared: Prepared, kept: torch.Tensor) -> dict:
         """generate()'s `mm_encoder_outputs` for (K, D) kept tokens: a clip's as a list of one (K, D), as

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from .base import Backend
-from .geometry import Geometry, Prepared, Times, check_clip, clip_metadata
+from .geometry import Geometry, Prepared, Times, check_clip, clip_metadata, clip_prepared
 from .random_models import build_tokenizer, text_config, token_ids, vision_config
 
 DEFAULT = "HuggingFaceTB/SmolVLM-256M-Instruct"  # the smallest, an Idefics3 checkpoint; the default without a GPU
@@ -155,11 +155,8 @@ class SmolVLM2(SmolVLM):
         metadata = clip_metadata(frames, times_s, duration_s)
         options = {"video_metadata": [metadata]} if metadata is not None else {}
         inputs = self.processor(videos=[frames], text=text, return_tensors="pt", do_sample_frames=False, **options)
-        inputs = inputs.to(self.device)
-        geometry, source = self.video_layout(len(frames), frames[0].size)
-        n_video = int((inputs["input_ids"] == self.image_token_id).sum())
-        assert n_video == len(geometry), f"processor inserted {n_video} frame tokens, geometry has {len(geometry)}"
-        return Prepared(inputs, geometry, source, inputs["input_ids"].shape[1] - n_video, video=True)
+        layout = self.video_layout(len(frames), frames[0].size)
+        return clip_prepared(inputs.to(self.device), layout, self.image_token_id)
 
     def video_layout(self, frames: int, size: tuple[int, int]) -> tuple[Geometry, torch.Tensor]:
         """Geometry of a clip of `frames` frames of `size` (width, height) pixels: each frame squashed to one
