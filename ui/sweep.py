@@ -12,10 +12,10 @@ from explorer import Budget, ExplorerError, load_image
 from explorer.evaluation import bench
 from explorer.methods import on_images
 
-from . import video as video_tab
 from .form import Form
 from .request import check_budget, check_method, request, shows_errors
 from .session import GPU, MEMO, Session, digest, video
+from .video import Inputs, asked_clip, choices, frame_default
 
 HEADERS = [*bench.HEAD, "answer"]
 
@@ -58,7 +58,7 @@ def sweep(session: Session, methods, budgets, column, cache, progress=gr.Progres
     methods = [check_method(m) for m in methods]
     fractions = percents(budgets)
     if media == "clip":
-        asked, frames = video_tab.asked_clip(given, video_tab.frame_default(session), prompt=True)
+        asked, frames = asked_clip(given, frame_default(session), prompt=True)
         picture, key = video(asked.image, frames), (digest(asked.image), frames)
     else:
         asked = request(given, prompt=True)
@@ -99,11 +99,11 @@ def offered(media: str, session: Session):
     """The methods to sweep: those that run on an image, or on a clip of the loaded model."""
     if media != "clip":
         return gr.update(choices=on_images()[1:], value=["cls", "hired", "random"])
-    runs = [name for _, name in video_tab.choices(session.backend() if session.loaded else None) if name != "none"]
+    runs = [name for _, name in choices(session.backend() if session.loaded else None) if name != "none"]
     return gr.update(choices=runs, value=["frames", "uniform", "random"])
 
 
-def wire(session: Session, form: Form, tab: Sweep, clip: video_tab.Inputs, queue: dict) -> None:
+def wire(session: Session, form: Form, tab: Sweep, clip: Inputs, queue: dict) -> None:
     def swept(methods, budgets, column, cache, progress=gr.Progress(), media="image", **given):
         return sweep(session, methods, budgets, column, cache, progress, media, **given)
 
